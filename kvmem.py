@@ -1,0 +1,1134 @@
+"""kvmem: a durable key-value memory store for AI agents, in one SQLite file.
+
+Theory of operation
+-------------------
+* One file, many processes.  The HTTP server, every MCP server and any library user may
+  have the same database open at once.  Nothing here assumes exactly one or two of them.
+* Connections.  Every connection in every process comes from ``open_db()``; it checks the
+  file's header before the process's first connection to it, applies the pragma table
+  ``PRAGMAS``, reads every setting back, switches to WAL (retrying the switch, which can
+  fail at once when several processes race on a fresh file), migrates the schema by
+  ``PRAGMA user_version`` and, on the first open in a process, logs the recovery record.
+  A connection belongs to one thread (``check_same_thread`` stays on).
+* Transactions.  Every write runs inside ``transaction()``: ``BEGIN IMMEDIATE`` (never a
+  deferred BEGIN: a deferred read-then-write gets SQLITE_BUSY at once, without the busy
+  handler — research/sqlite-facts.md §3), backoff until a deadline, then ``BusyError``.
+  Nothing is acknowledged before its COMMIT returned.
+* Errors.  ``sqlite3.Error`` becomes a ``KvmemError`` subclass in one place,
+  ``_db_error()``, by ``sqlite_errorcode`` — never by message text.
+* Checkpoints.  SQLite < 3.51.3 can corrupt a WAL database when two connections
+  checkpoint or reset the WAL at the same moment, so only one connection in the whole
+  system checkpoints: the holder of an ``fcntl.flock`` on ``<db>.checkpoint.lock``.
+  Connections never auto-checkpoint (``wal_autocheckpoint=0``); the ``Checkpointer``
+  thread of each process competes for the lock and the holder checkpoints.  A writer
+  that finds the WAL past the soft cap with nobody holding the lock checkpoints once,
+  under the lock; past the hard cap it checkpoints even though a holder exists (that
+  holder is stuck) and counts it as a fallback.
+* Files.  This module never ``open()``s the database, ``-wal`` or ``-shm`` while it has a
+  connection to it: closing any descriptor of a file drops every POSIX lock the process
+  holds on it (research/experiments/e9_closefd.py).  Sizes come from ``os.stat()``.
+
+The file reads top to bottom: errors, configuration, storage (open_db, transaction,
+schema), background threads, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import sqlite3
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "BusyError",
+    "Checkpointer",
+    "Config",
+    "ConfigError",
+    "CorruptDatabaseError",
+    "InvalidInputError",
+    "KvmemError",
+    "NotADatabaseError",
+    "NotFoundError",
+    "ReadOnlyError",
+    "SchemaTooNewError",
+    "StorageError",
+    "StorageFullError",
+    "VersionConflictError",
+    "open_db",
+    "transaction",
+]
+
+log = logging.getLogger("kvmem")
+recovery_log = logging.getLogger("kvmem.recovery")
+checkpoint_log = logging.getLogger("kvmem.checkpoint")
+
+
+# ============================================================================ errors ====
+
+
+class KvmemError(Exception):
+    """Root of every error kvmem raises on purpose.  ``code`` is stable; edges map it."""
+
+    code = "internal"
+
+
+class InvalidInputError(KvmemError):
+    """The caller passed something kvmem does not accept.  Nothing was changed."""
+
+    code = "invalid_request"
+
+
+class ConfigError(InvalidInputError):
+    """A setting has a bad value; the message names the variable or flag."""
+
+    code = "invalid_config"
+
+
+class NotFoundError(KvmemError):
+    """The memory (or file) asked for does not exist."""
+
+    code = "not_found"
+
+
+class VersionConflictError(KvmemError):
+    """A compare-and-set failed: ``current_version`` is what the store holds (0 = absent)."""
+
+    code = "version_conflict"
+
+    def __init__(self, message: str, *, current_version: int) -> None:
+        super().__init__(message)
+        self.current_version = current_version
+
+
+class BusyError(KvmemError):
+    """The database stayed locked by another writer past the deadline.  Retry later."""
+
+    code = "busy"
+
+
+class StorageFullError(KvmemError):
+    """SQLITE_FULL: the disk (or max_page_count) is full.  Reads keep working."""
+
+    code = "storage_full"
+
+
+class ReadOnlyError(KvmemError):
+    """SQLITE_READONLY: the file or its directory cannot be written."""
+
+    code = "read_only"
+
+
+class StorageError(KvmemError):
+    """Any other failure of the database file or the disk under it (I/O, can't open)."""
+
+    code = "storage_error"
+
+
+class NotADatabaseError(KvmemError):
+    """The file exists but is not an SQLite database; kvmem never writes to it."""
+
+    code = "not_a_database"
+
+
+class CorruptDatabaseError(KvmemError):
+    """SQLite found the database malformed; kvmem never repairs or rewrites it itself."""
+
+    code = "corrupt_database"
+
+
+class SchemaTooNewError(KvmemError):
+    """The file was written by a newer kvmem; it is left untouched."""
+
+    code = "schema_too_new"
+
+
+# Primary result codes (the low byte of sqlite_errorcode) -> the error raised for them.
+_ERROR_BY_CODE: dict[int, type[KvmemError]] = {
+    sqlite3.SQLITE_BUSY: BusyError,
+    sqlite3.SQLITE_LOCKED: BusyError,
+    sqlite3.SQLITE_FULL: StorageFullError,
+    sqlite3.SQLITE_READONLY: ReadOnlyError,
+    sqlite3.SQLITE_NOTADB: NotADatabaseError,
+    sqlite3.SQLITE_CORRUPT: CorruptDatabaseError,
+    sqlite3.SQLITE_IOERR: StorageError,
+    sqlite3.SQLITE_CANTOPEN: StorageError,
+    sqlite3.SQLITE_PERM: ReadOnlyError,
+}
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _db_error(exc: sqlite3.Error, path: str) -> KvmemError:
+    """The one place that turns an ``sqlite3.Error`` into a kvmem error, by error code."""
+    code = _primary_code(exc)
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    cls = _ERROR_BY_CODE.get(code, StorageError) if code is not None else StorageError
+    return cls(f"{path}: {name}: {exc}")
+
+
+# ===================================================================== configuration ====
+
+SYNCHRONOUS_LEVELS = {"off": 0, "normal": 1, "full": 2, "extra": 3}
+JOURNAL_MODES = ("wal", "delete")
+MIN_SQLITE_WITHOUT_WAL_RESET_BUG = (3, 51, 3)
+
+
+def default_db_path(environ: Mapping[str, str]) -> str:
+    """``$KVMEM_DB``, else ``$XDG_DATA_HOME/kvmem/memory.db``, else ``~/.local/share/...``.
+
+    Never relative to the working directory: an MCP client starts the server from a
+    directory nobody chose, and every process must land on the same file.
+    """
+    if environ.get("KVMEM_DB"):
+        return os.path.abspath(os.path.expanduser(environ["KVMEM_DB"]))
+    xdg = environ.get("XDG_DATA_HOME", "")
+    if not os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
+        home = environ.get("HOME") or os.path.expanduser("~")
+        xdg = os.path.join(home, ".local", "share")
+    return os.path.join(xdg, "kvmem", "memory.db")
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_number(kind: type[int] | type[float], *, minimum: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text.strip())
+        except ValueError:
+            raise ValueError(f"must be {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise ValueError(f"must be a finite number >= {minimum:g}")
+        return value
+
+    return parse
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be one of true, false, 1, 0, yes, no, on, off")
+
+
+def _parse_optional_seconds(text: str) -> float | None:
+    if text.strip().lower() in ("", "none", "never"):
+        return None
+    value: float = _parse_number(float, minimum=0.001)(text)
+    return value
+
+
+def _parse_path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _parse_text(text: str) -> str:
+    return text
+
+
+def _setting(default: Any, parse: Callable[[str], Any], help: str, *, env: str = "",
+             flag: str = "") -> Any:
+    return dataclasses.field(
+        default=default, metadata={"parse": parse, "help": help, "env": env, "flag": flag}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of kvmem, for the library, both servers and the CLI.
+
+    Built by ``Config.build()``: defaults, then ``KVMEM_*`` environment variables, then
+    command-line flags.  Each field's environment variable is ``KVMEM_<FIELD>`` and its
+    flag ``--<field-with-dashes>`` unless named otherwise below.
+    """
+
+    db: str = _setting("", _parse_path, "database file", env="KVMEM_DB", flag="--db")
+    journal_mode: str = _setting("wal", _parse_choice(*JOURNAL_MODES), "wal or delete")
+    synchronous: str = _setting(
+        "extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, full or extra (§2.2)"
+    )
+    busy_timeout_ms: int = _setting(
+        5000, _parse_number(int, minimum=0), "SQLite's wait for locks; also the default "
+        "deadline of transaction()"
+    )
+    cache_size_kib: int = _setting(
+        64000, _parse_number(int, minimum=1), "page cache per connection"
+    )
+    quick_check: bool = _setting(True, _parse_bool, "PRAGMA quick_check on a process's first open")
+    checkpoint_interval_s: float = _setting(
+        30.0, _parse_number(float, minimum=0.01), "PASSIVE checkpoint at least this often "
+        "when the WAL changed"
+    )
+    checkpoint_poll_s: float = _setting(
+        1.0, _parse_number(float, minimum=0.005), "how often the checkpointer looks at the WAL"
+    )
+    checkpoint_pages: int = _setting(
+        1000, _parse_number(int, minimum=1), "PASSIVE checkpoint when a changed WAL holds "
+        "this many pages"
+    )
+    wal_cap_bytes: int = _setting(
+        64 * 1024 * 1024, _parse_number(int, minimum=4096), "TRUNCATE checkpoint past this WAL "
+        "size; writers checkpoint themselves past 4x this"
+    )
+    decay_interval_s: float = _setting(
+        300.0, _parse_number(float, minimum=0.01), "seconds between prune passes"
+    )
+    token: str = _setting("", _parse_text, "bearer token for the HTTP API ('' = no auth)")
+    host: str = _setting("127.0.0.1", _parse_text, "HTTP bind address")
+    port: int = _setting(8765, _parse_number(int, minimum=0), "HTTP port (0 = any free port)")
+
+    @property
+    def wal_hard_cap_bytes(self) -> int:
+        return 4 * self.wal_cap_bytes
+
+    @property
+    def synchronous_level(self) -> int:
+        return SYNCHRONOUS_LEVELS[self.synchronous]
+
+    @classmethod
+    def build(cls, *, environ: Mapping[str, str] | None = None,
+              flags: Mapping[str, str | None] | None = None) -> Config:
+        """Defaults, then ``environ`` (default ``os.environ``), then ``flags``.
+
+        ``flags`` maps field names to the raw strings given on the command line (``None``
+        = not given), as ``add_config_arguments()`` collects them.
+
+        Raises:
+            ConfigError: a value is bad; the message names the variable or flag.
+        """
+        environ = os.environ if environ is None else environ
+        flags = flags or {}
+        values: dict[str, Any] = {"db": default_db_path(environ)}
+        for field in dataclasses.fields(cls):
+            parse = field.metadata["parse"]
+            for source, raw in (
+                (_env_name(field), environ.get(_env_name(field))),
+                (_flag_name(field), flags.get(field.name)),
+            ):
+                if raw is None or (field.name == "db" and source == "KVMEM_DB"):
+                    continue  # KVMEM_DB was already read by default_db_path()
+                try:
+                    values[field.name] = parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{source}={raw!r}: {exc}") from exc
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as a dict, with the token hidden."""
+        out = dataclasses.asdict(self)
+        out["token"] = "set" if self.token else ""
+        return out
+
+
+def _env_name(field: dataclasses.Field[Any]) -> str:
+    return str(field.metadata["env"] or "KVMEM_" + field.name.upper())
+
+
+def _flag_name(field: dataclasses.Field[Any]) -> str:
+    return str(field.metadata["flag"] or "--" + field.name.replace("_", "-"))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """Add one ``--flag`` per Config field; values stay raw strings for ``Config.build``."""
+    group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
+    for field in dataclasses.fields(Config):
+        if field.name in exclude:
+            continue
+        group.add_argument(
+            _flag_name(field), dest=field.name, default=None, metavar=field.name.upper(),
+            help=f"{field.metadata['help']} [env {_env_name(field)}]",
+        )
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
+    return Config.build(environ=environ, flags=flags)
+
+
+# =========================================================================== storage ====
+
+SCHEMA_VERSION = 1
+
+# Each entry brings user_version from its index to index + 1; run in one BEGIN IMMEDIATE.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE memories (
+            id INTEGER PRIMARY KEY,
+            namespace TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            tags TEXT NOT NULL DEFAULT '[]',
+            version INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            expires_at REAL,
+            strength REAL NOT NULL,
+            half_life_seconds REAL,
+            last_reinforced_at REAL NOT NULL,
+            archived INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (namespace, key)
+        )""",
+        "CREATE INDEX memories_expires ON memories (expires_at) WHERE expires_at IS NOT NULL",
+        # Contentless full-text index: the text lives once, in memories.  A contentless
+        # row is deleted by repeating the exact values it was indexed with, which the
+        # triggers recompute from the old row.  Body = the string leaves of the JSON value.
+        "CREATE VIRTUAL TABLE memories_fts USING fts5(key, body, tags, content='')",
+        """CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
+            INSERT INTO memories_fts (rowid, key, body, tags) VALUES (new.id, new.key,
+                (SELECT group_concat(value, ' ') FROM json_tree(new.value) WHERE type = 'text'),
+                (SELECT group_concat(value, ' ') FROM json_each(new.tags)));
+        END""",
+        """CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
+            INSERT INTO memories_fts (memories_fts, rowid, key, body, tags) VALUES ('delete',
+                old.id, old.key,
+                (SELECT group_concat(value, ' ') FROM json_tree(old.value) WHERE type = 'text'),
+                (SELECT group_concat(value, ' ') FROM json_each(old.tags)));
+        END""",
+        """CREATE TRIGGER memories_fts_update AFTER UPDATE OF key, value, tags ON memories BEGIN
+            INSERT INTO memories_fts (memories_fts, rowid, key, body, tags) VALUES ('delete',
+                old.id, old.key,
+                (SELECT group_concat(value, ' ') FROM json_tree(old.value) WHERE type = 'text'),
+                (SELECT group_concat(value, ' ') FROM json_each(old.tags)));
+            INSERT INTO memories_fts (rowid, key, body, tags) VALUES (new.id, new.key,
+                (SELECT group_concat(value, ' ') FROM json_tree(new.value) WHERE type = 'text'),
+                (SELECT group_concat(value, ' ') FROM json_each(new.tags)));
+        END""",
+    ),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+WAL_MAGICS = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")
+HEADER_BYTES = 100
+
+# Per-connection settings, in the order they are applied; values come from Config.
+# journal_mode is applied separately (it is a file setting that can fail with busy).
+TEMP_STORE_MEMORY = 2
+CHECKPOINT_BUSY_TIMEOUT_MS = 200  # a RESTART/TRUNCATE holds the writer lock while it waits
+
+
+class KvmemConnection(sqlite3.Connection):
+    """An ``sqlite3.Connection`` made by ``open_db()``; knows its path and config."""
+
+    kv_path: str
+    kv_config: Config
+    _kv_closed: bool = False
+
+    def close(self) -> None:
+        if not self._kv_closed:
+            self._kv_closed = True
+            _release_registration(self.kv_path)
+        super().close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryRecord:
+    """What the first open of a file in this process found (DESIGN.md §2.4)."""
+
+    path: str
+    wal_bytes_found: int
+    quick_check: str  # "ok", the first problem found, or "skipped"
+    checkpoint: str  # "done", "busy", "skipped: ..." (another process is the checkpointer)
+    wal_frames: int | None
+    frames_checkpointed: int | None
+    took_ms: float
+
+
+# Process-wide registry, guarded by _REGISTRY_LOCK: live open_db() connections per file
+# (the header check may only read the file while there are none), recovery records.
+_REGISTRY_LOCK = threading.Lock()
+_LIVE_CONNECTIONS: dict[str, int] = {}
+_RECOVERY: dict[str, RecoveryRecord] = {}
+_FALLBACK_CHECKPOINTS: dict[str, int] = {}
+
+
+def _release_registration(path: str) -> None:
+    with _REGISTRY_LOCK:
+        _LIVE_CONNECTIONS[path] -= 1
+        if not _LIVE_CONNECTIONS[path]:
+            del _LIVE_CONNECTIONS[path]
+
+
+def recovery_record(path: str) -> RecoveryRecord | None:
+    """The recovery record of ``path``'s first open in this process, if any."""
+    with _REGISTRY_LOCK:
+        return _RECOVERY.get(os.path.realpath(path))
+
+
+def describe_header(head: bytes, size: int) -> str | None:
+    """``None`` if ``head`` (the first bytes of a file of ``size`` bytes) can be an SQLite
+    database, else what was found instead.  Pure; an empty file is a valid database."""
+    if size == 0:
+        return None
+    if head.startswith(SQLITE_MAGIC):
+        if size < HEADER_BYTES:
+            return f"a truncated SQLite file ({size} bytes, shorter than its 100-byte header)"
+        return None
+    if head[:4] in WAL_MAGICS:
+        return "an SQLite WAL file (was the -wal file opened as the database?)"
+    if not head.strip(b"\x00"):
+        return f"{size} bytes of zeros"
+    sample = head[:32]
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in sample):
+        return f"text starting {sample.decode('ascii')!r}"
+    return f"unknown bytes starting {sample[:16].hex(' ')}"
+
+
+def _check_header(path: str) -> None:
+    """Refuse a non-empty file that is not an SQLite database, without writing to it.
+
+    Only called while this process has no connection to ``path``: closing the descriptor
+    used here would otherwise drop that connection's locks.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise NotADatabaseError(f"{path}: not a regular file")
+    if st.st_size == 0:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StorageError(f"{path}: cannot read the header: {exc}") from exc
+    try:
+        head = os.pread(fd, HEADER_BYTES, 0)
+    finally:
+        os.close(fd)
+    problem = describe_header(head, st.st_size)
+    if problem:
+        raise NotADatabaseError(f"{path}: not an SQLite database: found {problem}")
+
+
+def _backoff(attempt: int, remaining: float) -> None:
+    """Sleep an exponential, jittered, capped delay, never past the deadline."""
+    delay = min(0.001 * (2 ** min(attempt, 10)), 0.1) * random.uniform(0.5, 1.5)
+    time.sleep(max(0.0, min(delay, remaining)))
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
+            readonly: bool = False) -> KvmemConnection:
+    """Open a connection to the kvmem database at ``path`` (default ``config.db``).
+
+    The only way kvmem code gets a connection.  The connection belongs to the calling
+    thread; close it with ``close()``.  With ``readonly`` the file is opened with
+    ``mode=ro``: no journal-mode switch, no migration, no checkpoint (used by ``check``).
+
+    Raises:
+        NotADatabaseError: the file is not an SQLite database (it is left unchanged).
+        CorruptDatabaseError: SQLite or ``quick_check`` found it malformed (unchanged).
+        SchemaTooNewError: a newer kvmem wrote it (unchanged).
+        BusyError: another process kept it locked past ``busy_timeout_ms``.
+        ReadOnlyError, StorageFullError, StorageError: the file or disk failed.
+    """
+    config = config or Config.build()
+    path = os.path.realpath(os.fspath(path) if path is not None else config.db)
+    with _REGISTRY_LOCK:
+        if not _LIVE_CONNECTIONS.get(path):
+            _check_header(path)
+        _LIVE_CONNECTIONS[path] = _LIVE_CONNECTIONS.get(path, 0) + 1
+        first_open = path not in _RECOVERY and not readonly
+    conn: KvmemConnection | None = None
+    try:
+        if not readonly:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        conn = _connect(path, config, readonly=readonly)
+        wal_bytes_found = _wal_size(path)
+        started = time.monotonic()
+        _apply_settings(conn, path, config, readonly=readonly, first_open=first_open)
+        if first_open:
+            _record_recovery(conn, path, wal_bytes_found, started)
+        return conn
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        else:
+            _release_registration(path)
+        raise
+
+
+def _connect(path: str, config: Config, *, readonly: bool) -> KvmemConnection:
+    target, uri = (f"file:{path}?mode=ro", True) if readonly else (path, False)
+    try:
+        raw = sqlite3.connect(
+            target, uri=uri, isolation_level=None, timeout=config.busy_timeout_ms / 1000,
+            factory=KvmemConnection,
+        )
+    except sqlite3.Error as exc:
+        raise _db_error(exc, path) from exc
+    assert isinstance(raw, KvmemConnection)
+    conn = raw
+    conn.kv_path = path
+    conn.kv_config = config
+    return conn
+
+
+def _apply_settings(conn: KvmemConnection, path: str, config: Config, *, readonly: bool,
+                    first_open: bool) -> None:
+    wanted = {
+        "busy_timeout": config.busy_timeout_ms,
+        "synchronous": config.synchronous_level,
+        "cache_size": -config.cache_size_kib,
+        "temp_store": TEMP_STORE_MEMORY,
+        "foreign_keys": 1,
+        "wal_autocheckpoint": 0,  # only the checkpoint-lock holder checkpoints (§2.4)
+    }
+    try:
+        for name, value in wanted.items():
+            conn.execute(f"PRAGMA {name} = {int(value)}")  # ints from Config, never user text
+        # The first read of the schema validates the header and runs WAL recovery.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(
+                f"{path}: schema version {version} was written by a newer kvmem "
+                f"(this one knows up to {SCHEMA_VERSION}); the file was left untouched"
+            )
+        if first_open and config.quick_check:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise CorruptDatabaseError(f"{path}: quick_check failed: {problems[:5]}")
+        if not readonly:
+            _set_journal_mode(conn, path, config)
+            if version < SCHEMA_VERSION:
+                _migrate(conn)
+        wanted["journal_mode"] = -1  # compared as text below
+        _verify_settings(conn, path, config, wanted, readonly=readonly)
+    except sqlite3.Error as exc:
+        raise _db_error(exc, path) from exc
+
+
+def _set_journal_mode(conn: KvmemConnection, path: str, config: Config) -> None:
+    """Switch to the configured journal mode, retrying while other processes race.
+
+    Entering WAL takes an exclusive lock; with several processes opening a fresh file at
+    once some get SQLITE_BUSY at once, without the busy handler (research: 13 of 120).
+    """
+    deadline = time.monotonic() + config.busy_timeout_ms / 1000
+    attempt = 0
+    last_error: sqlite3.Error | None = None
+    while True:
+        current = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if current == config.journal_mode:
+            return
+        try:  # the mode is one of JOURNAL_MODES, checked by Config
+            conn.execute(f"PRAGMA journal_mode = {config.journal_mode}").fetchone()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            last_error = exc
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BusyError(
+                f"{path}: could not switch journal_mode to {config.journal_mode} "
+                f"(still {current}) before the deadline; another process holds the file"
+            ) from last_error
+        _backoff(attempt, remaining)
+        attempt += 1
+
+
+def _migrate(conn: KvmemConnection) -> None:
+    """Bring the schema to SCHEMA_VERSION in one transaction; a no-op if another
+    process got there first (the version is read again under the write lock)."""
+    with transaction(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNewError(f"{conn.kv_path}: schema version {version} is newer")
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
+
+
+def read_settings(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The connection's settings as SQLite reports them (not as configured)."""
+    names = ("journal_mode", "synchronous", "busy_timeout", "cache_size", "temp_store",
+             "foreign_keys", "wal_autocheckpoint")
+    got = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+    level = {v: k for k, v in SYNCHRONOUS_LEVELS.items()}
+    got["synchronous"] = level.get(got["synchronous"], got["synchronous"])
+    return got
+
+
+def _verify_settings(conn: KvmemConnection, path: str, config: Config,
+                     wanted: dict[str, int], *, readonly: bool) -> None:
+    got = read_settings(conn)
+    expected: dict[str, Any] = dict(wanted, synchronous=config.synchronous)
+    expected["journal_mode"] = config.journal_mode
+    if readonly:
+        del expected["journal_mode"]  # a read-only open reports what the file has
+    wrong = {k: (v, got[k]) for k, v in expected.items() if got[k] != v}
+    if wrong:
+        detail = ", ".join(f"{k}: wanted {w!r}, got {g!r}" for k, (w, g) in wrong.items())
+        raise StorageError(f"{path}: SQLite did not take the settings: {detail}")
+
+
+def _wal_size(path: str) -> int:
+    try:
+        return os.stat(path + "-wal").st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _record_recovery(conn: KvmemConnection, path: str, wal_bytes: int, started: float) -> None:
+    quick = "ok" if conn.kv_config.quick_check else "skipped"
+    frames: int | None = None
+    done: int | None = None
+    if conn.kv_config.journal_mode != "wal":
+        outcome = "skipped: not in WAL mode"
+    else:
+        with CheckpointLock(path) as lock:
+            if lock.held:
+                busy, frames, done = _checkpoint(conn, "PASSIVE")
+                outcome = "busy" if busy else "done"
+            else:
+                outcome = "skipped: another process holds the checkpoint lock"
+    record = RecoveryRecord(path, wal_bytes, quick, outcome, frames, done,
+                            round((time.monotonic() - started) * 1000, 3))
+    with _REGISTRY_LOCK:
+        _RECOVERY[path] = record
+    recovery_log.info(
+        "recovery record: path=%s wal_bytes_found=%d quick_check=%s checkpoint=%s "
+        "wal_frames=%s frames_checkpointed=%s took_ms=%.1f", record.path,
+        record.wal_bytes_found, record.quick_check, record.checkpoint, record.wal_frames,
+        record.frames_checkpointed, record.took_ms,
+    )
+
+
+@contextlib.contextmanager
+def transaction(
+    conn: sqlite3.Connection, *, timeout_s: float | None = None
+) -> Iterator[sqlite3.Connection]:
+    """Run the block in ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception.
+
+    The write lock is taken up front, so reads-then-writes inside the block never meet
+    SQLITE_BUSY (research/sqlite-facts.md §3).  While another writer holds the lock it
+    waits (SQLite's busy handler plus jittered exponential backoff) until ``timeout_s``
+    (default: the connection's ``busy_timeout_ms``), then raises ``BusyError``.  When the
+    block returns, the COMMIT has returned: the write is as durable as ``synchronous``
+    says (DESIGN.md §2.2).
+
+    Raises:
+        BusyError: the lock was not free before the deadline.
+        StorageFullError, ReadOnlyError, StorageError, ...: mapped from ``sqlite3.Error``
+        at BEGIN or COMMIT; an exception from the block is re-raised unchanged.
+    """
+    config: Config | None = getattr(conn, "kv_config", None)
+    path: str = getattr(conn, "kv_path", "?")
+    default_ms = config.busy_timeout_ms if config else 5000
+    budget = default_ms / 1000 if timeout_s is None else timeout_s
+    deadline = time.monotonic() + budget
+    shortened = timeout_s is not None and timeout_s * 1000 < default_ms
+    attempt = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            if shortened:  # SQLite's own wait must not outlast our deadline
+                conn.execute(f"PRAGMA busy_timeout = {max(0, int(remaining * 1000))}")
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.Error as exc:
+            if not _is_busy(exc):
+                raise _db_error(exc, path) from exc
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BusyError(
+                    f"{path}: database stayed locked by another writer for {budget:.3g} s"
+                ) from exc
+            _backoff(attempt, remaining)
+            attempt += 1
+        finally:
+            if shortened:
+                conn.execute(f"PRAGMA busy_timeout = {int(default_ms)}")
+    try:
+        yield conn
+    except BaseException:
+        _rollback(conn)
+        raise
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        _rollback(conn)
+        raise _db_error(exc, path) from exc
+    if config is not None and config.journal_mode == "wal":
+        _checkpoint_if_needed(conn, path, config)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    # SQLite may already have rolled back by itself (e.g. after SQLITE_FULL); then
+    # ROLLBACK fails with "no transaction is active", which is not news.
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _checkpoint_if_needed(conn: sqlite3.Connection, path: str, config: Config) -> None:
+    """After a commit: keep the WAL bounded when no checkpointer is doing it (§2.4)."""
+    size = _wal_size(path)
+    if size <= config.wal_cap_bytes:
+        return
+    with CheckpointLock(path) as lock:
+        if lock.held:  # nobody is the checkpointer: act as one, once
+            _checkpoint(conn, "TRUNCATE")
+            return
+    if size > config.wal_hard_cap_bytes:  # a holder exists but is not keeping up
+        checkpoint_log.warning("%s: WAL is %d bytes, past the hard cap %d; the writer "
+                               "checkpoints itself", path, size, config.wal_hard_cap_bytes)
+        with _REGISTRY_LOCK:
+            _FALLBACK_CHECKPOINTS[path] = _FALLBACK_CHECKPOINTS.get(path, 0) + 1
+        _checkpoint(conn, "PASSIVE")
+
+
+def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
+    """Run one checkpoint; return SQLite's ``(busy, log, checkpointed)``.  RESTART and
+    TRUNCATE wait at most CHECKPOINT_BUSY_TIMEOUT_MS for readers, because they hold
+    the writer lock while they wait."""
+    assert mode in ("PASSIVE", "TRUNCATE")
+    path = getattr(conn, "kv_path", "?")
+    config: Config | None = getattr(conn, "kv_config", None)
+    try:
+        if mode != "PASSIVE":
+            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+        try:
+            row = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        finally:
+            if mode != "PASSIVE":
+                conn.execute(f"PRAGMA busy_timeout = {config.busy_timeout_ms if config else 5000}")
+    except sqlite3.Error as exc:
+        raise _db_error(exc, path) from exc
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+class CheckpointLock:
+    """The single-checkpointer election: a non-blocking exclusive ``flock`` on
+    ``<db>.checkpoint.lock`` (a sidecar, never the database itself).  ``held`` says
+    whether this object got it; the lock dies with its descriptor, so a killed holder
+    frees it at once."""
+
+    def __init__(self, path: str) -> None:
+        self.lock_path = path + ".checkpoint.lock"
+        self.held = False
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        if self.held:
+            return True
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd, self.held = fd, True
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd, self.held = None, False
+
+    def __enter__(self) -> CheckpointLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def checkpoint_lock_free(path: str) -> bool:
+    """True when no checkpointer in any process holds the lock of ``path`` (a probe)."""
+    with CheckpointLock(os.path.realpath(path)) as lock:
+        return lock.held
+
+
+# ======================================================================== background ====
+
+
+class Checkpointer:
+    """Daemon thread keeping the WAL small, as the single checkpointer of a file.
+
+    About every ``checkpoint_poll_s`` it tries to become the holder of the checkpoint
+    lock (so when the holder dies, a standby takes over within one poll).  The holder
+    stats the WAL and runs a PASSIVE checkpoint when the WAL changed since the last one
+    and either holds ``checkpoint_pages`` pages or ``checkpoint_interval_s`` passed, and a
+    TRUNCATE one when the WAL file is bigger than ``wal_cap_bytes``.  Transient errors
+    (busy, I/O) are logged and retried next poll; a file that is not a database or is
+    corrupt puts it into the failed state (``state()["failed"]``) and it stops trying.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
+                 role: str = "library") -> None:
+        self.config = config or Config.build()
+        self.path = os.path.realpath(os.fspath(path) if path is not None else self.config.db)
+        self.role = role
+        self._lock = CheckpointLock(self.path)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._state: dict[str, Any] = {
+            "holder": False, "last_mode": None, "last_result": None, "last_time": None,
+            "wal_bytes": _wal_size(self.path), "checkpoints": 0, "errors": 0,
+            "last_error": None, "failed": None, "polls": 0,
+        }
+        self._seen: tuple[int, int] | None = None  # (size, mtime_ns) after the last checkpoint
+        self._last_checkpoint = time.monotonic()
+
+    def start(self) -> Checkpointer:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"kvmem-checkpointer-{self.role}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread, join it, and give up the lock."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def state(self) -> dict[str, Any]:
+        with self._state_lock:
+            return dict(self._state)
+
+    def _update(self, **changes: Any) -> None:
+        with self._state_lock:
+            self._state.update(changes)
+
+    def _run(self) -> None:
+        conn: KvmemConnection | None = None
+        try:
+            while True:
+                try:
+                    if conn is None:
+                        conn = open_db(self.path, config=self.config)
+                    self._tick(conn)
+                except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
+                    checkpoint_log.error("[%s] checkpointer failed for good: %s", self.role, exc)
+                    self._update(failed=f"{exc.code}: {exc}", holder=False)
+                    return
+                except (KvmemError, OSError) as exc:
+                    checkpoint_log.warning("[%s] checkpoint failed, will retry: %s", self.role, exc)
+                    with self._state_lock:
+                        self._state["errors"] += 1
+                        self._state["last_error"] = f"{type(exc).__name__}: {exc}"
+                with self._state_lock:
+                    self._state["polls"] += 1
+                if self._stop.wait(self.config.checkpoint_poll_s):
+                    return
+        finally:
+            self._lock.release()
+            self._update(holder=False)
+            if conn is not None:
+                conn.close()
+
+    def _tick(self, conn: KvmemConnection) -> None:
+        if not self._lock.held:
+            if not self._lock.acquire():
+                self._update(holder=False, wal_bytes=_wal_size(self.path))
+                return
+            checkpoint_log.info("[%s] pid %d is now the checkpointer of %s", self.role,
+                                os.getpid(), self.path)
+            self._update(holder=True)
+        if self.config.journal_mode != "wal":
+            return
+        try:
+            st = os.stat(self.path + "-wal")
+            seen = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            seen = (0, 0)
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        now = time.monotonic()
+        mode = None
+        if seen[0] > self.config.wal_cap_bytes:
+            mode = "TRUNCATE"
+        elif seen != self._seen and seen[0] and (
+            seen[0] >= self.config.checkpoint_pages * page_size
+            or now - self._last_checkpoint >= self.config.checkpoint_interval_s
+        ):
+            mode = "PASSIVE"
+        if mode is None:
+            self._update(wal_bytes=seen[0])
+            return
+        result = _checkpoint(conn, mode)
+        self._last_checkpoint = now
+        size_after = _wal_size(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self.path + "-wal")
+            self._seen = (st.st_size, st.st_mtime_ns)
+        with self._state_lock:
+            self._state.update(last_mode=mode, last_result=result, last_time=time.time(),
+                               wal_bytes=size_after)
+            self._state["checkpoints"] += 1
+
+
+# =============================================================================== CLI ====
+
+
+def database_stats(conn: KvmemConnection) -> dict[str, Any]:
+    """Settings read back from ``conn`` and the file's figures (for ``stats``)."""
+    path = conn.kv_path
+    version = sqlite3.sqlite_version_info
+    warnings = []
+    if version < MIN_SQLITE_WITHOUT_WAL_RESET_BUG:
+        warnings.append(
+            f"SQLite {sqlite3.sqlite_version} has the WAL-reset bug (fixed in 3.51.3); kvmem "
+            "lets only one connection checkpoint to avoid it"
+        )
+    with _REGISTRY_LOCK:
+        fallbacks = _FALLBACK_CHECKPOINTS.get(path, 0)
+        record = _RECOVERY.get(path)
+    if fallbacks:
+        warnings.append(f"writers checkpointed {fallbacks} times past the WAL hard cap")
+    return {
+        "path": path,
+        "sqlite_version": sqlite3.sqlite_version,
+        "schema_version": conn.execute("PRAGMA user_version").fetchone()[0],
+        "settings": read_settings(conn),
+        "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
+        "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
+        "freelist_count": conn.execute("PRAGMA freelist_count").fetchone()[0],
+        "db_bytes": os.stat(path).st_size,
+        "wal_bytes": _wal_size(path),
+        "wal_cap_bytes": conn.kv_config.wal_cap_bytes,
+        "fallback_checkpoints": fallbacks,
+        "recovery": dataclasses.asdict(record) if record else None,
+        "warnings": warnings,
+    }
+
+
+def check_database(path: str, config: Config) -> dict[str, Any]:
+    """Header, schema version and ``integrity_check`` of ``path``, changing nothing."""
+    report: dict[str, Any] = {"path": os.path.realpath(path), "ok": False}
+    if not os.path.exists(path):
+        report["error"] = {"code": NotFoundError.code, "message": f"{path}: no such file"}
+        return report
+    try:
+        conn = open_db(path, config=dataclasses.replace(config, quick_check=False), readonly=True)
+    except KvmemError as exc:
+        report["error"] = {"code": exc.code, "message": str(exc)}
+        return report
+    try:
+        report["header"] = "ok"
+        report["schema_version"] = conn.execute("PRAGMA user_version").fetchone()[0]
+        report["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        report["integrity"] = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        report["ok"] = report["integrity"] == ["ok"]
+    except sqlite3.Error as exc:
+        err = _db_error(exc, path)
+        report["error"] = {"code": err.code, "message": str(err)}
+    finally:
+        conn.close()
+    return report
+
+
+def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
+    """Copy ``path`` to the new file ``dest`` with SQLite's online backup API, then check
+    the copy.  Refuses an existing ``dest`` (a backup never overwrites anything)."""
+    if os.path.lexists(dest):
+        raise InvalidInputError(f"{dest}: already exists; a backup only writes a new file")
+    src = open_db(path, config=config)
+    try:
+        out = open_db(dest, config=dataclasses.replace(config, quick_check=False))
+        try:
+            src.backup(out)
+        except sqlite3.Error as exc:
+            raise _db_error(exc, dest) from exc
+        finally:
+            out.close()
+    finally:
+        src.close()
+    return check_database(dest, config)
+
+
+def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, Any]:
+    conn = open_db(path, config=config)
+    try:
+        with CheckpointLock(conn.kv_path) as lock:
+            if not lock.held:
+                raise BusyError(f"{path}: another process is the checkpointer and "
+                                "checkpoints on its own; not running a second one")
+            busy, frames, done = _checkpoint(conn, "TRUNCATE" if truncate else "PASSIVE")
+        return {"path": conn.kv_path, "mode": "TRUNCATE" if truncate else "PASSIVE",
+                "busy": busy, "wal_frames": frames, "frames_checkpointed": done,
+                "wal_bytes_after": _wal_size(conn.kv_path)}
+    finally:
+        conn.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``kvmem check|stats|checkpoint|backup``: JSON on stdout, exit 1 on a problem."""
+    parser = argparse.ArgumentParser(prog="kvmem", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help in (("check", "header, schema version and integrity_check; exit 1 on a problem"),
+                       ("stats", "settings read back from a live connection, sizes, state"),
+                       ("checkpoint", "one checkpoint, unless another process is the checkpointer"),
+                       ("backup", "online backup to a new file, then check the copy")):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("path", nargs="?", help="database file (default: --db / KVMEM_DB)")
+        if name == "backup":
+            sub.add_argument("dest", help="the new file to write")
+        if name == "checkpoint":
+            sub.add_argument("--truncate", action="store_true", help="TRUNCATE, not PASSIVE")
+        add_config_arguments(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = config_from_args(args)
+        path = args.path or config.db
+        if args.command == "check":
+            result = check_database(path, config)
+        elif args.command == "stats":
+            conn = open_db(path, config=config)
+            try:
+                result = database_stats(conn)
+                result["checkpointer_running_elsewhere"] = not checkpoint_lock_free(path)
+                result["config"] = config.public()
+            finally:
+                conn.close()
+        elif args.command == "checkpoint":
+            result = _cli_checkpoint(path, config, truncate=args.truncate)
+        else:
+            result = backup_database(path, args.dest, config)
+    except KvmemError as exc:
+        print(json.dumps({"ok": False, "error": {"code": exc.code, "message": str(exc)}}))
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
