@@ -48,7 +48,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -66,6 +66,8 @@ __all__ = [
     "StorageError",
     "StorageFullError",
     "VersionConflictError",
+    "execute",
+    "executemany",
     "open_db",
     "transaction",
 ]
@@ -603,6 +605,9 @@ def _apply_settings(conn: KvmemConnection, path: str, config: Config, *, readonl
         "temp_store": TEMP_STORE_MEMORY,
         "foreign_keys": 1,
         "wal_autocheckpoint": 0,  # only the checkpoint-lock holder checkpoints (§2.4)
+        # When a writer restarts the WAL after a complete checkpoint, SQLite truncates
+        # the file to this size: the WAL file shrinks back without a TRUNCATE checkpoint.
+        "journal_size_limit": config.wal_cap_bytes,
     }
     try:
         for name, value in wanted.items():
@@ -674,7 +679,7 @@ def _migrate(conn: KvmemConnection) -> None:
 def read_settings(conn: sqlite3.Connection) -> dict[str, Any]:
     """The connection's settings as SQLite reports them (not as configured)."""
     names = ("journal_mode", "synchronous", "busy_timeout", "cache_size", "temp_store",
-             "foreign_keys", "wal_autocheckpoint")
+             "foreign_keys", "wal_autocheckpoint", "journal_size_limit")
     got = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
     level = {v: k for k, v in SYNCHRONOUS_LEVELS.items()}
     got["synchronous"] = level.get(got["synchronous"], got["synchronous"])
@@ -785,6 +790,23 @@ def transaction(
         _checkpoint_if_needed(conn, path, config)
 
 
+def execute(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+    """``conn.execute`` with ``sqlite3.Error`` mapped to kvmem's errors (cause kept)."""
+    try:
+        return conn.execute(sql, params)
+    except sqlite3.Error as exc:
+        raise _db_error(exc, getattr(conn, "kv_path", "?")) from exc
+
+
+def executemany(conn: sqlite3.Connection, sql: str,
+                rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
+    """``conn.executemany`` with ``sqlite3.Error`` mapped to kvmem's errors (cause kept)."""
+    try:
+        return conn.executemany(sql, rows)
+    except sqlite3.Error as exc:
+        raise _db_error(exc, getattr(conn, "kv_path", "?")) from exc
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     # SQLite may already have rolled back by itself (e.g. after SQLITE_FULL); then
     # ROLLBACK fails with "no transaction is active", which is not news.
@@ -793,41 +815,65 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
+WRITER_YIELD_S = 0.002
+
+
 def _checkpoint_if_needed(conn: sqlite3.Connection, path: str, config: Config) -> None:
-    """After a commit: keep the WAL bounded when no checkpointer is doing it (§2.4)."""
+    """After a commit: keep the WAL bounded (DESIGN.md §2.4).
+
+    Below half the cap: nothing (one ``os.stat``).  Above it, if no process holds the
+    checkpoint lock, this writer takes it and checkpoints once, as the checkpointer would.
+    If a checkpointer holds it, the writer pauses for WRITER_YIELD_S so the checkpointer's
+    TRUNCATE can get the writer lock between back-to-back commits (backpressure).  Past
+    the hard cap the checkpointer is presumed stuck: the writer checkpoints itself and
+    the fallback is counted for stats and health.
+    """
     size = _wal_size(path)
-    if size <= config.wal_cap_bytes:
+    if size <= config.wal_cap_bytes // 2:
         return
     with CheckpointLock(path) as lock:
         if lock.held:  # nobody is the checkpointer: act as one, once
             _checkpoint(conn, "TRUNCATE")
             return
-    if size > config.wal_hard_cap_bytes:  # a holder exists but is not keeping up
-        checkpoint_log.warning("%s: WAL is %d bytes, past the hard cap %d; the writer "
-                               "checkpoints itself", path, size, config.wal_hard_cap_bytes)
-        with _REGISTRY_LOCK:
-            _FALLBACK_CHECKPOINTS[path] = _FALLBACK_CHECKPOINTS.get(path, 0) + 1
-        _checkpoint(conn, "PASSIVE")
+    if size <= config.wal_hard_cap_bytes:
+        time.sleep(WRITER_YIELD_S)
+        return
+    checkpoint_log.warning("%s: WAL is %d bytes, past the hard cap %d; the writer "
+                           "checkpoints itself", path, size, config.wal_hard_cap_bytes)
+    with _REGISTRY_LOCK:
+        _FALLBACK_CHECKPOINTS[path] = _FALLBACK_CHECKPOINTS.get(path, 0) + 1
+    _checkpoint(conn, "TRUNCATE")
 
 
 def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
-    """Run one checkpoint; return SQLite's ``(busy, log, checkpointed)``.  RESTART and
-    TRUNCATE wait at most CHECKPOINT_BUSY_TIMEOUT_MS for readers, because they hold
-    the writer lock while they wait."""
+    """Run one checkpoint; return SQLite's ``(busy, log, checkpointed)``.
+
+    PASSIVE never waits.  TRUNCATE needs the writer lock and then waits for readers,
+    holding that lock, so it must not use the 5 s busy handler: it runs with
+    ``busy_timeout=0`` and is retried every millisecond or so for at most
+    CHECKPOINT_BUSY_TIMEOUT_MS.  SQLite's own handler sleeps in steps of up to 100 ms
+    and loses the lock to a writer that commits back to back; short retries find the gaps.
+    """
     assert mode in ("PASSIVE", "TRUNCATE")
     path = getattr(conn, "kv_path", "?")
     config: Config | None = getattr(conn, "kv_config", None)
+    sql = f"PRAGMA wal_checkpoint({mode})"
     try:
-        if mode != "PASSIVE":
-            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_BUSY_TIMEOUT_MS}")
+        if mode == "PASSIVE":
+            row = conn.execute(sql).fetchone()
+            return int(row[0]), int(row[1]), int(row[2])
+        deadline = time.monotonic() + CHECKPOINT_BUSY_TIMEOUT_MS / 1000
+        conn.execute("PRAGMA busy_timeout = 0")
         try:
-            row = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            while True:
+                row = conn.execute(sql).fetchone()
+                if row[0] == 0 or time.monotonic() >= deadline:
+                    return int(row[0]), int(row[1]), int(row[2])
+                time.sleep(random.uniform(0.0005, 0.0015))
         finally:
-            if mode != "PASSIVE":
-                conn.execute(f"PRAGMA busy_timeout = {config.busy_timeout_ms if config else 5000}")
+            conn.execute(f"PRAGMA busy_timeout = {config.busy_timeout_ms if config else 5000}")
     except sqlite3.Error as exc:
         raise _db_error(exc, path) from exc
-    return int(row[0]), int(row[1]), int(row[2])
 
 
 class CheckpointLock:
@@ -882,9 +928,11 @@ class Checkpointer:
     lock (so when the holder dies, a standby takes over within one poll).  The holder
     stats the WAL and runs a PASSIVE checkpoint when the WAL changed since the last one
     and either holds ``checkpoint_pages`` pages or ``checkpoint_interval_s`` passed, and a
-    TRUNCATE one when the WAL file is bigger than ``wal_cap_bytes``.  Transient errors
-    (busy, I/O) are logged and retried next poll; a file that is not a database or is
-    corrupt puts it into the failed state (``state()["failed"]``) and it stops trying.
+    TRUNCATE one when the WAL file is bigger than half of ``wal_cap_bytes`` (the cap is
+    the size it keeps the WAL under; half leaves room for writes during the TRUNCATE).
+    Transient errors (busy, I/O) are logged and retried next poll; a file that is not a
+    database or is corrupt puts it into the failed state (``state()["failed"]``) and it
+    stops trying.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
@@ -972,7 +1020,11 @@ class Checkpointer:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         now = time.monotonic()
         mode = None
-        if seen[0] > self.config.wal_cap_bytes:
+        # Under back-to-back writes a PASSIVE checkpoint completes but the WAL never
+        # restarts (a writer restarts it only if it began after the checkpoint finished),
+        # so the file keeps growing; TRUNCATE takes the writer lock and resets it.  It
+        # starts at half the cap so that what is written while it waits still fits.
+        if seen[0] > self.config.wal_cap_bytes // 2:
             mode = "TRUNCATE"
         elif seen != self._seen and seen[0] and (
             seen[0] >= self.config.checkpoint_pages * page_size

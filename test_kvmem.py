@@ -1,0 +1,686 @@
+"""Foundation tests: Config, open_db, transaction, errors, Checkpointer, CLI.
+
+Real files in tmp_path, real second connections for busy errors, real child processes
+killed with SIGKILL.  Fixture files are made with the raw ``sqlite3`` module on purpose:
+they stand for files written by other tools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import kvmem
+from testutil import Child, child_env, file_digest, run_cli
+
+INSERT = (
+    "INSERT INTO memories (namespace, key, value, version, created_at, updated_at, strength,"
+    " last_reinforced_at) VALUES ('test', ?, ?, 1, 0, 0, 1, 0)"
+)
+
+
+def cfg(**settings: str) -> kvmem.Config:
+    return kvmem.Config.build(environ={}, flags=settings)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[str]:
+    yield str(tmp_path / "kv.db")
+
+
+@pytest.fixture
+def conns() -> Iterator[list[sqlite3.Connection]]:
+    """Connections to close after the test, whatever happened."""
+    opened: list[sqlite3.Connection] = []
+    yield opened
+    for conn in opened:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------- Config ----
+
+
+def test_config_defaults() -> None:
+    config = kvmem.Config.build(environ={"HOME": "/home/u"})
+    assert config.db == "/home/u/.local/share/kvmem/memory.db"
+    assert config.journal_mode == "wal" and config.synchronous == "extra"
+    assert config.busy_timeout_ms == 5000
+    assert config.cache_size_kib == 64000 and config.wal_cap_bytes == 64 * 1024 * 1024
+    assert config.wal_hard_cap_bytes == 4 * config.wal_cap_bytes
+    assert config.host == "127.0.0.1" and config.token == ""
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"HOME": "/h"}, "/h/.local/share/kvmem/memory.db"),
+        ({"HOME": "/h", "XDG_DATA_HOME": "/data"}, "/data/kvmem/memory.db"),
+        ({"HOME": "/h", "XDG_DATA_HOME": "relative/ignored"}, "/h/.local/share/kvmem/memory.db"),
+        ({"HOME": "/h", "XDG_DATA_HOME": "/data", "KVMEM_DB": "/x/y.db"}, "/x/y.db"),
+    ],
+)
+def test_default_db_path(environ: dict[str, str], expected: str) -> None:
+    assert kvmem.Config.build(environ=environ).db == expected
+
+
+def test_default_db_path_ignores_working_directory(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    environ = {"HOME": str(tmp_path)}
+    seen = set()
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        monkeypatch.chdir(tmp_path / sub)
+        seen.add(kvmem.Config.build(environ=environ).db)
+    assert seen == {str(tmp_path / ".local/share/kvmem/memory.db")}
+
+
+def test_config_env_then_flags() -> None:
+    environ = {"KVMEM_SYNCHRONOUS": "normal", "KVMEM_BUSY_TIMEOUT_MS": "250",
+               "KVMEM_QUICK_CHECK": "off", "KVMEM_TOKEN": "s3cret"}
+    config = kvmem.Config.build(environ=environ, flags={"synchronous": "FULL"})
+    assert config.synchronous == "full"  # the flag beats the environment
+    assert config.busy_timeout_ms == 250 and config.quick_check is False
+    assert config.token == "s3cret" and config.public()["token"] == "set"
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "named"),
+    [
+        ({"KVMEM_SYNCHRONOUS": "fastest"}, {}, "KVMEM_SYNCHRONOUS='fastest'"),
+        ({"KVMEM_JOURNAL_MODE": "memory"}, {}, "KVMEM_JOURNAL_MODE"),
+        ({"KVMEM_BUSY_TIMEOUT_MS": "-1"}, {}, "KVMEM_BUSY_TIMEOUT_MS"),
+        ({"KVMEM_BUSY_TIMEOUT_MS": "1.5"}, {}, "KVMEM_BUSY_TIMEOUT_MS"),
+        ({"KVMEM_WAL_CAP_BYTES": "lots"}, {}, "KVMEM_WAL_CAP_BYTES"),
+        ({"KVMEM_CHECKPOINT_INTERVAL_S": "nan"}, {}, "KVMEM_CHECKPOINT_INTERVAL_S"),
+        ({"KVMEM_QUICK_CHECK": "maybe"}, {}, "KVMEM_QUICK_CHECK"),
+        ({}, {"port": "http"}, "--port='http'"),
+        ({}, {"db": ""}, "--db"),
+        ({}, {"decay_interval_s": "0"}, "--decay-interval-s"),
+    ],
+)
+def test_config_bad_value_names_its_source(environ: dict[str, str], flags: dict[str, str],
+                                            named: str) -> None:
+    with pytest.raises(kvmem.ConfigError, match=named.replace("[", r"\[")):
+        kvmem.Config.build(environ=environ, flags=flags)
+
+
+# ------------------------------------------------------------------------- open_db ----
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+@pytest.mark.parametrize("synchronous", ["off", "normal", "full", "extra"])
+def test_every_pragma_read_back(db: str, synchronous: str, journal_mode: str,
+                                conns: list[sqlite3.Connection]) -> None:
+    config = cfg(synchronous=synchronous, journal_mode=journal_mode, busy_timeout_ms="1234",
+                 cache_size_kib="2000")
+    expected = {"journal_mode": journal_mode, "synchronous": synchronous, "busy_timeout": 1234,
+                "cache_size": -2000, "temp_store": 2, "foreign_keys": 1, "wal_autocheckpoint": 0,
+                "journal_size_limit": 64 * 1024 * 1024}
+    conns.append(kvmem.open_db(db, config=config))
+    assert kvmem.read_settings(conns[0]) == expected
+    # A second connection, opened from another thread, gets exactly the same settings.
+    seen: dict[str, object] = {}
+
+    def other() -> None:
+        conn = kvmem.open_db(db, config=config)
+        seen.update(kvmem.read_settings(conn))
+        conn.close()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == expected
+
+
+def test_schema_created_once(db: str, conns: list[sqlite3.Connection]) -> None:
+    for _ in range(3):
+        conns.append(kvmem.open_db(db, config=cfg()))
+    conn = conns[0]
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == kvmem.SCHEMA_VERSION
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE name = 'memories'")]
+    assert names == ["memories"]
+
+
+def _write_wal_file(tmp_path: Path) -> Path:
+    """A real -wal file, left behind by a process that died with its connection open."""
+    src = tmp_path / "src.db"
+    code = ("import os, sqlite3, sys\n"
+            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "c.execute('PRAGMA journal_mode=WAL'); c.execute('PRAGMA wal_autocheckpoint=0')\n"
+            "c.execute('CREATE TABLE t(x)'); c.execute('INSERT INTO t VALUES (1)')\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(src)], check=True)
+    target = tmp_path / "wal-as-db.db"
+    shutil.copyfile(str(src) + "-wal", target)
+    return target
+
+
+def _truncated_sqlite(tmp_path: Path, size: int) -> Path:
+    path = tmp_path / f"truncated-{size}.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE t(x)")
+    raw.executemany("INSERT INTO t VALUES (?)", [("x" * 500,) for _ in range(200)])
+    raw.commit()
+    raw.close()
+    with open(path, "r+b") as fp:
+        fp.truncate(size)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "found"),
+    [
+        (lambda p: (p / "text.db").write_text("hello, I am a config file\n") and p / "text.db",
+         kvmem.NotADatabaseError, "text starting 'hello"),
+        (lambda p: (p / "zeros.db").write_bytes(b"\0" * 8192) and p / "zeros.db",
+         kvmem.NotADatabaseError, "8192 bytes of zeros"),
+        (lambda p: _truncated_sqlite(p, 50), kvmem.NotADatabaseError, "truncated SQLite file"),
+        (lambda p: _truncated_sqlite(p, 4096), kvmem.CorruptDatabaseError, "malformed|quick_check"),
+        (_write_wal_file, kvmem.NotADatabaseError, "WAL file"),
+    ],
+    ids=["text", "zeros", "truncated-50", "truncated-4096", "wal-file"],
+)
+def test_not_a_database_refused_and_unchanged(tmp_path: Path, make: object,
+                                              error: type[kvmem.KvmemError], found: str) -> None:
+    path = make(tmp_path)  # type: ignore[operator]
+    before = file_digest(path)
+    with pytest.raises(error, match=found) as info:
+        kvmem.open_db(path, config=cfg())
+    assert str(path) in str(info.value)
+    assert file_digest(path) == before
+    assert not os.path.exists(f"{path}-wal")
+    # The registration was given back: a later open checks the header again.
+    with pytest.raises(error):
+        kvmem.open_db(path, config=cfg())
+
+
+def test_header_check_pure() -> None:
+    assert kvmem.describe_header(b"", 0) is None
+    assert kvmem.describe_header(kvmem.SQLITE_MAGIC + b"\0" * 84, 4096) is None
+    assert "zeros" in str(kvmem.describe_header(b"\0" * 100, 100))
+    assert "WAL" in str(kvmem.describe_header(b"\x37\x7f\x06\x82" + b"\0" * 96, 4096))
+    assert "unknown bytes" in str(kvmem.describe_header(b"\x89PNG\r\n\x1a\n" + b"\0" * 92, 100))
+
+
+def test_schema_too_new_refused_and_unchanged(db: str) -> None:
+    raw = sqlite3.connect(db)
+    raw.execute("PRAGMA user_version = 99")
+    raw.close()
+    before = file_digest(db)
+    with pytest.raises(kvmem.SchemaTooNewError, match="99"):
+        kvmem.open_db(db, config=cfg())
+    assert file_digest(db) == before
+    raw = sqlite3.connect(db)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    raw.close()
+
+
+def test_delete_mode_file_converts_to_wal_and_back(db: str) -> None:
+    # An older tool left a DELETE-mode file with a table of its own and no kvmem schema.
+    raw = sqlite3.connect(db)
+    raw.execute("CREATE TABLE notes (n INTEGER)")
+    raw.executemany("INSERT INTO notes VALUES (?)", [(i,) for i in range(500)])
+    raw.commit()
+    raw.close()
+
+    conn = kvmem.open_db(db, config=cfg())
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT count(*), sum(n) FROM notes").fetchone() == (500, sum(range(500)))
+    with kvmem.transaction(conn):
+        conn.executemany(INSERT, [(f"k{i}", json.dumps(i)) for i in range(100)])
+    conn.close()
+
+    conn = kvmem.open_db(db, config=cfg(journal_mode="delete"))
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 100
+    assert conn.execute("SELECT count(*) FROM notes").fetchone()[0] == 500
+    conn.close()
+    assert not os.path.exists(db + "-wal")
+
+
+def test_recovery_record_after_kill(db: str, caplog: pytest.LogCaptureFixture) -> None:
+    child = Child(WRITER, db, "0")
+    child.expect("50")
+    child.kill()
+    wal_before = os.stat(db + "-wal").st_size
+    assert wal_before > 0
+    with caplog.at_level(logging.INFO, logger="kvmem.recovery"):
+        conn = kvmem.open_db(db, config=cfg())
+    try:
+        record = kvmem.recovery_record(db)
+        assert record is not None
+        assert record.wal_bytes_found == wal_before
+        assert record.quick_check == "ok" and record.checkpoint == "done"
+        assert record.wal_frames and record.frames_checkpointed == record.wal_frames
+        assert "recovery record" in caplog.text and f"wal_bytes_found={wal_before}" in caplog.text
+        # PASSIVE, not TRUNCATE: startup does not shrink the WAL.
+        assert os.stat(db + "-wal").st_size == wal_before
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------- transaction ----
+
+
+def test_transaction_waits_for_a_writer_then_succeeds(db: str,
+                                                      conns: list[sqlite3.Connection]) -> None:
+    conns.append(kvmem.open_db(db, config=cfg()))
+    conn = conns[0]
+    held, released = threading.Event(), threading.Event()
+
+    def other_writer() -> None:  # holds the write lock for 0.3 s, in its own thread
+        holder = kvmem.open_db(db, config=cfg())
+        holder.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(0.3)
+        holder.execute("COMMIT")
+        released.set()
+        holder.close()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    assert held.wait(10)
+    started = time.monotonic()
+    with kvmem.transaction(conn, timeout_s=10):
+        assert released.is_set()
+        conn.execute(INSERT, ("waited", "1"))
+    assert time.monotonic() - started >= 0.2
+    thread.join()
+    assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 1
+
+
+def test_transaction_raises_busy_past_deadline(db: str, conns: list[sqlite3.Connection]) -> None:
+    conns.extend([kvmem.open_db(db, config=cfg()), kvmem.open_db(db, config=cfg())])
+    conn, holder = conns
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    with pytest.raises(kvmem.BusyError, match="locked"), kvmem.transaction(conn, timeout_s=0.3):
+        pytest.fail("the block must not run without the lock")
+    took = time.monotonic() - started
+    assert 0.3 <= took < 2.0  # the deadline, not SQLite's 5 s busy_timeout
+    assert kvmem.read_settings(conn)["busy_timeout"] == 5000  # restored
+    holder.execute("ROLLBACK")
+    with kvmem.transaction(conn, timeout_s=0.3):
+        conn.execute(INSERT, ("after", "1"))
+
+
+def test_transaction_rolls_back_on_exception(db: str, conns: list[sqlite3.Connection]) -> None:
+    conns.append(kvmem.open_db(db, config=cfg()))
+    conn = conns[0]
+    with pytest.raises(ZeroDivisionError), kvmem.transaction(conn):
+        conn.execute(INSERT, ("lost", "1"))
+        _ = 1 / 0
+    assert not conn.in_transaction
+    assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 0
+
+
+def test_read_then_write_never_immediate_busy(db: str, conns: list[sqlite3.Connection]) -> None:
+    conns.extend([kvmem.open_db(db, config=cfg()), kvmem.open_db(db, config=cfg())])
+    a, b = conns
+    with kvmem.transaction(a):
+        a.execute(INSERT, ("counter", "0"))
+
+    # The trap, shown with a deferred BEGIN: A reads, B commits, A's write fails at once.
+    a.execute("BEGIN")
+    a.execute("SELECT value FROM memories WHERE key = 'counter'").fetchone()
+    with kvmem.transaction(b):
+        b.execute("UPDATE memories SET value = '100' WHERE key = 'counter'")
+    with pytest.raises(sqlite3.OperationalError) as info:
+        a.execute("UPDATE memories SET value = '1' WHERE key = 'counter'")
+    assert info.value.sqlite_errorname == "SQLITE_BUSY_SNAPSHOT"
+    a.execute("ROLLBACK")
+
+    # transaction(): 4 threads x 50 read-modify-write increments, no error, no lost update.
+    errors: list[BaseException] = []
+
+    def incrementer() -> None:
+        conn = kvmem.open_db(db, config=cfg())
+        try:
+            for _ in range(50):
+                with kvmem.transaction(conn):
+                    (value,) = conn.execute(
+                        "SELECT value FROM memories WHERE key = 'counter'").fetchone()
+                    conn.execute("UPDATE memories SET value = ? WHERE key = 'counter'",
+                                 (str(int(value) + 1),))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=incrementer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert a.execute("SELECT value FROM memories WHERE key = 'counter'").fetchone()[0] == "300"
+
+
+def test_sqlite_errors_mapped_by_code(db: str, conns: list[sqlite3.Connection]) -> None:
+    conns.append(kvmem.open_db(db, config=cfg()))
+    conn = conns[0]
+    page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {page_count + 1}")
+    with pytest.raises(kvmem.StorageFullError, match="SQLITE_FULL"), kvmem.transaction(conn):
+        kvmem.executemany(conn, INSERT, [(f"big{i}", json.dumps("x" * 3000)) for i in range(50)])
+    assert not conn.in_transaction
+    assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 0
+
+
+# ------------------------------------------------------------- processes and crashes ----
+
+WRITER = r"""
+import json, sys, kvmem
+path, start = sys.argv[1], int(sys.argv[2])
+conn = kvmem.open_db(path)
+i = start
+while True:
+    with kvmem.transaction(conn):
+        conn.execute("INSERT INTO memories (namespace, key, value, version, created_at,"
+                     " updated_at, strength, last_reinforced_at)"
+                     " VALUES ('test', ?, ?, 1, 0, 0, 1, 0)", (str(i), json.dumps("v" * (i % 900))))
+    print(i, flush=True)   # the acknowledgement: only after transaction() returned
+    i += 1
+"""
+
+
+def test_sigkill_loses_no_acknowledged_commit(db: str) -> None:
+    rng = random.Random(1234)
+    acked: set[int] = set()
+    for run in range(20):
+        child = Child(WRITER, db, str(run * 1_000_000))
+        child.expect(str(run * 1_000_000 + rng.randint(0, 300)))
+        acked.update(int(line) for line in child.kill() if line.isdigit())
+        conn = kvmem.open_db(db, config=cfg())
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            present = {int(r[0]) for r in conn.execute("SELECT key FROM memories")}
+        finally:
+            conn.close()
+        assert acked - present == set(), f"run {run}: acknowledged rows lost"
+    assert len(acked) >= 20
+
+
+OPENER = r"""
+import sys, kvmem
+print("ready", flush=True)
+sys.stdin.readline()
+conn = kvmem.open_db(sys.argv[1])
+print("opened", conn.execute("PRAGMA journal_mode").fetchone()[0], flush=True)
+"""
+
+
+def test_cold_start_race_eight_processes(tmp_path: Path) -> None:
+    for trial in range(20):
+        path = str(tmp_path / f"race{trial}.db")
+        children = [Child(OPENER, path, stdin=True) for _ in range(8)]
+        for child in children:
+            child.expect("ready")
+        for child in children:
+            child.send("go\n")
+        for child in children:
+            assert child.expect("opened") == "opened wal", child.stderr
+            assert child.wait() == 0, child.stderr
+        conn = kvmem.open_db(path, config=cfg())
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == kvmem.SCHEMA_VERSION
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'memories'")
+            assert tables.fetchone()[0] == 1
+        finally:
+            conn.close()
+
+
+# -------------------------------------------------------------------- checkpointer ----
+
+CHECKPOINTER = r"""
+import sys, time, kvmem
+config = kvmem.Config.build(flags={"checkpoint_poll_s": "0.05"})
+cp = kvmem.Checkpointer(sys.argv[1], config=config, role=sys.argv[2]).start()
+last = None
+while True:   # report each change of state; the test waits on these lines
+    state = cp.state()
+    if state["polls"] and state["holder"] != last:
+        last = state["holder"]
+        print("holder" if last else "standby", flush=True)
+    time.sleep(0.005)
+"""
+
+
+def test_one_checkpointer_holder_and_takeover(db: str) -> None:
+    kvmem.open_db(db, config=cfg()).close()
+    first = Child(CHECKPOINTER, db, "first")
+    first.expect("holder")
+    second = Child(CHECKPOINTER, db, "second")
+    try:
+        second.expect("standby")
+        assert not kvmem.checkpoint_lock_free(db)
+        assert "holder" not in second.lines
+        first.kill()
+        killed = time.monotonic()
+        second.expect("holder", timeout=10)
+        assert time.monotonic() - killed < 1.0  # within a few polls of 0.05 s
+        assert first.lines.count("holder") == 1 and "standby" not in first.lines
+    finally:
+        first.kill()
+        second.kill()
+
+
+def _write_load(db: str, config: kvmem.Config, commits: int,
+                reader_hold_s: float) -> int:
+    """Commits of small rows while a reader holds snapshots briefly; returns the
+    largest WAL size seen after any commit."""
+    stop = threading.Event()
+
+    def reader() -> None:
+        conn = kvmem.open_db(db, config=config)
+        try:
+            while not stop.is_set():
+                conn.execute("BEGIN")
+                conn.execute("SELECT count(*) FROM memories").fetchone()
+                time.sleep(reader_hold_s)  # an old snapshot, held briefly
+                conn.execute("COMMIT")
+                time.sleep(reader_hold_s)
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    conn = kvmem.open_db(db, config=config)
+    largest = 0
+    try:
+        for i in range(commits):
+            with kvmem.transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO memories (namespace, key, value, version,"
+                             " created_at, updated_at, strength, last_reinforced_at)"
+                             " VALUES ('test', ?, ?, 1, 0, 0, 1, 0)",
+                             (str(i % 500), json.dumps(f"{i} " + "y" * 200)))
+            largest = max(largest, os.stat(conn.kv_path + "-wal").st_size)
+    finally:
+        stop.set()
+        thread.join()
+        conn.close()
+    return largest
+
+
+def test_wal_stays_under_cap_with_checkpointer(db: str) -> None:
+    """Back-to-back durable commits (synchronous=full) from one thread, a reader holding
+    old snapshots for 20 ms at a time: the Checkpointer keeps the WAL under the cap.  The
+    test below is its control: the same load without a working checkpointer passes it."""
+    cap = 4 * 1024 * 1024
+    config = cfg(wal_cap_bytes=str(cap), checkpoint_poll_s="0.01", checkpoint_pages="64",
+                 synchronous="full")
+    checkpointer = kvmem.Checkpointer(db, config=config, role="test").start()
+    try:
+        largest = _write_load(db, config, 2000, reader_hold_s=0.02)
+        state = checkpointer.state()
+    finally:
+        checkpointer.stop()
+    assert state["holder"] and state["checkpoints"] > 0 and state["failed"] is None
+    assert largest <= cap, f"WAL reached {largest} bytes, cap {cap}"
+
+
+def test_wal_grows_past_cap_without_checkpointer(db: str) -> None:
+    """The control for the test above: a 'stuck' holder of the checkpoint lock never
+    checkpoints, and the same load takes the WAL past the same cap."""
+    cap = 4 * 1024 * 1024
+    config = cfg(wal_cap_bytes=str(cap), synchronous="full")
+    kvmem.open_db(db, config=config).close()
+    stuck = kvmem.CheckpointLock(os.path.realpath(db))
+    assert stuck.acquire()
+    try:
+        largest = _write_load(db, config, 2000, reader_hold_s=0.02)
+    finally:
+        stuck.release()
+    assert largest > cap
+
+
+def test_writers_fall_back_past_the_hard_cap(db: str) -> None:
+    """A stuck holder: past the hard cap (4x) the writers checkpoint themselves and
+    stats say so; the WAL stays near the hard cap instead of growing without bound."""
+    cap = 1024 * 1024
+    config = cfg(wal_cap_bytes=str(cap), synchronous="normal")
+    kvmem.open_db(db, config=config).close()
+    stuck = kvmem.CheckpointLock(os.path.realpath(db))
+    assert stuck.acquire()
+    try:
+        largest = _write_load(db, config, 1500, reader_hold_s=0.0)
+        conn = kvmem.open_db(db, config=config)
+        stats = kvmem.database_stats(conn)
+        conn.close()
+    finally:
+        stuck.release()
+    assert largest > cap
+    assert stats["fallback_checkpoints"] > 0
+    assert any("hard cap" in w for w in stats["warnings"])
+    assert largest <= config.wal_hard_cap_bytes + 1024 * 1024  # one restart later
+
+
+def test_writer_checkpoints_when_nobody_holds_the_lock(db: str) -> None:
+    cap = 512 * 1024
+    config = cfg(wal_cap_bytes=str(cap), synchronous="normal")
+    largest = _write_load(db, config, 1500, reader_hold_s=0.0)
+    assert largest <= cap + 64 * 1024  # one commit past the cap, then TRUNCATE
+    assert kvmem.checkpoint_lock_free(db)
+
+
+def test_checkpointer_fails_for_good_on_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "text.db"
+    path.write_text("not a database at all\n")
+    checkpointer = kvmem.Checkpointer(path, config=cfg(checkpoint_poll_s="0.01"), role="t").start()
+    try:
+        checkpointer._thread.join(timeout=10)  # type: ignore[union-attr]
+        state = checkpointer.state()
+    finally:
+        checkpointer.stop()
+    assert state["failed"] and state["failed"].startswith("not_a_database")
+    assert path.read_text() == "not a database at all\n"
+
+
+# ----------------------------------------------------------------------------- CLI ----
+
+
+def test_cli_check_stats_checkpoint_backup(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    conn = kvmem.open_db(db, config=cfg())
+    with kvmem.transaction(conn):
+        conn.executemany(INSERT, [(f"k{i}", json.dumps({"n": i})) for i in range(300)])
+    conn.close()
+
+    check = run_cli("check", db)
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] and report["integrity"] == ["ok"]
+    assert report["schema_version"] == kvmem.SCHEMA_VERSION
+
+    stats = run_cli("stats", db, "--synchronous", "full")
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert figures["settings"]["synchronous"] == "full"
+    assert figures["settings"]["journal_mode"] == "wal"
+    assert figures["sqlite_version"] == sqlite3.sqlite_version
+    assert figures["page_count"] > 0 and "freelist_count" in figures
+    if sqlite3.sqlite_version_info < (3, 51, 3):
+        assert any("WAL-reset bug" in w for w in figures["warnings"])
+    assert figures["checkpointer_running_elsewhere"] is False
+
+    ckpt = run_cli("checkpoint", db, "--truncate")
+    assert ckpt.returncode == 0, ckpt.stderr
+    assert json.loads(ckpt.stdout)["wal_bytes_after"] == 0
+
+    dest = str(tmp_path / "copy.db")
+    backup = run_cli("backup", db, dest)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    assert json.loads(backup.stdout)["ok"]
+    src, copy = kvmem.open_db(db, config=cfg()), kvmem.open_db(dest, config=cfg())
+    try:
+        rows = "SELECT namespace, key, value, version FROM memories ORDER BY key"
+        assert copy.execute(rows).fetchall() == src.execute(rows).fetchall()
+        assert len(copy.execute(rows).fetchall()) == 300
+    finally:
+        src.close()
+        copy.close()
+    again = run_cli("backup", db, dest)  # never overwrites
+    assert again.returncode == 1 and "already exists" in again.stdout
+
+
+def test_cli_checkpoint_defers_to_running_checkpointer(db: str) -> None:
+    kvmem.open_db(db, config=cfg()).close()
+    lock = kvmem.CheckpointLock(os.path.realpath(db))
+    assert lock.acquire()
+    try:
+        result = run_cli("checkpoint", db)
+        stats = json.loads(run_cli("stats", db).stdout)
+    finally:
+        lock.release()
+    assert result.returncode == 1 and json.loads(result.stdout)["error"]["code"] == "busy"
+    assert stats["checkpointer_running_elsewhere"] is True
+
+
+@pytest.mark.parametrize("content", [b"just text\n", b"\0" * 4096])
+def test_cli_check_reports_not_a_database(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.db"
+    path.write_bytes(content)
+    result = run_cli("check", str(path))
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["error"]["code"] == "not_a_database"
+    assert path.read_bytes() == content
+
+
+def test_cli_check_missing_file_is_not_created(tmp_path: Path) -> None:
+    result = run_cli("check", str(tmp_path / "nope.db"))
+    assert result.returncode == 1 and not (tmp_path / "nope.db").exists()
+
+
+def test_cli_bad_setting(tmp_path: Path) -> None:
+    result = run_cli("stats", str(tmp_path / "x.db"),
+                     env=child_env(KVMEM_SYNCHRONOUS="sometimes"))
+    assert result.returncode == 1
+    assert "KVMEM_SYNCHRONOUS" in json.loads(result.stdout)["error"]["message"]
+
+
+def test_kvmem_imports_only_stdlib() -> None:
+    import ast
+
+    tree = ast.parse(Path(kvmem.__file__).read_text())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree)
+               if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    assert modules - set(sys.stdlib_module_names) - {"__future__"} == set()
+
+
+_ = signal  # SIGKILL is sent by Child.kill()
