@@ -35,21 +35,27 @@ schema), background threads, CLI.
 from __future__ import annotations
 
 import argparse
+import base64
+import builtins
 import contextlib
 import dataclasses
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import queue
 import random
 import sqlite3
 import stat
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "BusyError",
@@ -57,14 +63,22 @@ __all__ = [
     "Config",
     "ConfigError",
     "CorruptDatabaseError",
+    "DecayScheduler",
+    "GroupCommitter",
+    "Hit",
     "InvalidInputError",
     "KvmemError",
+    "Memory",
     "NotADatabaseError",
     "NotFoundError",
+    "Page",
+    "PayloadTooLargeError",
+    "PruneResult",
     "ReadOnlyError",
     "SchemaTooNewError",
     "StorageError",
     "StorageFullError",
+    "Store",
     "VersionConflictError",
     "execute",
     "executemany",
@@ -75,6 +89,7 @@ __all__ = [
 log = logging.getLogger("kvmem")
 recovery_log = logging.getLogger("kvmem.recovery")
 checkpoint_log = logging.getLogger("kvmem.checkpoint")
+decay_log = logging.getLogger("kvmem.decay")
 
 
 # ============================================================================ errors ====
@@ -92,6 +107,12 @@ class InvalidInputError(KvmemError):
     code = "invalid_request"
 
 
+class PayloadTooLargeError(InvalidInputError):
+    """A value (or request) is larger than the configured limit."""
+
+    code = "payload_too_large"
+
+
 class ConfigError(InvalidInputError):
     """A setting has a bad value; the message names the variable or flag."""
 
@@ -105,13 +126,17 @@ class NotFoundError(KvmemError):
 
 
 class VersionConflictError(KvmemError):
-    """A compare-and-set failed: ``current_version`` is what the store holds (0 = absent)."""
+    """A compare-and-set failed: ``current_version`` is what the store holds (0 = absent);
+    in a batch, ``op_index`` is the op that failed (and nothing of the batch was applied)."""
 
     code = "version_conflict"
 
-    def __init__(self, message: str, *, current_version: int) -> None:
+    def __init__(self, message: str, *, current_version: int, op_index: int | None = None,
+                 key: str | None = None) -> None:
         super().__init__(message)
         self.current_version = current_version
+        self.op_index = op_index
+        self.key = key
 
 
 class BusyError(KvmemError):
@@ -301,6 +326,27 @@ class Config:
     decay_interval_s: float = _setting(
         300.0, _parse_number(float, minimum=0.01), "seconds between prune passes"
     )
+    default_half_life_s: float | None = _setting(
+        None, _parse_optional_seconds, "half-life of new memories in seconds ('none' = they "
+        "never decay)"
+    )
+    archive_threshold: float = _setting(
+        0.05, _parse_number(float, minimum=0.0), "prune archives memories whose current "
+        "strength is below this"
+    )
+    prune_batch: int = _setting(500, _parse_number(int, minimum=1), "rows per prune transaction")
+    max_key_chars: int = _setting(512, _parse_number(int, minimum=1), "longest key")
+    max_namespace_chars: int = _setting(64, _parse_number(int, minimum=1), "longest namespace")
+    max_tags: int = _setting(32, _parse_number(int, minimum=0), "most tags on one memory")
+    max_tag_chars: int = _setting(64, _parse_number(int, minimum=1), "longest tag")
+    max_value_bytes: int = _setting(
+        1024 * 1024, _parse_number(int, minimum=16), "largest value, as UTF-8 JSON"
+    )
+    max_batch_ops: int = _setting(1000, _parse_number(int, minimum=1), "most ops in one batch")
+    group_commit_max: int = _setting(
+        256, _parse_number(int, minimum=1), "most writes the group committer puts in one "
+        "transaction"
+    )
     token: str = _setting("", _parse_text, "bearer token for the HTTP API ('' = no auth)")
     host: str = _setting("127.0.0.1", _parse_text, "HTTP bind address")
     port: int = _setting(8765, _parse_number(int, minimum=0), "HTTP port (0 = any free port)")
@@ -371,6 +417,295 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
     return Config.build(environ=environ, flags=flags)
+
+
+# ========================================================================= pure core ====
+# No clock, no file, no socket below this line until "storage": ``now`` is a parameter.
+
+NAMESPACE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+INITIAL_STRENGTH = 1.0
+MAX_STRENGTH = 1.0
+REINFORCE_BOOST = 0.5
+MAX_TTL_SECONDS = 100 * 365 * 86400.0
+MAX_LIST_LIMIT = 1000
+MAX_SEARCH_LIMIT = 100
+MAX_QUERY_CHARS = 1000
+# bm25() column weights for (key, body, tags): a word in the key or a tag says more about
+# a memory than the same word somewhere in its value.
+BM25_WEIGHTS = (2.0, 1.0, 1.5)
+CURSOR_VERSION = 1
+
+
+def _has_control_chars(text: str) -> bool:
+    # Cc: C0/C1 controls (NUL, newline, DEL, ...); Cs: lone surrogates, which cannot be
+    # stored as UTF-8 at all.
+    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+
+
+def validate_key(key: object, config: Config) -> str:
+    """A key: a string of 1..max_key_chars characters with no control characters."""
+    if not isinstance(key, str):
+        raise InvalidInputError(f"key must be a string, not {type(key).__name__}")
+    if not 1 <= len(key) <= config.max_key_chars:
+        raise InvalidInputError(f"key must be 1 to {config.max_key_chars} characters long "
+                                f"(got {len(key)})")
+    if _has_control_chars(key):
+        raise InvalidInputError("key must not contain control characters")
+    return key
+
+
+def validate_namespace(namespace: object, config: Config) -> str:
+    """A namespace: 1..max_namespace_chars of ``[A-Za-z0-9._-]``."""
+    if not isinstance(namespace, str):
+        raise InvalidInputError(f"namespace must be a string, not {type(namespace).__name__}")
+    too_long = not 1 <= len(namespace) <= config.max_namespace_chars
+    if too_long or not set(namespace) <= NAMESPACE_CHARS:
+        raise InvalidInputError(f"namespace must be 1 to {config.max_namespace_chars} of "
+                                f"A-Z a-z 0-9 . _ - (got {namespace[:80]!r})")
+    return namespace
+
+
+def validate_tags(tags: object, config: Config) -> list[str]:
+    """Tags: a list of at most max_tags strings of 1..max_tag_chars characters with no
+    control characters; duplicates are dropped, order kept.  ``None`` = no tags."""
+    if tags is None:
+        return []
+    if not isinstance(tags, list | tuple):
+        raise InvalidInputError(f"tags must be a list of strings, not {type(tags).__name__}")
+    out: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str) or not 1 <= len(tag) <= config.max_tag_chars:
+            raise InvalidInputError(f"each tag must be a string of 1 to {config.max_tag_chars} "
+                                    f"characters (got {str(tag)[:80]!r})")
+        if _has_control_chars(tag):
+            raise InvalidInputError("tags must not contain control characters")
+        if tag not in out:
+            out.append(tag)
+    if len(out) > config.max_tags:
+        raise InvalidInputError(f"at most {config.max_tags} tags (got {len(out)})")
+    return out
+
+
+def encode_value(value: object, config: Config) -> str:
+    """The value as compact JSON text, at most max_value_bytes of UTF-8.
+
+    Any JSON value is accepted (object, array, string, number, true/false, null); NaN and
+    infinities are not JSON and are refused.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"value is not representable as JSON: {exc}") from None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > config.max_value_bytes:
+        raise PayloadTooLargeError(f"value is {size} bytes as JSON; the limit is "
+                                   f"{config.max_value_bytes}")
+    if _has_surrogates(text):
+        raise InvalidInputError("value contains lone surrogates, which are not valid UTF-8")
+    return text
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def validate_seconds(value: object, name: str, *, maximum: float = MAX_TTL_SECONDS) -> float | None:
+    """A positive, finite number of seconds (``None`` passes through)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInputError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or not 0 < value <= maximum:
+        raise InvalidInputError(f"{name} must be > 0 and <= {maximum:g} seconds (got {value!r})")
+    return float(value)
+
+
+def validate_version(value: object, name: str = "if_version") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInputError(f"{name} must be an integer >= 0 (0 = only if absent)")
+    return value
+
+
+def validate_limit(value: object, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidInputError(f"limit must be an integer from 1 to {maximum}")
+    return value
+
+
+def strength_at(strength: float, last_reinforced_at: float, half_life_seconds: float | None,
+                now: float) -> float:
+    """Current strength: ``strength × 2^(−(now − last_reinforced_at) / half_life)``.
+
+    A memory without a half-life never decays.  Time before the last reinforcement (a
+    clock that went backwards) counts as zero.
+    """
+    if half_life_seconds is None:
+        return strength
+    elapsed = max(0.0, now - last_reinforced_at)
+    return float(strength * 2.0 ** (-elapsed / half_life_seconds))
+
+
+def reinforced_strength(strength: float, last_reinforced_at: float,
+                        half_life_seconds: float | None, now: float) -> float:
+    """The reinforce rule: the current strength plus REINFORCE_BOOST, at most MAX_STRENGTH;
+    the caller also resets ``last_reinforced_at`` to ``now``."""
+    current = strength_at(strength, last_reinforced_at, half_life_seconds, now)
+    return min(MAX_STRENGTH, current + REINFORCE_BOOST)
+
+
+def expires_at(ttl_seconds: float | None, now: float) -> float | None:
+    return None if ttl_seconds is None else now + ttl_seconds
+
+
+def search_score(bm25: float, current_strength: float) -> float:
+    """Ranking score, higher is better: ``−bm25 × current strength``.
+
+    SQLite's bm25() is negative, more negative for a better match; with the column
+    weights of BM25_WEIGHTS.  Multiplying by the current strength (0..1) lets a
+    well-reinforced memory outrank a fading one with the same text.
+    """
+    return -bm25 * current_strength
+
+
+def fts_query(text: object) -> str:
+    """A user's search text as a safe FTS5 query: each whitespace-separated word becomes
+    a quoted string (FTS syntax characters lose their meaning), joined with OR so that
+    memories matching more words rank higher without requiring all of them."""
+    if not isinstance(text, str):
+        raise InvalidInputError("query must be a string")
+    if len(text) > MAX_QUERY_CHARS or _has_surrogates(text):
+        raise InvalidInputError(f"query must be valid text of at most {MAX_QUERY_CHARS} characters")
+    words = [w for w in text.split() if any(ch.isalnum() for ch in w)]
+    if not words:
+        raise InvalidInputError("query must contain at least one word")
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+def _cursor_filter(namespace: str, prefix: str | None, tag: str | None, archived: bool) -> str:
+    blob = json.dumps([namespace, prefix, tag, archived], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def encode_cursor(last_key: str, namespace: str, prefix: str | None, tag: str | None,
+                  archived: bool) -> str:
+    """An opaque cursor: the last key returned, bound to the query it came from, with a
+    checksum so that a garbled or edited cursor is refused instead of misread."""
+    body = json.dumps({"v": CURSOR_VERSION, "k": last_key,
+                       "f": _cursor_filter(namespace, prefix, tag, archived)},
+                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    check = hashlib.sha256(body).digest()[:8]
+    return base64.urlsafe_b64encode(check + body).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: str | None,
+                  archived: bool) -> str:
+    """The last key of a cursor made by ``encode_cursor`` for the same query."""
+    bad = InvalidInputError("cursor is not valid (garbled, or from another query)")
+    if not isinstance(cursor, str) or not cursor or len(cursor) > 4096:
+        raise bad
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        check, body = raw[:8], raw[8:]
+        if hashlib.sha256(body).digest()[:8] != check:
+            raise bad
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise bad from None
+    if (not isinstance(data, dict) or data.get("v") != CURSOR_VERSION
+            or not isinstance(data.get("k"), str)
+            or data.get("f") != _cursor_filter(namespace, prefix, tag, archived)):
+        raise bad
+    return str(data["k"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """One memory, as stored.  ``strength`` is the strength at ``last_reinforced_at``;
+    ``current_strength(now)`` applies the decay.  Times are Unix seconds (UTC)."""
+
+    namespace: str
+    key: str
+    value: Any
+    tags: list[str]
+    version: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    strength: float
+    half_life_seconds: float | None
+    last_reinforced_at: float
+    archived: bool
+
+    def current_strength(self, now: float) -> float:
+        return strength_at(self.strength, self.last_reinforced_at, self.half_life_seconds, now)
+
+    def to_record(self) -> dict[str, Any]:
+        """Every field, exactly (the export format)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    items: list[Memory]
+    next_cursor: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    memory: Memory
+    score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneResult:
+    archived: int
+    deleted: int
+    batches: int
+    at: float
+
+
+def _is_finite_number(value: object) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, int | float)
+            and math.isfinite(value))
+
+
+def memory_from_record(record: object, config: Config) -> Memory:
+    """Validate one export record (a dict with every Memory field) and build the Memory."""
+    if not isinstance(record, dict):
+        raise InvalidInputError("each line must be a JSON object")
+    fields = {f.name for f in dataclasses.fields(Memory)}
+    missing, extra = fields - record.keys(), record.keys() - fields
+    if missing or extra:
+        raise InvalidInputError(f"fields missing: {sorted(missing)}, unknown: {sorted(extra)}")
+    encode_value(record["value"], config)
+    version = validate_version(record["version"], "version")
+    numbers = ("created_at", "updated_at", "strength", "last_reinforced_at")
+    for name in numbers:
+        value = record[name]
+        if not _is_finite_number(value):
+            raise InvalidInputError(f"{name} must be a finite number")
+    if not version or record["strength"] < 0 or not isinstance(record["archived"], bool):
+        raise InvalidInputError("version must be >= 1, strength >= 0, archived a boolean")
+    for name in ("expires_at",):
+        value = record[name]
+        if value is not None and not _is_finite_number(value):
+            raise InvalidInputError(f"{name} must be a number or null")
+    return Memory(
+        namespace=validate_namespace(record["namespace"], config),
+        key=validate_key(record["key"], config), value=record["value"],
+        tags=validate_tags(record["tags"], config), version=version,
+        created_at=float(record["created_at"]), updated_at=float(record["updated_at"]),
+        expires_at=None if record["expires_at"] is None else float(record["expires_at"]),
+        strength=float(record["strength"]),
+        half_life_seconds=validate_seconds(record["half_life_seconds"], "half_life_seconds"),
+        last_reinforced_at=float(record["last_reinforced_at"]), archived=record["archived"],
+    )
 
 
 # =========================================================================== storage ====
@@ -540,12 +875,14 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 
 def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
-            readonly: bool = False) -> KvmemConnection:
+            readonly: bool = False, check_same_thread: bool = True) -> KvmemConnection:
     """Open a connection to the kvmem database at ``path`` (default ``config.db``).
 
     The only way kvmem code gets a connection.  The connection belongs to the calling
-    thread; close it with ``close()``.  With ``readonly`` the file is opened with
-    ``mode=ro``: no journal-mode switch, no migration, no checkpoint (used by ``check``).
+    thread; close it with ``close()``.  ``check_same_thread=False`` is for pools that hand
+    a connection to one thread at a time, never to two at once.  With ``readonly`` the
+    file is opened with ``mode=ro``: no journal-mode switch, no migration, no checkpoint
+    (used by ``check``).
 
     Raises:
         NotADatabaseError: the file is not an SQLite database (it is left unchanged).
@@ -565,7 +902,7 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
     try:
         if not readonly:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        conn = _connect(path, config, readonly=readonly)
+        conn = _connect(path, config, readonly=readonly, check_same_thread=check_same_thread)
         wal_bytes_found = _wal_size(path)
         started = time.monotonic()
         _apply_settings(conn, path, config, readonly=readonly, first_open=first_open)
@@ -580,13 +917,16 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
         raise
 
 
-def _connect(path: str, config: Config, *, readonly: bool) -> KvmemConnection:
+def _connect(path: str, config: Config, *, readonly: bool,
+             check_same_thread: bool) -> KvmemConnection:
     target, uri = (f"file:{path}?mode=ro", True) if readonly else (path, False)
     try:
         raw = sqlite3.connect(
             target, uri=uri, isolation_level=None, timeout=config.busy_timeout_ms / 1000,
-            factory=KvmemConnection,
+            factory=KvmemConnection, check_same_thread=check_same_thread,
         )
+        # Decay maths in SQL (prune, search ranking) calls the pure strength_at().
+        raw.create_function("kvmem_strength", 4, strength_at, deterministic=True)
     except sqlite3.Error as exc:
         raise _db_error(exc, path) from exc
     assert isinstance(raw, KvmemConnection)
@@ -918,6 +1258,679 @@ def checkpoint_lock_free(path: str) -> bool:
         return lock.held
 
 
+# ---------------------------------------------------------------------- group commit ----
+
+GROUP_QUEUE_MAX = 10000  # pending writes before submitters block (backpressure)
+
+MEMORY_COLUMNS = ("id", "namespace", "key", "value", "tags", "version", "created_at",
+                  "updated_at", "expires_at", "strength", "half_life_seconds",
+                  "last_reinforced_at", "archived")
+SELECT_MEMORY = f"SELECT {', '.join(MEMORY_COLUMNS)} FROM memories"
+# Ranked by search_score(): -bm25 x current strength, computed in SQL so that LIMIT
+# keeps the best ones.  Parameters: query, namespace, now, now, limit.
+SEARCH_MEMORIES = (
+    f"SELECT {', '.join('m.' + c for c in MEMORY_COLUMNS)},"
+    f" bm25(memories_fts, {', '.join(str(w) for w in BM25_WEIGHTS)}) AS rank"
+    " FROM memories_fts JOIN memories AS m ON m.id = memories_fts.rowid"
+    " WHERE memories_fts MATCH ? AND m.namespace = ? AND m.archived = 0"
+    " AND (m.expires_at IS NULL OR m.expires_at > ?)"
+    " ORDER BY -rank * kvmem_strength(m.strength, m.last_reinforced_at, m.half_life_seconds, ?)"
+    " DESC, m.key LIMIT ?"
+)
+LIVE = "archived = 0 AND (expires_at IS NULL OR expires_at > ?)"
+INSERT_MEMORY = (
+    "INSERT INTO memories (namespace, key, value, tags, version, created_at, updated_at,"
+    " expires_at, strength, half_life_seconds, last_reinforced_at, archived)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPDATE_MEMORY = (
+    "UPDATE memories SET value = ?, tags = ?, version = ?, created_at = ?, updated_at = ?,"
+    " expires_at = ?, strength = ?, half_life_seconds = ?, last_reinforced_at = ?,"
+    " archived = ? WHERE id = ?"
+)
+
+
+def _row_memory(row: Sequence[Any]) -> Memory:
+    return Memory(
+        namespace=row[1], key=row[2], value=json.loads(row[3]), tags=json.loads(row[4]),
+        version=row[5], created_at=row[6], updated_at=row[7], expires_at=row[8],
+        strength=row[9], half_life_seconds=row[10], last_reinforced_at=row[11],
+        archived=bool(row[12]),
+    )
+
+
+class _Pending:
+    """One write waiting for the group committer: the op, then its result or error."""
+
+    __slots__ = ("done", "error", "op", "result")
+
+    def __init__(self, op: Callable[[KvmemConnection], Any]) -> None:
+        self.op = op
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class GroupCommitter:
+    """One writer thread with one connection; every write of the process goes through it.
+
+    Callers ``submit()`` an op (a function of the connection).  The thread takes every op
+    waiting (up to ``group_commit_max``), runs them in one ``BEGIN IMMEDIATE … COMMIT``,
+    each inside its own SAVEPOINT so a failing op is rolled back alone and fails alone,
+    and wakes each caller only after the COMMIT returned: one fsync for the whole group,
+    and nothing acknowledged before it is durable.  If the COMMIT (or the BEGIN) fails,
+    every op of the group fails with that error and none of them was applied.
+    """
+
+    def __init__(self, path: str, config: Config) -> None:
+        self.path = path
+        self.config = config
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=GROUP_QUEUE_MAX)
+        self._stats_lock = threading.Lock()
+        self._stats = {"commits": 0, "ops": 0, "failed_ops": 0, "largest_group": 0}
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kvmem-group-commit", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    def submit(self, op: Callable[[KvmemConnection], Any]) -> Any:
+        """Run ``op`` in the next group; return its result once the group committed."""
+        if self._closed:
+            raise StorageError(f"{self.path}: the store is closed")
+        pending = _Pending(op)
+        self._queue.put(pending)  # blocks while GROUP_QUEUE_MAX writes wait: backpressure
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def stats(self) -> dict[str, int]:
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            conn = open_db(self.path, config=self.config)
+        except BaseException as exc:
+            self._open_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                first = self._queue.get()
+                group = [first]
+                while len(group) < self.config.group_commit_max:
+                    try:
+                        group.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = None in group
+                work = [p for p in group if p is not None]
+                if work:
+                    self._commit(conn, work)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: KvmemConnection, group: list[_Pending]) -> None:
+        failed = 0
+        try:
+            with transaction(conn):
+                for pending in group:
+                    conn.execute("SAVEPOINT kvmem_op")
+                    try:
+                        pending.result = pending.op(conn)
+                    except BaseException as exc:
+                        failed += 1
+                        pending.error = exc if isinstance(exc, KvmemError) else _as_kvmem(exc, conn)
+                        if not conn.in_transaction:
+                            # SQLite rolled the whole transaction back by itself (it may
+                            # after SQLITE_FULL or an I/O error): the group is lost.
+                            raise pending.error from exc
+                        conn.execute("ROLLBACK TO kvmem_op")
+                    conn.execute("RELEASE kvmem_op")
+        except BaseException as exc:
+            error = exc if isinstance(exc, KvmemError) else _as_kvmem(exc, conn)
+            for pending in group:
+                pending.result, pending.error = None, pending.error or error
+            failed = len(group)
+        else:
+            with self._stats_lock:
+                self._stats["commits"] += 1
+        finally:
+            with self._stats_lock:
+                self._stats["ops"] += len(group)
+                self._stats["failed_ops"] += failed
+                self._stats["largest_group"] = max(self._stats["largest_group"], len(group))
+            for pending in group:
+                pending.done.set()
+
+
+def _as_kvmem(exc: BaseException, conn: KvmemConnection) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        return _db_error(exc, conn.kv_path)
+    return exc
+
+
+# ----------------------------------------------------------------------------- Store ----
+
+_DEFAULT = object()  # "use the configured default" for half_life_seconds
+
+
+class _ReadPool:
+    """Idle read connections to borrow, one thread at a time (ThreadingHTTPServer starts a
+    thread per client connection; opening a database per request would be slow)."""
+
+    def __init__(self, path: str, config: Config, keep: int = 8) -> None:
+        self.path, self.config, self.keep = path, config, keep
+        self._idle: list[KvmemConnection] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[KvmemConnection]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = open_db(self.path, config=self.config, check_same_thread=False)
+        try:
+            yield conn
+        except BaseException:
+            _rollback(conn)
+            raise
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class Store:
+    """The memory store: namespaced JSON memories with tags, TTL, decay, CAS and search.
+
+    Thread-safe.  Reads borrow a connection from a small pool; every write goes through
+    the process's ``GroupCommitter`` and returns only after its COMMIT.  Times come from
+    ``clock`` (Unix seconds; injectable for tests).  ``get``, ``list`` and ``search``
+    never write.  Open with ``Store.open()``; ``close()`` (or ``with``) stops everything.
+    """
+
+    def __init__(self, path: str, config: Config, *, clock: Callable[[], float] = time.time,
+                 role: str = "library", checkpointer: bool = True, decay: bool = False) -> None:
+        self.path = path
+        self.config = config
+        self.clock = clock
+        self.role = role
+        self._closed = False
+        self._last_prune: PruneResult | None = None
+        conn = open_db(path, config=config, check_same_thread=False)
+        st = os.stat(path)
+        self._identity = (st.st_dev, st.st_ino)
+        self._reads = _ReadPool(path, config)
+        self._checkpointer: Checkpointer | None = None
+        self._decay: DecayScheduler | None = None
+        try:
+            if checkpointer:
+                self._checkpointer = Checkpointer(path, config=config, role=role).start()
+            self._writer = GroupCommitter(path, config)
+            if decay:
+                self._decay = DecayScheduler(self, role=role).start()
+        except BaseException:
+            self._stop_background()
+            conn.close()
+            raise
+        self._reads._idle.append(conn)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
+             clock: Callable[[], float] = time.time, role: str = "library",
+             checkpointer: bool = True, decay: bool = False) -> Store:
+        """Open (creating if needed) the store at ``path`` (default ``config.db``).
+
+        Starts a ``Checkpointer`` (unless ``checkpointer=False``) and, with ``decay=True``,
+        a ``DecayScheduler``.  Raises what ``open_db()`` raises.
+        """
+        config = config or Config.build()
+        real = os.path.realpath(os.fspath(path) if path is not None else config.db)
+        return cls(real, config, clock=clock, role=role, checkpointer=checkpointer, decay=decay)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the background threads, finish queued writes, close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_background()
+        self._writer.close()
+        self._reads.close()
+
+    def _stop_background(self) -> None:
+        if self._decay is not None:
+            self._decay.stop()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+
+    # -- writes ------------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, *, namespace: str = "default",
+            tags: Sequence[str] | None = None, ttl_seconds: float | None = None,
+            half_life_seconds: float | object | None = _DEFAULT,
+            if_version: int | None = None) -> Memory:
+        """Create or replace a memory; return it as stored (``version == 1``: created).
+
+        A set replaces value, tags, TTL and half-life (omitted = none / the configured
+        default half-life), restores full strength and un-archives.  ``if_version=N``
+        writes only if the current version is N, ``0`` only if the key is absent (an
+        expired memory counts as absent, an archived one as present).  Durable when it
+        returns.
+
+        Raises:
+            InvalidInputError, PayloadTooLargeError: bad arguments; nothing written.
+            VersionConflictError: ``if_version`` did not match (``current_version`` set).
+            BusyError, StorageFullError, ...: the database failed; nothing written.
+        """
+        op = self._set_op(namespace, key, value, tags, ttl_seconds, half_life_seconds,
+                          if_version)
+        result: Memory = self._writer.submit(lambda conn: op(conn, self.clock()))
+        return result
+
+    def _set_op(self, namespace: str, key: str, value: Any, tags: Sequence[str] | None,
+                ttl_seconds: float | None, half_life_seconds: float | object | None,
+                if_version: int | None) -> Callable[[KvmemConnection, float], Memory]:
+        """Validate a set (raising before anything is queued) and return the op."""
+        namespace = validate_namespace(namespace, self.config)
+        key = validate_key(key, self.config)
+        value_json = encode_value(value, self.config)
+        tag_list = validate_tags(tags, self.config)
+        ttl = validate_seconds(ttl_seconds, "ttl_seconds")
+        half_life = (self.config.default_half_life_s if half_life_seconds is _DEFAULT
+                     else validate_seconds(half_life_seconds, "half_life_seconds"))
+        expected = validate_version(if_version)
+        tags_json = json.dumps(tag_list, ensure_ascii=False)
+        stored_value = json.loads(value_json)
+
+        def op(conn: KvmemConnection, now: float) -> Memory:
+            row = conn.execute(SELECT_MEMORY + " WHERE namespace = ? AND key = ?",
+                               (namespace, key)).fetchone()
+            expired = row is not None and row[8] is not None and row[8] <= now
+            current = 0 if row is None or expired else row[5]
+            _check_version(expected, current, key)
+            version = current + 1
+            created = now if current == 0 else row[6]
+            memory = Memory(namespace, key, stored_value, tag_list, version, created, now,
+                            expires_at(ttl, now), INITIAL_STRENGTH, half_life, now, False)
+            fields = (value_json, tags_json, version, created, now, memory.expires_at,
+                      INITIAL_STRENGTH, half_life, now, 0)
+            if row is None:
+                conn.execute(INSERT_MEMORY, (namespace, key, *fields))
+            else:
+                conn.execute(UPDATE_MEMORY, (*fields, row[0]))
+            return memory
+
+        return op
+
+    def delete(self, key: str, *, namespace: str = "default",
+               if_version: int | None = None) -> bool:
+        """Delete a memory (live or archived); False if there was none.  With
+        ``if_version`` it deletes only that version (VersionConflictError otherwise)."""
+        op = self._delete_op(namespace, key, if_version)
+        result: bool = self._writer.submit(lambda conn: op(conn, self.clock()))
+        return result
+
+    def _delete_op(self, namespace: str, key: str,
+                   if_version: int | None) -> Callable[[KvmemConnection, float], bool]:
+        namespace = validate_namespace(namespace, self.config)
+        key = validate_key(key, self.config)
+        expected = validate_version(if_version)
+
+        def op(conn: KvmemConnection, now: float) -> bool:
+            row = conn.execute("SELECT id, version, expires_at FROM memories"
+                               " WHERE namespace = ? AND key = ?", (namespace, key)).fetchone()
+            present = row is not None and (row[2] is None or row[2] > now)
+            _check_version(expected, row[1] if present else 0, key)
+            if row is not None:
+                conn.execute("DELETE FROM memories WHERE id = ?", (row[0],))
+            return present
+
+        return op
+
+    def reinforce(self, key: str, *, namespace: str = "default") -> Memory:
+        """Strengthen a memory by the reinforce rule (``reinforced_strength``) and restart
+        its decay clock; restores an archived memory.  The version is unchanged: it counts
+        changes of content.  Raises NotFoundError when absent or expired."""
+        namespace = validate_namespace(namespace, self.config)
+        key = validate_key(key, self.config)
+
+        def op(conn: KvmemConnection) -> Memory:
+            now = self.clock()
+            row = conn.execute(SELECT_MEMORY + " WHERE namespace = ? AND key = ?"
+                               " AND (expires_at IS NULL OR expires_at > ?)",
+                               (namespace, key, now)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no memory {key!r} in namespace {namespace!r}")
+            old = _row_memory(row)
+            strength = reinforced_strength(old.strength, old.last_reinforced_at,
+                                           old.half_life_seconds, now)
+            conn.execute("UPDATE memories SET strength = ?, last_reinforced_at = ?,"
+                         " archived = 0 WHERE id = ?", (strength, now, row[0]))
+            return dataclasses.replace(old, strength=strength, last_reinforced_at=now,
+                                       archived=False)
+
+        result: Memory = self._writer.submit(op)
+        return result
+
+    def batch(self, ops: Sequence[Mapping[str, Any]], *,
+              namespace: str = "default") -> list[dict[str, Any]]:
+        """Apply set/delete ops atomically, in order: all or none.
+
+        Each op is ``{"op": "set", "key", "value", "tags"?, "ttl_seconds"?,
+        "half_life_seconds"?, "if_version"?}`` or ``{"op": "delete", "key", "if_version"?}``.
+        Returns one result per op: ``{"op": "set", "memory": Memory}`` or
+        ``{"op": "delete", "deleted": bool}``.
+
+        Raises:
+            InvalidInputError: an op is malformed (the message names its index).
+            VersionConflictError: op ``op_index`` failed its ``if_version``; nothing of the
+            batch was applied.
+        """
+        if not isinstance(ops, list | tuple) or not ops:
+            raise InvalidInputError("ops must be a non-empty list")
+        if len(ops) > self.config.max_batch_ops:
+            raise InvalidInputError(f"at most {self.config.max_batch_ops} ops in a batch")
+        steps: list[tuple[str, Callable[[KvmemConnection, float], Any]]] = []
+        for index, spec in enumerate(ops):
+            try:
+                steps.append(self._batch_step(spec, namespace))
+            except InvalidInputError as exc:
+                raise type(exc)(f"ops[{index}]: {exc}") from None
+
+        def op(conn: KvmemConnection) -> list[dict[str, Any]]:
+            now = self.clock()
+            results: list[dict[str, Any]] = []
+            for index, (kind, step) in enumerate(steps):
+                try:
+                    outcome = step(conn, now)
+                except VersionConflictError as exc:
+                    raise VersionConflictError(
+                        f"ops[{index}]: {exc}; no op of the batch was applied",
+                        current_version=exc.current_version, op_index=index, key=exc.key,
+                    ) from None
+                results.append({"op": kind, "memory": outcome} if kind == "set"
+                               else {"op": kind, "deleted": outcome})
+            return results
+
+        result: list[dict[str, Any]] = self._writer.submit(op)
+        return result
+
+    _SET_FIELDS = frozenset({"op", "key", "value", "tags", "ttl_seconds", "half_life_seconds",
+                             "if_version"})
+    _DELETE_FIELDS = frozenset({"op", "key", "if_version"})
+
+    def _batch_step(self, spec: object, namespace: str
+                    ) -> tuple[str, Callable[[KvmemConnection, float], Any]]:
+        if not isinstance(spec, Mapping):
+            raise InvalidInputError("each op must be an object")
+        kind = spec.get("op")
+        allowed = {"set": self._SET_FIELDS, "delete": self._DELETE_FIELDS}.get(str(kind))
+        if allowed is None:
+            raise InvalidInputError("op must be 'set' or 'delete'")
+        unknown = set(spec) - allowed
+        if unknown:
+            raise InvalidInputError(f"unknown field {sorted(unknown)[0]!r} for a {kind} op")
+        if "key" not in spec:
+            raise InvalidInputError("key is required")
+        if kind == "delete":
+            return "delete", self._delete_op(namespace, spec["key"], spec.get("if_version"))
+        if "value" not in spec:
+            raise InvalidInputError("value is required for a set op")
+        return "set", self._set_op(namespace, spec["key"], spec["value"], spec.get("tags"),
+                                   spec.get("ttl_seconds"),
+                                   spec.get("half_life_seconds", _DEFAULT), spec.get("if_version"))
+
+    def prune(self, now: float | None = None) -> PruneResult:
+        """One decay pass: delete expired memories, archive live ones whose current
+        strength is below ``archive_threshold``.  Works in transactions of at most
+        ``prune_batch`` rows; idempotent, so several processes may run it at once."""
+        now = self.clock() if now is None else now
+        threshold = self.config.archive_threshold
+        limit = self.config.prune_batch
+        totals = {"archived": 0, "deleted": 0, "batches": 0}
+
+        def step(conn: KvmemConnection) -> tuple[int, int]:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ?"
+                " LIMIT ?", (now, limit))]
+            conn.executemany("DELETE FROM memories WHERE id = ?", [(i,) for i in ids])
+            fading = [r[0] for r in conn.execute(
+                "SELECT id FROM memories WHERE archived = 0 AND half_life_seconds IS NOT NULL"
+                " AND kvmem_strength(strength, last_reinforced_at, half_life_seconds, ?) < ?"
+                " LIMIT ?", (now, threshold, limit))]
+            conn.executemany("UPDATE memories SET archived = 1 WHERE id = ?",
+                             [(i,) for i in fading])
+            return len(ids), len(fading)
+
+        while True:
+            deleted, archived = self._writer.submit(step)
+            totals["batches"] += 1
+            totals["deleted"] += deleted
+            totals["archived"] += archived
+            if deleted < limit and archived < limit:
+                break
+        result = PruneResult(totals["archived"], totals["deleted"], totals["batches"], now)
+        self._last_prune = result
+        return result
+
+    def import_(self, fp: IO[str]) -> dict[str, int]:
+        """Import JSON Lines written by ``export`` (one memory per line, every field).
+
+        Validation first: the whole stream is read once and every line checked; if any is
+        bad, ``InvalidInputError`` lists the line numbers (the first 20) and nothing is
+        written.  Then the lines are applied in transactions of ``prune_batch`` lines,
+        each memory stored exactly as exported (version and times kept), replacing a
+        memory with the same namespace and key.  Applying is idempotent, so an import cut
+        short (a crash, a full disk) is resumed by running it again: **resumable**, not
+        one transaction, so other writers are never locked out for long.  ``fp`` must be
+        seekable (a file).  Memory use does not grow with the size of the stream.
+        """
+        bad: list[str] = []
+        count = 0
+        for number, line in enumerate(fp, 1):
+            if not line.strip():
+                continue
+            try:
+                memory_from_record(json.loads(line), self.config)
+                count += 1
+            except (ValueError, InvalidInputError) as exc:
+                bad.append(f"line {number}: {exc}")
+        if bad:
+            more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+            raise InvalidInputError(f"{len(bad)} bad line(s), nothing imported: "
+                                    + "; ".join(bad[:20]) + more)
+        fp.seek(0)
+        chunk: list[Memory] = []
+        imported = 0
+        for line in fp:
+            if line.strip():
+                chunk.append(memory_from_record(json.loads(line), self.config))
+            if len(chunk) >= self.config.prune_batch:
+                imported += self._writer.submit(functools.partial(_put_exact, chunk))
+                chunk = []
+        if chunk:
+            imported += self._writer.submit(functools.partial(_put_exact, chunk))
+        return {"imported": imported, "lines": count}
+
+    # -- reads -------------------------------------------------------------------------
+
+    def get(self, key: str, *, namespace: str = "default") -> Memory | None:
+        """The live memory, or None (absent, expired or archived).  Never writes."""
+        namespace = validate_namespace(namespace, self.config)
+        key = validate_key(key, self.config)
+        with self._reads.borrow() as conn:
+            row = execute(conn, SELECT_MEMORY + " WHERE namespace = ? AND key = ? AND " + LIVE,
+                          (namespace, key, self.clock())).fetchone()
+        return None if row is None else _row_memory(row)
+
+    def list(self, *, namespace: str = "default", prefix: str | None = None,
+             tag: str | None = None, archived: bool = False, limit: int = 100,
+             cursor: str | None = None) -> Page:
+        """Memories in key order, live ones (or, with ``archived=True``, archived ones).
+
+        Pagination is by key: ``next_cursor`` resumes after the last key returned, so a
+        scan never repeats a key and never skips one that existed when it started and
+        still exists, whatever others write meanwhile.  ``None`` = no more pages.
+        """
+        namespace = validate_namespace(namespace, self.config)
+        if prefix is not None and (not isinstance(prefix, str) or _has_control_chars(prefix)
+                                   or len(prefix) > self.config.max_key_chars):
+            raise InvalidInputError("prefix must be a key-like string")
+        if tag is not None:
+            tag = validate_tags([tag], self.config)[0]
+        if not isinstance(archived, bool):
+            raise InvalidInputError("archived must be true or false")
+        limit = validate_limit(limit, MAX_LIST_LIMIT)
+        after = None if cursor is None else decode_cursor(cursor, namespace, prefix, tag, archived)
+        sql = SELECT_MEMORY + " WHERE namespace = ? AND archived = ?" \
+            " AND (expires_at IS NULL OR expires_at > ?)"
+        params: list[Any] = [namespace, int(archived), self.clock()]
+        if after is not None:
+            sql += " AND key > ?"
+            params.append(after)
+        if prefix:
+            sql += " AND key >= ? AND substr(key, 1, ?) = ?"
+            params += [prefix, len(prefix), prefix]
+        if tag is not None:
+            sql += " AND EXISTS (SELECT 1 FROM json_each(memories.tags) WHERE value = ?)"
+            params.append(tag)
+        sql += " ORDER BY key LIMIT ?"
+        params.append(limit + 1)
+        with self._reads.borrow() as conn:
+            rows = execute(conn, sql, params).fetchall()
+        items = [_row_memory(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = (encode_cursor(items[-1].key, namespace, prefix, tag, archived)
+                       if more else None)
+        return Page(items, next_cursor)
+
+    def search(self, query: str, *, namespace: str = "default",
+               limit: int = 20) -> builtins.list[Hit]:
+        """Full-text search over key, the strings in the value, and tags, of live
+        memories; best first by ``search_score`` (BM25 × current strength).  The query is
+        plain words (``fts_query``): FTS syntax in it is treated as text."""
+        namespace = validate_namespace(namespace, self.config)
+        match = fts_query(query)
+        limit = validate_limit(limit, MAX_SEARCH_LIMIT)
+        now = self.clock()
+        with self._reads.borrow() as conn:
+            rows = execute(conn, SEARCH_MEMORIES, (match, namespace, now, now, limit)).fetchall()
+        hits = []
+        for row in rows:
+            memory = _row_memory(row)
+            hits.append(Hit(memory, search_score(row[-1], memory.current_strength(now))))
+        return hits
+
+    def export(self, fp: IO[str], *, namespace: str | None = None) -> int:
+        """Write every memory (all namespaces, or one), archived and expired included, as
+        JSON Lines of ``Memory.to_record()``, from one consistent snapshot, streaming.
+        Returns the number of lines written."""
+        if namespace is not None:
+            namespace = validate_namespace(namespace, self.config)
+        count = 0
+        with self._reads.borrow() as conn:
+            execute(conn, "BEGIN")  # one snapshot for the whole export
+            try:
+                sql = SELECT_MEMORY + (" WHERE namespace = ?" if namespace else "") + \
+                    " ORDER BY namespace, key"
+                cursor = execute(conn, sql, (namespace,) if namespace else ())
+                while rows := cursor.fetchmany(500):
+                    for row in rows:
+                        fp.write(json.dumps(_row_memory(row).to_record(), ensure_ascii=False,
+                                            allow_nan=False) + "\n")
+                        count += 1
+            finally:
+                execute(conn, "COMMIT")
+        return count
+
+    def stats(self) -> dict[str, Any]:
+        """Settings read back, file figures, counts, background and group-commit state."""
+        now = self.clock()
+        with self._reads.borrow() as conn:
+            out = database_stats(conn)
+            live, archived, expired = execute(conn, (
+                "SELECT"
+                " sum(archived = 0 AND (expires_at IS NULL OR expires_at > ?)),"
+                " sum(archived = 1 AND (expires_at IS NULL OR expires_at > ?)),"
+                " sum(expires_at IS NOT NULL AND expires_at <= ?) FROM memories"),
+                (now, now, now)).fetchone()
+        out["counts"] = {"live": live or 0, "archived": archived or 0,
+                         "expired_pending": expired or 0}
+        out["group_commit"] = self._writer.stats()
+        out["checkpointer"] = self._checkpointer.state() if self._checkpointer else None
+        out["decay"] = self._decay.state() if self._decay else None
+        out["last_prune"] = dataclasses.asdict(self._last_prune) if self._last_prune else None
+        out["health"] = self.health()
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": bool, "problems": [...]}``: the file is still the one opened (not
+        deleted or replaced), the background threads have not failed."""
+        problems = []
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) != self._identity:
+                problems.append(f"{self.path} was replaced by another file since it was opened")
+        except FileNotFoundError:
+            problems.append(f"{self.path} was deleted since it was opened")
+        for name, part in (("checkpointer", self._checkpointer), ("decay", self._decay)):
+            failed = part.state()["failed"] if part is not None else None
+            if failed:
+                problems.append(f"{name} failed: {failed}")
+        with _REGISTRY_LOCK:
+            fallbacks = _FALLBACK_CHECKPOINTS.get(self.path, 0)
+        if fallbacks:
+            problems.append(f"writers checkpointed {fallbacks} times past the WAL hard cap")
+        return {"ok": not problems, "problems": problems}
+
+
+def _check_version(expected: int | None, current: int, key: str) -> None:
+    if expected is not None and expected != current:
+        what = "absent" if current == 0 else f"at version {current}"
+        raise VersionConflictError(f"{key!r} is {what}, not at version {expected}",
+                                   current_version=current, key=key)
+
+
+def _put_exact(memories: Sequence[Memory], conn: KvmemConnection) -> int:
+    """Store memories exactly as given (the import op)."""
+    for m in memories:
+        conn.execute("DELETE FROM memories WHERE namespace = ? AND key = ?", (m.namespace, m.key))
+        conn.execute(INSERT_MEMORY, (
+            m.namespace, m.key, json.dumps(m.value, ensure_ascii=False, separators=(",", ":")),
+            json.dumps(m.tags, ensure_ascii=False), m.version, m.created_at, m.updated_at,
+            m.expires_at, m.strength, m.half_life_seconds, m.last_reinforced_at, int(m.archived),
+        ))
+    return len(memories)
+
+
 # ======================================================================== background ====
 
 
@@ -1044,6 +2057,68 @@ class Checkpointer:
             self._state.update(last_mode=mode, last_result=result, last_time=time.time(),
                                wal_bytes=size_after)
             self._state["checkpoints"] += 1
+
+
+class DecayScheduler:
+    """Daemon thread running ``store.prune()`` every ``decay_interval_s``.
+
+    Transient failures (busy, I/O, a full disk) are logged on ``kvmem.decay`` with the
+    process role and retried with backoff, never ending the thread; a file that is not a
+    database, is corrupt or has a newer schema sets ``state()["failed"]`` and stops it,
+    so health shows the problem instead of a loop hiding it.
+    """
+
+    def __init__(self, store: Store, *, role: str = "library") -> None:
+        self.store = store
+        self.role = role
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = {"runs": 0, "errors": 0, "last_error": None,
+                                       "failed": None, "last_result": None}
+
+    def start(self) -> DecayScheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"kvmem-decay-{self.role}",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._state)
+
+    def _run(self) -> None:
+        interval = self.store.config.decay_interval_s
+        failures = 0
+        delay = interval
+        while not self._stop.wait(delay):
+            try:
+                result = self.store.prune()
+            except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
+                decay_log.error("[%s] prune failed for good: %s", self.role, exc)
+                with self._lock:
+                    self._state["failed"] = f"{exc.code}: {exc}"
+                return
+            except (KvmemError, OSError) as exc:
+                failures += 1
+                delay = min(interval, 0.05 * 2 ** min(failures, 10))
+                decay_log.warning("[%s] prune failed (%s), retrying in %.2f s: %s", self.role,
+                                  type(exc).__name__, delay, exc)
+                with self._lock:
+                    self._state["errors"] += 1
+                    self._state["last_error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            failures, delay = 0, interval
+            with self._lock:
+                self._state["runs"] += 1
+                self._state["last_result"] = dataclasses.asdict(result)
 
 
 # =============================================================================== CLI ====
