@@ -494,11 +494,19 @@ def test_group_commit_many_threads(store: kvmem.Store) -> None:
     assert figures["largest_group"] > 1
 
 
-def test_failing_op_in_a_group_fails_alone(store: kvmem.Store, tmp_path: Path) -> None:
+def test_failing_op_in_a_group_fails_alone(store: kvmem.Store) -> None:
     store.set("cas", "v1")
-    # Hold the write lock so that the writes below queue up and land in one group.
-    holder = kvmem.open_db(tmp_path / "kv.db", config=CONFIG)
-    holder.execute("BEGIN IMMEDIATE")
+    # Park the writer thread inside a group, so that the writes below all queue up and
+    # then land together in the next group.
+    parked, release = threading.Event(), threading.Event()
+
+    def park(conn: kvmem.KvmemConnection) -> None:
+        parked.set()
+        release.wait()
+
+    blocker = threading.Thread(target=store._writer.submit, args=(park,))
+    blocker.start()
+    assert parked.wait(10)
     outcomes: dict[str, Any] = {}
 
     def call(name: str, fn: Any) -> None:
@@ -513,18 +521,18 @@ def test_failing_op_in_a_group_fails_alone(store: kvmem.Store, tmp_path: Path) -
         target=call, args=("bad", lambda: store.set("cas", "v2", if_version=5))))
     for thread in threads:
         thread.start()
-    while store._writer._queue.qsize() < 10:  # wait until the writes are queued (a condition)
+    while store._writer._queue.qsize() < 11:  # all eleven queued (a condition, not a sleep)
         threading.Event().wait(0.001)
-    holder.execute("COMMIT")
-    holder.close()
-    for thread in threads:
+    release.set()
+    for thread in [*threads, blocker]:
         thread.join()
     assert isinstance(outcomes.pop("bad"), kvmem.VersionConflictError)
     assert all(isinstance(m, kvmem.Memory) for m in outcomes.values()), outcomes
     assert all(store.get(f"ok{i}") is not None for i in range(10))
     got = store.get("cas")
     assert got is not None and got.value == "v1"
-    assert store.stats()["group_commit"]["largest_group"] >= 10
+    figures = store.stats()["group_commit"]
+    assert figures["largest_group"] == 11 and figures["failed_ops"] == 1
 
 
 def test_storage_full_fails_the_group_and_recovers(store: kvmem.Store, tmp_path: Path) -> None:
