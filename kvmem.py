@@ -1524,6 +1524,28 @@ class Store:
         self._stop_background()
         self._writer.close()
         self._reads.close()
+        if self._checkpointer is not None:
+            self._final_checkpoint()
+
+    def _final_checkpoint(self) -> None:
+        """On a clean stop, fold the WAL into the database, unless another process is
+        the checkpointer now (then it is that process's job)."""
+        if self.config.journal_mode != "wal":
+            return
+        with CheckpointLock(self.path) as lock:
+            if not lock.held:
+                return
+            try:
+                conn = open_db(self.path, config=self.config)
+            except KvmemError as exc:
+                checkpoint_log.warning("[%s] final checkpoint skipped: %s", self.role, exc)
+                return
+            try:
+                _checkpoint(conn, "TRUNCATE")
+            except KvmemError as exc:
+                checkpoint_log.warning("[%s] final checkpoint failed: %s", self.role, exc)
+            finally:
+                conn.close()
 
     def _stop_background(self) -> None:
         if self._decay is not None:

@@ -1,0 +1,541 @@
+"""The HTTP API: a real server on 127.0.0.1:0, a real HTTP client, real processes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import http_server
+import kvmem
+from testutil import Child
+
+CONFIG = kvmem.Config.build(environ={})
+
+
+class Client:
+    """A keep-alive HTTP/1.1 client on one connection."""
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port = port
+        self.token = token
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                headers: dict[str, str] | None = None,
+                raw: bytes | None = None) -> tuple[int, dict[str, str], Any]:
+        sent = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        if self.token is not None:
+            sent.setdefault("Authorization", f"Bearer {self.token}")
+        self.conn.request(method, path, body=data, headers=sent)
+        response = self.conn.getresponse()
+        payload = response.read()
+        if response.getheader("Connection", "").lower() == "close":
+            self.conn.close()
+        return response.status, dict(response.getheaders()), json.loads(payload or b"null")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def assert_error(result: tuple[int, dict[str, str], Any], status: int, code: str) -> str:
+    """The one error shape, checked the same way everywhere; returns the message."""
+    got_status, headers, body = result
+    assert got_status == status, (got_status, body)
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert error["code"] == code, error
+    assert isinstance(error["message"], str) and error["message"], error
+    assert isinstance(error["request_id"], str) and error["request_id"], error
+    assert "Traceback" not in error["message"]
+    if "X-Request-Id" in headers:
+        assert headers["X-Request-Id"] == error["request_id"]
+    return str(error["message"])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[http_server.Server, kvmem.Store]]:
+    store = kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, role="http")
+    server = http_server.build_server(store, "127.0.0.1", 0, "")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield server, store
+    finally:
+        server.stop()
+        thread.join()
+        store.close()
+
+
+@pytest.fixture
+def client(served: tuple[http_server.Server, kvmem.Store]) -> Iterator[Client]:
+    c = Client(served[0].server_address[1])
+    yield c
+    c.close()
+
+
+# ------------------------------------------------------------------------- endpoints ----
+
+
+def test_put_get_update_conflict(client: Client) -> None:
+    status, headers, body = client.request("PUT", "/v1/memories/user%2Ftea",
+                                           {"value": {"likes": "green"}, "tags": ["prefs"]})
+    assert status == 201 and body["key"] == "user/tea" and body["version"] == 1
+    assert body["created_at"].endswith("Z") and body["expires_at"] is None
+    assert headers["Content-Type"].startswith("application/json")
+    status, _, body = client.request("PUT", "/v1/memories/user%2Ftea",
+                                     {"value": "black", "if_version": 1, "ttl_seconds": 60})
+    assert status == 200 and body["version"] == 2 and body["expires_at"] is not None
+    result = client.request("PUT", "/v1/memories/user%2Ftea", {"value": 1, "if_version": 1})
+    assert_error(result, 409, "version_conflict")
+    assert result[2]["error"]["current_version"] == 2
+    status, _, body = client.request("GET", "/v1/memories/user%2Ftea")
+    assert status == 200 and body["value"] == "black"
+    assert_error(client.request("GET", "/v1/memories/absent"), 404, "not_found")
+    assert_error(client.request("GET", "/v1/memories/user%2Ftea?namespace=other"), 404,
+                 "not_found")
+
+
+def test_delete_and_reinforce(client: Client) -> None:
+    client.request("PUT", "/v1/memories/k", {"value": 1, "half_life_seconds": 3600})
+    assert_error(client.request("DELETE", "/v1/memories/k?if_version=9"), 409,
+                 "version_conflict")
+    status, _, body = client.request("POST", "/v1/memories/k/reinforce")
+    assert status == 200 and body["key"] == "k" and body["half_life_seconds"] == 3600
+    assert client.request("DELETE", "/v1/memories/k?if_version=1")[:3:2] == (200, {"deleted": True})
+    assert_error(client.request("DELETE", "/v1/memories/k"), 404, "not_found")
+    assert_error(client.request("POST", "/v1/memories/k/reinforce"), 404, "not_found")
+
+
+def test_list_and_pages(client: Client) -> None:
+    for i in range(12):
+        client.request("PUT", f"/v1/memories/n{i:02d}?namespace=ns1",
+                       {"value": i, "tags": ["even" if i % 2 == 0 else "odd"]})
+    keys, cursor = [], None
+    while True:
+        path = "/v1/memories?namespace=ns1&limit=5" + (f"&cursor={cursor}" if cursor else "")
+        status, _, body = client.request("GET", path)
+        assert status == 200
+        keys += [m["key"] for m in body["items"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert keys == [f"n{i:02d}" for i in range(12)]
+    _, _, body = client.request("GET", "/v1/memories?namespace=ns1&tag=odd&prefix=n0")
+    assert [m["value"] for m in body["items"]] == [1, 3, 5, 7, 9]
+    _, _, body = client.request("GET", "/v1/memories?namespace=ns1&archived=true")
+    assert body == {"items": [], "next_cursor": None}
+    for bad in ("limit=0", "limit=abc", "limit=1001", "cursor=garbage", "archived=maybe",
+                "namespace=bad%20ns", "limit=1&limit=2", "unknown=1"):
+        assert_error(client.request("GET", f"/v1/memories?{bad}"), 400, "invalid_request")
+
+
+def test_search(client: Client) -> None:
+    client.request("PUT", "/v1/memories/tea", {"value": "green tea with lemon"})
+    client.request("PUT", "/v1/memories/coffee", {"value": "black coffee"})
+    status, _, body = client.request("GET", "/v1/search?q=lemon+tea")
+    assert status == 200 and [h["key"] for h in body["items"]] == ["tea"]
+    assert body["items"][0]["score"] > 0
+    status, _, body = client.request("GET", "/v1/search?q=%22NEAR(%20*&limit=5")
+    assert status == 200 and body["items"] == []
+    assert_error(client.request("GET", "/v1/search"), 400, "invalid_request")
+    assert_error(client.request("GET", "/v1/search?q=***"), 400, "invalid_request")
+
+
+def test_batch(client: Client) -> None:
+    status, _, body = client.request("POST", "/v1/batch", {"ops": [
+        {"op": "set", "key": "a", "value": 1}, {"op": "set", "key": "b", "value": 2},
+        {"op": "delete", "key": "zzz"}]})
+    assert status == 200
+    assert [r["op"] for r in body["results"]] == ["set", "set", "delete"]
+    assert body["results"][2] == {"op": "delete", "deleted": False}
+    result = client.request("POST", "/v1/batch", {"ops": [
+        {"op": "set", "key": "c", "value": 3}, {"op": "set", "key": "a", "value": 9,
+                                                "if_version": 5}]})
+    assert_error(result, 409, "version_conflict")
+    assert result[2]["error"]["op_index"] == 1
+    assert_error(client.request("GET", "/v1/memories/c"), 404, "not_found")  # nothing applied
+    message = assert_error(client.request("POST", "/v1/batch", {"ops": [{"op": "nope"}]}),
+                           400, "invalid_request")
+    assert "ops[0]" in message
+    assert_error(client.request("POST", "/v1/batch", {"ops": []}), 400, "invalid_request")
+    assert_error(client.request("POST", "/v1/batch", {"opz": []}), 400, "invalid_request")
+
+
+def test_stats_health_openapi(client: Client, served: tuple[http_server.Server, kvmem.Store]
+                              ) -> None:
+    client.request("PUT", "/v1/memories/a", {"value": 1})
+    status, _, body = client.request("GET", "/v1/stats")
+    assert status == 200 and body["settings"]["journal_mode"] == "wal"
+    assert body["settings"]["synchronous"] == "extra" and body["counts"]["live"] == 1
+    assert body["sqlite_version"] and body["group_commit"]["commits"] >= 1
+    assert body["config"]["token"] == ""
+    status, _, body = client.request("GET", "/healthz")
+    assert (status, body["ok"]) == (200, True)
+    status, _, spec = client.request("GET", "/openapi.json")
+    assert status == 200 and spec["openapi"].startswith("3.1")
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    assert documented == {(r.method, r.path) for r in http_server.ROUTES}
+    assert len(documented) == 10
+
+
+def test_healthz_503_when_file_replaced(client: Client, tmp_path: Path) -> None:
+    os.rename(tmp_path / "kv.db", tmp_path / "moved.db")
+    status, _, body = client.request("GET", "/healthz")
+    assert status == 503 and not body["ok"] and "deleted" in body["problems"][0]
+
+
+# ------------------------------------------------------------------------------ auth ----
+
+
+def test_auth(tmp_path: Path) -> None:
+    store = kvmem.Store.open(tmp_path / "kv.db", config=CONFIG)
+    server = http_server.build_server(store, "127.0.0.1", 0, "s3cret-token")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        anonymous, wrong, right = Client(port), Client(port, "wrong"), Client(port, "s3cret-token")
+        result = anonymous.request("GET", "/v1/memories/x")
+        assert_error(result, 401, "unauthorized")
+        assert result[1]["WWW-Authenticate"] == "Bearer"
+        anonymous = Client(port)
+        assert_error(anonymous.request("PUT", "/v1/memories/x", {"value": 1}), 401, "unauthorized")
+        assert_error(wrong.request("GET", "/v1/stats"), 401, "unauthorized")
+        wrong = Client(port)
+        assert_error(wrong.request("GET", "/v1/stats", headers={"Authorization": "Basic eDp5"}),
+                     401, "unauthorized")
+        assert right.request("PUT", "/v1/memories/x", {"value": 1})[0] == 201
+        assert right.request("GET", "/v1/memories/x")[0] == 200
+        assert Client(port).request("GET", "/healthz")[0] == 200  # health needs no token
+        assert store.get("x") is not None
+    finally:
+        server.stop()
+        thread.join()
+        store.close()
+
+
+def test_non_loopback_refused_without_token(tmp_path: Path) -> None:
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:
+        for host in ("0.0.0.0", "192.0.2.1", "example.org", "::"):
+            with pytest.raises(kvmem.ConfigError, match="without a token"):
+                http_server.build_server(store, host, 0, "")
+    assert http_server.is_loopback("127.0.0.5") and http_server.is_loopback("::1")
+    result = Child("import sys, http_server; sys.exit(http_server.main())", "--db",
+                   str(tmp_path / "other.db"), "--host", "0.0.0.0")
+    assert result.wait() == 2 and "without a token" in result.stderr
+
+
+# ------------------------------------------------------------------ malformed input ----
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, Any]:
+    """Send raw bytes; return the status and the JSON body of the response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    response = b"".join(chunks)
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    return status, json.loads(body) if body else None
+
+
+@pytest.mark.parametrize(("data", "status"), [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /v1/stats HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", 431),
+    (b"GET /v1/stats HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /v1/stats HTTP/2.0\r\n\r\n", 400),
+    (b"FOO /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"GET " + b"/x" * 40000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /v1/memories/%ZZ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /v1/memories/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /v1/memories/a%00b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET http://example.org/v1/stats HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 99999999999\r\n\r\n", 413),
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+     b"Content-Length: -5\r\n\r\n", 400),
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 20\r\n\r\n{\"value\": 1", 400),  # body ends early
+])
+def test_garbage_requests_get_4xx(served: tuple[http_server.Server, kvmem.Store],
+                                  data: bytes, status: int) -> None:
+    got, body = raw_request(served[0].server_address[1], data)
+    assert got == status
+    assert body is None or set(body["error"]) >= {"code", "message"}
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "fragment"), [
+    (b"{not json", {}, 400, "not valid JSON"),
+    (b'{"value": NaN}', {}, 400, "not valid JSON"),
+    (b"\xff\xfe{}", {}, 400, "UTF-8"),
+    (b'["value"]', {}, 400, "object"),
+    (b'{"value": 1, "colour": "red"}', {}, 400, "'colour'"),
+    (b'{"tags": []}', {}, 400, "'value'"),
+    (b'{"value": 1, "tags": "a,b"}', {}, 400, "tags"),
+    (b'{"value": 1, "tags": [1, 2]}', {}, 400, "tag"),
+    (b'{"value": 1, "ttl_seconds": "soon"}', {}, 400, "ttl_seconds"),
+    (b'{"value": 1, "ttl_seconds": -1}', {}, 400, "ttl_seconds"),
+    (b'{"value": 1, "if_version": 1.5}', {}, 400, "if_version"),
+    (b'{"value": 1, "if_version": true}', {}, 400, "if_version"),
+    (b'{"value": 1, "half_life_seconds": 0}', {}, 400, "half_life_seconds"),
+    (b'{"value": 1}', {"Content-Type": "text/plain"}, 415, "application/json"),
+    (b'{"value": 1}', {"Content-Type": ""}, 415, "application/json"),
+    (b'{"value": "' + b"x" * (1024 * 1024) + b'"}', {}, 413, "limit"),
+    (b"[" * 100000 + b"]" * 100000, {}, 400, "JSON"),
+])
+def test_malformed_bodies(client: Client, body: bytes, headers: dict[str, str], status: int,
+                          fragment: str) -> None:
+    sent = {"Content-Type": "application/json", **headers}
+    result = client.request("PUT", "/v1/memories/k", raw=body, headers=sent)
+    code = {400: "invalid_request", 413: "payload_too_large", 415: "unsupported_media_type"}
+    assert fragment in assert_error(result, status, code[status])
+    assert client.request("GET", "/v1/memories/k")[0] == 404  # nothing was written
+
+
+@pytest.mark.parametrize("key", ["日本語", "🧠 brain", "../../etc/passwd", "..", "a/b/c",
+                                 "%2F", "quote\"d", "space key", "x" * 512])
+def test_odd_keys_round_trip(client: Client, key: str) -> None:
+    path = "/v1/memories/" + quote(key, safe="")
+    status, _, body = client.request("PUT", path, {"value": key})
+    assert status == 201 and body["key"] == key
+    status, _, body = client.request("GET", path)
+    assert status == 200 and body["value"] == key
+    assert client.request("GET", "/v1/memories")[2]["items"][0]["key"] == key
+
+
+def test_key_limits(client: Client) -> None:
+    assert_error(client.request("PUT", "/v1/memories/" + "x" * 513, {"value": 1}), 400,
+                 "invalid_request")
+    assert_error(client.request("PUT", "/v1/memories/a%0Ab", {"value": 1}), 400,
+                 "invalid_request")
+    assert_error(client.request("GET", "/v1/memories/"), 404, "not_found")
+    assert_error(client.request("GET", "/v1/nothing"), 404, "not_found")
+    result = client.request("PATCH", "/v1/memories/a")
+    assert_error(result, 405, "method_not_allowed")
+    assert result[1]["Allow"] == "DELETE, GET, PUT"
+
+
+# --------------------------------------------------------------------------- fuzzing ----
+
+SPEC = http_server.openapi_document()
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}", "components": SPEC["components"]}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=10,
+)
+field_names = st.sampled_from(["value", "tags", "ttl_seconds", "half_life_seconds",
+                               "if_version", "ops", "op", "key", "extra"])
+bodies = st.one_of(
+    st.none(), json_values,
+    st.dictionaries(field_names, json_values | st.lists(
+        st.dictionaries(field_names, json_values | st.sampled_from(["set", "delete"]),
+                        max_size=5), max_size=3), max_size=5),
+)
+query_names = st.sampled_from(["namespace", "prefix", "tag", "archived", "limit", "cursor", "q",
+                               "if_version", "x"])
+query_values = st.one_of(st.text(max_size=12), st.integers(-5, 2000).map(str),
+                         st.sampled_from(["true", "false", "default", "%", "%ZZ", "%FF"]))
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, str]]:
+    route = draw(st.sampled_from(http_server.ROUTES))
+    method = draw(st.sampled_from([route.method, route.method, "GET", "PUT", "POST", "DELETE"]))
+    key = draw(st.text(min_size=0, max_size=30))
+    key_part = draw(st.sampled_from([quote(key, safe=""), key.replace(" ", "%20"), "%", "%2"]))
+    path = route.path.replace("{key}", key_part)
+    params = draw(st.lists(st.tuples(query_names, query_values), max_size=4))
+    if params:
+        path += "?" + "&".join(f"{quote(k)}={quote(v, safe='%')}" for k, v in params)
+    body = draw(bodies)
+    raw = None if body is None else json.dumps(body).encode()
+    if draw(st.booleans()) and raw is not None:
+        raw = draw(st.binary(max_size=40))
+    headers = {"Content-Type": draw(st.sampled_from(["application/json", "text/plain",
+                                                     "application/json; charset=utf-8"]))}
+    return method, path, raw, headers
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(request=requests())
+def test_fuzz_api_from_route_table(client: Client,
+                                   request: tuple[str, str, bytes | None, dict[str, str]]
+                                   ) -> None:
+    method, path, raw, headers = request
+    try:
+        status, response_headers, body = client.request(method, path, raw=raw, headers=headers)
+    except (http.client.InvalidURL, UnicodeEncodeError):
+        client.conn.close()  # http.client's state is spent; start the next one afresh
+        return  # http.client refuses to send it at all (control or non-ASCII characters)
+    assert status < 500, (method, path, raw, body)
+    if status >= 400:
+        assert set(body) == {"error"} and {"code", "message", "request_id"} <= set(body["error"])
+        jsonschema.validate(body, _schema("Error"))
+        return
+    route, _ = http_server.match_route(method, path.split("?")[0])
+    assert status in route.responses, (status, route)
+    jsonschema.validate(body, _schema(route.responses[status]))
+
+
+# ------------------------------------------------------------- processes, crash, stop ----
+
+SERVER = "import sys, http_server; sys.exit(http_server.main())"
+
+
+def start_server(db: str, *extra: str) -> tuple[Child, int]:
+    child = Child(SERVER, "--db", db, "--port", "0", "--log-level", "WARNING", *extra)
+    line = child.expect("listening on http://127.0.0.1:")
+    return child, int(line.rsplit(":", 1)[1])
+
+
+def _writer_thread(port: int, prefix: str, acked: dict[str, int], lock: threading.Lock,
+                   statuses: list[int], stop: threading.Event) -> None:
+    """PUT keys until the connection fails; record each 2xx (an acknowledgement)."""
+    client = Client(port)
+    i = 0
+    try:
+        while not stop.is_set():
+            key = f"{prefix}-{i}"
+            try:
+                status, _, body = client.request("PUT", f"/v1/memories/{key}",
+                                                 {"value": {"i": i, "p": prefix}})
+            except (OSError, http.client.HTTPException):
+                return  # failed at the connection: not acknowledged
+            statuses.append(status)
+            if 200 <= status < 300:
+                with lock:
+                    acked[key] = body["version"]
+            i += 1
+    finally:
+        client.close()
+
+
+def _check_acked(db: str, acked: dict[str, int]) -> None:
+    conn = kvmem.open_db(db, config=CONFIG)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        present = dict(conn.execute("SELECT key, version FROM memories"))
+        values = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM memories")}
+    finally:
+        conn.close()
+    lost = [k for k, v in acked.items() if present.get(k) != v]
+    assert lost == [], f"{len(lost)} acknowledged writes lost, e.g. {lost[:3]}"
+    for key in acked:
+        prefix, i = key.rsplit("-", 1)
+        assert values[key] == {"i": int(i), "p": prefix}
+
+
+def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    rng = random.Random(4242)
+    acked: dict[str, int] = {}
+    lock = threading.Lock()
+    for run in range(10):
+        child, port = start_server(db)
+        stop = threading.Event()
+        statuses: list[int] = []
+        threads = [threading.Thread(target=_writer_thread,
+                                    args=(port, f"r{run}t{t}", acked, lock, statuses, stop))
+                   for t in range(4)]
+        for thread in threads:
+            thread.start()
+        target = len(acked) + rng.randint(5, 150)
+        while len(acked) < target and any(t.is_alive() for t in threads):
+            threading.Event().wait(0.002)  # poll the acknowledgement count (a condition)
+        child.kill()
+        stop.set()
+        for thread in threads:
+            thread.join()
+        assert all(s < 500 for s in statuses)
+        _check_acked(db, acked)
+    assert len(acked) >= 50
+
+
+def test_sigterm_during_load_is_graceful(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    child, port = start_server(db, "--log-level", "INFO")
+    acked: dict[str, int] = {}
+    lock = threading.Lock()
+    statuses: list[int] = []
+    stop = threading.Event()
+    threads = [threading.Thread(target=_writer_thread,
+                                args=(port, f"t{t}", acked, lock, statuses, stop))
+               for t in range(8)]
+    for thread in threads:
+        thread.start()
+    while len(acked) < 200:
+        threading.Event().wait(0.002)
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=60) == 0, child.stderr
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert statuses and all(200 <= s < 300 for s in statuses), sorted(set(statuses))
+    assert "stopped cleanly" in child.stderr
+    _check_acked(db, acked)
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0  # final ckpt
+
+
+def test_sixteen_keep_alive_writers(served: tuple[http_server.Server, kvmem.Store],
+                                    tmp_path: Path) -> None:
+    server, store = served
+    port = server.server_address[1]
+    acked: dict[str, int] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        client = Client(port)
+        try:
+            for i in range(60):
+                status, _, body = client.request("PUT", f"/v1/memories/w{t}-{i}",
+                                                 {"value": {"i": i, "p": f"w{t}"}})
+                assert status == 201, body
+                with lock:
+                    acked[f"w{t}-{i}"] = body["version"]
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(acked) == 960
+    figures = store.stats()["group_commit"]
+    assert figures["commits"] < figures["ops"] and figures["largest_group"] > 1, figures
+    _check_acked(str(tmp_path / "kv.db"), acked)
