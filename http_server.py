@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import hmac
 import http.server
 import ipaddress
@@ -67,25 +66,6 @@ def error_body(code: str, message: str, request_id: str, **extra: Any) -> dict[s
 
 
 # -------------------------------------------------------------------------- rendering ----
-
-
-def rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def render_memory(memory: kvmem.Memory, now: float) -> dict[str, Any]:
-    return {
-        "namespace": memory.namespace, "key": memory.key, "value": memory.value,
-        "tags": memory.tags, "version": memory.version,
-        "created_at": rfc3339(memory.created_at), "updated_at": rfc3339(memory.updated_at),
-        "expires_at": rfc3339(memory.expires_at), "strength": memory.strength,
-        "current_strength": memory.current_strength(now),
-        "half_life_seconds": memory.half_life_seconds,
-        "last_reinforced_at": rfc3339(memory.last_reinforced_at), "archived": memory.archived,
-    }
 
 
 # ---------------------------------------------------------------------- route table ----
@@ -341,13 +321,13 @@ class Api:
             half_life_seconds=fields.get("half_life_seconds", kvmem._DEFAULT),
             if_version=fields.get("if_version"),
         )
-        return (201 if memory.version == 1 else 200), render_memory(memory, self.store.clock())
+        return (201 if memory.version == 1 else 200), memory.render(self.store.clock())
 
     def get_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         memory = self.store.get(key, namespace=query.get("namespace", "default"))
         if memory is None:
             raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
-        return 200, render_memory(memory, self.store.clock())
+        return 200, memory.render(self.store.clock())
 
     def delete_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         deleted = self.store.delete(key, namespace=query.get("namespace", "default"),
@@ -358,7 +338,7 @@ class Api:
 
     def reinforce_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         memory = self.store.reinforce(key, namespace=query.get("namespace", "default"))
-        return 200, render_memory(memory, self.store.clock())
+        return 200, memory.render(self.store.clock())
 
     def list_memories(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         page = self.store.list(
@@ -367,20 +347,20 @@ class Api:
             limit=int_param(query, "limit", 100) or 0, cursor=query.get("cursor"),
         )
         now = self.store.clock()
-        return 200, {"items": [render_memory(m, now) for m in page.items],
+        return 200, {"items": [m.render(now) for m in page.items],
                      "next_cursor": page.next_cursor}
 
     def search(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         hits = self.store.search(query["q"], namespace=query.get("namespace", "default"),
                                  limit=int_param(query, "limit", 20) or 0)
         now = self.store.clock()
-        return 200, {"items": [{**render_memory(h.memory, now), "score": h.score} for h in hits]}
+        return 200, {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
 
     def batch(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         fields = check_body(body, BATCH_BODY)
         results = self.store.batch(fields["ops"], namespace=query.get("namespace", "default"))
         now = self.store.clock()
-        rendered = [{"op": r["op"], "memory": render_memory(r["memory"], now)} if r["op"] == "set"
+        rendered = [{"op": r["op"], "memory": r["memory"].render(now)} if r["op"] == "set"
                     else r for r in results]
         return 200, {"results": rendered}
 

@@ -39,6 +39,7 @@ import base64
 import builtins
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -648,6 +649,25 @@ class Memory:
     def to_record(self) -> dict[str, Any]:
         """Every field, exactly (the export format)."""
         return dataclasses.asdict(self)
+
+    def render(self, now: float) -> dict[str, Any]:
+        """The memory as the HTTP and MCP interfaces show it: times as RFC 3339 UTC
+        strings, plus ``current_strength`` at ``now``."""
+        return {
+            "namespace": self.namespace, "key": self.key, "value": self.value,
+            "tags": list(self.tags), "version": self.version,
+            "created_at": rfc3339(self.created_at), "updated_at": rfc3339(self.updated_at),
+            "expires_at": rfc3339(self.expires_at) if self.expires_at is not None else None,
+            "strength": self.strength, "current_strength": self.current_strength(now),
+            "half_life_seconds": self.half_life_seconds,
+            "last_reinforced_at": rfc3339(self.last_reinforced_at), "archived": self.archived,
+        }
+
+
+def rfc3339(ts: float) -> str:
+    """Unix seconds as an RFC 3339 UTC timestamp with microseconds."""
+    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclasses.dataclass(frozen=True)

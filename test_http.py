@@ -395,7 +395,7 @@ def test_fuzz_api_from_route_table(client: Client,
                                    ) -> None:
     method, path, raw, headers = request
     try:
-        status, response_headers, body = client.request(method, path, raw=raw, headers=headers)
+        status, _, body = client.request(method, path, raw=raw, headers=headers)
     except (http.client.InvalidURL, UnicodeEncodeError):
         client.conn.close()  # http.client's state is spent; start the next one afresh
         return  # http.client refuses to send it at all (control or non-ASCII characters)

@@ -1,0 +1,348 @@
+"""The MCP server: in-process through the SDK's Client, a real stdio subprocess, and the
+two-process shape (HTTP server + MCP server on one file)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, ClientSession, StdioServerParameters, stdio_client
+
+import kvmem
+import mcp_server
+from testutil import HERE, Child, child_env
+
+CONFIG = kvmem.Config.build(environ={})
+ERROR_PREFIX = "Error executing tool "  # what the SDK puts before a ToolError's text
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, role="mcp") as opened:
+        yield opened
+
+
+@pytest.fixture
+async def client(store: kvmem.Store) -> AsyncIterator[Client]:
+    async with Client(mcp_server.build_server(store)) as c:
+        yield c
+
+
+async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, result.content
+    assert isinstance(result.structured_content, dict)
+    return result.structured_content
+
+
+async def call_error(client: Client, tool: str, code: str, **arguments: Any) -> str:
+    """The tool failed with a ToolError whose text starts with the kvmem code."""
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, result.structured_content
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert text.startswith(f"{ERROR_PREFIX}{tool}: {code}: "), text
+    return str(text)
+
+
+# ----------------------------------------------------------------- tools and schemas ----
+
+# The published interface: a change here is a visible test failure, on purpose.
+EXPECTED_TOOLS = {
+    "memory_set": ({"key", "value", "namespace", "tags", "ttl_seconds", "half_life_seconds",
+                    "if_version"}, ["key", "value"], {"created", "memory"}),
+    "memory_get": ({"key", "namespace"}, ["key"], {"found", "memory"}),
+    "memory_delete": ({"key", "namespace", "if_version"}, ["key"], {"deleted"}),
+    "memory_list": ({"namespace", "prefix", "tag", "archived", "limit", "cursor"}, [],
+                    {"items", "next_cursor"}),
+    "memory_search": ({"query", "namespace", "limit"}, ["query"], {"items"}),
+    "memory_reinforce": ({"key", "namespace"}, ["key"], {"memory"}),
+    "memory_batch": ({"ops", "namespace"}, ["ops"], {"results"}),
+    "memory_stats": (set(), [], set()),
+}
+MEMORY_FIELDS = {"namespace", "key", "value", "tags", "version", "created_at", "updated_at",
+                 "expires_at", "strength", "current_strength", "half_life_seconds",
+                 "last_reinforced_at", "archived"}
+
+
+@pytest.mark.anyio
+async def test_tool_list_and_schemas(client: Client) -> None:
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == set(EXPECTED_TOOLS)
+    for name, (inputs, required, outputs) in EXPECTED_TOOLS.items():
+        tool = tools[name]
+        assert set(tool.input_schema.get("properties", {})) == inputs, name
+        assert sorted(tool.input_schema.get("required", [])) == sorted(required), name
+        assert tool.output_schema is not None, name
+        assert set(tool.output_schema.get("properties", {})) == outputs, name
+        assert tool.description and len(tool.description) > 40, name
+    memory = tools["memory_get"].output_schema["$defs"]["MemoryOut"]  # type: ignore[index]
+    assert set(memory["properties"]) == MEMORY_FIELDS and set(memory["required"]) == MEMORY_FIELDS
+    op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]
+    assert op["properties"]["op"]["enum"] == ["set", "delete"] and op["required"] == ["op", "key"]
+
+
+@pytest.mark.anyio
+async def test_set_get_conflict(client: Client, store: kvmem.Store) -> None:
+    out = await call(client, "memory_set", key="user/tea", value={"likes": "green"},
+                     tags=["prefs"], namespace="agent-1")
+    assert out["created"] is True and out["memory"]["version"] == 1
+    assert set(out["memory"]) == MEMORY_FIELDS
+    memory = store.get("user/tea", namespace="agent-1")  # the shared store really is shared
+    assert memory is not None and memory.value == {"likes": "green"}
+    out = await call(client, "memory_set", key="user/tea", value="oolong", if_version=1,
+                     namespace="agent-1")
+    assert out["created"] is False and out["memory"]["version"] == 2
+    text = await call_error(client, "memory_set", "version_conflict", key="user/tea",
+                            value=1, if_version=1, namespace="agent-1")
+    assert "current_version=2" in text
+    await call_error(client, "memory_set", "version_conflict", key="user/tea", value=1,
+                     if_version=0, namespace="agent-1")
+    got = await call(client, "memory_get", key="user/tea", namespace="agent-1")
+    assert got["found"] is True and got["memory"]["value"] == "oolong"
+    assert await call(client, "memory_get", key="nope") == {"found": False, "memory": None}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("arguments", "fragment"), [
+    ({"key": "", "value": 1}, "key"),
+    ({"key": "a\nb", "value": 1}, "control"),
+    ({"key": "k", "value": 1, "namespace": "bad ns"}, "namespace"),
+    ({"key": "k", "value": 1, "tags": ["x" * 65]}, "tag"),
+    ({"key": "k", "value": 1, "ttl_seconds": -1}, "ttl_seconds"),
+    ({"key": "k", "value": 1, "if_version": -1}, "if_version"),
+    ({"key": "k", "value": "x" * (1024 * 1024)}, "limit"),
+])
+async def test_set_invalid_input(client: Client, store: kvmem.Store, arguments: dict[str, Any],
+                                 fragment: str) -> None:
+    code = "payload_too_large" if fragment == "limit" else "invalid_request"
+    text = await call_error(client, "memory_set", code, **arguments)
+    assert fragment in text
+    assert store.stats()["counts"]["live"] == 0
+
+
+@pytest.mark.anyio
+async def test_delete_reinforce_list_search(client: Client) -> None:
+    for i in range(5):
+        await call(client, "memory_set", key=f"note/{i}", value=f"green tea number {i}",
+                   tags=["tea"] if i % 2 else ["other"], half_life_seconds=3600)
+    await call(client, "memory_set", key="coffee", value="black coffee")
+    page = await call(client, "memory_list", prefix="note/", limit=3)
+    assert [m["key"] for m in page["items"]] == ["note/0", "note/1", "note/2"]
+    rest = await call(client, "memory_list", prefix="note/", limit=3, cursor=page["next_cursor"])
+    assert [m["key"] for m in rest["items"]] == ["note/3", "note/4"] and rest["next_cursor"] is None
+    tagged = await call(client, "memory_list", tag="tea")
+    assert [m["key"] for m in tagged["items"]] == ["note/1", "note/3"]
+    await call_error(client, "memory_list", "invalid_request", cursor="garbage")
+    await call_error(client, "memory_list", "invalid_request", limit=0)
+    found = await call(client, "memory_search", query="coffee")
+    assert [h["key"] for h in found["items"]] == ["coffee"] and found["items"][0]["score"] > 0
+    assert (await call(client, "memory_search", query='"NEAR( * tea'))["items"]
+    await call_error(client, "memory_search", "invalid_request", query="***")
+    out = await call(client, "memory_reinforce", key="note/1")
+    assert out["memory"]["key"] == "note/1"
+    await call_error(client, "memory_reinforce", "not_found", key="missing")
+    assert await call(client, "memory_delete", key="note/1") == {"deleted": True}
+    assert await call(client, "memory_delete", key="note/1") == {"deleted": False}
+    await call_error(client, "memory_delete", "version_conflict", key="coffee", if_version=7)
+
+
+@pytest.mark.anyio
+async def test_batch(client: Client, store: kvmem.Store) -> None:
+    out = await call(client, "memory_batch", ops=[
+        {"op": "set", "key": "a", "value": 1, "tags": ["x"]},
+        {"op": "set", "key": "b", "value": {"nested": [1]}},
+        {"op": "delete", "key": "zzz"}])
+    assert [r["op"] for r in out["results"]] == ["set", "set", "delete"]
+    assert out["results"][2]["deleted"] is False and out["results"][0]["memory"]["tags"] == ["x"]
+    text = await call_error(client, "memory_batch", "version_conflict", ops=[
+        {"op": "set", "key": "c", "value": 1},
+        {"op": "set", "key": "a", "value": 2, "if_version": 9}])
+    assert "op_index=1" in text
+    assert store.get("c") is None  # all or nothing
+    await call_error(client, "memory_batch", "invalid_request", ops=[{"op": "set", "key": "d"}])
+    result = await client.call_tool("memory_batch", {"ops": [{"op": "upsert", "key": "d"}]})
+    assert result.is_error  # refused by the input schema before the tool runs
+    assert store.get("d") is None
+
+
+@pytest.mark.anyio
+async def test_busy_and_storage_full_are_tool_errors(tmp_path: Path) -> None:
+    config = kvmem.Config.build(environ={}, flags={"busy_timeout_ms": "200"})
+    with kvmem.Store.open(tmp_path / "busy.db", config=config) as store:
+        async with Client(mcp_server.build_server(store)) as client:
+            holder = kvmem.open_db(tmp_path / "busy.db", config=config)
+            holder.execute("BEGIN IMMEDIATE")
+            try:
+                text = await call_error(client, "memory_set", "busy", key="k", value=1)
+                assert "retry" in text
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+            pages = store.stats()["page_count"]
+            store._writer.submit(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 2}"))
+            text = await call_error(client, "memory_set", "storage_full", key="big",
+                                    value="x" * 300_000)
+            assert "reads still work" in text
+            assert (await call(client, "memory_get", key="big"))["found"] is False
+
+
+@pytest.mark.anyio
+async def test_stats(client: Client) -> None:
+    out = await call(client, "memory_stats")
+    assert out["settings"]["journal_mode"] == "wal" and out["settings"]["synchronous"] == "extra"
+    assert out["pid"] == os.getpid() and out["health"]["ok"] is True
+    assert out["checkpointer"]["holder"] is True
+
+
+# ------------------------------------------------------------------ real processes ----
+
+
+def stdio_params(db: str) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable,
+                                 args=[os.path.join(HERE, "mcp_server.py"), "--db", db,
+                                       "--log-level", "WARNING"],
+                                 env=child_env(), cwd=HERE)
+
+
+@pytest.mark.anyio
+async def test_real_stdio_subprocess(tmp_path: Path) -> None:
+    async with stdio_client(stdio_params(str(tmp_path / "kv.db"))) as (read, write), \
+            ClientSession(read, write) as session:
+        init = await session.initialize()
+        assert init.server_info.name == "kvmem"
+        assert {t.name for t in (await session.list_tools()).tools} == set(EXPECTED_TOOLS)
+        result = await session.call_tool("memory_set", {"key": "k", "value": "stdio works"})
+        assert not result.is_error and result.structured_content["created"] is True  # type: ignore[index]
+        result = await session.call_tool("memory_get", {"key": "k"})
+        assert result.structured_content["memory"]["value"] == "stdio works"  # type: ignore[index]
+        result = await session.call_tool("memory_search", {"query": "stdio"})
+        assert [h["key"] for h in result.structured_content["items"]] == ["k"]  # type: ignore[index]
+
+
+def http_json(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_http_and_mcp_processes_share_one_file(tmp_path: Path) -> None:
+    db = str(tmp_path / "fresh.db")  # does not exist yet: both servers race to create it
+    http_child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                       "--port", "0", "--log-level", "WARNING")
+    async with stdio_client(stdio_params(db)) as (read, write), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        port = int(http_child.expect("listening on").rsplit(":", 1)[1])
+        problems: list[str] = []
+        http_keys: list[str] = []
+        stop = threading.Event()
+
+        def http_writer(t: int) -> None:
+            i = 0
+            while not stop.is_set():
+                status, body = http_json(port, "PUT", f"/v1/memories/h{t}-{i}", {"value": i})
+                if status != 201:
+                    problems.append(f"http {status} {body}")
+                else:
+                    http_keys.append(f"h{t}-{i}")
+                i += 1
+
+        writers = [threading.Thread(target=http_writer, args=(t,)) for t in range(2)]
+        for writer in writers:
+            writer.start()
+        mcp_keys = []
+        try:
+            with anyio.move_on_after(3):
+                i = 0
+                while True:
+                    result = await session.call_tool("memory_set", {"key": f"m{i}", "value": i})
+                    if result.is_error:
+                        problems.append(f"mcp {result.content}")
+                    else:
+                        mcp_keys.append(f"m{i}")
+                    i += 1
+        finally:
+            stop.set()
+            for writer in writers:
+                writer.join()
+        assert problems == []
+        assert len(mcp_keys) > 10 and len(http_keys) > 10
+        # Each side reads the other's writes.
+        for key in mcp_keys[-5:]:
+            assert http_json(port, "GET", f"/v1/memories/{key}")[0] == 200
+        for key in http_keys[-5:]:
+            result = await session.call_tool("memory_get", {"key": key})
+            assert result.structured_content["found"] is True  # type: ignore[index]
+        _, http_stats = http_json(port, "GET", "/v1/stats")
+        result = await session.call_tool("memory_stats", {})
+        mcp_stats = result.structured_content
+        assert mcp_stats is not None
+        assert http_stats["settings"] == mcp_stats["settings"]
+        assert http_stats["settings"]["journal_mode"] == "wal"
+        holders = [http_stats["checkpointer"]["holder"], mcp_stats["checkpointer"]["holder"]]
+        assert sorted(holders) == [False, True], holders  # exactly one checkpointer
+        for stats in (http_stats, mcp_stats):
+            assert stats["health"]["ok"] and stats["schema_version"] == kvmem.SCHEMA_VERSION
+    http_child.proc.send_signal(signal.SIGTERM)
+    assert http_child.wait() == 0
+    for line in http_child.stderr.splitlines():
+        assert "database is locked" not in line and "not a database" not in line
+
+
+@pytest.mark.anyio
+async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    acked: dict[str, int] = {}
+    for run in range(3):
+        target = len(acked) + 40 + 30 * run
+
+        def killer(pid: int) -> None:  # kills when enough writes were acknowledged
+            while len(acked) < target:
+                threading.Event().wait(0.001)
+            os.kill(pid, signal.SIGKILL)
+
+        try:
+            with anyio.fail_after(120):
+                async with stdio_client(stdio_params(db)) as (read, write), \
+                        ClientSession(read, write) as session:
+                    await session.initialize()
+                    stats = await session.call_tool("memory_stats", {})
+                    pid = stats.structured_content["pid"]  # type: ignore[index]
+                    threading.Thread(target=killer, args=(pid,), daemon=True).start()
+                    for i in range(100_000):
+                        result = await session.call_tool("memory_set",
+                                                         {"key": f"r{run}-{i}", "value": i})
+                        if result.is_error:
+                            break
+                        acked[f"r{run}-{i}"] = result.structured_content["memory"]["version"]  # type: ignore[index]
+        except Exception as exc:  # the session dies with its server; later calls are not acked
+            assert not isinstance(exc, TimeoutError), "the client hung after the kill"
+    conn = kvmem.open_db(db, config=CONFIG)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        present = dict(conn.execute("SELECT key, version FROM memories"))
+    finally:
+        conn.close()
+    assert len(acked) >= 100
+    assert [k for k, v in acked.items() if present.get(k) != v] == []
