@@ -435,6 +435,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # else each response waits ~40 ms for a delayed ACK
     server_version = "kvmem"
     in_request = False
+    body_consumed = False
 
     def setup(self) -> None:
         super().setup()
@@ -467,6 +468,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def dispatch(self) -> None:
         with self.server.lock:
             self.in_request = True
+        self.body_consumed = False
         request_id = uuid.uuid4().hex[:12]
         started = time.monotonic()
         try:
@@ -489,6 +491,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status, headers = 500, {}
             body = error_body("internal", "internal error; see the server log for request "
                                           f"id {request_id}", request_id)
+        if not self.body_consumed and self.headers.get("Content-Length", "0").strip() != "0":
+            # Answered before reading the body (no route, no auth...): the unread bytes
+            # would be taken for the next request, so this connection ends here.
+            self.close_connection = True
         self.respond(status, body, {"X-Request-Id": request_id, **headers})
         log.debug("%s %s %s -> %d in %.1f ms", request_id, self.command, self.path[:200],
                   status, (time.monotonic() - started) * 1000)
@@ -537,6 +543,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if len(raw) != length:
             self.close_connection = True
             raise HTTPError(400, "invalid_request", "the body ended early")
+        self.body_consumed = True
         if route is None:
             return None
         if route.body is None:

@@ -326,6 +326,18 @@ def test_odd_keys_round_trip(client: Client, key: str) -> None:
     assert client.request("GET", "/v1/memories")[2]["items"][0]["key"] == key
 
 
+def test_unread_body_does_not_desync_keep_alive(client: Client) -> None:
+    """A request answered before its body is read (here: no such path) must not leave
+    the body in the connection to be parsed as the next request."""
+    body = b"GET /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n"  # looks like a request
+    result = client.request("PUT", "/v1/nowhere", raw=body,
+                            headers={"Content-Type": "application/json"})
+    assert_error(result, 404, "not_found")
+    assert result[1].get("Connection") == "close"
+    status, _, _ = client.request("GET", "/v1/memories/k")
+    assert status == 404  # the answer to this request, not to the smuggled one
+
+
 def test_key_limits(client: Client) -> None:
     assert_error(client.request("PUT", "/v1/memories/" + "x" * 513, {"value": 1}), 400,
                  "invalid_request")

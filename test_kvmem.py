@@ -253,7 +253,7 @@ def test_delete_mode_file_converts_to_wal_and_back(db: str) -> None:
 
 def test_recovery_record_after_kill(db: str, caplog: pytest.LogCaptureFixture) -> None:
     child = Child(WRITER, db, "0")
-    child.expect("50")
+    child.expect("50 ok")
     child.kill()
     wal_before = os.stat(db + "-wal").st_size
     assert wal_before > 0
@@ -392,7 +392,7 @@ while True:
         conn.execute("INSERT INTO memories (namespace, key, value, version, created_at,"
                      " updated_at, strength, last_reinforced_at)"
                      " VALUES ('test', ?, ?, 1, 0, 0, 1, 0)", (str(i), json.dumps("v" * (i % 900))))
-    print(i, flush=True)   # the acknowledgement: only after transaction() returned
+    print(i, "ok", flush=True)   # the acknowledgement: only after transaction() returned
     i += 1
 """
 
@@ -402,8 +402,8 @@ def test_sigkill_loses_no_acknowledged_commit(db: str) -> None:
     acked: set[int] = set()
     for run in range(20):
         child = Child(WRITER, db, str(run * 1_000_000))
-        child.expect(str(run * 1_000_000 + rng.randint(0, 300)))
-        acked.update(int(line) for line in child.kill() if line.isdigit())
+        child.expect(f"{run * 1_000_000 + rng.randint(0, 300)} ok")
+        acked.update(int(line.split()[0]) for line in child.kill() if line.endswith(" ok"))
         conn = kvmem.open_db(db, config=cfg())
         try:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -315,9 +315,7 @@ async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) 
     db = str(tmp_path / "kv.db")
     acked: dict[str, int] = {}
     for run in range(3):
-        target = len(acked) + 40 + 30 * run
-
-        def killer(pid: int) -> None:  # kills when enough writes were acknowledged
+        def killer(pid: int, target: int) -> None:  # kills once enough writes were acked
             while len(acked) < target:
                 threading.Event().wait(0.001)
             os.kill(pid, signal.SIGKILL)
@@ -329,7 +327,8 @@ async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) 
                     await session.initialize()
                     stats = await session.call_tool("memory_stats", {})
                     pid = stats.structured_content["pid"]  # type: ignore[index]
-                    threading.Thread(target=killer, args=(pid,), daemon=True).start()
+                    threading.Thread(target=killer, args=(pid, len(acked) + 40 + 30 * run),
+                                     daemon=True).start()
                     for i in range(100_000):
                         result = await session.call_tool("memory_set",
                                                          {"key": f"r{run}-{i}", "value": i})
