@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     host, port = str(server.server_address[0]), int(server.server_address[1])
     log.info("kvmem-http listening on http://%s:%d pid=%d db=%s settings=%s recovery=%s",
-             host, port, os.getpid(), store.path, json.dumps(store.stats()["settings"]),
+             host, port, os.getpid(), store.path, json.dumps(store.settings()),
              json.dumps(dataclasses.asdict(kvmem.recovery_record(store.path) or
                                            _no_record(store.path))))
     print(f"listening on http://{host}:{port}", flush=True)

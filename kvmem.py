@@ -1342,9 +1342,12 @@ class GroupCommitter:
     every op of the group fails with that error and none of them was applied.
     """
 
-    def __init__(self, path: str, config: Config) -> None:
+    def __init__(self, path: str, config: Config, *,
+                 precommit: Callable[[], str | None] = lambda: None) -> None:
         self.path = path
         self.config = config
+        self.precommit = precommit  # returns a reason not to commit (the file was replaced)
+        self.failure: str | None = None  # the last corruption seen, for health
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=GROUP_QUEUE_MAX)
         self._stats_lock = threading.Lock()
         self._stats = {"commits": 0, "ops": 0, "failed_ops": 0, "largest_group": 0}
@@ -1415,14 +1418,21 @@ class GroupCommitter:
                     except BaseException as exc:
                         failed += 1
                         pending.error = exc if isinstance(exc, KvmemError) else _as_kvmem(exc, conn)
+                        if isinstance(pending.error, NotADatabaseError | CorruptDatabaseError):
+                            self.failure = f"{pending.error.code}: {pending.error}"
                         if not conn.in_transaction:
                             # SQLite rolled the whole transaction back by itself (it may
                             # after SQLITE_FULL or an I/O error): the group is lost.
                             raise pending.error from exc
                         conn.execute("ROLLBACK TO kvmem_op")
                     conn.execute("RELEASE kvmem_op")
+                problem = self.precommit()
+                if problem:  # never acknowledge writes that went into an unlinked file
+                    raise StorageError(f"{problem}; write refused")
         except BaseException as exc:
             error = exc if isinstance(exc, KvmemError) else _as_kvmem(exc, conn)
+            if isinstance(error, NotADatabaseError | CorruptDatabaseError):
+                self.failure = f"{error.code}: {error}"
             for pending in group:
                 pending.result, pending.error = None, pending.error or error
             failed = len(group)
@@ -1457,6 +1467,7 @@ class _ReadPool:
         self.path, self.config, self.keep = path, config, keep
         self._idle: list[KvmemConnection] = []
         self._lock = threading.Lock()
+        self.failure: str | None = None  # the last corruption seen, for health
 
     @contextlib.contextmanager
     def borrow(self) -> Iterator[KvmemConnection]:
@@ -1466,7 +1477,9 @@ class _ReadPool:
             conn = open_db(self.path, config=self.config, check_same_thread=False)
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, NotADatabaseError | CorruptDatabaseError):
+                self.failure = f"{exc.code}: {exc}"
             _rollback(conn)
             raise
         with self._lock:
@@ -1508,7 +1521,7 @@ class Store:
         try:
             if checkpointer:
                 self._checkpointer = Checkpointer(path, config=config, role=role).start()
-            self._writer = GroupCommitter(path, config)
+            self._writer = GroupCommitter(path, config, precommit=self._identity_problem)
             if decay:
                 self._decay = DecayScheduler(self, role=role).start()
         except BaseException:
@@ -1913,6 +1926,11 @@ class Store:
                 execute(conn, "COMMIT")
         return count
 
+    def settings(self) -> dict[str, Any]:
+        """The connection settings as SQLite reports them back (for start-up logs)."""
+        with self._reads.borrow() as conn:
+            return read_settings(conn)
+
     def stats(self) -> dict[str, Any]:
         """Settings read back, file figures, counts, background and group-commit state."""
         now = self.clock()
@@ -1933,16 +1951,20 @@ class Store:
         out["health"] = self.health()
         return out
 
+    def _identity_problem(self) -> str | None:
+        return _file_identity_problem(self.path, self._identity)
+
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, "problems": [...]}``: the file is still the one opened (not
-        deleted or replaced), the background threads have not failed."""
+        deleted or replaced; writes are refused if it is not), no operation met a corrupt
+        page, the background threads have not failed."""
         problems = []
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) != self._identity:
-                problems.append(f"{self.path} was replaced by another file since it was opened")
-        except FileNotFoundError:
-            problems.append(f"{self.path} was deleted since it was opened")
+        identity = self._identity_problem()
+        if identity:
+            problems.append(identity)
+        for name, failure in (("reads", self._reads.failure), ("writes", self._writer.failure)):
+            if failure:
+                problems.append(f"{name} met a damaged database: {failure}")
         for name, part in (("checkpointer", self._checkpointer), ("decay", self._decay)):
             failed = part.state()["failed"] if part is not None else None
             if failed:
@@ -1952,6 +1974,19 @@ class Store:
         if fallbacks:
             problems.append(f"writers checkpointed {fallbacks} times past the WAL hard cap")
         return {"ok": not problems, "problems": problems}
+
+
+def _file_identity_problem(path: str, identity: tuple[int, int]) -> str | None:
+    """Why ``path`` is no longer the file that was opened (device and inode), if it is not."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} was deleted (or its directory moved) since it was opened"
+    except OSError as exc:
+        return f"{path} cannot be checked: {exc}"
+    if (st.st_dev, st.st_ino) != identity:
+        return f"{path} was replaced by another file since it was opened"
+    return None
 
 
 def _check_version(expected: int | None, current: int, key: str) -> None:

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvmem-mcp: {exc}", file=sys.stderr)
         return 2
     log.info("kvmem-mcp (%s) pid=%d db=%s settings=%s", args.transport, os.getpid(),
-             store.path, store.stats()["settings"])
+             store.path, store.settings())
     try:
         server = build_server(store)
         if args.transport == "stdio":

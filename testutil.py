@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LIVE_CHILDREN: list[Child] = []  # killed after each test by conftest.py, whatever happened
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -36,6 +37,7 @@ class Child:
         )
         self.lines: list[str] = []
         self._finished = False
+        LIVE_CHILDREN.append(self)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -121,3 +123,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def start_all(children: Sequence[Child], ready: str = "ready") -> None:
     for child in children:
         child.expect(ready)
+
+
+# Totals of the reliability suite, printed at the end of a run (conftest.py).
+DURABILITY_TOTALS: dict[str, int] = {
+    "kills": 0, "acknowledged_writes_checked": 0, "lost": 0, "integrity_failures": 0,
+    "partial_batches_visible": 0, "fault_cases": 0, "fuzz_cases": 0,
+}

@@ -1,0 +1,36 @@
+"""pytest options shared by the suites: ``--soak`` turns the short reliability runs of CI
+into long ones and prints the totals at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+import testutil
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true",
+                     help="long crash/load/fuzz runs (thousands of kills, minutes of load)")
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test() -> Iterator[None]:
+    yield
+    while testutil.LIVE_CHILDREN:
+        child = testutil.LIVE_CHILDREN.pop()
+        if child.proc.poll() is None:
+            child.kill()
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--soak"))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    totals = testutil.DURABILITY_TOTALS
+    if any(totals.values()):
+        terminalreporter.write_sep("-", "reliability totals")
+        terminalreporter.write_line(", ".join(f"{name}={value}" for name, value in totals.items()))

@@ -1,0 +1,695 @@
+"""Reliability proof suite: crashes, two servers under load, cold starts, faults, fuzzing.
+
+``pytest test_durability.py`` is the CI size (over 100 SIGKILLs, 20 s of three-process
+load); ``pytest test_durability.py --soak -s`` the long one (over 2,000 kills, minutes of
+load, thousands of fuzz cases).  Totals are printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mcp import Client, ClientSession, StdioServerParameters, stdio_client
+
+import kvmem
+import mcp_server
+from testutil import DURABILITY_TOTALS, HERE, Child, child_env, file_digest, run_cli
+
+CONFIG = kvmem.Config.build(environ={})
+TOTALS = DURABILITY_TOTALS
+
+# ------------------------------------------------------------------- crash matrix ----
+
+# One writer per mode.  It prints "<kind> <fields...> ok" only after the write returned
+# (the acknowledgement); a line cut by the kill has no "ok" and counts for nothing.
+CRASH_CHILD = r"""
+import io, json, sys, threading, time, kvmem
+mode, db, run = sys.argv[1], sys.argv[2], sys.argv[3]
+flags = {"prune_batch": "100" if mode == "import" else "10"}
+if mode == "checkpoint":  # a tiny WAL cap: checkpoints all the time
+    flags.update(wal_cap_bytes="65536", checkpoint_poll_s="0.005", checkpoint_pages="4")
+store = kvmem.Store.open(db, config=kvmem.Config.build(flags=flags),
+                         checkpointer=mode == "checkpoint")
+lock = threading.Lock()
+def ack(*fields):
+    with lock:
+        print(*fields, "ok", flush=True)
+def value(key):
+    return {"key": key, "pad": "p" * (len(key) * 37 % 700)}
+def plain(tag):
+    i = 0
+    while True:
+        key = f"{run}-{tag}-{i}"
+        m = store.set(key, value(key))
+        ack("set", key, m.version)
+        i += 1
+if mode in ("plain", "checkpoint"):
+    plain("p")
+elif mode == "group":
+    for t in range(8):
+        threading.Thread(target=plain, args=(f"g{t}",), daemon=True).start()
+    threading.Event().wait()
+elif mode == "batch":
+    j = 0
+    while True:
+        keys = [f"{run}-b{j}-{k}" for k in range(5)]
+        store.batch([{"op": "set", "key": k, "value": value(k)} for k in keys])
+        ack("batch", f"{run}-b{j}", 5)
+        j += 1
+elif mode == "prune":
+    i = 0
+    while True:
+        key = f"{run}-keep-{i}"
+        m = store.set(key, value(key))
+        ack("set", key, m.version)
+        store.batch([{"op": "set", "key": f"{run}-gone-{i}-{k}", "value": k,
+                      "ttl_seconds": 0.001} for k in range(30)])
+        time.sleep(0.002)  # let them expire, then prune them in batches of 10
+        store.prune()
+        i += 1
+elif mode == "import":
+    path = sys.argv[4]
+    while True:
+        print("importing", flush=True)
+        with open(path) as fp:
+            result = store.import_(fp)
+        ack("import", result["imported"])
+"""
+
+IMPORT_LINES = 1500
+
+
+def _import_file(tmp_path: Path) -> tuple[Path, dict[str, dict[str, Any]]]:
+    records = {}
+    for i in range(IMPORT_LINES):
+        key = f"imp-{i:05d}"
+        records[key] = {"namespace": "default", "key": key, "value": {"i": i, "s": "v" * (i % 90)},
+                        "tags": ["imported"], "version": 3 + i % 5, "created_at": 1e9 + i,
+                        "updated_at": 1e9 + 2 * i, "expires_at": None, "strength": 1.0,
+                        "half_life_seconds": None, "last_reinforced_at": 1e9 + 2 * i,
+                        "archived": False}
+    path = tmp_path / "import.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    return path, records
+
+
+def _verify(db: str, acked_sets: dict[str, int], acked_batches: set[str],
+            import_records: dict[str, dict[str, Any]] | None, imported: bool) -> None:
+    """Reopen (recovery), integrity_check, every acknowledged write exact, no partial batch."""
+    conn = kvmem.open_db(db, config=CONFIG)
+    try:
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        rows = {r[0]: (json.loads(r[1]), r[2], r) for r in conn.execute(
+            "SELECT key, value, version, created_at, updated_at, tags FROM memories")}
+    finally:
+        conn.close()
+    if integrity != "ok":
+        TOTALS["integrity_failures"] += 1
+    assert integrity == "ok"
+    lost = [k for k, v in acked_sets.items()
+            if k not in rows or rows[k][1] != v or rows[k][0] != {"key": k, "pad": "p" * (
+                len(k) * 37 % 700)}]
+    batches = {k.rsplit("-", 1)[0] for k in rows if "-b" in k}
+    for batch in batches:  # every batch visible at all is visible whole
+        present = [f"{batch}-{n}" in rows for n in range(5)]
+        if not all(present):
+            TOTALS["partial_batches_visible"] += 1
+        assert all(present), f"partial batch {batch}: {present}"
+    lost += [b for b in acked_batches if b not in batches]
+    if imported and import_records:
+        for key, record in import_records.items():
+            got = rows.get(key)
+            if got is None or got[0] != record["value"] or got[1] != record["version"] \
+                    or got[2][3] != record["created_at"] or got[2][4] != record["updated_at"]:
+                lost.append(key)
+        TOTALS["acknowledged_writes_checked"] += len(import_records)
+    TOTALS["acknowledged_writes_checked"] += len(acked_sets) + 5 * len(acked_batches)
+    TOTALS["lost"] += len(lost)
+    assert lost == [], f"{len(lost)} acknowledged writes lost, e.g. {lost[:3]}"
+
+
+@pytest.mark.parametrize("mode", ["plain", "group", "batch", "prune", "import", "checkpoint"])
+def test_crash_matrix(tmp_path: Path, mode: str, soak: bool) -> None:
+    db = str(tmp_path / "kv.db")
+    rng = random.Random(f"crash-{mode}")
+    extra: list[str] = []
+    records = None
+    if mode == "import":
+        path, records = _import_file(tmp_path)
+        extra = [str(path)]
+    acked_sets: dict[str, int] = {}
+    acked_batches: set[str] = set()
+    imported = False
+    for run in range(350 if soak else 15):
+        child = Child(CRASH_CHILD, mode, db, f"r{run}", *extra)
+        if mode == "import":  # an import takes a while: kill at a random moment inside one
+            for _ in range(rng.randint(1, 3)):
+                child.expect("importing")
+            time.sleep(rng.uniform(0, 0.4))  # the randomness of the kill point, not a wait
+        else:
+            for _ in range(rng.randint(1, 60)):  # a random number of acknowledgements...
+                child.expect("")
+        for line in child.kill():  # ...then SIGKILL, wherever the writer is
+            fields = line.split()
+            if not fields or fields[-1] != "ok":
+                continue
+            if fields[0] == "set":
+                acked_sets[fields[1]] = int(fields[2])
+            elif fields[0] == "batch":
+                acked_batches.add(fields[1])
+            elif fields[0] == "import":
+                imported = True
+        TOTALS["kills"] += 1
+        _verify(db, acked_sets, acked_batches, records, imported)
+    assert acked_sets or acked_batches or imported
+
+
+STARTER = r"""
+import sys, kvmem
+store = kvmem.Store.open(sys.argv[1])
+m = store.set(f"start-{sys.argv[2]}", {"started": sys.argv[2]})
+print("set", m.key, m.version, "ok", flush=True)
+"""
+
+
+def test_kill_during_open_db_of_eight_processes(tmp_path: Path, soak: bool) -> None:
+    rng = random.Random("open")
+    for round_ in range(60 if soak else 4):
+        db = str(tmp_path / f"fresh{round_}.db")
+        children = [Child(STARTER, db, f"{round_}-{n}") for n in range(8)]
+        acked: dict[str, int] = {}
+        for child in rng.sample(children, len(children)):
+            # Kill each at a random point of its start-up: some before open_db, some in
+            # the WAL switch or the migration, some after their first write.
+            time.sleep(rng.uniform(0, 0.25))
+            for line in child.kill():
+                fields = line.split()
+                if len(fields) == 4 and fields[-1] == "ok":
+                    acked[fields[1]] = int(fields[2])
+            TOTALS["kills"] += 1
+        if not os.path.exists(db):
+            continue  # every process died before creating the file
+        conn = kvmem.open_db(db, config=CONFIG)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == kvmem.SCHEMA_VERSION
+            present = dict(conn.execute("SELECT key, version FROM memories"))
+        finally:
+            conn.close()
+        TOTALS["acknowledged_writes_checked"] += len(acked)
+        lost = [k for k, v in acked.items() if present.get(k) != v]
+        TOTALS["lost"] += len(lost)
+        assert lost == []
+
+
+# --------------------------------------------------------- two servers under load ----
+
+LIBRARY_PROCESS = r"""
+import sys, threading, time, kvmem
+store = kvmem.Store.open(sys.argv[1], role="library")
+stop = threading.Event()
+out = threading.Lock()
+def say(*fields):  # one whole line at a time, from either thread
+    with out:
+        sys.stdout.write(" ".join(map(str, fields)) + "\n")
+        sys.stdout.flush()
+def report():
+    while not stop.wait(0.2):
+        state = store.stats()
+        say("state", int(state["checkpointer"]["holder"]), state["wal_bytes"], "ok")
+threading.Thread(target=report, daemon=True).start()
+say("ready", "ok")
+deadline = time.monotonic() + float(sys.argv[2])
+i = 0
+while time.monotonic() < deadline:
+    key = f"counter-{i % 4}"
+    while True:
+        current = store.get(key)
+        try:
+            m = store.set(key, (current.value if current else 0) + 1,
+                          if_version=current.version if current else 0)
+            break
+        except kvmem.VersionConflictError:
+            continue
+    say("inc", key, "ok")
+    m = store.set(f"lib-{i}", i)
+    say("set", m.key, m.version, "ok")
+    i += 1
+stop.set()
+say("done", "ok")
+"""
+
+
+def _http(port: int, method: str, path: str, body: Any = None,
+          conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, None if body is None else json.dumps(body), headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        if own:
+            conn.close()
+
+
+def _mcp_params(db: str, env: dict[str, str]) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable, args=[os.path.join(HERE, "mcp_server.py"), "--db", db,
+                                      "--log-level", "WARNING"], env=env, cwd=HERE)
+
+
+@pytest.mark.anyio
+async def test_http_mcp_and_library_under_load(tmp_path: Path, soak: bool) -> None:
+    db = str(tmp_path / "shared.db")
+    seconds = 120.0 if soak else 20.0
+    cap = 4 * 1024 * 1024
+    env = child_env(KVMEM_WAL_CAP_BYTES=str(cap), KVMEM_CHECKPOINT_POLL_S="0.05")
+    http_child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                       "--port", "0", "--log-level", "WARNING", env=env)
+    port = int(http_child.expect("listening on").rsplit(":", 1)[1])
+    library = Child(LIBRARY_PROCESS, db, str(seconds), env=env)
+    library.expect("ready")
+    increments = {f"counter-{k}": 0 for k in range(4)}
+    acked_sets: dict[str, int] = {}
+    problems: list[str] = []
+    holders_seen: list[tuple[int, int, int]] = []
+    wal_sizes: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def increment(conn: http.client.HTTPConnection, key: str) -> None:
+        while True:
+            status, body = _http(port, "GET", f"/v1/memories/{key}", conn=conn)
+            current, version = (body["value"], body["version"]) if status == 200 else (0, 0)
+            status, body = _http(port, "PUT", f"/v1/memories/{key}",
+                                 {"value": current + 1, "if_version": version}, conn=conn)
+            if status in (200, 201):
+                with lock:
+                    increments[key] += 1
+                return
+            if status != 409:
+                problems.append(f"http increment {status} {body}")
+                return
+
+    def http_worker(t: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        i = 0
+        while not stop.is_set():
+            increment(conn, f"counter-{i % 4}")
+            status, body = _http(port, "PUT", f"/v1/memories/http{t}-{i}", {"value": i}, conn=conn)
+            if status != 201:
+                problems.append(f"http set {status} {body}")
+            else:
+                with lock:
+                    acked_sets[f"http{t}-{i}"] = body["version"]
+            i += 1
+        conn.close()
+
+    async with stdio_client(_mcp_params(db, env)) as (read, write), \
+            ClientSession(read, write) as session:
+        await session.initialize()
+        workers = [threading.Thread(target=http_worker, args=(t,)) for t in range(3)]
+        for worker in workers:
+            worker.start()
+        started = time.monotonic()
+        i = 0
+        try:
+            while time.monotonic() - started < seconds:
+                key = f"counter-{i % 4}"
+                while True:
+                    got = await session.call_tool("memory_get", {"key": key})
+                    memory = got.structured_content["memory"]  # type: ignore[index]
+                    current, version = (memory["value"], memory["version"]) if memory else (0, 0)
+                    result = await session.call_tool("memory_set", {
+                        "key": key, "value": current + 1, "if_version": version})
+                    if not result.is_error:
+                        increments[key] += 1
+                        break
+                    text = result.content[0].text  # type: ignore[union-attr]
+                    if "version_conflict" not in text:
+                        problems.append(f"mcp {text}")
+                        break
+                result = await session.call_tool("memory_set", {"key": f"mcp-{i}", "value": i})
+                if result.is_error:
+                    problems.append(f"mcp set {result.content}")
+                else:
+                    acked_sets[f"mcp-{i}"] = result.structured_content["memory"]["version"]  # type: ignore[index]
+                if i % 20 == 0:  # sample who checkpoints, from every process
+                    _, http_stats = _http(port, "GET", "/v1/stats")
+                    mcp_stats = (await session.call_tool("memory_stats", {})).structured_content
+                    states = [line for line in library.lines if line.startswith("state")]
+                    library_holder = int(states[-1].split()[1]) if states else 0
+                    holders_seen.append((int(http_stats["checkpointer"]["holder"]),
+                                         int(mcp_stats["checkpointer"]["holder"]),  # type: ignore[index]
+                                         library_holder))
+                    wal_sizes.append(http_stats["wal_bytes"])
+                i += 1
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        library.expect("done", timeout=seconds + 60)
+        assert library.wait() == 0, library.stderr
+        for line in library.lines:
+            fields = line.split()
+            if fields[0] == "inc" and fields[-1] == "ok":
+                increments[fields[1]] += 1
+            elif fields[0] == "set" and fields[-1] == "ok":
+                acked_sets[fields[1]] = int(fields[2])
+            elif fields[0] == "state":
+                wal_sizes.append(int(fields[2]))
+        assert problems == []
+        # No lost update: each counter equals the increments acknowledged to anyone.
+        for key, count in increments.items():
+            status, body = _http(port, "GET", f"/v1/memories/{key}")
+            assert status == 200 and body["value"] == count, (key, body, count)
+        assert sum(increments.values()) > 50
+        # Every acknowledged set is readable from every process.
+        sample = random.Random(1).sample(sorted(acked_sets), min(300, len(acked_sets)))
+        for key in sample:
+            status, body = _http(port, "GET", f"/v1/memories/{key}")
+            assert status == 200 and body["version"] == acked_sets[key], key
+            got = await session.call_tool("memory_get", {"key": key})
+            assert got.structured_content["found"] is True  # type: ignore[index]
+        conn = kvmem.open_db(db, config=CONFIG)
+        try:
+            present = dict(conn.execute("SELECT key, version FROM memories"))
+        finally:
+            conn.close()
+        assert [k for k, v in acked_sets.items() if present.get(k) != v] == []
+        TOTALS["acknowledged_writes_checked"] += len(acked_sets) + sum(increments.values())
+    assert holders_seen and all(sum(h) == 1 for h in holders_seen), holders_seen[:10]
+    assert max(wal_sizes) <= cap, max(wal_sizes)
+    http_child.proc.send_signal(signal.SIGTERM)
+    assert http_child.wait() == 0
+    for text in (http_child.stderr, library.stderr):
+        assert "database is locked" not in text and "not a database" not in text
+        assert "Traceback" not in text
+
+
+MCP_INIT = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {},
+    "clientInfo": {"name": "race", "version": "0"}}}) + "\n"
+
+
+def test_cold_start_race_of_both_servers(tmp_path: Path, soak: bool) -> None:
+    for trial in range(100 if soak else 20):
+        db = str(tmp_path / f"race{trial}.db")
+        http_child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                           "--port", "0", "--log-level", "WARNING")
+        mcp_child = Child("import sys, mcp_server; sys.exit(mcp_server.main())", "--db", db,
+                          "--log-level", "WARNING", stdin=True)
+        mcp_child.send(MCP_INIT)
+        port = int(http_child.expect("listening on").rsplit(":", 1)[1])
+        reply = json.loads(mcp_child.expect('{"jsonrpc"', timeout=60))
+        assert reply["id"] == 1 and reply["result"]["serverInfo"]["name"] == "kvmem"
+        status, body = _http(port, "GET", "/healthz")
+        assert status == 200 and body["ok"], body
+        http_child.proc.send_signal(signal.SIGTERM)
+        mcp_child.proc.stdin.close()  # type: ignore[union-attr]
+        assert http_child.wait() == 0 and mcp_child.wait() == 0, mcp_child.stderr
+        conn = kvmem.open_db(db, config=CONFIG)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == kvmem.SCHEMA_VERSION
+            assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                                " AND name = 'memories'").fetchone()[0] == 1
+        finally:
+            conn.close()
+        for child in (http_child, mcp_child):
+            assert "locked" not in child.stderr and "Traceback" not in child.stderr
+
+
+# --------------------------------------------------------------------------- faults ----
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path | None]:
+    """A real tmpfs of ``size`` mounted at ``path`` (root only); None when not allowed."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True)
+    if done.returncode != 0:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill(directory: Path, name: str) -> None:
+    """Fill a filesystem with a ballast file until it is full."""
+    with open(directory / name, "wb") as fp, contextlib.suppress(OSError):
+        while True:
+            fp.write(b"\0" * 65536)
+            fp.flush()
+
+
+def test_disk_full_then_freed_http(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "small", "3m") as mounted:
+        if mounted is None:
+            pytest.fail("cannot mount a tmpfs here (not root?); the disk-full proof needs one")
+        db = str(mounted / "kv.db")
+        child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                      "--port", "0", "--log-level", "WARNING")
+        port = int(child.expect("listening on").rsplit(":", 1)[1])
+        try:
+            assert _http(port, "PUT", "/v1/memories/before", {"value": "small"})[0] == 201
+            _fill(mounted, "ballast")
+            statuses = [_http(port, "PUT", f"/v1/memories/big{i}", {"value": "x" * 200_000})
+                        for i in range(20)]
+            full = [body for status, body in statuses if status == 507]
+            assert full and full[0]["error"]["code"] == "storage_full", statuses[:2]
+            assert all(status in (201, 507) for status, _ in statuses)
+            status, body = _http(port, "GET", "/v1/memories/before")  # reads keep working
+            assert status == 200 and body["value"] == "small"
+            os.remove(mounted / "ballast")  # space freed: writes work again, no restart
+            status, body = _http(port, "PUT", "/v1/memories/after", {"value": "x" * 200_000})
+            assert status == 201, body
+            assert _http(port, "GET", "/healthz")[0] == 200
+        finally:
+            child.proc.send_signal(signal.SIGTERM)
+            child.wait()
+        assert "Traceback" not in child.stderr
+        assert run_cli("check", db).returncode == 0
+    TOTALS["fault_cases"] += 1
+
+
+@pytest.mark.anyio
+async def test_disk_full_then_freed_mcp(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "small", "3m") as mounted:
+        if mounted is None:
+            pytest.fail("cannot mount a tmpfs here (not root?); the disk-full proof needs one")
+        with kvmem.Store.open(mounted / "kv.db", config=CONFIG) as store:
+            async with Client(mcp_server.build_server(store)) as client:
+                assert not (await client.call_tool("memory_set", {"key": "a", "value": 1})).is_error
+                _fill(mounted, "ballast")
+                texts = []
+                for i in range(20):
+                    result = await client.call_tool("memory_set",
+                                                    {"key": f"big{i}", "value": "x" * 200_000})
+                    if result.is_error:
+                        texts.append(result.content[0].text)  # type: ignore[union-attr]
+                assert texts and all("storage_full: " in t for t in texts), texts[:2]
+                got = await client.call_tool("memory_get", {"key": "a"})
+                assert got.structured_content["found"] is True  # type: ignore[index]
+                os.remove(mounted / "ballast")
+                result = await client.call_tool("memory_set", {"key": "after", "value": 2})
+                assert not result.is_error
+    TOTALS["fault_cases"] += 1
+
+
+def test_read_only_filesystem(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "ro", "4m") as mounted:
+        if mounted is None:
+            pytest.fail("cannot mount a tmpfs here (not root?)")
+        db = str(mounted / "kv.db")
+        with kvmem.Store.open(db, config=CONFIG) as store:
+            store.set("kept", "value")
+        before = file_digest(db)
+        subprocess.run(["mount", "-o", "remount,ro", str(mounted)], check=True)
+        with pytest.raises(kvmem.KvmemError) as info:
+            kvmem.Store.open(db, config=CONFIG)
+        assert info.value.code in ("read_only", "storage_error"), info.value
+        check = run_cli("check", db)  # reading still works where SQLite can
+        assert file_digest(db) == before
+        child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                      "--port", "0")
+        assert child.wait() == 2 and "kvmem-http:" in child.stderr
+        assert "Traceback" not in child.stderr
+        subprocess.run(["mount", "-o", "remount,rw", str(mounted)], check=True)
+        assert file_digest(db) == before
+        assert check.returncode in (0, 1)
+    TOTALS["fault_cases"] += 1
+
+
+@pytest.mark.parametrize("content", ["text", "zeros", "truncated", "wal"])
+def test_servers_refuse_a_file_that_is_not_a_database(tmp_path: Path, content: str) -> None:
+    db = tmp_path / "bad.db"
+    if content == "text":
+        db.write_text("[settings]\nnot = 'a database'\n")
+    elif content == "zeros":
+        db.write_bytes(b"\0" * 16384)
+    elif content == "truncated":
+        db.write_bytes(kvmem.SQLITE_MAGIC + b"\0" * 20)
+    else:
+        db.write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 4092)
+    before = file_digest(str(db))
+    for module in ("http_server", "mcp_server"):
+        child = Child(f"import sys, {module}; sys.exit({module}.main())", "--db", str(db),
+                      "--port", "0")
+        assert child.wait() == 2, module
+        assert "not an SQLite database" in child.stderr and "Traceback" not in child.stderr
+    assert file_digest(str(db)) == before
+    assert run_cli("check", str(db)).returncode == 1
+    TOTALS["fault_cases"] += 1
+
+
+def test_corrupt_page_reported_never_repaired(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        store.batch([{"op": "set", "key": f"k{i:04d}", "value": "v" * 300} for i in range(800)])
+    conn = kvmem.open_db(db, config=CONFIG)
+    root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'memories'").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    with open(db, "r+b") as fp:  # garble an interior page of the memories table
+        fp.seek((root - 1) * page_size + 8)
+        fp.write(b"\xde\xad\xbe\xef" * 64)
+    before = file_digest(db)
+    check = run_cli("check", db)
+    report = json.loads(check.stdout)
+    assert check.returncode == 1 and not report["ok"] and report["integrity"] != ["ok"]
+    # Default start-up runs quick_check and refuses the file with a clear error.
+    child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                  "--port", "0")
+    assert child.wait() == 2 and "corrupt" in child.stderr.lower()
+    # Started without the check, the server runs, meets the damage, and says so.
+    child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                  "--port", "0", "--quick-check", "false", "--log-level", "WARNING")
+    port = int(child.expect("listening on").rsplit(":", 1)[1])
+    try:
+        status, body = _http(port, "GET", "/v1/memories?limit=1000")
+        assert status == 503 and body["error"]["code"] == "corrupt_database", body
+        status, body = _http(port, "GET", "/healthz")
+        assert status == 503 and not body["ok"] and "corrupt" in json.dumps(body)
+    finally:
+        child.proc.send_signal(signal.SIGTERM)
+        child.wait()
+    assert file_digest(db) == before  # nothing deleted, rewritten or "repaired"
+    assert os.path.getsize(db) == pages * page_size
+    TOTALS["fault_cases"] += 1
+
+
+def test_newer_schema_refused_by_both_servers(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    kvmem.open_db(db, config=CONFIG).close()
+    raw = sqlite3.connect(db)
+    raw.execute("PRAGMA user_version = 42")
+    raw.close()
+    before = file_digest(db)
+    for module in ("http_server", "mcp_server"):
+        child = Child(f"import sys, {module}; sys.exit({module}.main())", "--db", db,
+                      "--port", "0")
+        assert child.wait() == 2 and "newer kvmem" in child.stderr, child.stderr
+    assert file_digest(db) == before
+    TOTALS["fault_cases"] += 1
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_directory_deleted_or_replaced_while_serving(tmp_path: Path, how: str) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    db = str(directory / "kv.db")
+    child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
+                  "--port", "0", "--log-level", "WARNING")
+    port = int(child.expect("listening on").rsplit(":", 1)[1])
+    try:
+        assert _http(port, "PUT", "/v1/memories/k", {"value": 1})[0] == 201
+        shutil.move(str(directory), str(tmp_path / "moved-away"))
+        if how == "replaced":
+            directory.mkdir()
+            kvmem.open_db(db, config=CONFIG).close()  # someone starts a fresh database there
+        status, body = _http(port, "GET", "/healthz")
+        assert status == 503 and not body["ok"] and how in json.dumps(body), body
+        status, body = _http(port, "PUT", "/v1/memories/ghost", {"value": 2})
+        assert status == 503 and "refused" in body["error"]["message"], body
+    finally:
+        child.proc.send_signal(signal.SIGTERM)
+        child.wait()
+    # The write was not acknowledged, and it is in neither file: no silent split.
+    for path in (str(tmp_path / "moved-away" / "kv.db"), db):
+        if os.path.exists(path):
+            conn = kvmem.open_db(path, config=CONFIG)
+            try:
+                keys = [r[0] for r in conn.execute("SELECT key FROM memories")]
+            finally:
+                conn.close()
+            assert "ghost" not in keys
+    TOTALS["fault_cases"] += 1
+
+
+# ----------------------------------------------------------------------- hostile MCP ----
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                 max_size=3),
+    max_leaves=8,
+)
+ARGUMENT_NAMES = ["key", "value", "namespace", "tags", "ttl_seconds", "half_life_seconds",
+                  "if_version", "prefix", "tag", "archived", "limit", "cursor", "query", "ops",
+                  "extra"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store]:
+    with kvmem.Store.open(tmp_path_factory.mktemp("fuzz") / "kv.db", config=CONFIG) as store:
+        yield store
+
+
+@pytest.mark.anyio
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tool=st.sampled_from([
+    "memory_set", "memory_get", "memory_delete", "memory_list", "memory_search",
+    "memory_reinforce", "memory_batch", "memory_stats"]),
+    arguments=st.dictionaries(st.sampled_from(ARGUMENT_NAMES), json_values | st.lists(
+        st.dictionaries(st.sampled_from(["op", "key", "value", "if_version", "tags"]),
+                        json_values | st.sampled_from(["set", "delete"]), max_size=4),
+        max_size=3), max_size=5))
+async def test_fuzz_mcp_tools(fuzz_store: kvmem.Store, tool: str, arguments: dict[str, Any],
+                              caplog: pytest.LogCaptureFixture) -> None:
+    async with Client(mcp_server.build_server(fuzz_store)) as client:
+        result = await client.call_tool(tool, arguments)
+    TOTALS["fuzz_cases"] += 1
+    if result.is_error:
+        text = result.content[0].text  # type: ignore[union-attr]
+        # A masked "Error executing tool X" with nothing after it would mean an unhandled
+        # exception inside the tool: every rejection must say what was wrong.
+        assert text.strip() != f"Error executing tool {tool}", arguments
+        assert len(text) > len(f"Error executing tool {tool}: ") + 5, text
+    assert "Traceback" not in caplog.text and "UnexpectedToolError" not in caplog.text
