@@ -3,6 +3,7 @@ into long ones and prints the totals at the end."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,12 @@ import testutil
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true",
                      help="long crash/load/fuzz runs (thousands of kills, minutes of load)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read at import time by the fuzz tests, whose example counts are fixed by decorators.
+    if config.getoption("--soak"):
+        os.environ["KVMEM_TEST_SOAK"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
 import kvmem
 import mcp_server
-from testutil import DURABILITY_TOTALS, HERE, Child, child_env, file_digest, run_cli
+from testutil import DURABILITY_TOTALS, HERE, SOAK, Child, child_env, file_digest, run_cli
 
 CONFIG = kvmem.Config.build(environ={})
 TOTALS = DURABILITY_TOTALS
@@ -672,7 +672,7 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store
 
 
 @pytest.mark.anyio
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=3000 if SOAK else 300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(tool=st.sampled_from([
     "memory_set", "memory_get", "memory_delete", "memory_list", "memory_search",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 import http_server
 import kvmem
-from testutil import Child
+from testutil import DURABILITY_TOTALS, SOAK, Child
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -399,19 +400,22 @@ def requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, str]]:
     return method, path, raw, headers
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[
+@settings(max_examples=4000 if SOAK else 400, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(request=requests())
 def test_fuzz_api_from_route_table(client: Client,
-                                   request: tuple[str, str, bytes | None, dict[str, str]]
-                                   ) -> None:
+                                   request: tuple[str, str, bytes | None, dict[str, str]],
+                                   caplog: pytest.LogCaptureFixture) -> None:
     method, path, raw, headers = request
+    DURABILITY_TOTALS["fuzz_cases"] += 1
     try:
         status, _, body = client.request(method, path, raw=raw, headers=headers)
     except (http.client.InvalidURL, UnicodeEncodeError):
         client.conn.close()  # http.client's state is spent; start the next one afresh
         return  # http.client refuses to send it at all (control or non-ASCII characters)
     assert status < 500, (method, path, raw, body)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors  # no unhandled exception in the server log either
     if status >= 400:
         assert set(body) == {"error"} and {"code", "message", "request_id"} <= set(body["error"])
         jsonschema.validate(body, _schema("Error"))

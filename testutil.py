@@ -125,6 +125,8 @@ def start_all(children: Sequence[Child], ready: str = "ready") -> None:
         child.expect(ready)
 
 
+SOAK = os.environ.get("KVMEM_TEST_SOAK") == "1"  # set by conftest.py for --soak
+
 # Totals of the reliability suite, printed at the end of a run (conftest.py).
 DURABILITY_TOTALS: dict[str, int] = {
     "kills": 0, "acknowledged_writes_checked": 0, "lost": 0, "integrity_failures": 0,
