@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import base64
 import builtins
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -47,14 +48,13 @@ import json
 import logging
 import math
 import os
-import queue
 import random
+import re
 import sqlite3
 import stat
 import sys
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
@@ -423,7 +423,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
 # ========================================================================= pure core ====
 # No clock, no file, no socket below this line until "storage": ``now`` is a parameter.
 
-NAMESPACE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+NAMESPACE_RE = re.compile("[A-Za-z0-9._-]+")
 INITIAL_STRENGTH = 1.0
 MAX_STRENGTH = 1.0
 REINFORCE_BOOST = 0.5
@@ -437,10 +437,13 @@ BM25_WEIGHTS = (2.0, 1.0, 1.5)
 CURSOR_VERSION = 1
 
 
+# Unicode category Cc (C0 and C1 controls: NUL, newline, DEL, ...) is exactly these
+# ranges; lone surrogates (Cs) cannot be stored as UTF-8 at all.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def _has_control_chars(text: str) -> bool:
-    # Cc: C0/C1 controls (NUL, newline, DEL, ...); Cs: lone surrogates, which cannot be
-    # stored as UTF-8 at all.
-    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+    return CONTROL_CHARS.search(text) is not None
 
 
 def validate_key(key: object, config: Config) -> str:
@@ -460,7 +463,7 @@ def validate_namespace(namespace: object, config: Config) -> str:
     if not isinstance(namespace, str):
         raise InvalidInputError(f"namespace must be a string, not {type(namespace).__name__}")
     too_long = not 1 <= len(namespace) <= config.max_namespace_chars
-    if too_long or not set(namespace) <= NAMESPACE_CHARS:
+    if too_long or not NAMESPACE_RE.fullmatch(namespace):
         raise InvalidInputError(f"namespace must be 1 to {config.max_namespace_chars} of "
                                 f"A-Z a-z 0-9 . _ - (got {namespace[:80]!r})")
     return namespace
@@ -1312,7 +1315,8 @@ UPDATE_MEMORY = (
 
 def _row_memory(row: Sequence[Any]) -> Memory:
     return Memory(
-        namespace=row[1], key=row[2], value=json.loads(row[3]), tags=json.loads(row[4]),
+        namespace=row[1], key=row[2], value=json.loads(row[3]),
+        tags=[] if row[4] == "[]" else json.loads(row[4]),  # most memories have no tags
         version=row[5], created_at=row[6], updated_at=row[7], expires_at=row[8],
         strength=row[9], half_life_seconds=row[10], last_reinforced_at=row[11],
         archived=bool(row[12]),
@@ -1320,26 +1324,34 @@ def _row_memory(row: Sequence[Any]) -> Memory:
 
 
 class _Pending:
-    """One write waiting for the group committer: the op, then its result or error."""
+    """One write waiting for its group: the op, then its result or error."""
 
-    __slots__ = ("done", "error", "op", "result")
+    __slots__ = ("error", "finished", "op", "result")
 
     def __init__(self, op: Callable[[KvmemConnection], Any]) -> None:
         self.op = op
-        self.done = threading.Event()
+        self.finished = False
         self.result: Any = None
         self.error: BaseException | None = None
 
 
 class GroupCommitter:
-    """One writer thread with one connection; every write of the process goes through it.
+    """Group commit: every write of the process goes through here, and concurrent writes
+    share one transaction and one fsync.
 
-    Callers ``submit()`` an op (a function of the connection).  The thread takes every op
-    waiting (up to ``group_commit_max``), runs them in one ``BEGIN IMMEDIATE … COMMIT``,
-    each inside its own SAVEPOINT so a failing op is rolled back alone and fails alone,
-    and wakes each caller only after the COMMIT returned: one fsync for the whole group,
-    and nothing acknowledged before it is durable.  If the COMMIT (or the BEGIN) fails,
-    every op of the group fails with that error and none of them was applied.
+    The shape is LevelDB's write group (``DBImpl::Write``): a caller appends its op to a
+    queue; the caller at the front, when no group is running, becomes the leader, takes
+    every op queued behind it (up to ``group_commit_max``), runs them in one
+    ``BEGIN IMMEDIATE … COMMIT`` with each op inside its own SAVEPOINT (a failing op is
+    rolled back alone and fails alone), then marks the whole group done and wakes the
+    followers.  Each caller returns only after the COMMIT that holds its op returned:
+    nothing is acknowledged before it is durable.  If the COMMIT (or the BEGIN) fails,
+    every op of the group fails with that error and none of them was applied.  A lone
+    writer is its own leader and pays no hand-off to another thread.
+
+    The one connection is used by one leader at a time, never by two threads at once
+    (``check_same_thread=False`` only lets leadership move between threads).  At most
+    GROUP_QUEUE_MAX writes wait; more callers block until there is room (backpressure).
     """
 
     def __init__(self, path: str, config: Config, *,
@@ -1348,64 +1360,61 @@ class GroupCommitter:
         self.config = config
         self.precommit = precommit  # returns a reason not to commit (the file was replaced)
         self.failure: str | None = None  # the last corruption seen, for health
-        self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=GROUP_QUEUE_MAX)
-        self._stats_lock = threading.Lock()
-        self._stats = {"commits": 0, "ops": 0, "failed_ops": 0, "largest_group": 0}
-        self._ready = threading.Event()
-        self._open_error: BaseException | None = None
+        self._conn = open_db(path, config=config, check_same_thread=False)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._leading = False
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kvmem-group-commit", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._open_error is not None:
-            raise self._open_error
+        self._stats = {"commits": 0, "ops": 0, "failed_ops": 0, "largest_group": 0}
 
     def submit(self, op: Callable[[KvmemConnection], Any]) -> Any:
-        """Run ``op`` in the next group; return its result once the group committed."""
-        if self._closed:
-            raise StorageError(f"{self.path}: the store is closed")
+        """Run ``op`` in a group; return its result once that group committed."""
         pending = _Pending(op)
-        self._queue.put(pending)  # blocks while GROUP_QUEUE_MAX writes wait: backpressure
-        pending.done.wait()
+        with self._cond:
+            while len(self._queue) >= GROUP_QUEUE_MAX and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise StorageError(f"{self.path}: the store is closed")
+            self._queue.append(pending)
+            while not pending.finished and (self._leading or self._queue[0] is not pending):
+                self._cond.wait()
+            group: list[_Pending] = []
+            if not pending.finished:  # at the front, nobody leading: lead this group
+                self._leading = True
+                count = min(len(self._queue), self.config.group_commit_max)
+                group = [self._queue.popleft() for _ in range(count)]
+        if group:
+            try:
+                self._commit(self._conn, group)
+            finally:
+                with self._cond:
+                    for member in group:
+                        member.finished = True
+                    self._leading = False
+                    self._cond.notify_all()
         if pending.error is not None:
             raise pending.error
         return pending.result
 
+    def pending(self) -> int:
+        """Writes waiting for a group (not counting the one being committed)."""
+        with self._cond:
+            return len(self._queue)
+
     def stats(self) -> dict[str, int]:
-        with self._stats_lock:
+        with self._cond:
             return dict(self._stats)
 
     def close(self) -> None:
-        if not self._closed:
+        """Refuse new writes, let queued ones commit, close the connection."""
+        with self._cond:
+            if self._closed:
+                return
             self._closed = True
-            self._queue.put(None)
-            self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            conn = open_db(self.path, config=self.config)
-        except BaseException as exc:
-            self._open_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        try:
-            while True:
-                first = self._queue.get()
-                group = [first]
-                while len(group) < self.config.group_commit_max:
-                    try:
-                        group.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = None in group
-                work = [p for p in group if p is not None]
-                if work:
-                    self._commit(conn, work)
-                if stop:
-                    return
-        finally:
-            conn.close()
+            self._cond.notify_all()
+            while self._leading or self._queue:
+                self._cond.wait()
+        self._conn.close()
 
     def _commit(self, conn: KvmemConnection, group: list[_Pending]) -> None:
         failed = 0
@@ -1437,15 +1446,13 @@ class GroupCommitter:
                 pending.result, pending.error = None, pending.error or error
             failed = len(group)
         else:
-            with self._stats_lock:
+            with self._cond:
                 self._stats["commits"] += 1
         finally:
-            with self._stats_lock:
+            with self._cond:
                 self._stats["ops"] += len(group)
                 self._stats["failed_ops"] += failed
                 self._stats["largest_group"] = max(self._stats["largest_group"], len(group))
-            for pending in group:
-                pending.done.set()
 
 
 def _as_kvmem(exc: BaseException, conn: KvmemConnection) -> BaseException:
@@ -1469,19 +1476,21 @@ class _ReadPool:
         self._lock = threading.Lock()
         self.failure: str | None = None  # the last corruption seen, for health
 
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[KvmemConnection]:
+    def borrow(self) -> _Borrowed:
+        """``with pool.borrow() as conn:`` (a class, not a generator: reads are hot)."""
+        return _Borrowed(self)
+
+    def take(self) -> KvmemConnection:
         with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
-            conn = open_db(self.path, config=self.config, check_same_thread=False)
-        try:
-            yield conn
-        except BaseException as exc:
+            if self._idle:
+                return self._idle.pop()
+        return open_db(self.path, config=self.config, check_same_thread=False)
+
+    def give(self, conn: KvmemConnection, exc: BaseException | None) -> None:
+        if exc is not None:
             if isinstance(exc, NotADatabaseError | CorruptDatabaseError):
                 self.failure = f"{exc.code}: {exc}"
             _rollback(conn)
-            raise
         with self._lock:
             if len(self._idle) < self.keep:
                 self._idle.append(conn)
@@ -1493,6 +1502,20 @@ class _ReadPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+class _Borrowed:
+    __slots__ = ("conn", "pool")
+
+    def __init__(self, pool: _ReadPool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> KvmemConnection:
+        self.conn = self.pool.take()
+        return self.conn
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        self.pool.give(self.conn, exc)
 
 
 class Store:

@@ -496,7 +496,7 @@ def test_group_commit_many_threads(store: kvmem.Store) -> None:
 
 def test_failing_op_in_a_group_fails_alone(store: kvmem.Store) -> None:
     store.set("cas", "v1")
-    # Park the writer thread inside a group, so that the writes below all queue up and
+    # Park a leader inside a group, so that the writes below all queue up behind it and
     # then land together in the next group.
     parked, release = threading.Event(), threading.Event()
 
@@ -521,7 +521,7 @@ def test_failing_op_in_a_group_fails_alone(store: kvmem.Store) -> None:
         target=call, args=("bad", lambda: store.set("cas", "v2", if_version=5))))
     for thread in threads:
         thread.start()
-    while store._writer._queue.qsize() < 11:  # all eleven queued (a condition, not a sleep)
+    while store._writer.pending() < 11:  # all eleven queued (a condition, not a sleep)
         threading.Event().wait(0.001)
     release.set()
     for thread in [*threads, blocker]:

@@ -1,0 +1,616 @@
+"""bench.py: measure every performance claim of kvmem beside its baseline, in one run.
+
+    python bench.py              # about a minute or two
+    python bench.py --quick      # a few seconds (what the test runs)
+    python bench.py --json FILE  # also write the results as JSON
+    python bench.py --million    # add the 1M-memory scale point
+
+Every figure is the median of repeated runs and is printed next to a baseline measured in
+the same run (raw sqlite3 with the same pragmas, the fsync ceiling of the disk, the same
+server with group commit off, peers), so that the ratios hold on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import kvmem
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS: dict[str, Any] = {}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def median_rate(runs: int, fn: Callable[[], tuple[int, float]]) -> float:
+    """Median over ``runs`` of ``count / seconds`` returned by ``fn``."""
+    rates = []
+    for _ in range(runs):
+        count, seconds = fn()
+        rates.append(count / seconds)
+    return statistics.median(rates)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def config(**flags: str) -> kvmem.Config:
+    return kvmem.Config.build(environ={}, flags=flags)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick = args.quick
+        self.runs = 1 if args.quick else 3
+        self.seconds = 0.25 if args.quick else 1.0
+        self.million = args.million
+        self.root = tempfile.mkdtemp(prefix="kvmem-bench-", dir=args.dir)
+        self.counter = 0
+
+    def path(self, name: str) -> str:
+        self.counter += 1
+        return os.path.join(self.root, f"{self.counter:03d}-{name}.db")
+
+    def timed(self, fn: Callable[[int], None]) -> tuple[int, float]:
+        """Call fn(i) for i = 0, 1, ... until ``self.seconds`` passed."""
+        started = time.perf_counter()
+        deadline = started + self.seconds
+        n = 0
+        while time.perf_counter() < deadline:
+            fn(n)
+            n += 1
+        return n, time.perf_counter() - started
+
+    # -- 1. the disk --------------------------------------------------------------------
+
+    def fsync_limit(self) -> None:
+        path = os.path.join(self.root, "fsync-probe")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        block = b"x" * 4096
+        try:
+            def one(i: int) -> None:
+                os.pwrite(fd, block, (i % 256) * 4096)
+                os.fdatasync(fd)
+            rate = median_rate(self.runs, lambda: self.timed(one))
+        finally:
+            os.close(fd)
+            os.remove(path)
+        RESULTS["fsync_per_s"] = rate
+        say(f"1. disk: fdatasync {rate:,.0f}/s (the ceiling for one-fsync-per-commit writes)")
+
+    # -- 2. durability levels -----------------------------------------------------------
+
+    def raw_commit_rate(self, synchronous: str) -> float:
+        path = self.path(f"raw-{synchronous}")
+        conn = sqlite3.connect(path, isolation_level=None)
+        for pragma in ("journal_mode = wal", f"synchronous = {synchronous}",
+                       "cache_size = -64000", "temp_store = memory", "busy_timeout = 5000"):
+            conn.execute(f"PRAGMA {pragma}")
+        conn.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT)")
+
+        def one(i: int) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (f"k{i}", '"value"'))
+            conn.execute("COMMIT")
+        try:
+            return median_rate(self.runs, lambda: self.timed(one))
+        finally:
+            conn.close()
+
+    def store_set_rate(self, synchronous: str) -> float:
+        with kvmem.Store.open(self.path(f"store-{synchronous}"),
+                              config=config(synchronous=synchronous)) as store:
+            return median_rate(self.runs, lambda: self.timed(
+                lambda i: store.set(f"k{i}", "value")))
+
+    def durability_levels(self) -> None:
+        say("2. single-row durable commits/s, one thread: raw sqlite3 (WAL, same pragmas) "
+            "vs Store.set")
+        rows = {}
+        for level in ("off", "normal", "full", "extra"):
+            raw, store = self.raw_commit_rate(level), self.store_set_rate(level)
+            rows[level] = {"raw": raw, "store": store, "ratio": store / raw}
+            say(f"   {level:6s}  raw {raw:9,.0f}/s   Store.set {store:9,.0f}/s   "
+                f"ratio {store / raw:4.2f}")
+        RESULTS["durability_levels"] = rows
+        ratio = rows["extra"]["store"] / rows["full"]["raw"]
+        RESULTS["targets"]["store_set_extra_vs_raw_full"] = {"value": ratio, "target": 0.85,
+                                                             "met": ratio >= 0.85}
+
+    # -- 3. group commit ----------------------------------------------------------------
+
+    def group_commit(self) -> None:
+        say("3. durable writes/s through Store (synchronous=extra) by writer threads")
+        rows = {}
+        per_thread = 150 if self.quick else 600
+        for threads in (1, 4, 16, 64):
+            rates, per_commit = [], []
+            for _ in range(self.runs):
+                with kvmem.Store.open(self.path(f"group-{threads}"), config=config()) as store:
+                    def work(t: int, s: kvmem.Store = store) -> None:
+                        for i in range(per_thread):
+                            s.set(f"t{t}-{i}", {"i": i})
+                    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+                    started = time.perf_counter()
+                    for w in workers:
+                        w.start()
+                    for w in workers:
+                        w.join()
+                    seconds = time.perf_counter() - started
+                    figures = store.stats()["group_commit"]
+                rates.append(threads * per_thread / seconds)
+                per_commit.append(figures["ops"] / max(1, figures["commits"]))
+            rate = statistics.median(rates)
+            rows[threads] = {"writes_per_s": rate, "writes_per_commit": statistics.median(
+                per_commit)}
+        single_raw = RESULTS["durability_levels"]["full"]["raw"]
+        for threads, row in rows.items():
+            row["vs_raw_full_1thread"] = row["writes_per_s"] / single_raw
+            row["vs_fsync_ceiling"] = row["writes_per_s"] / RESULTS["fsync_per_s"]
+            say(f"   {threads:3d} threads  {row['writes_per_s']:9,.0f}/s  "
+                f"{row['writes_per_commit']:5.1f} writes/commit  "
+                f"x{row['vs_raw_full_1thread']:4.1f} raw FULL 1-thread  "
+                f"x{row['vs_fsync_ceiling']:4.1f} fsync ceiling")
+        RESULTS["group_commit"] = rows
+        ratio = rows[16]["writes_per_s"] / rows[1]["writes_per_s"]
+        RESULTS["targets"]["group_16_vs_1_thread"] = {"value": ratio, "target": 5.0,
+                                                      "met": ratio >= 5.0}
+
+    # -- 4. reads -------------------------------------------------------------------------
+
+    def fill(self, store: kvmem.Store, count: int) -> None:
+        words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+        chunk = 1000
+        for start in range(0, count, chunk):
+            store.batch([{"op": "set", "key": f"key-{i:07d}",
+                          "value": {"text": f"{words[i % 8]} {words[i * 7 % 8]} note {i}"},
+                          "tags": [words[i % 8]]}
+                         for i in range(start, min(count, start + chunk))])
+
+    def reads(self) -> None:
+        say("4. reads")
+        sizes = (2000, 10000) if self.quick else (10000, 100000)
+        with kvmem.Store.open(self.path("reads"), config=config()) as store:
+            self.fill(store, sizes[0])
+            n = sizes[0]
+            get_rate = median_rate(self.runs, lambda: self.timed(
+                lambda i: store.get(f"key-{i * 7919 % n:07d}")))
+            raw = sqlite3.connect(store.path)
+            select = ("SELECT id, namespace, key, value, tags, version FROM memories"
+                      " WHERE namespace = ? AND key = ?")
+
+            def raw_get(i: int) -> None:
+                raw.execute(select, ("default", f"key-{i * 7919 % n:07d}")).fetchone()
+            raw_rate = median_rate(self.runs, lambda: self.timed(raw_get))
+            raw.close()
+            say(f"   Store.get {get_rate:9,.0f}/s   raw SELECT {raw_rate:9,.0f}/s   "
+                f"ratio {get_rate / raw_rate:4.2f}")
+            RESULTS["reads"] = {"store_get": get_rate, "raw_select": raw_rate,
+                                "ratio": get_rate / raw_rate}
+            ratio = get_rate / raw_rate
+            RESULTS["targets"]["store_get_vs_raw_select"] = {"value": ratio, "target": 0.7,
+                                                             "met": ratio >= 0.7}
+            latency = {}
+            for size in sizes:
+                if size > n:
+                    self.fill(store, size)
+                    n = size
+                list_ms = self.latency(lambda: store.list(prefix="key-00", limit=100))
+                search_ms = self.latency(lambda: store.search("charlie note", limit=20))
+                latency[size] = {"list_100_ms": list_ms, "search_20_ms": search_ms}
+                say(f"   {size:7,d} memories: list(100) {list_ms:6.2f} ms   "
+                    f"search(20) {search_ms:6.2f} ms (medians)")
+            RESULTS["reads"]["latency"] = latency
+
+    def latency(self, fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(5 if self.quick else 30):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    # -- 5, 6. HTTP ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def http_server(self, db: str, *flags: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "http_server.py"), "--db", db, "--port", "0",
+             "--log-level", "WARNING", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        try:
+            yield proc, int(line.strip().rsplit(":", 1)[1])
+        finally:
+            proc.terminate()
+            proc.wait()
+
+    def load(self, port: int, method: str, connections: int, seconds: float) -> dict[str, Any]:
+        """The built-in load client: processes with keep-alive connections, each timing
+        every request; returns requests/s, p50/p99 (ms) and errors."""
+        processes = min(connections, 4)
+        per = [connections // processes + (1 if i < connections % processes else 0)
+               for i in range(processes)]
+        procs = [subprocess.Popen([sys.executable, __file__, "--load-worker", str(port), method,
+                                   str(n), str(seconds), str(i)], stdout=subprocess.PIPE,
+                                  text=True) for i, n in enumerate(per)]
+        latencies: list[float] = []
+        errors = done = 0
+        for proc in procs:
+            out, _ = proc.communicate()
+            data = json.loads(out)
+            latencies += data["latencies"]
+            errors += data["errors"]
+            done += data["done"]
+        return {"rps": done / seconds, "p50_ms": percentile(latencies, 50),
+                "p99_ms": percentile(latencies, 99), "errors": errors}
+
+    def http(self) -> None:
+        tool = "built-in multi-process client (wrk is not used)"
+        say(f"5. HTTP (load from the {tool}; keep-alive connections)")
+        seconds = 1.0 if self.quick else 3.0
+        rows: dict[str, Any] = {}
+        for mode, flags in (("group_commit_on", ()), ("group_commit_off",
+                                                       ("--group-commit-max", "1"))):
+            with self.http_server(self.path(f"http-{mode}"), *flags) as (_, port):
+                for connections in (1, 16):
+                    put = self.load(port, "PUT", connections, seconds)
+                    get = self.load(port, "GET", connections, seconds)
+                    rows[f"{mode}/{connections}"] = {"put": put, "get": get}
+                    say(f"   {mode:16s} {connections:2d} conn  GET {get['rps']:7,.0f}/s "
+                        f"p50 {get['p50_ms']:5.2f} p99 {get['p99_ms']:6.2f} ms | durable PUT "
+                        f"{put['rps']:7,.0f}/s p50 {put['p50_ms']:5.2f} p99 {put['p99_ms']:6.2f}"
+                        f" ms  errors {put['errors'] + get['errors']}")
+        RESULTS["http"] = {"client": tool, "rows": rows}
+        on, off = rows["group_commit_on/16"], rows["group_commit_off/16"]
+        RESULTS["targets"]["http_put_vs_get_16"] = {
+            "value": on["put"]["rps"] / on["get"]["rps"], "target": 0.7,
+            "met": on["put"]["rps"] / on["get"]["rps"] >= 0.7}
+        RESULTS["targets"]["http_put_p99_ms_16"] = {"value": on["put"]["p99_ms"],
+                                                    "target": 25.0,
+                                                    "met": on["put"]["p99_ms"] <= 25.0}
+        RESULTS["targets"]["http_put_group_on_vs_off_16"] = {
+            "value": on["put"]["rps"] / off["put"]["rps"], "target": 2.0,
+            "met": on["put"]["rps"] / off["put"]["rps"] >= 2.0}
+
+    def two_processes(self) -> None:
+        say("6. two processes on one file: the HTTP server (16 connections of PUTs) and a "
+            "library writer process")
+        seconds = 1.0 if self.quick else 3.0
+        db = self.path("two-processes")
+        with self.http_server(db) as (_, port):
+            writer = subprocess.Popen([sys.executable, __file__, "--store-writer", db,
+                                       str(seconds)], stdout=subprocess.PIPE, text=True)
+            http_result = self.load(port, "PUT", 16, seconds)
+            out, _ = writer.communicate()
+            lib = json.loads(out)
+        combined = http_result["rps"] + lib["writes"] / seconds
+        RESULTS["two_processes"] = {"http": http_result, "library": lib,
+                                    "combined_writes_per_s": combined}
+        say(f"   combined {combined:,.0f} writes/s  (HTTP {http_result['rps']:,.0f}/s p99 "
+            f"{http_result['p99_ms']:.2f} ms, library {lib['writes'] / seconds:,.0f}/s p99 "
+            f"{lib['p99_ms']:.2f} ms)  busy errors {lib['busy'] + http_result['errors']}")
+
+    # -- 7. MCP ---------------------------------------------------------------------------
+
+    def mcp(self) -> None:
+        say("7. MCP tool calls (memory_set then memory_get)")
+        out = subprocess.run([sys.executable, __file__, "--mcp-worker", self.path("mcp"),
+                              "20" if self.quick else "200"], capture_output=True, text=True,
+                             check=True)
+        RESULTS["mcp"] = json.loads(out.stdout.strip().splitlines()[-1])
+        m = RESULTS["mcp"]
+        say(f"   in-process p50 {m['inprocess_p50_ms']:.2f} p99 {m['inprocess_p99_ms']:.2f} ms"
+            f" | stdio p50 {m['stdio_p50_ms']:.2f} p99 {m['stdio_p99_ms']:.2f} ms | stdio "
+            f"start-up {m['stdio_startup_s']:.2f} s")
+
+    # -- 8. scale -------------------------------------------------------------------------
+
+    def scale(self) -> None:
+        say("8. scale: write rate and sizes as the store grows")
+        points = [1000, 10000] if self.quick else [1000, 100000]
+        if self.million:
+            points.append(1000000)
+        rows = {}
+        with kvmem.Store.open(self.path("scale"), config=config()) as store:
+            have = 0
+            for point in points:
+                self.fill_from(store, have, point)
+                have = point
+                rate = median_rate(self.runs, lambda: self.timed(
+                    lambda i: store.set(f"scale-{i}", {"text": "a new memory"})))
+                stats = store.stats()
+                rows[point] = {"writes_per_s": rate, "db_bytes": stats["db_bytes"],
+                               "wal_bytes": stats["wal_bytes"]}
+                say(f"   {point:9,d} memories: Store.set {rate:7,.0f}/s  file "
+                    f"{stats['db_bytes'] / 2**20:7.1f} MiB  "
+                    f"WAL {stats['wal_bytes'] / 2**20:5.1f} MiB")
+        RESULTS["scale"] = rows
+
+    def fill_from(self, store: kvmem.Store, start: int, end: int) -> None:
+        chunk = 1000
+        for first in range(start, end, chunk):
+            store.batch([{"op": "set", "key": f"fill-{i:08d}", "value": {"text": f"memory {i}"}}
+                         for i in range(first, min(end, first + chunk))])
+
+    # -- 9. peers -------------------------------------------------------------------------
+
+    def peers(self) -> None:
+        say("9. peers, same machine, same run")
+        rows: dict[str, Any] = {}
+        try:
+            import diskcache  # type: ignore[import-not-found]
+        except ImportError:
+            rows["diskcache"] = {"skipped": "python-diskcache is not installed "
+                                            "(pip install -e '.[bench]')"}
+            say(f"   diskcache: skipped: {rows['diskcache']['skipped']}")
+        else:
+            for label, settings in (("defaults", {}), ("sqlite_synchronous=2",
+                                                       {"sqlite_synchronous": 2})):
+                cache = diskcache.Cache(os.path.join(self.root, f"diskcache-{label}"),
+                                        **settings)
+                set_rate = median_rate(self.runs, lambda c=cache: self.timed(
+                    lambda i: c.set(f"k{i}", "value")))
+                get_rate = median_rate(self.runs, lambda c=cache: self.timed(
+                    lambda i: c.get(f"k{i % 100}")))
+                cache.close()
+                rows[f"diskcache/{label}"] = {"set": set_rate, "get": get_rate}
+            with kvmem.Store.open(self.path("vs-diskcache"), config=config()) as store:
+                store.set("k0", "value")
+                rows["kvmem/extra"] = {
+                    "set": median_rate(self.runs, lambda: self.timed(
+                        lambda i: store.set(f"k{i}", "value"))),
+                    "get": median_rate(self.runs, lambda: self.timed(
+                        lambda i: store.get(f"k{i % 100}")))}
+            for name in ("diskcache/defaults", "diskcache/sqlite_synchronous=2", "kvmem/extra"):
+                say(f"   {name:32s} set {rows[name]['set']:9,.0f}/s  get "
+                    f"{rows[name]['get']:9,.0f}/s")
+            equal = rows["diskcache/sqlite_synchronous=2"]
+            RESULTS["targets"]["store_vs_diskcache_equal_durability"] = {
+                "value": rows["kvmem/extra"]["set"] / equal["set"], "target": 1.0,
+                "met": rows["kvmem/extra"]["set"] >= equal["set"]
+                and rows["kvmem/extra"]["get"] >= equal["get"]}
+        rows["redis"] = self.redis()
+        RESULTS["peers"] = rows
+
+    def redis(self) -> dict[str, Any]:
+        server = shutil.which("redis-server")
+        if not server:
+            reason = "redis-server is not installed (apt-get install redis-server)"
+            say(f"   redis: skipped: {reason}")
+            return {"skipped": reason}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        workdir = os.path.join(self.root, "redis")
+        os.makedirs(workdir)
+        proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--appendonly", "yes", "--appendfsync", "always",
+                                 "--save", "", "--dir", workdir],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            seconds = 1.0 if self.quick else 3.0
+            out = subprocess.run([sys.executable, __file__, "--redis-load", str(port), "16",
+                                  str(seconds)], capture_output=True, text=True, check=True)
+            redis = json.loads(out.stdout)
+        finally:
+            proc.terminate()
+            proc.wait()
+        with self.http_server(self.path("vs-redis")) as (_, http_port):
+            kv = self.load(http_port, "PUT", 16, 1.0 if self.quick else 3.0)
+        say(f"   redis appendfsync always, 16 clients SET {redis['rps']:9,.0f}/s | kvmem HTTP"
+            f" durable PUT, 16 connections {kv['rps']:9,.0f}/s  "
+            f"ratio {kv['rps'] / redis['rps']:.2f}")
+        RESULTS["targets"]["http_put_vs_redis_16"] = {"value": kv["rps"] / redis["rps"],
+                                                      "target": 1.0,
+                                                      "met": kv["rps"] >= redis["rps"]}
+        return {"redis_set_rps": redis["rps"], "kvmem_http_put_rps": kv["rps"]}
+
+    def run(self) -> None:
+        RESULTS["machine"] = {"cores": os.cpu_count(), "python": platform.python_version(),
+                              "sqlite": sqlite3.sqlite_version, "platform": platform.platform(),
+                              "quick": self.quick, "bench_dir": self.root}
+        RESULTS["targets"] = {}
+        say(f"kvmem bench: {os.cpu_count()} cores, Python {platform.python_version()}, SQLite "
+            f"{sqlite3.sqlite_version}, files in {self.root}"
+            + (" (--quick: short runs, single samples)" if self.quick else ""))
+        try:
+            for step in (self.fsync_limit, self.durability_levels, self.group_commit,
+                         self.reads, self.http, self.two_processes, self.mcp, self.scale,
+                         self.peers):
+                step()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+        say("targets:")
+        for name, target in RESULTS["targets"].items():
+            say(f"   {'met ' if target['met'] else 'MISS'} {name}: {target['value']:.2f} "
+                f"(target {target['target']})")
+
+
+# ------------------------------------------------------------------ helper processes ----
+
+
+def load_worker(port: int, method: str, connections: int, seconds: float, index: int) -> None:
+    latencies: list[float] = []
+    counts = {"done": 0, "errors": 0}
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+    body = json.dumps({"value": {"text": "a durable memory"}})
+
+    def client(c: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine: list[float] = []
+        i = 0
+        while time.perf_counter() < deadline:
+            key = f"w{index}-{c}-{i % 1000 if method == 'GET' else i}"
+            started = time.perf_counter()
+            try:
+                if method == "PUT":
+                    conn.request("PUT", f"/v1/memories/{key}", body,
+                                 {"Content-Type": "application/json"})
+                else:
+                    conn.request("GET", f"/v1/memories/{key}")
+                response = conn.getresponse()
+                response.read()
+                ok = response.status < 500
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+            mine.append((time.perf_counter() - started) * 1000)
+            with lock:
+                counts["done" if ok else "errors"] += 1
+            i += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"latencies": latencies, **counts}))
+
+
+def store_writer(db: str, seconds: float) -> None:
+    latencies: list[float] = []
+    busy = 0
+    with kvmem.Store.open(db, config=config(), role="bench-writer") as store:
+        deadline = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                store.set(f"lib-{i}", {"i": i})
+            except kvmem.BusyError:
+                busy += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+            i += 1
+    print(json.dumps({"writes": len(latencies) - busy, "busy": busy,
+                      "p99_ms": percentile(latencies, 99)}))
+
+
+def mcp_worker(db: str, calls: int) -> None:
+    import anyio
+    from mcp import Client, ClientSession, StdioServerParameters, stdio_client
+
+    import mcp_server
+
+    async def main() -> dict[str, float]:
+        out: dict[str, float] = {}
+        with kvmem.Store.open(db, config=config()) as store:
+            async with Client(mcp_server.build_server(store)) as client:
+                times = []
+                for i in range(calls):
+                    started = time.perf_counter()
+                    await client.call_tool("memory_set", {"key": f"k{i}", "value": i})
+                    await client.call_tool("memory_get", {"key": f"k{i}"})
+                    times.append((time.perf_counter() - started) * 500)  # per call
+                out["inprocess_p50_ms"] = percentile(times, 50)
+                out["inprocess_p99_ms"] = percentile(times, 99)
+        params = StdioServerParameters(command=sys.executable, args=[
+            os.path.join(HERE, "mcp_server.py"), "--db", db + "-stdio", "--log-level",
+            "WARNING"], cwd=HERE)
+        started = time.perf_counter()
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            out["stdio_startup_s"] = time.perf_counter() - started
+            times = []
+            for i in range(calls):
+                started = time.perf_counter()
+                await session.call_tool("memory_set", {"key": f"k{i}", "value": i})
+                await session.call_tool("memory_get", {"key": f"k{i}"})
+                times.append((time.perf_counter() - started) * 500)
+            out["stdio_p50_ms"] = percentile(times, 50)
+            out["stdio_p99_ms"] = percentile(times, 99)
+        return out
+
+    print(json.dumps(anyio.run(main)))
+
+
+def redis_load(port: int, clients: int, seconds: float) -> None:
+    """SET over RESP from ``clients`` threads on their own connections."""
+    deadline = time.perf_counter() + seconds
+    counts = [0] * clients
+
+    def client(c: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            reader = sock.makefile("rb")
+            i = 0
+            while time.perf_counter() < deadline:
+                key, value = f"k{c}-{i}".encode(), b'{"text":"a durable memory"}'
+                sock.sendall(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                             % (len(key), key, len(value), value))
+                reader.readline()
+                i += 1
+            counts[c] = i
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"rps": sum(counts) / seconds}))
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
+        load_worker(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
+                    int(sys.argv[6]))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--store-writer":
+        store_writer(sys.argv[2], float(sys.argv[3]))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--mcp-worker":
+        mcp_worker(sys.argv[2], int(sys.argv[3]))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--redis-load":
+        redis_load(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds, single samples")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--million", action="store_true", help="add the 1M-memory scale point")
+    parser.add_argument("--dir", help="where to put the benchmark files (default: $TMPDIR)")
+    args = parser.parse_args()
+    Bench(args).run()
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fp:
+            json.dump(RESULTS, fp, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
