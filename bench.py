@@ -249,8 +249,26 @@ class Bench:
             proc.wait()
 
     def load(self, port: int, method: str, connections: int, seconds: float) -> dict[str, Any]:
+        """Requests/s, p50/p99 (ms) and errors of ``connections`` keep-alive clients: wrk
+        when it is installed, else the built-in multi-process client."""
+        if shutil.which("wrk"):
+            return self.wrk(port, method, connections, seconds)
+        return self.builtin_load(port, method, connections, seconds)
+
+    def wrk(self, port: int, method: str, connections: int, seconds: float) -> dict[str, Any]:
+        script = os.path.join(self.root, f"wrk-{method}.lua")
+        with open(script, "w", encoding="utf-8") as fp:
+            fp.write(WRK_SCRIPT.replace("METHOD", method))
+        done = subprocess.run(
+            ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
+             f"{max(1, round(seconds))}s", "--latency", "-s", script,
+             f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True)
+        return parse_wrk(done.stdout)
+
+    def builtin_load(self, port: int, method: str, connections: int,
+                     seconds: float) -> dict[str, Any]:
         """The built-in load client: processes with keep-alive connections, each timing
-        every request; returns requests/s, p50/p99 (ms) and errors."""
+        every request."""
         processes = min(connections, 4)
         per = [connections // processes + (1 if i < connections % processes else 0)
                for i in range(processes)]
@@ -269,13 +287,17 @@ class Bench:
                 "p99_ms": percentile(latencies, 99), "errors": errors}
 
     def http(self) -> None:
-        tool = "built-in multi-process client (wrk is not used)"
+        tool = "wrk" if shutil.which("wrk") else "built-in multi-process client"
         say(f"5. HTTP (load from the {tool}; keep-alive connections)")
         seconds = 1.0 if self.quick else 3.0
         rows: dict[str, Any] = {}
         for mode, flags in (("group_commit_on", ()), ("group_commit_off",
                                                        ("--group-commit-max", "1"))):
-            with self.http_server(self.path(f"http-{mode}"), *flags) as (_, port):
+            db = self.path(f"http-{mode}")
+            with kvmem.Store.open(db, config=config()) as store:  # what the GETs read
+                store.batch([{"op": "set", "key": f"get-{i}", "value": {"text": "a memory"}}
+                             for i in range(100)])
+            with self.http_server(db, *flags) as (_, port):
                 for connections in (1, 16):
                     put = self.load(port, "PUT", connections, seconds)
                     get = self.load(port, "GET", connections, seconds)
@@ -461,6 +483,50 @@ class Bench:
 
 # ------------------------------------------------------------------ helper processes ----
 
+# wrk: each connection PUTs its own new keys (or GETs a fixed set); non-2xx count as errors.
+WRK_SCRIPT = """
+local counter = 0
+local id = 0
+setup = function(thread) id = id + 1; thread:set("tid", id) end
+request = function()
+  counter = counter + 1
+  local key = "wrk-" .. tostring(tid) .. "-" .. tostring(counter)
+  if "METHOD" == "GET" then key = "get-" .. tostring(counter % 100) end
+  local body = nil
+  local headers = {}
+  if "METHOD" == "PUT" then
+    body = '{"value": {"text": "a durable memory"}}'
+    headers["Content-Type"] = "application/json"
+  end
+  return wrk.format("METHOD", "/v1/memories/" .. key, headers, body)
+end
+"""
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """Requests/s, p50/p99 in ms and errors from ``wrk --latency`` output."""
+    def ms(value: str) -> float:
+        for suffix, factor in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+            if value.endswith(suffix):
+                return float(value[: -len(suffix)]) * factor
+        return float(value)
+
+    out: dict[str, Any] = {"errors": 0}
+    for line in text.splitlines():
+        fields = line.split()
+        if line.startswith("Requests/sec:"):
+            out["rps"] = float(fields[1])
+        elif len(fields) == 2 and fields[0] == "50%":
+            out["p50_ms"] = ms(fields[1])
+        elif len(fields) == 2 and fields[0] == "99%":
+            out["p99_ms"] = ms(fields[1])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            out["errors"] += int(fields[-1])
+        elif line.strip().startswith("Socket errors:"):
+            out["errors"] += sum(int(f.rstrip(",")) for f in fields[3::2])
+    return out
+
+
 
 def load_worker(port: int, method: str, connections: int, seconds: float, index: int) -> None:
     latencies: list[float] = []
@@ -474,7 +540,7 @@ def load_worker(port: int, method: str, connections: int, seconds: float, index:
         mine: list[float] = []
         i = 0
         while time.perf_counter() < deadline:
-            key = f"w{index}-{c}-{i % 1000 if method == 'GET' else i}"
+            key = f"get-{i % 100}" if method == "GET" else f"w{index}-{c}-{i}"
             started = time.perf_counter()
             try:
                 if method == "PUT":

@@ -414,6 +414,15 @@ class Server(http.server.ThreadingHTTPServer):
         self.handlers: set[Handler] = set()
         super().__init__(address, Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr for any exception in a handler; a
+        # client that hangs up mid-request is routine, anything else is logged as a bug.
+        kind = sys.exc_info()[0]
+        if kind is not None and issubclass(kind, ConnectionError | TimeoutError):
+            log.debug("client %s went away: %s", client_address, kind.__name__)
+            return
+        log.exception("unexpected error serving %s", client_address)
+
     def stop(self) -> None:
         """Stop accepting, close idle keep-alive connections, wait for in-flight requests."""
         self.shutdown()  # serve_forever returns: no new connections are accepted

@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, Self
 
 __all__ = [
     "BusyError",
@@ -2034,7 +2034,47 @@ def _put_exact(memories: Sequence[Memory], conn: KvmemConnection) -> int:
 # ======================================================================== background ====
 
 
-class Checkpointer:
+class _Background:
+    """A daemon thread with a stop Event, a ``stop()`` that joins it, and a state dict
+    (read by stats and health) guarded by a lock.  Subclasses implement ``_run``."""
+
+    name = "background"
+
+    def __init__(self, role: str, state: dict[str, Any]) -> None:
+        self.role = role
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()
+        self._state = state
+
+    def start(self) -> Self:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"kvmem-{self.name}-{self.role}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread and join it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def state(self) -> dict[str, Any]:
+        with self._state_lock:
+            return dict(self._state)
+
+    def _update(self, **changes: Any) -> None:
+        with self._state_lock:
+            self._state.update(changes)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Checkpointer(_Background):
     """Daemon thread keeping the WAL small, as the single checkpointer of a file.
 
     About every ``checkpoint_poll_s`` it tries to become the holder of the checkpoint
@@ -2048,45 +2088,20 @@ class Checkpointer:
     stops trying.
     """
 
+    name = "checkpointer"
+
     def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
                  role: str = "library") -> None:
         self.config = config or Config.build()
         self.path = os.path.realpath(os.fspath(path) if path is not None else self.config.db)
-        self.role = role
-        self._lock = CheckpointLock(self.path)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._state_lock = threading.Lock()
-        self._state: dict[str, Any] = {
+        super().__init__(role, {
             "holder": False, "last_mode": None, "last_result": None, "last_time": None,
             "wal_bytes": _wal_size(self.path), "checkpoints": 0, "errors": 0,
             "last_error": None, "failed": None, "polls": 0,
-        }
+        })
+        self._lock = CheckpointLock(self.path)  # given up when the thread ends
         self._seen: tuple[int, int] | None = None  # (size, mtime_ns) after the last checkpoint
         self._last_checkpoint = time.monotonic()
-
-    def start(self) -> Checkpointer:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"kvmem-checkpointer-{self.role}", daemon=True
-            )
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop the thread, join it, and give up the lock."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def state(self) -> dict[str, Any]:
-        with self._state_lock:
-            return dict(self._state)
-
-    def _update(self, **changes: Any) -> None:
-        with self._state_lock:
-            self._state.update(changes)
 
     def _run(self) -> None:
         conn: KvmemConnection | None = None
@@ -2159,7 +2174,7 @@ class Checkpointer:
             self._state["checkpoints"] += 1
 
 
-class DecayScheduler:
+class DecayScheduler(_Background):
     """Daemon thread running ``store.prune()`` every ``decay_interval_s``.
 
     Transient failures (busy, I/O, a full disk) are logged on ``kvmem.decay`` with the
@@ -2168,31 +2183,12 @@ class DecayScheduler:
     so health shows the problem instead of a loop hiding it.
     """
 
+    name = "decay"
+
     def __init__(self, store: Store, *, role: str = "library") -> None:
         self.store = store
-        self.role = role
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._state: dict[str, Any] = {"runs": 0, "errors": 0, "last_error": None,
-                                       "failed": None, "last_result": None}
-
-    def start(self) -> DecayScheduler:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"kvmem-decay-{self.role}",
-                                            daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def state(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._state)
+        super().__init__(role, {"runs": 0, "errors": 0, "last_error": None, "failed": None,
+                                "last_result": None})
 
     def _run(self) -> None:
         interval = self.store.config.decay_interval_s
@@ -2203,7 +2199,7 @@ class DecayScheduler:
                 result = self.store.prune()
             except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
                 decay_log.error("[%s] prune failed for good: %s", self.role, exc)
-                with self._lock:
+                with self._state_lock:
                     self._state["failed"] = f"{exc.code}: {exc}"
                 return
             except (KvmemError, OSError) as exc:
@@ -2211,12 +2207,12 @@ class DecayScheduler:
                 delay = min(interval, 0.05 * 2 ** min(failures, 10))
                 decay_log.warning("[%s] prune failed (%s), retrying in %.2f s: %s", self.role,
                                   type(exc).__name__, delay, exc)
-                with self._lock:
+                with self._state_lock:
                     self._state["errors"] += 1
                     self._state["last_error"] = f"{type(exc).__name__}: {exc}"
                 continue
             failures, delay = 0, interval
-            with self._lock:
+            with self._state_lock:
                 self._state["runs"] += 1
                 self._state["last_result"] = dataclasses.asdict(result)
 
