@@ -200,7 +200,8 @@ def test_stats_health_openapi(client: Client, served: tuple[http_server.Server, 
 def test_healthz_503_when_file_replaced(client: Client, tmp_path: Path) -> None:
     os.rename(tmp_path / "kv.db", tmp_path / "moved.db")
     status, _, body = client.request("GET", "/healthz")
-    assert status == 503 and not body["ok"] and "deleted" in body["problems"][0]
+    assert status == 503 and not body["ok"], (status, body, os.listdir(tmp_path))
+    assert "deleted" in body["problems"][0], (body, os.listdir(tmp_path))
 
 
 # ------------------------------------------------------------------------------ auth ----
