@@ -30,6 +30,7 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
 import kvmem
 import mcp_server
+from test_mcp import EXPECTED_TOOLS
 from testutil import DURABILITY_TOTALS, HERE, SOAK, Child, child_env, file_digest, run_cli
 
 CONFIG = kvmem.Config.build(environ={})
@@ -660,9 +661,10 @@ json_values = st.recursive(
                                                                  max_size=3),
     max_leaves=8,
 )
-ARGUMENT_NAMES = ["key", "value", "namespace", "tags", "ttl_seconds", "half_life_seconds",
-                  "if_version", "prefix", "tag", "archived", "limit", "cursor", "query", "ops",
-                  "extra"]
+# Every argument of every tool, as their input schemas declare them (test_mcp.py checks
+# EXPECTED_TOOLS against the live schemas), plus one no tool takes.
+ARGUMENT_NAMES = sorted({name for inputs, _, _ in EXPECTED_TOOLS.values() for name in inputs}
+                        | {"unknown_argument"})
 
 
 @pytest.fixture(scope="module")
@@ -674,9 +676,7 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store
 @pytest.mark.anyio
 @settings(max_examples=3000 if SOAK else 300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(tool=st.sampled_from([
-    "memory_set", "memory_get", "memory_delete", "memory_list", "memory_search",
-    "memory_reinforce", "memory_batch", "memory_stats"]),
+@given(tool=st.sampled_from(sorted(EXPECTED_TOOLS)),
     arguments=st.dictionaries(st.sampled_from(ARGUMENT_NAMES), json_values | st.lists(
         st.dictionaries(st.sampled_from(["op", "key", "value", "if_version", "tags"]),
                         json_values | st.sampled_from(["set", "delete"]), max_size=4),
