@@ -55,6 +55,7 @@ import stat
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, Self
 
@@ -898,14 +899,18 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 
 def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
-            readonly: bool = False, check_same_thread: bool = True) -> KvmemConnection:
+            readonly: bool = False, create: bool = True,
+            check_same_thread: bool = True) -> KvmemConnection:
     """Open a connection to the kvmem database at ``path`` (default ``config.db``).
 
     The only way kvmem code gets a connection.  The connection belongs to the calling
     thread; close it with ``close()``.  ``check_same_thread=False`` is for pools that hand
     a connection to one thread at a time, never to two at once.  With ``readonly`` the
     file is opened with ``mode=ro``: no journal-mode switch, no migration, no checkpoint
-    (used by ``check``).
+    (used by ``check``).  With ``create=False`` a missing file is an error instead of a
+    new empty database: kvmem's own later connections (pools, background threads) use it,
+    so that a database moved away while a process runs is never silently replaced by a
+    fresh file at the old path.
 
     Raises:
         NotADatabaseError: the file is not an SQLite database (it is left unchanged).
@@ -923,9 +928,10 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
         first_open = path not in _RECOVERY and not readonly
     conn: KvmemConnection | None = None
     try:
-        if not readonly:
+        if not readonly and create:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        conn = _connect(path, config, readonly=readonly, check_same_thread=check_same_thread)
+        mode = "ro" if readonly else "rwc" if create else "rw"
+        conn = _connect(path, config, mode=mode, check_same_thread=check_same_thread)
         wal_bytes_found = _wal_size(path)
         started = time.monotonic()
         _apply_settings(conn, path, config, readonly=readonly, first_open=first_open)
@@ -940,12 +946,12 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
         raise
 
 
-def _connect(path: str, config: Config, *, readonly: bool,
+def _connect(path: str, config: Config, *, mode: str,
              check_same_thread: bool) -> KvmemConnection:
-    target, uri = (f"file:{path}?mode=ro", True) if readonly else (path, False)
+    target = f"file:{urllib.parse.quote(path)}?mode={mode}"
     try:
         raw = sqlite3.connect(
-            target, uri=uri, isolation_level=None, timeout=config.busy_timeout_ms / 1000,
+            target, uri=True, isolation_level=None, timeout=config.busy_timeout_ms / 1000,
             factory=KvmemConnection, check_same_thread=check_same_thread,
         )
         # Decay maths in SQL (prune, search ranking) calls the pure strength_at().
@@ -1360,7 +1366,7 @@ class GroupCommitter:
         self.config = config
         self.precommit = precommit  # returns a reason not to commit (the file was replaced)
         self.failure: str | None = None  # the last corruption seen, for health
-        self._conn = open_db(path, config=config, check_same_thread=False)
+        self._conn = open_db(path, config=config, create=False, check_same_thread=False)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._leading = False
@@ -1484,7 +1490,7 @@ class _ReadPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return open_db(self.path, config=self.config, check_same_thread=False)
+        return open_db(self.path, config=self.config, create=False, check_same_thread=False)
 
     def give(self, conn: KvmemConnection, exc: BaseException | None) -> None:
         if exc is not None:
@@ -1591,8 +1597,10 @@ class Store:
         with CheckpointLock(self.path) as lock:
             if not lock.held:
                 return
+            if self._identity_problem():
+                return  # the file at the path is not ours any more: leave it alone
             try:
-                conn = open_db(self.path, config=self.config)
+                conn = open_db(self.path, config=self.config, create=False)
             except KvmemError as exc:
                 checkpoint_log.warning("[%s] final checkpoint skipped: %s", self.role, exc)
                 return
@@ -2109,7 +2117,7 @@ class Checkpointer(_Background):
             while True:
                 try:
                     if conn is None:
-                        conn = open_db(self.path, config=self.config)
+                        conn = open_db(self.path, config=self.config, create=False)
                     self._tick(conn)
                 except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
                     checkpoint_log.error("[%s] checkpointer failed for good: %s", self.role, exc)

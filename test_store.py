@@ -754,3 +754,24 @@ def test_sqlite_raw_rows_match_memory_fields(store: kvmem.Store, tmp_path: Path)
     columns = [r[1] for r in conn.execute("PRAGMA table_info(memories)")]
     conn.close()
     assert columns[1:] == [f.name for f in dataclasses.fields(kvmem.Memory)]
+
+
+def test_own_connections_never_recreate_a_moved_database(tmp_path: Path) -> None:
+    """kvmem's later connections (read pool, background threads) open with create=False:
+    a database moved away while the store runs is not replaced by a fresh empty file."""
+    db = tmp_path / "kv.db"
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        store.set("k", 1)
+        os.rename(db, tmp_path / "moved.db")
+        idle = store._reads.take()  # the pool has to open a new connection now
+        try:
+            with pytest.raises(kvmem.StorageError):
+                store.get("k")
+            checkpointer = kvmem.Checkpointer(db, config=CONFIG, role="late").start()
+            while checkpointer.state()["errors"] == 0:  # its first open failed (a condition)
+                threading.Event().wait(0.01)
+            checkpointer.stop()
+        finally:
+            store._reads.give(idle, None)
+        assert not db.exists()
+        assert store.health()["ok"] is False
