@@ -17,9 +17,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Read at import time by the fuzz tests, whose example counts are fixed by decorators.
+    # Read at import time by the fuzz tests, whose example counts are fixed by decorators
+    # (test modules are imported after this hook).
     if config.getoption("--soak"):
-        os.environ["KVMEM_TEST_SOAK"] = "1"
+        os.environ["KVMEM_TEST_SOAK"] = "1"  # for child processes
+        testutil.SOAK = True  # testutil was imported before this ran
 
 
 @pytest.fixture(autouse=True)

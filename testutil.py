@@ -129,6 +129,7 @@ SOAK = os.environ.get("KVMEM_TEST_SOAK") == "1"  # set by conftest.py for --soak
 
 # Totals of the reliability suite, printed at the end of a run (conftest.py).
 DURABILITY_TOTALS: dict[str, int] = {
-    "kills": 0, "acknowledged_writes_checked": 0, "lost": 0, "integrity_failures": 0,
+    "kills": 0, "acknowledged_writes": 0, "acknowledged_write_checks": 0, "lost": 0,
+    "integrity_failures": 0,
     "partial_batches_visible": 0, "fault_cases": 0, "fuzz_cases": 0,
 }
