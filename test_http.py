@@ -556,3 +556,52 @@ def test_sixteen_keep_alive_writers(served: tuple[http_server.Server, kvmem.Stor
     figures = store.stats()["group_commit"]
     assert figures["commits"] < figures["ops"] and figures["largest_group"] > 1, figures
     _check_acked(str(tmp_path / "kv.db"), acked)
+
+
+def test_busy_database_is_503_with_retry_after(tmp_path: Path) -> None:
+    config = kvmem.Config.build(environ={}, flags={"busy_timeout_ms": "200"})
+    store = kvmem.Store.open(tmp_path / "kv.db", config=config)
+    server = http_server.build_server(store, "127.0.0.1", 0, "")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    holder = kvmem.open_db(tmp_path / "kv.db", config=config)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another writer keeps the lock past the deadline
+        result = Client(server.server_address[1]).request("PUT", "/v1/memories/k", {"value": 1})
+        assert_error(result, 503, "busy")
+        assert result[1]["Retry-After"] == "1"
+        holder.execute("ROLLBACK")
+        assert Client(server.server_address[1]).request("PUT", "/v1/memories/k",
+                                                        {"value": 1})[0] == 201
+    finally:
+        holder.close()
+        server.stop()
+        thread.join()
+        store.close()
+
+
+def test_unexpected_error_is_500_without_details(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenApi(http_server.Api):  # a handler with a bug in it
+        def stats(self, key: None, query: Any, body: Any) -> tuple[int, Any]:
+            raise RuntimeError("secret internal detail")
+
+    store = kvmem.Store.open(tmp_path / "kv.db", config=CONFIG)
+    server = http_server.build_server(store, "127.0.0.1", 0, "")
+    server.api = BrokenApi(store)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        client = Client(server.server_address[1])
+        result = client.request("GET", "/v1/stats")
+        message = assert_error(result, 500, "internal")
+        assert "secret" not in json.dumps(result[2]) and "Traceback" not in json.dumps(result[2])
+        request_id = result[2]["error"]["request_id"]
+        assert request_id in message
+        assert f"request {request_id} GET /v1/stats failed" in caplog.text
+        assert "secret internal detail" in caplog.text  # the log has the details
+        assert client.request("GET", "/healthz")[0] == 200  # the server keeps serving
+    finally:
+        server.stop()
+        thread.join()
+        store.close()
