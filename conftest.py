@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import crashsim
 import testutil
 
 
@@ -39,6 +40,10 @@ def soak(request: pytest.FixtureRequest) -> bool:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if testutil.POWERLOSS_REPORTS:
+        terminalreporter.write_sep("-", "power loss (crashsim.py: replayed system calls)")
+        for line in crashsim.table(testutil.POWERLOSS_REPORTS):
+            terminalreporter.write_line(line)
     totals = testutil.DURABILITY_TOTALS
     if any(totals.values()):
         terminalreporter.write_sep("-", "reliability totals")

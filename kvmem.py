@@ -787,6 +787,7 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_MAGICS = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")
 HEADER_BYTES = 100
+JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")  # first bytes of a rollback journal
 
 # Per-connection settings, in the order they are applied; values come from Config.
 # journal_mode is applied separately (it is a file setting that can fail with busy).
@@ -884,8 +885,26 @@ def _check_header(path: str) -> None:
     finally:
         os.close(fd)
     problem = describe_header(head, st.st_size)
+    if problem and not head.strip(b"\x00") and _journal_magic(path + "-journal"):
+        # A power cut during the first transaction of a new database: its sectors were
+        # not all written, but the rollback journal that undoes them was synced first.
+        # SQLite's hot-journal rollback restores the file (found by crashsim.py).
+        return
     if problem:
         raise NotADatabaseError(f"{path}: not an SQLite database: found {problem}")
+
+
+def _journal_magic(journal: str) -> bool:
+    """Whether ``journal`` starts like a rollback journal (SQLite's hot-journal check does
+    the rest).  Same rule as ``_check_header``: only with no connection to the database."""
+    try:
+        fd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, len(JOURNAL_MAGIC), 0) == JOURNAL_MAGIC
+    finally:
+        os.close(fd)
 
 
 def _backoff(attempt: int, remaining: float) -> None:

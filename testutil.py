@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIVE_CHILDREN: list[Child] = []  # killed after each test by conftest.py, whatever happened
@@ -124,6 +125,9 @@ def start_all(children: Sequence[Child], ready: str = "ready") -> None:
     for child in children:
         child.expect(ready)
 
+
+# Rows of the power-loss table (test_powerloss.py), printed at the end of a run.
+POWERLOSS_REPORTS: list[Any] = []
 
 SOAK = os.environ.get("KVMEM_TEST_SOAK") == "1"  # set by conftest.py for --soak
 

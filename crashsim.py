@@ -1,0 +1,751 @@
+"""Power loss, simulated by replaying a writer's own system calls (stdlib only).
+
+The method of ALICE (OSDI'14) and CrashMonkey (OSDI'18), at the size of one directory:
+
+1. **Record.**  A writer (a workload below, running kvmem's real code) runs under
+   ``strace -f``, which logs every open, write (with all its bytes), truncate,
+   fsync/fdatasync, rename and unlink.  After each call that returned, the writer
+   writes ``KVMEM-ACK {...}`` to ``/dev/null``: the same trace orders acknowledgements
+   against disk operations.
+2. **Replay.**  A model disk: each file (inode) has a *durable* image and a list of
+   *pending* (unsynced) operations; fsync/fdatasync folds them in.  Directory entries
+   (creates, unlinks, renames) are durable at once in the *lenient* model and only
+   after an fsync of the directory in the *strict* (POSIX) one.  ``-shm`` is never part
+   of a crash image: SQLite does not need it to recover.
+3. **Crash.**  After every event, the disk a power cut would leave is the durable
+   state (one image per distinct durable state, cached).  Torn images add a seeded
+   random subset of the pending writes, 512-byte sector by sector, and a random prefix
+   of the pending directory operations.
+4. **Check.**  Each image is opened with kvmem (``open_db``), must pass
+   ``integrity_check``, and must hold every write acknowledged before the crash point
+   with its exact value and version.
+
+Self-check: replaying every event must reproduce the writer's final files byte for byte
+(a missed system call -- mmap stores, io_uring, sendfile -- would show here).
+
+Usage: ``python crashsim.py write KIND DIR N`` runs a workload (what the tests record);
+settings come from ``KVMEM_*`` as for every kvmem process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+ACK_PREFIX = b"KVMEM-ACK "
+SECTOR = 512
+NAMESPACE = "default"
+BATCH_SIZE = 5
+THREADS = 6
+
+# Everything that can create, change, sync or remove a file.  "?" = this architecture
+# may not have it (aarch64 has no open/creat/rename/unlink).
+TRACED = ("openat", "?open", "?creat", "openat2", "write", "pwrite64", "writev", "pwritev",
+          "pwritev2", "ftruncate", "?truncate", "fsync", "fdatasync", "sync_file_range",
+          "?rename", "renameat", "renameat2", "?unlink", "unlinkat", "sendfile",
+          "copy_file_range", "splice", "fallocate", "io_uring_setup", "sync", "syncfs")
+
+
+class TraceError(Exception):
+    """The trace cannot be replayed faithfully (a call the model does not cover, a
+    truncated buffer, a replay that does not reproduce the final files)."""
+
+
+# ------------------------------------------------------------------------- events ----
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One disk-relevant step, in trace order.  ``kind``: create, write, truncate, sync,
+    dirsync, unlink, rename or ack.  ``path`` names the file the way the kernel did at
+    the time; ``deleted`` marks a descriptor whose file was already unlinked."""
+
+    kind: str
+    path: str = ""
+    offset: int = 0
+    data: bytes = b""
+    new_path: str = ""
+    deleted: bool = False
+    ack: Mapping[str, Any] | None = None
+
+
+_LINE = re.compile(r"^(\d+) +(.*)$")
+_CALL = re.compile(r"^(\w+)\((.*)\)\s+= (.*)$")
+_RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$")
+_FD = re.compile(r"^(-?\d+|AT_FDCWD)(?:<((?:\\x[0-9a-f]{2})*)>)?(\(deleted\))?$")
+_STRING = re.compile(r'^"((?:\\x[0-9a-f]{2})*)"$')
+
+
+def _hex(text: str) -> bytes:
+    return bytes.fromhex(text.replace("\\x", ""))
+
+
+def _fd(arg: str) -> tuple[str, bool]:
+    """``3<\\x2f...>(deleted)`` -> (path, deleted); '' when not annotated."""
+    match = _FD.match(arg)
+    if match is None:
+        raise TraceError(f"unparsable descriptor {arg[:80]!r}")
+    return (_hex(match.group(2)).decode("utf-8", "surrogateescape") if match.group(2) else "",
+            bool(match.group(3)))
+
+
+def _string(arg: str) -> bytes:
+    match = _STRING.match(arg)
+    if match is None:
+        raise TraceError(f"truncated or unparsable buffer {arg[:80]!r} (raise strace -s)")
+    return _hex(match.group(1))
+
+
+def _path_arg(dirfd: str | None, arg: str) -> str:
+    path = _string(arg).decode("utf-8", "surrogateescape")
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    base = _fd(dirfd)[0] if dirfd else ""
+    return os.path.normpath(os.path.join(base, path)) if base else path
+
+
+def _calls(lines: Iterator[str]) -> Iterator[tuple[str, list[str], str, str]]:
+    """Calls ``(name, args, result, phase)``: phase ``whole`` for a call strace printed in
+    one line; ``<unfinished ...>``/``resumed>`` pairs of concurrent threads give ``entry``
+    (args only) and ``exit`` (merged).  Effects count at exit; an acknowledgement at entry
+    (from the moment its write was issued)."""
+    unfinished: dict[str, str] = {}
+    for raw in lines:
+        line = _LINE.match(raw.rstrip("\n"))
+        if line is None:
+            continue
+        tid, rest = line.groups()
+        if rest.endswith(" <unfinished ...>"):
+            unfinished[tid] = start = rest[: -len(" <unfinished ...>")]
+            name, _, args = start.partition("(")
+            yield name, args.split(", "), "", "entry"
+            continue
+        phase = "whole"
+        resumed = _RESUMED.match(rest)
+        if resumed is not None:
+            phase = "exit"
+            rest = unfinished.pop(tid, "") + resumed.group(2)
+            if not rest.startswith(resumed.group(1) + "("):
+                raise TraceError(f"resumed call without its start: {raw[:120]!r}")
+        call = _CALL.match(rest)
+        if call is None:
+            continue  # signals, exits: not disk events
+        name, args, result = call.groups()
+        yield name, args.split(", "), result, phase
+
+
+def parse(lines: Iterator[str], directory: str) -> list[Event]:
+    """The events of ``directory`` (and acknowledgements) in a ``strace -f -xx -y`` log."""
+    directory = os.path.realpath(directory)
+
+    def tracked(path: str) -> bool:
+        return os.path.dirname(path) == directory and not path.endswith("-shm")
+
+    events: list[Event] = []
+    for name, args, result, phase in _calls(lines):
+        if name == "write" and _fd(args[0])[0] == os.devnull:
+            data = _string(args[1])
+            if data.startswith(ACK_PREFIX) and phase != "exit":
+                events.append(Event("ack", ack=json.loads(data[len(ACK_PREFIX):])))
+            continue
+        if phase == "entry":
+            continue
+        if result.startswith("-1") or result.startswith("?"):
+            continue  # failed: no effect
+        if name in ("openat", "open", "creat", "openat2"):
+            path, _ = _fd(result.split(" ", 1)[0])
+            if not tracked(path):
+                continue
+            flags = args[2] if name in ("openat", "openat2") else (
+                args[1] if name == "open" else "O_CREAT|O_WRONLY|O_TRUNC")
+            if name == "openat2":
+                raise TraceError("openat2 on a tracked file: not modelled")
+            events.append(Event("open", path, data=flags.encode()))
+        elif name in ("pwrite64", "write"):
+            path, deleted = _fd(args[0])
+            if not tracked(path):
+                continue
+            if name == "write":
+                raise TraceError(f"write() to {path}: position-relative writes are not modelled")
+            data, count, written = _string(args[1]), int(args[2]), int(result.split()[0])
+            if len(data) != count:
+                raise TraceError(f"pwrite64 of {count} bytes shows {len(data)} (strace -s)")
+            events.append(Event("write", path, int(args[3]), data[:written], deleted=deleted))
+        elif name == "ftruncate":
+            path, deleted = _fd(args[0])
+            if tracked(path):
+                events.append(Event("truncate", path, int(args[1]), deleted=deleted))
+        elif name in ("fsync", "fdatasync"):
+            path, deleted = _fd(args[0])
+            if path == directory:
+                events.append(Event("dirsync", path))
+            elif tracked(path):
+                events.append(Event("sync", path, deleted=deleted))
+        elif name in ("unlink", "unlinkat"):
+            path = _path_arg(args[0] if name == "unlinkat" else None, args[-2 if name ==
+                                                                         "unlinkat" else 0])
+            if tracked(path):
+                events.append(Event("unlink", path))
+        elif name in ("rename", "renameat", "renameat2"):
+            old = _path_arg(None, args[0]) if name == "rename" else _path_arg(args[0], args[1])
+            new = _path_arg(None, args[1]) if name == "rename" else _path_arg(args[2], args[3])
+            if tracked(old) or tracked(new):
+                if not (tracked(old) and tracked(new)):
+                    raise TraceError(f"rename across the tracked directory: {old} -> {new}")
+                events.append(Event("rename", old, new_path=new))
+        elif name in ("sync", "syncfs", "io_uring_setup"):
+            raise TraceError(f"{name}() seen: not modelled")
+        else:  # writev, pwritev*, truncate, sync_file_range, sendfile, splice, ...
+            touched = [a for a in args if a[:1].isdigit() or a.startswith('"')]
+            for arg in touched:
+                where = _fd(arg)[0] if arg[:1].isdigit() and "<" in arg else (
+                    _path_arg(None, arg) if arg.startswith('"') else "")
+                if where and (tracked(where) or where == directory):
+                    raise TraceError(f"{name}() on {where}: not modelled")
+    return events
+
+
+# ---------------------------------------------------------------------- the disk ----
+
+class Inode:
+    __slots__ = ("durable", "live", "pending")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.live = bytearray(data)  # what the running system reads
+        self.durable = bytes(data)  # what survives a power cut
+        self.pending: list[tuple[int, bytes | None]] = []  # (offset, data) / (size, None)
+
+
+def _apply(buf: bytearray, offset: int, data: bytes | None) -> None:
+    if data is None:  # truncate to `offset`
+        if len(buf) > offset:
+            del buf[offset:]
+        else:
+            buf.extend(bytes(offset - len(buf)))
+        return
+    end = offset + len(data)
+    if len(buf) < end:
+        buf.extend(bytes(end - len(buf)))
+    buf[offset:end] = data
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """How the disk behaves.  ``strict``: directory operations need a directory fsync.
+    The ``broken_*`` switches are deliberately wrong disks, used to prove that the
+    checker catches what they break."""
+
+    strict: bool
+    broken_ignore_fsync: bool = False
+
+    @property
+    def name(self) -> str:
+        return ("strict" if self.strict else "lenient") + (
+            "+ignore-fsync" if self.broken_ignore_fsync else "")
+
+
+class Disk:
+    """The model disk for one directory, advanced one event at a time."""
+
+    def __init__(self, model: Model, initial: Mapping[str, bytes] | None = None) -> None:
+        self.model = model
+        self.live: dict[str, Inode] = {p: Inode(d) for p, d in (initial or {}).items()}
+        self.durable: dict[str, Inode] = dict(self.live)
+        self.pending_dir: list[tuple[str, str, Inode | None]] = []  # (op, path, inode/new)
+        self.unlinked: dict[str, Inode] = {}
+        self.generation = 0  # changes whenever the durable state does
+
+    def _inode(self, event: Event) -> Inode:
+        ino = None if event.deleted else self.live.get(event.path)
+        ino = ino or self.unlinked.get(event.path)
+        if ino is None:
+            raise TraceError(f"{event.kind} on unknown file {event.path}")
+        return ino
+
+    def _dir_op(self, op: str, path: str, ino: Inode | None, new: str = "") -> None:
+        if self.model.strict:
+            self.pending_dir.append((op, path if op != "rename" else path + "\0" + new, ino))
+        else:
+            _dir_apply(self.durable, op, path if op != "rename" else path + "\0" + new, ino)
+            self.generation += 1
+
+    def apply(self, event: Event) -> None:
+        kind = event.kind
+        if kind == "write":
+            ino = self._inode(event)
+            _apply(ino.live, event.offset, event.data)
+            ino.pending.append((event.offset, event.data))
+        elif kind == "truncate":
+            ino = self._inode(event)
+            _apply(ino.live, event.offset, None)
+            ino.pending.append((event.offset, None))
+        elif kind == "sync":
+            ino = self._inode(event)
+            if ino.pending and not self.model.broken_ignore_fsync:
+                ino.durable = bytes(ino.live)
+                ino.pending.clear()
+                self.generation += 1
+        elif kind == "dirsync":
+            if self.pending_dir:
+                self.durable = dict(self.live)
+                self.pending_dir.clear()
+                self.generation += 1
+        elif kind == "open":
+            flags = event.data.decode()
+            opened = self.live.get(event.path)
+            if opened is None:
+                if "O_CREAT" not in flags:
+                    raise TraceError(f"open of {event.path}, absent in the model")
+                opened = self.live[event.path] = Inode()
+                self._dir_op("link", event.path, opened)
+            if "O_TRUNC" in flags:
+                _apply(opened.live, 0, None)
+                opened.pending.append((0, None))
+        elif kind == "unlink":
+            ino = self.live.pop(event.path)
+            self.unlinked[event.path] = ino
+            self._dir_op("unlink", event.path, None)
+        elif kind == "rename":
+            ino = self.live.pop(event.path)
+            self.live[event.new_path] = ino
+            self._dir_op("rename", event.path, ino, event.new_path)
+
+    def image(self) -> dict[str, bytes]:
+        """The files a power cut now leaves: durable entries, durable contents."""
+        return {path: ino.durable for path, ino in self.durable.items()}
+
+    def torn_image(self, rng: random.Random) -> dict[str, bytes]:
+        """A power cut that also persisted some of what was pending: a random prefix of
+        the directory operations and a random subset of the written sectors."""
+        entries = dict(self.durable)
+        for op, path, ino in self.pending_dir[: rng.randint(0, len(self.pending_dir))]:
+            _dir_apply(entries, op, path, ino)
+        image = {}
+        for path, ino in entries.items():
+            buf = bytearray(ino.durable)
+            for offset, data in ino.pending:
+                if rng.random() < 0.5:
+                    continue
+                if data is None:
+                    _apply(buf, offset, None)
+                    continue
+                first = offset - offset % SECTOR
+                for start in range(first, offset + len(data), SECTOR):
+                    if rng.random() < 0.5:
+                        lo, hi = max(start, offset), min(start + SECTOR, offset + len(data))
+                        _apply(buf, lo, data[lo - offset: hi - offset])
+            image[path] = bytes(buf)
+        return image
+
+    def has_pending(self) -> bool:
+        return bool(self.pending_dir) or any(ino.pending for ino in self.durable.values())
+
+
+def _dir_apply(entries: dict[str, Inode], op: str, path: str, ino: Inode | None) -> None:
+    if op == "link" and ino is not None:
+        entries[path] = ino
+    elif op == "unlink":
+        entries.pop(path, None)
+    elif op == "rename" and ino is not None:
+        old, new = path.split("\0")
+        entries.pop(old, None)
+        entries[new] = ino
+
+
+def acks_moved_earlier(events: Sequence[Event]) -> list[Event]:
+    """A deliberately wrong trace: each acknowledgement one event earlier than it was
+    (before the last sync of its commit).  The checker must find losses in it."""
+    moved = list(events)
+    for index in range(1, len(moved)):
+        if moved[index].kind == "ack" and moved[index - 1].kind != "ack":
+            moved[index - 1], moved[index] = moved[index], moved[index - 1]
+    return moved
+
+
+def final_files(events: Sequence[Event], initial: Mapping[str, bytes] | None = None
+                ) -> dict[str, bytes]:
+    """Every event replayed: what the writer's directory should hold at the end."""
+    disk = Disk(Model(strict=False), initial)
+    for event in events:
+        disk.apply(event)
+    return {path: bytes(ino.live) for path, ino in disk.live.items()}
+
+
+def verify_replay(events: Sequence[Event], directory: str,
+                  initial: Mapping[str, bytes] | None = None) -> int:
+    """Self-check: the replay reproduces the directory byte for byte (``-shm`` aside).
+    Returns the number of bytes compared.  Call only when no process has the database
+    open."""
+    expected = final_files(events, initial)
+    actual = {}
+    for name in os.listdir(directory):
+        path = os.path.join(os.path.realpath(directory), name)
+        if os.path.isfile(path) and not name.endswith("-shm"):
+            with open(path, "rb") as fp:
+                actual[path] = fp.read()
+    if sorted(expected) != sorted(actual):
+        raise TraceError(f"replay has files {sorted(expected)}, the disk {sorted(actual)}")
+    for path, data in actual.items():
+        if expected[path] != data:
+            raise TraceError(f"replay of {path} differs from the file on disk "
+                             f"({len(expected[path])} vs {len(data)} bytes)")
+    return sum(len(data) for data in actual.values())
+
+
+# ----------------------------------------------------------------------- workloads ----
+
+def value_for(key: str, n: int) -> dict[str, Any]:
+    """The value of the ``n``-th write of ``key`` (so version ``n``): sizes vary from a
+    few bytes to past a page, so writes span several pages and overflow pages."""
+    size = 20 + (n * 97 + sum(map(ord, key)) * 31) % 700
+    if (n + len(key)) % 7 == 0:
+        size += 5000
+    return {"key": key, "n": n, "text": (f"{key}:{n} " * (size // 4 + 1))[:size]}
+
+
+class _Acks:
+    """Acknowledgements, written straight to /dev/null so strace orders them against the
+    disk; ``os.write`` of one small buffer is one system call, also across threads."""
+
+    def __init__(self) -> None:
+        self.fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def __call__(self, **ack: Any) -> None:
+        os.write(self.fd, ACK_PREFIX + json.dumps(ack).encode() + b"\n")
+
+
+def _sequential(keys: int, n_writes: int, prefix: str) -> list[tuple[str, int]]:
+    """(key, n) for ``n_writes`` writes over ``keys`` keys, round robin: overwrites."""
+    return [(f"{prefix}{i % keys}", i // keys + 1) for i in range(n_writes)]
+
+
+def write_workload(kind: str, directory: str, count: int) -> None:
+    """Run one workload on ``directory/memory.db`` with the settings in ``KVMEM_*``."""
+    import kvmem
+
+    db = os.path.join(directory, "memory.db")
+    ack = _Acks()
+    if kind == "http":
+        _http_workload(db, count, ack)
+        return
+    config = kvmem.Config.build()
+    if kind == "single":
+        # Ends like a killed process (no final checkpoint), so that the WAL is still
+        # there for the byte-for-byte self-check; the other workloads close cleanly.
+        checkpointer = kvmem.Checkpointer(db, config=config).start()
+        store = kvmem.Store.open(db, config=config, checkpointer=False)
+        for key, n in _sequential(max(1, count // 2), count, "k"):
+            memory = store.set(key, value_for(key, n), namespace=NAMESPACE)
+            ack(key=key, n=memory.version)
+        checkpointer.stop()  # no disk I/O in flight from here on
+        os._exit(0)
+    with kvmem.Store.open(db, config=config) as store:
+        if kind == "group":
+            def run(t: int) -> None:
+                for key, n in _sequential(max(1, count // THREADS // 2), count // THREADS,
+                                          f"t{t}-"):
+                    memory = store.set(key, value_for(key, n), namespace=NAMESPACE)
+                    ack(key=key, n=memory.version)
+            _threads(run)
+        elif kind == "batch":
+            for b in range(count // BATCH_SIZE):
+                keys = [f"b{b}-{i}" for i in range(BATCH_SIZE)]
+                store.batch([{"op": "set", "key": k, "value": value_for(k, 1)} for k in keys],
+                            namespace=NAMESPACE)
+                ack(keys=keys, n=1)
+        else:
+            raise SystemExit(f"unknown workload {kind!r}")
+
+
+def _threads(run: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            run(t)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _http_workload(db: str, count: int, ack: _Acks) -> None:
+    """A real ``kvmem-http`` process (traced too: strace -f follows it) under concurrent
+    PUTs from this process; acknowledged = the 2xx response was read here."""
+    import http.client
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys, http_server; sys.exit(http_server.main())",
+         "--db", db, "--port", "0", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if not line.startswith("listening on http://"):
+        server.kill()
+        raise SystemExit(f"server did not start: {line!r}")
+    port = int(line.rsplit(":", 1)[1])
+
+    def run(t: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for key, n in _sequential(max(1, count // THREADS // 2), count // THREADS, f"h{t}-"):
+            body = json.dumps({"value": value_for(key, n)})
+            conn.request("PUT", f"/v1/memories/{key}", body,
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            reply = json.loads(response.read())
+            if response.status // 100 != 2:
+                raise RuntimeError(f"PUT {key}: {response.status} {reply}")
+            ack(key=key, n=reply["version"])
+        conn.close()
+
+    try:
+        _threads(run)
+    finally:
+        server.send_signal(signal.SIGINT)  # a clean stop: final checkpoint, traced too
+        server.wait(timeout=60)
+
+
+# ------------------------------------------------------------------------ record ----
+
+def strace_problem() -> str | None:
+    """Why tracing cannot run here (no strace, ptrace refused), or None."""
+    if shutil.which("strace") is None:
+        return "strace is not installed (Debian package: strace)"
+    probe = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=fsync",
+                            sys.executable, "-c", "pass"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"strace cannot trace a child here: {probe.stderr.strip()[:300]}"
+    return None
+
+
+def record(kind: str, directory: str, count: int, settings: Mapping[str, str],
+           trace_path: str) -> None:
+    """Run workload ``kind`` under strace into ``trace_path``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVMEM_")}
+    env.update(settings)
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    argv = ["strace", "-f", "-qq", "-o", trace_path, "-s", str(16 << 20), "-xx", "-y",
+            "--seccomp-bpf", "-e", "signal=none", "-e", "trace=" + ",".join(TRACED),
+            sys.executable, os.path.join(here, "crashsim.py"), "write", kind, directory,
+            str(count)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise TraceError(f"workload {kind} failed (rc={done.returncode}): "
+                         f"{done.stderr.strip()[-2000:]}")
+
+
+# ------------------------------------------------------------------------- check ----
+
+@dataclasses.dataclass
+class Report:
+    """One configuration's figures (a row of the README table)."""
+
+    label: str
+    model: str
+    crash_points: int = 0
+    images: int = 0  # distinct durable states opened
+    torn: int = 0
+    ack_checks: int = 0
+    lost: int = 0  # (crash point, acknowledged write) pairs missing or wrong
+    lossy_points: int = 0
+    max_lost_at_one_point: int = 0
+    integrity_failures: int = 0
+    partial_batches: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def row(self) -> str:
+        lost = str(self.lost) if not self.lost else (
+            f"{self.lost} ({self.lossy_points} points, at most {self.max_lost_at_one_point})")
+        return (f"| {self.label} | {self.model} | {self.crash_points} | {self.images} | "
+                f"{self.torn} | {self.ack_checks} | {lost} | {self.integrity_failures} |")
+
+
+def table(reports: Sequence[Report]) -> list[str]:
+    """The power-loss table (Markdown), one row per configuration and model."""
+    return ["| configuration | directory model | crash points | durable images opened | "
+            "torn images | acknowledged-write checks | lost | integrity failures |",
+            "|---|---|---|---|---|---|---|---|", *(report.row() for report in reports)]
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What kvmem found in one crash image."""
+
+    rows: dict[str, tuple[int, str]]  # key -> (version, value JSON)
+    problem: str = ""  # integrity failure: why
+    partial_batches: int = 0
+
+
+class Checker:
+    """Opens crash images with kvmem in a scratch directory and reads them back."""
+
+    def __init__(self, settings: Mapping[str, str], scratch: str) -> None:
+        import kvmem
+
+        self.kvmem = kvmem
+        self.config = kvmem.Config.build(environ=dict(settings))
+        self.scratch = scratch
+        self.opened = 0
+
+    def verdict(self, image: Mapping[str, bytes]) -> Verdict:
+        kvmem = self.kvmem
+        self.opened += 1
+        where = os.path.join(self.scratch, str(self.opened))
+        os.mkdir(where)
+        try:
+            for path, data in image.items():
+                with open(os.path.join(where, os.path.basename(path)), "wb") as fp:
+                    fp.write(data)
+            db = os.path.join(where, "memory.db")
+            if not os.path.exists(db):
+                return Verdict({})  # the database's own entry never became durable
+            try:
+                conn = kvmem.open_db(db, config=self.config, create=False)
+            except kvmem.KvmemError as exc:
+                return Verdict({}, problem=f"open_db: {exc.code}: {exc}")
+            try:
+                check = conn.execute("PRAGMA integrity_check").fetchall()
+                rows = {key: (version, value) for key, version, value in conn.execute(
+                    "SELECT key, version, value FROM memories WHERE namespace = ?",
+                    (NAMESPACE,))}
+            except sqlite3.DatabaseError as exc:
+                return Verdict({}, problem=f"read: {exc}")
+            finally:
+                conn.close()
+            if check != [("ok",)]:
+                return Verdict(rows, problem=f"integrity_check: {check[:3]}")
+            return _judge_rows(rows)
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+
+
+def _judge_rows(rows: dict[str, tuple[int, str]]) -> Verdict:
+    """Every row must be a value some write intended; batches all or nothing."""
+    batches: dict[str, int] = {}
+    for key, (version, value) in rows.items():
+        if json.loads(value) != value_for(key, version):
+            return Verdict(rows, problem=f"row {key} v{version} holds a value never written")
+        if key.startswith("b"):
+            batch = key.split("-")[0]
+            batches[batch] = batches.get(batch, 0) + 1
+    partial = sum(1 for n in batches.values() if n != BATCH_SIZE)
+    return Verdict(rows, problem=f"{partial} partial batches" if partial else "",
+                   partial_batches=partial)
+
+
+def replay(events: Sequence[Event], model: Model, checker: Checker, report: Report, *,
+           torn: int, seed: int, head: int = 80, max_images: int | None = None) -> Report:
+    """Crash after every event and check each distinct durable image; also check one
+    torn image at each of the first ``head`` events (creating the database) and at
+    ``torn`` seeded random points (where something is pending)."""
+    rng = random.Random(seed)
+    disk = Disk(model)
+    acked: dict[str, int] = {}
+    cache: dict[int, Verdict] = {}
+    torn_at = set(range(min(head, len(events))))
+    torn_at.update(rng.sample(range(len(events)), min(torn, len(events))))
+    generations = _generations(events, model)
+    keep = None
+    if max_images is not None and len(set(generations)) > max_images:
+        keep = set(rng.sample(sorted(set(generations)), max_images))
+    for index, event in enumerate(events):
+        disk.apply(event)
+        if event.kind == "ack":
+            assert event.ack is not None
+            for key in event.ack.get("keys") or [event.ack["key"]]:
+                acked[key] = max(acked.get(key, 0), int(event.ack["n"]))
+        generation = disk.generation
+        if keep is None or generation in keep:
+            if generation not in cache:
+                cache[generation] = checker.verdict(disk.image())
+                report.images += 1
+            _score(report, cache[generation], acked, f"event {index} ({event.kind})")
+            report.crash_points += 1
+        if index in torn_at and disk.has_pending():
+            report.torn += 1
+            _score(report, checker.verdict(disk.torn_image(rng)), acked,
+                   f"torn at event {index}")
+    return report
+
+
+def _generations(events: Sequence[Event], model: Model) -> list[int]:
+    disk = Disk(model)
+    out = []
+    for event in events:
+        disk.apply(event)
+        out.append(disk.generation)
+    return out
+
+
+def _score(report: Report, verdict: Verdict, acked: Mapping[str, int], where: str) -> None:
+    if verdict.problem:
+        report.integrity_failures += 1
+        report.partial_batches += verdict.partial_batches
+        if len(report.failures) < 5:
+            report.failures.append(f"{where}: {verdict.problem}")
+    lost = 0
+    for key, n in acked.items():
+        report.ack_checks += 1
+        row = verdict.rows.get(key)
+        if row is None or row[0] < n:
+            lost += 1
+    if lost:
+        report.lost += lost
+        report.lossy_points += 1
+        report.max_lost_at_one_point = max(report.max_lost_at_one_point, lost)
+        if len(report.failures) < 5:
+            report.failures.append(f"{where}: {lost} acknowledged writes lost")
+
+
+def load_trace(trace_path: str, directory: str) -> list[Event]:
+    with open(trace_path, encoding="utf-8", errors="surrogateescape") as fp:
+        return parse(iter(fp), directory)
+
+
+def record_and_check(kind: str, settings: Mapping[str, str], workdir: str, *, count: int,
+                     models: Sequence[Model], torn: int, seed: int = 1,
+                     label: str = "") -> tuple[list[Event], list[Report]]:
+    """Record ``kind`` once, self-check the replay, then replay it under each model."""
+    directory = os.path.join(workdir, "disk")
+    os.makedirs(directory)
+    trace = os.path.join(workdir, "trace.txt")
+    record(kind, directory, count, settings, trace)
+    events = load_trace(trace, directory)
+    verify_replay(events, directory)
+    reports = []
+    for model in models:
+        scratch = tempfile.mkdtemp(dir=workdir, prefix="images-")
+        report = Report(label or kind, model.name)
+        replay(events, model, Checker(settings, scratch), report, torn=torn, seed=seed)
+        reports.append(report)
+    return events, reports
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[0] == "write":
+        write_workload(argv[1], argv[2], int(argv[3]))
+        return 0
+    print(__doc__.strip().splitlines()[-2], file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
