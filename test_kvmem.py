@@ -207,6 +207,47 @@ def test_not_a_database_refused_and_unchanged(tmp_path: Path, make: object,
         kvmem.open_db(path, config=cfg())
 
 
+FIRST_TRANSACTION = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=delete")
+conn.execute("PRAGMA cache_size=5")  # a tiny cache: pages spill to the file mid-transaction
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("CREATE TABLE t(x)")
+for _ in range(100):
+    conn.execute("INSERT INTO t VALUES (?)", (os.urandom(2000),))
+print("spilled", os.path.getsize(sys.argv[1]), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["hot-journal", "no-journal"])
+def test_torn_first_transaction_rolled_back_not_refused(tmp_path: Path, journal: bool) -> None:
+    """Power cut during a new database's first transaction (found by crashsim.py): the
+    file's sectors never reached the disk (zeros), its synced rollback journal did.  The
+    header check must let SQLite roll the journal back, not refuse the file; zeros
+    without a journal are still refused."""
+    path = tmp_path / "new.db"
+    child = Child(FIRST_TRANSACTION, str(path), stdin=True)
+    size = int(child.expect("spilled").split()[1])
+    child.kill()
+    assert size > 4096 and os.path.exists(f"{path}-journal")
+    path.write_bytes(bytes(size))  # no connection in this process
+    if not journal:
+        os.remove(f"{path}-journal")
+        with pytest.raises(kvmem.NotADatabaseError, match="zeros"):
+            kvmem.open_db(path, config=cfg())
+        return
+    conn = kvmem.open_db(path, config=cfg())
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert "memories" in tables and "t" not in tables  # rolled back, then kvmem's schema
+    finally:
+        conn.close()
+    assert not os.path.exists(f"{path}-journal")
+
+
 def test_header_check_pure() -> None:
     assert kvmem.describe_header(b"", 0) is None
     assert kvmem.describe_header(kvmem.SQLITE_MAGIC + b"\0" * 84, 4096) is None
