@@ -55,7 +55,8 @@ THREADS = 6
 TRACED = ("openat", "?open", "?creat", "openat2", "write", "pwrite64", "writev", "pwritev",
           "pwritev2", "ftruncate", "?truncate", "fsync", "fdatasync", "sync_file_range",
           "?rename", "renameat", "renameat2", "?unlink", "unlinkat", "sendfile",
-          "copy_file_range", "splice", "fallocate", "io_uring_setup", "sync", "syncfs")
+          "copy_file_range", "splice", "fallocate", "io_uring_setup", "sync", "syncfs",
+          "?link", "linkat", "?symlink", "symlinkat", "?mknod", "mknodat")
 
 
 class TraceError(Exception):
@@ -67,12 +68,14 @@ class TraceError(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Event:
-    """One disk-relevant step, in trace order.  ``kind``: create, write, truncate, sync,
-    dirsync, unlink, rename or ack.  ``path`` names the file the way the kernel did at
-    the time; ``deleted`` marks a descriptor whose file was already unlinked."""
+    """One disk-relevant step, in trace order.  ``kind``: open, write, truncate, unlink,
+    rename, syncstart/sync and dirsyncstart/dirsync (a sync covers only what was written
+    before it *started*: ``tid`` pairs the two), or ack.  ``path`` names the file the way
+    the kernel did at the time; ``deleted`` marks a descriptor whose file was unlinked."""
 
     kind: str
     path: str = ""
+    tid: str = ""
     offset: int = 0
     data: bytes = b""
     new_path: str = ""
@@ -112,14 +115,20 @@ def _path_arg(dirfd: str | None, arg: str) -> str:
     if os.path.isabs(path):
         return os.path.normpath(path)
     base = _fd(dirfd)[0] if dirfd else ""
-    return os.path.normpath(os.path.join(base, path)) if base else path
+    if not base:
+        raise TraceError(f"relative path {path!r} without a directory: cannot place it")
+    return os.path.normpath(os.path.join(base, path))
 
 
-def _calls(lines: Iterator[str]) -> Iterator[tuple[str, list[str], str, str]]:
-    """Calls ``(name, args, result, phase)``: phase ``whole`` for a call strace printed in
-    one line; ``<unfinished ...>``/``resumed>`` pairs of concurrent threads give ``entry``
-    (args only) and ``exit`` (merged).  Effects count at exit; an acknowledgement at entry
-    (from the moment its write was issued)."""
+_TRACED_CALL = re.compile("^({})\\(".format("|".join(name.strip("?") for name in TRACED)))
+
+
+def _calls(lines: Iterator[str]) -> Iterator[tuple[str, str, list[str], str, str]]:
+    """Calls ``(tid, name, args, result, phase)``: phase ``whole`` for a call strace
+    printed in one line; ``<unfinished ...>``/``resumed>`` pairs of concurrent threads
+    give ``entry`` (args only) and ``exit`` (merged); a call still unfinished when the
+    trace ends gives ``lost`` (its process died in it).  Effects count at exit, the start
+    of a sync and an acknowledgement at entry."""
     unfinished: dict[str, str] = {}
     for raw in lines:
         line = _LINE.match(raw.rstrip("\n"))
@@ -129,7 +138,7 @@ def _calls(lines: Iterator[str]) -> Iterator[tuple[str, list[str], str, str]]:
         if rest.endswith(" <unfinished ...>"):
             unfinished[tid] = start = rest[: -len(" <unfinished ...>")]
             name, _, args = start.partition("(")
-            yield name, args.split(", "), "", "entry"
+            yield tid, name, args.split(", "), "", "entry"
             continue
         phase = "whole"
         resumed = _RESUMED.match(rest)
@@ -140,9 +149,14 @@ def _calls(lines: Iterator[str]) -> Iterator[tuple[str, list[str], str, str]]:
                 raise TraceError(f"resumed call without its start: {raw[:120]!r}")
         call = _CALL.match(rest)
         if call is None:
+            if _TRACED_CALL.match(rest):
+                raise TraceError(f"unparsable call: {raw[:120]!r}")
             continue  # signals, exits: not disk events
         name, args, result = call.groups()
-        yield name, args.split(", "), result, phase
+        yield tid, name, args.split(", "), result, phase
+    for tid, start in unfinished.items():
+        name, _, args = start.partition("(")
+        yield tid, name, args.split(", "), "", "lost"
 
 
 def parse(lines: Iterator[str], directory: str) -> list[Event]:
@@ -153,11 +167,21 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
         return os.path.dirname(path) == directory and not path.endswith("-shm")
 
     events: list[Event] = []
-    for name, args, result, phase in _calls(lines):
+    for tid, name, args, result, phase in _calls(lines):
         if name == "write" and _fd(args[0])[0] == os.devnull:
             data = _string(args[1])
-            if data.startswith(ACK_PREFIX) and phase != "exit":
+            if data.startswith(ACK_PREFIX) and phase in ("entry", "whole"):
                 events.append(Event("ack", ack=json.loads(data[len(ACK_PREFIX):])))
+            continue
+        if name in ("fsync", "fdatasync") and phase in ("entry", "whole"):
+            path, deleted = _fd(args[0])
+            if path == directory:
+                events.append(Event("dirsyncstart", path, tid))
+            elif tracked(path):
+                events.append(Event("syncstart", path, tid, deleted=deleted))
+        if phase == "lost":
+            if any(a[:1].isdigit() and tracked(_fd(a)[0]) for a in args if "<" in a):
+                raise TraceError(f"{name}() on a tracked file never returned")
             continue
         if phase == "entry":
             continue
@@ -181,17 +205,18 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
             data, count, written = _string(args[1]), int(args[2]), int(result.split()[0])
             if len(data) != count:
                 raise TraceError(f"pwrite64 of {count} bytes shows {len(data)} (strace -s)")
-            events.append(Event("write", path, int(args[3]), data[:written], deleted=deleted))
+            events.append(Event("write", path, offset=int(args[3]), data=data[:written],
+                                deleted=deleted))
         elif name == "ftruncate":
             path, deleted = _fd(args[0])
             if tracked(path):
-                events.append(Event("truncate", path, int(args[1]), deleted=deleted))
+                events.append(Event("truncate", path, offset=int(args[1]), deleted=deleted))
         elif name in ("fsync", "fdatasync"):
             path, deleted = _fd(args[0])
             if path == directory:
-                events.append(Event("dirsync", path))
+                events.append(Event("dirsync", path, tid))
             elif tracked(path):
-                events.append(Event("sync", path, deleted=deleted))
+                events.append(Event("sync", path, tid, deleted=deleted))
         elif name in ("unlink", "unlinkat"):
             path = _path_arg(args[0] if name == "unlinkat" else None, args[-2 if name ==
                                                                          "unlinkat" else 0])
@@ -206,11 +231,11 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
                 events.append(Event("rename", old, new_path=new))
         elif name in ("sync", "syncfs", "io_uring_setup"):
             raise TraceError(f"{name}() seen: not modelled")
-        else:  # writev, pwritev*, truncate, sync_file_range, sendfile, splice, ...
-            touched = [a for a in args if a[:1].isdigit() or a.startswith('"')]
-            for arg in touched:
-                where = _fd(arg)[0] if arg[:1].isdigit() and "<" in arg else (
-                    _path_arg(None, arg) if arg.startswith('"') else "")
+        else:  # writev, pwritev*, truncate, sync_file_range, sendfile, link, ...
+            for arg in args:
+                where = _fd(arg)[0] if _FD.match(arg) else (
+                    _string(arg).decode("utf-8", "surrogateescape")
+                    if arg.startswith('"') else "")
                 if where and (tracked(where) or where == directory):
                     raise TraceError(f"{name}() on {where}: not modelled")
     return events
@@ -224,7 +249,9 @@ class Inode:
     def __init__(self, data: bytes = b"") -> None:
         self.live = bytearray(data)  # what the running system reads
         self.durable = bytes(data)  # what survives a power cut
-        self.pending: list[tuple[int, bytes | None]] = []  # (offset, data) / (size, None)
+        # (sequence number, offset, data) for a write, (sequence number, size, None)
+        # for a truncate: in the order they happened
+        self.pending: list[tuple[int, int, bytes | None]] = []
 
 
 def _apply(buf: bytearray, offset: int, data: bytes | None) -> None:
@@ -262,44 +289,67 @@ class Disk:
         self.model = model
         self.live: dict[str, Inode] = {p: Inode(d) for p, d in (initial or {}).items()}
         self.durable: dict[str, Inode] = dict(self.live)
-        self.pending_dir: list[tuple[str, str, Inode | None]] = []  # (op, path, inode/new)
-        self.unlinked: dict[str, Inode] = {}
+        # (sequence number, op, path, inode) of creates, unlinks, renames ("old\0new")
+        self.pending_dir: list[tuple[int, str, str, Inode | None]] = []
+        self.unlinked: dict[str, list[Inode]] = {}  # files unlinked from each name
+        self.sync_started: dict[str, int] = {}  # thread -> sequence number at its sync's start
+        self.seq = 0
         self.generation = 0  # changes whenever the durable state does
 
     def _inode(self, event: Event) -> Inode:
-        ino = None if event.deleted else self.live.get(event.path)
-        ino = ino or self.unlinked.get(event.path)
-        if ino is None:
-            raise TraceError(f"{event.kind} on unknown file {event.path}")
-        return ino
+        if not event.deleted:
+            ino = self.live.get(event.path)
+            if ino is None:
+                raise TraceError(f"{event.kind} on {event.path}, absent in the model")
+            return ino
+        gone = self.unlinked.get(event.path, [])
+        if len(gone) != 1:
+            raise TraceError(f"{event.kind} on an unlinked {event.path}: {len(gone)} candidates")
+        return gone[0]
+
+    def _forget(self, path: str) -> None:
+        """``path``'s file leaves the namespace (unlinked or renamed over)."""
+        ino = self.live.pop(path, None)
+        if ino is not None:
+            self.unlinked.setdefault(path, []).append(ino)
 
     def _dir_op(self, op: str, path: str, ino: Inode | None, new: str = "") -> None:
+        self.seq += 1
         if self.model.strict:
-            self.pending_dir.append((op, path if op != "rename" else path + "\0" + new, ino))
+            self.pending_dir.append(
+                (self.seq, op, path if op != "rename" else path + "\0" + new, ino))
         else:
             _dir_apply(self.durable, op, path if op != "rename" else path + "\0" + new, ino)
             self.generation += 1
 
     def apply(self, event: Event) -> None:
         kind = event.kind
-        if kind == "write":
+        if kind in ("write", "truncate"):
             ino = self._inode(event)
-            _apply(ino.live, event.offset, event.data)
-            ino.pending.append((event.offset, event.data))
-        elif kind == "truncate":
-            ino = self._inode(event)
-            _apply(ino.live, event.offset, None)
-            ino.pending.append((event.offset, None))
+            data = event.data if kind == "write" else None
+            _apply(ino.live, event.offset, data)
+            self.seq += 1
+            ino.pending.append((self.seq, event.offset, data))
+        elif kind in ("syncstart", "dirsyncstart"):
+            self.sync_started[event.tid] = self.seq
         elif kind == "sync":
             ino = self._inode(event)
-            if ino.pending and not self.model.broken_ignore_fsync:
-                ino.durable = bytes(ino.live)
-                ino.pending.clear()
+            done = self._synced_upto(event)
+            count = sum(1 for seq, _, _ in ino.pending if seq <= done)
+            if count and not self.model.broken_ignore_fsync:
+                buf = bytearray(ino.durable)
+                for _, offset, data in ino.pending[:count]:
+                    _apply(buf, offset, data)
+                ino.durable = bytes(buf)
+                del ino.pending[:count]
                 self.generation += 1
         elif kind == "dirsync":
-            if self.pending_dir:
-                self.durable = dict(self.live)
-                self.pending_dir.clear()
+            done = self._synced_upto(event)
+            count = sum(1 for seq, _, _, _ in self.pending_dir if seq <= done)
+            for _, op, path, target in self.pending_dir[:count]:
+                _dir_apply(self.durable, op, path, target)
+            if count:
+                del self.pending_dir[:count]
                 self.generation += 1
         elif kind == "open":
             flags = event.data.decode()
@@ -311,15 +361,25 @@ class Disk:
                 self._dir_op("link", event.path, opened)
             if "O_TRUNC" in flags:
                 _apply(opened.live, 0, None)
-                opened.pending.append((0, None))
+                self.seq += 1
+                opened.pending.append((self.seq, 0, None))
         elif kind == "unlink":
-            ino = self.live.pop(event.path)
-            self.unlinked[event.path] = ino
+            if event.path not in self.live:
+                raise TraceError(f"unlink of {event.path}, absent in the model")
+            self._forget(event.path)
             self._dir_op("unlink", event.path, None)
         elif kind == "rename":
             ino = self.live.pop(event.path)
+            self._forget(event.new_path)
             self.live[event.new_path] = ino
             self._dir_op("rename", event.path, ino, event.new_path)
+
+    def _synced_upto(self, event: Event) -> int:
+        """A sync makes durable what was done before it started (POSIX), not what other
+        threads did while it ran."""
+        if event.tid not in self.sync_started:
+            raise TraceError(f"{event.kind} of {event.path} without its start")
+        return self.sync_started.pop(event.tid)
 
     def image(self) -> dict[str, bytes]:
         """The files a power cut now leaves: durable entries, durable contents."""
@@ -329,12 +389,12 @@ class Disk:
         """A power cut that also persisted some of what was pending: a random prefix of
         the directory operations and a random subset of the written sectors."""
         entries = dict(self.durable)
-        for op, path, ino in self.pending_dir[: rng.randint(0, len(self.pending_dir))]:
+        for _, op, path, ino in self.pending_dir[: rng.randint(0, len(self.pending_dir))]:
             _dir_apply(entries, op, path, ino)
         image = {}
         for path, ino in entries.items():
             buf = bytearray(ino.durable)
-            for offset, data in ino.pending:
+            for _, offset, data in ino.pending:
                 if rng.random() < 0.5:
                     continue
                 if data is None:

@@ -9,7 +9,9 @@ these tests skip, unless ``KVMEM_TEST_REQUIRE_STRACE=1`` (CI) makes that a failu
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -146,18 +148,81 @@ def test_checker_catches_deliberately_broken_disks(
     assert early.lost > 0 and early.max_lost_at_one_point == 1, early
 
 
-def test_replay_self_check_catches_a_missed_write(
-        record: Callable[[str, str, str], Recorded]) -> None:
-    """The self-check is what makes a trace trustworthy: drop the last write to the WAL or
-    to the database (as a missed system call would) and the replay no longer rebuilds
-    the files.  (The single workload ends without a final checkpoint, so its WAL is
-    compared too.)"""
+def test_replay_self_check_catches_a_wrong_write(
+        record: Callable[[str, str, str], Recorded], tmp_path: Path) -> None:
+    """The self-check is what makes a trace trustworthy: one write whose bytes the final
+    database still shows, replayed with one byte wrong (as a mis-captured or missed
+    system call would leave it), and ``verify_replay`` refuses the trace."""
     events = record("single", "extra", "wal")[0]
-    final = crashsim.final_files(events)
-    assert any(path.endswith("-wal") and data for path, data in final.items())
-    for suffix in ("memory.db-wal", "memory.db"):
-        last = max(i for i, e in enumerate(events) if e.kind == "write" and e.path.endswith(suffix))
-        assert crashsim.final_files(events[:last] + events[last + 1:]) != final, suffix
+    db = next(e.path for e in events if e.path.endswith("/memory.db"))
+    cut = [i for i, e in enumerate(events) if e.kind == "truncate" and e.path == db]
+    last = max(i for i, e in enumerate(events) if e.kind == "write" and e.path == db
+               and all(events[c].offset > e.offset for c in cut if c > i))
+    wrong = b"\x01" if events[last].data[:1] == b"\x00" else b"\x00"
+    events = list(events)  # the recording is shared by the module's tests
+    events[last] = dataclasses.replace(events[last], data=wrong + events[last].data[1:])
+    directory = os.path.dirname(db)
+    with pytest.raises(crashsim.TraceError, match="differs"):
+        crashsim.verify_replay(events, directory)
+
+
+# -- the model, on hand-made events (no strace needed) -------------------------------------
+
+def _disk_after(model: Model, events: list[Event]) -> crashsim.Disk:
+    disk = crashsim.Disk(model)
+    for event in events:
+        disk.apply(event)
+    return disk
+
+
+def test_a_sync_covers_only_writes_made_before_it_started() -> None:
+    f = "/d/memory.db-wal"
+    events = [Event("open", f, data=b"O_RDWR|O_CREAT"), Event("dirsyncstart", "/d", "1"),
+              Event("dirsync", "/d", "1"), Event("write", f, offset=0, data=b"A" * 512),
+              Event("syncstart", f, "1"), Event("write", f, offset=512, data=b"B" * 512),
+              Event("sync", f, "1")]
+    disk = _disk_after(Model(strict=True), events)
+    assert disk.image() == {f: b"A" * 512}  # B finished while the sync ran: still pending
+    assert disk.has_pending()
+    disk.apply(Event("syncstart", f, "2"))
+    disk.apply(Event("sync", f, "2"))
+    assert disk.image() == {f: b"A" * 512 + b"B" * 512}
+
+
+def test_directory_models() -> None:
+    """Strict: a new file, and an unlink, count only after a directory sync (so an
+    unlinked journal comes back); lenient: at once."""
+    j = "/d/memory.db-journal"
+    made = [Event("open", j, data=b"O_RDWR|O_CREAT"), Event("write", j, data=b"J" * 512),
+            Event("syncstart", j, "1"), Event("sync", j, "1")]
+    strict, lenient = (_disk_after(Model(strict=s), made) for s in (True, False))
+    assert strict.image() == {} and lenient.image() == {j: b"J" * 512}
+    synced = [*made, Event("dirsyncstart", "/d", "1"), Event("dirsync", "/d", "1"),
+              Event("unlink", j)]
+    strict, lenient = (_disk_after(Model(strict=s), synced) for s in (True, False))
+    assert strict.image() == {j: b"J" * 512} and lenient.image() == {}
+    strict.apply(Event("dirsyncstart", "/d", "1"))
+    strict.apply(Event("dirsync", "/d", "1"))
+    assert strict.image() == {}
+
+
+def test_torn_images_are_sector_subsets_of_pending_writes() -> None:
+    f = "/d/memory.db"
+    disk = _disk_after(Model(strict=False), [
+        Event("open", f, data=b"O_RDWR|O_CREAT"), Event("write", f, data=b"o" * 2048),
+        Event("syncstart", f, "1"), Event("sync", f, "1"),
+        Event("write", f, offset=100, data=b"n" * 1500)])
+    old = b"o" * 2048
+    new = old[:100] + b"n" * 1500 + old[1600:]
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(200):
+        image = disk.torn_image(rng)[f]
+        sectors = tuple(image[s:s + 512] for s in range(0, 2048, 512))
+        for s, sector in zip(range(0, 2048, 512), sectors, strict=True):
+            assert sector in (old[s:s + 512], new[s:s + 512])  # all old or all new
+        seen.add(sectors)
+    assert len(seen) == 2 ** 4  # every combination of the 4 touched sectors turns up
 
 
 # -- the parser, on hand-written strace lines (no strace needed) --------------------------
@@ -189,11 +254,11 @@ def test_parser_merges_threads_and_orders_acks_at_their_start(tmp_path: Path
                                                               ) -> None:
     directory = os.path.realpath(tmp_path)
     events = crashsim.parse(iter(_lines(directory)), directory)
-    assert [e.kind for e in events] == ["open", "open", "ack", "write", "sync", "unlink",
-                                        "dirsync"]
+    assert [e.kind for e in events] == ["open", "open", "ack", "write", "syncstart", "sync",
+                                        "unlink", "dirsyncstart", "dirsync"]
     assert events[2].ack == {"key": "a", "n": 1}
     assert (events[3].offset, events[3].data) == (8, b"abcd")
-    assert events[4].deleted and events[4].path == f"{directory}/memory.db-journal"
+    assert events[5].deleted and events[5].path == f"{directory}/memory.db-journal"
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -202,6 +267,9 @@ def test_parser_merges_threads_and_orders_acks_at_their_start(tmp_path: Path
     ('10 write(3<{db}>, "\\x61", 1) = 1', "position-relative"),
     ('10 pwritev(3<{db}>, [{{iov_base="\\x61", iov_len=1}}], 1, 0) = 1', "not modelled"),
     ('10 syncfs(3<{db}>) = 0', "not modelled"),
+    ('10 unlink("\\x6d\\x65\\x6d") = 0', "relative path"),
+    ('10 fdatasync(3<{db}> <unfinished ...>', "never returned"),
+    ('10 pwrite64(3<{db}>, "\\x61", 1, 8 = 1', "unparsable"),
 ])
 def test_parser_refuses_what_it_cannot_replay(tmp_path: Path, bad: str,
                                              message: str) -> None:
