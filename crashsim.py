@@ -5,10 +5,11 @@ The method of ALICE (OSDI'14) and CrashMonkey (OSDI'18), at the size of one dire
 1. **Record.**  A writer (a workload below, running kvmem's real code) runs under
    ``strace -f``, which logs every open, write (with all its bytes), truncate,
    fsync/fdatasync, rename and unlink.  After each call that returned, the writer
-   writes ``KVMEM-ACK {...}`` to ``/dev/null``: the same trace orders acknowledgements
-   against disk operations.
+   writes ``KVMEM-ACK {...}`` to ``/dev/null`` (kvmem-http's are its 2xx responses):
+   the same trace orders acknowledgements against disk operations.
 2. **Replay.**  A model disk: each file (inode) has a *durable* image and a list of
-   *pending* (unsynced) operations; fsync/fdatasync folds them in.  Directory entries
+   *pending* (unsynced) operations; fsync/fdatasync folds in those done before it
+   started.  Directory entries
    (creates, unlinks, renames) are durable at once in the *lenient* model and only
    after an fsync of the directory in the *strict* (POSIX) one.  ``-shm`` is never part
    of a crash image: SQLite does not need it to recover.
@@ -56,7 +57,8 @@ TRACED = ("openat", "?open", "?creat", "openat2", "write", "pwrite64", "writev",
           "pwritev2", "ftruncate", "?truncate", "fsync", "fdatasync", "sync_file_range",
           "?rename", "renameat", "renameat2", "?unlink", "unlinkat", "sendfile",
           "copy_file_range", "splice", "fallocate", "io_uring_setup", "sync", "syncfs",
-          "?link", "linkat", "?symlink", "symlinkat", "?mknod", "mknodat")
+          "?link", "linkat", "?symlink", "symlinkat", "?mknod", "mknodat",
+          "sendto")  # sendto: kvmem-http's responses, the earliest acknowledgement
 
 
 class TraceError(Exception):
@@ -159,6 +161,24 @@ def _calls(lines: Iterator[str]) -> Iterator[tuple[str, str, list[str], str, str
         yield tid, name, args.split(", "), "", "lost"
 
 
+def _http_ack(answered_2xx: dict[str, bool], tid: str, data: bytes) -> dict[str, Any] | None:
+    """A memory sent by a server thread after a 2xx status line: the moment the server
+    acknowledged that write (the client's ack comes later, when it has read it)."""
+    if data.startswith(b"HTTP/1."):
+        answered_2xx[tid] = data[9:10] == b"2"
+        return None
+    if not answered_2xx.pop(tid, False) or not data.startswith(b"{"):
+        return None
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("key"), str) and \
+            isinstance(body.get("version"), int) and body.get("namespace") == NAMESPACE:
+        return {"key": body["key"], "n": body["version"]}
+    return None
+
+
 def parse(lines: Iterator[str], directory: str) -> list[Event]:
     """The events of ``directory`` (and acknowledgements) in a ``strace -f -xx -y`` log."""
     directory = os.path.realpath(directory)
@@ -167,7 +187,14 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
         return os.path.dirname(path) == directory and not path.endswith("-shm")
 
     events: list[Event] = []
+    answered_2xx: dict[str, bool] = {}  # thread -> its last response head was 2xx
     for tid, name, args, result, phase in _calls(lines):
+        if name == "sendto":
+            if phase in ("entry", "whole"):
+                ack = _http_ack(answered_2xx, tid, _string(args[1]))
+                if ack is not None:
+                    events.append(Event("ack", ack=ack))
+            continue
         if name == "write" and _fd(args[0])[0] == os.devnull:
             data = _string(args[1])
             if data.startswith(ACK_PREFIX) and phase in ("entry", "whole"):
@@ -548,7 +575,8 @@ def _threads(run: Callable[[int], None]) -> None:
 
 def _http_workload(db: str, count: int, ack: _Acks) -> None:
     """A real ``kvmem-http`` process (traced too: strace -f follows it) under concurrent
-    PUTs from this process; acknowledged = the 2xx response was read here."""
+    PUTs from this process.  Acknowledged twice in the trace: when the server sends the
+    2xx response (``sendto``, see ``_http_ack``) and when this client has read it."""
     import http.client
 
     server = subprocess.Popen(
