@@ -245,8 +245,7 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
             elif tracked(path):
                 events.append(Event("sync", path, tid, deleted=deleted))
         elif name in ("unlink", "unlinkat"):
-            path = _path_arg(args[0] if name == "unlinkat" else None, args[-2 if name ==
-                                                                         "unlinkat" else 0])
+            path = _path_arg(None, args[0]) if name == "unlink" else _path_arg(*args[:2])
             if tracked(path):
                 events.append(Event("unlink", path))
         elif name in ("rename", "renameat", "renameat2"):
@@ -740,16 +739,19 @@ def _judge_rows(rows: dict[str, tuple[int, str]]) -> Verdict:
 
 
 def replay(events: Sequence[Event], model: Model, checker: Checker, report: Report, *,
-           torn: int, seed: int, head: int = 80) -> Report:
+           torn: int | None, seed: int, head: int = 80) -> Report:
     """Crash after every event and check each distinct durable image; also check one
     torn image at each of the first ``head`` events (creating the database) and at
-    ``torn`` seeded random points (where something is pending)."""
+    ``torn`` seeded random points (``None``: at every point) where something is pending."""
     rng = random.Random(seed)
     disk = Disk(model)
     acked: dict[str, int] = {}
     cache: dict[int, Verdict] = {}
     torn_at = set(range(min(head, len(events))))
-    torn_at.update(rng.sample(range(len(events)), min(torn, len(events))))
+    if torn is None:
+        torn_at.update(range(len(events)))
+    else:
+        torn_at.update(rng.sample(range(len(events)), min(torn, len(events))))
     for index, event in enumerate(events):
         disk.apply(event)
         if event.kind == "ack":
