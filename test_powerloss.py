@@ -23,8 +23,7 @@ import testutil
 from crashsim import Event, Model, Report
 
 COUNT = 600 if testutil.SOAK else 160  # acknowledged writes per workload
-# Torn images at seeded random crash points, plus the first 80 events; --soak: everywhere.
-TORN = None if testutil.SOAK else 250
+TORN = 4000 if testutil.SOAK else 250  # torn images at random crash points (plus the first 80)
 MODELS = (Model(strict=True), Model(strict=False))
 # Small checkpoint settings, so that the short traces contain PASSIVE and TRUNCATE
 # checkpoints and WAL restarts by the checkpointer thread, not only appends.
@@ -64,7 +63,7 @@ def record(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str, str]
 
 
 def check(recorded: Recorded, label: str, tmp_path: Path, model: Model,
-          events: list[Event] | None = None, torn: int | None = TORN) -> Report:
+          events: list[Event] | None = None, torn: int = TORN) -> Report:
     """Replay under ``model`` and add the row to the run's power-loss table."""
     scratch = tempfile.mkdtemp(prefix=f"images-{model.name}-", dir=tmp_path)
     report = Report(label, model.name)
