@@ -162,7 +162,9 @@ def _calls(lines: Iterator[str]) -> Iterator[tuple[str, str, list[str], str, str
 
 def _http_ack(answered_2xx: dict[str, bool], tid: str, data: bytes) -> dict[str, Any] | None:
     """A memory sent by a server thread after a 2xx status line: the moment the server
-    acknowledged that write (the client's ack comes later, when it has read it)."""
+    acknowledged that write (the client's ack comes later, when it has read it).  Kept by
+    ``parse`` only when a client acknowledged the same write: a 2xx ``GET`` also sends a
+    memory, and reading a value is no acknowledgement of its durability."""
     if data.startswith(b"HTTP/1."):
         answered_2xx[tid] = data[9:10] == b"2"
         return None
@@ -174,8 +176,22 @@ def _http_ack(answered_2xx: dict[str, bool], tid: str, data: bytes) -> dict[str,
         return None
     if isinstance(body, dict) and isinstance(body.get("key"), str) and \
             isinstance(body.get("version"), int) and body.get("namespace") == NAMESPACE:
-        return {"key": body["key"], "n": body["version"]}
+        return {"key": body["key"], "n": body["version"], "by": "server"}
     return None
+
+
+def _touches(args: Sequence[str], tracked: Callable[[str], bool]) -> str:
+    """The tracked path among a call's arguments (descriptors and path strings), or ''."""
+    for arg in args:
+        if _FD.match(arg):
+            where = _fd(arg)[0]
+        elif _STRING.match(arg):
+            where = os.path.normpath(_string(arg).decode("utf-8", "surrogateescape"))
+        else:
+            continue
+        if where and tracked(where):
+            return where
+    return ""
 
 
 def parse(lines: Iterator[str], directory: str) -> list[Event]:
@@ -185,11 +201,17 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
     def tracked(path: str) -> bool:
         return os.path.dirname(path) == directory and not path.endswith("-shm")
 
+    def tracked_or_dir(path: str) -> bool:
+        return path == directory or tracked(path)
+
     events: list[Event] = []
     answered_2xx: dict[str, bool] = {}  # thread -> its last response head was 2xx
     for tid, name, args, result, phase in _calls(lines):
         if name == "sendto":
             if phase in ("entry", "whole"):
+                if not _STRING.match(args[1]):  # e.g. a netlink message: not HTTP
+                    answered_2xx.pop(tid, None)
+                    continue
                 ack = _http_ack(answered_2xx, tid, _string(args[1]))
                 if ack is not None:
                     events.append(Event("ack", ack=ack))
@@ -206,8 +228,8 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
             elif tracked(path):
                 events.append(Event("syncstart", path, tid, deleted=deleted))
         if phase == "lost":
-            if any(a[:1].isdigit() and tracked(_fd(a)[0]) for a in args if "<" in a):
-                raise TraceError(f"{name}() on a tracked file never returned")
+            if _touches(args, tracked_or_dir):
+                raise TraceError(f"{name}() on {_touches(args, tracked_or_dir)} never returned")
             continue
         if phase == "entry":
             continue
@@ -253,17 +275,17 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
             if tracked(old) or tracked(new):
                 if not (tracked(old) and tracked(new)):
                     raise TraceError(f"rename across the tracked directory: {old} -> {new}")
+                if name == "renameat2" and "RENAME_EXCHANGE" in args[4]:
+                    raise TraceError("renameat2(RENAME_EXCHANGE): not modelled")
                 events.append(Event("rename", old, new_path=new))
         elif name in ("sync", "syncfs", "io_uring_setup"):
             raise TraceError(f"{name}() seen: not modelled")
-        else:  # writev, pwritev*, truncate, sync_file_range, sendfile, link, ...
-            for arg in args:
-                where = _fd(arg)[0] if _FD.match(arg) else (
-                    _string(arg).decode("utf-8", "surrogateescape")
-                    if arg.startswith('"') else "")
-                if where and (tracked(where) or where == directory):
-                    raise TraceError(f"{name}() on {where}: not modelled")
-    return events
+        elif _touches(args, tracked_or_dir):  # writev, pwritev*, truncate, link, ...
+            raise TraceError(f"{name}() on {_touches(args, tracked_or_dir)}: not modelled")
+    confirmed = {(e.ack.get("key"), e.ack["n"]) for e in events
+                 if e.ack is not None and "by" not in e.ack}
+    return [e for e in events if e.ack is None or "by" not in e.ack
+            or (e.ack["key"], e.ack["n"]) in confirmed]
 
 
 # ---------------------------------------------------------------------- the disk ----
@@ -450,7 +472,8 @@ def _dir_apply(entries: dict[str, Inode], op: str, path: str, ino: Inode | None)
 
 def acks_moved_earlier(events: Sequence[Event]) -> list[Event]:
     """A deliberately wrong trace: each acknowledgement one event earlier than it was
-    (before the last sync of its commit).  The checker must find losses in it."""
+    (between the start and the end of its commit's last sync, in a single-threaded
+    trace).  The checker must find losses in it."""
     moved = list(events)
     for index in range(1, len(moved)):
         if moved[index].kind == "ack" and moved[index - 1].kind != "ack":

@@ -10,6 +10,7 @@ these tests skip, unless ``KVMEM_TEST_REQUIRE_STRACE=1`` (CI) makes that a failu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import tempfile
@@ -255,6 +256,31 @@ def test_parser_merges_threads_and_orders_acks_at_their_start(tmp_path: Path
     assert events[5].deleted and events[5].path == f"{directory}/memory.db-journal"
 
 
+def test_parser_takes_server_acks_only_for_writes_a_client_acknowledged(tmp_path: Path
+                                                                       ) -> None:
+    """kvmem-http's 2xx response is the earliest acknowledgement; a memory sent for a GET
+    (never acknowledged by a client as a write) is not one; a netlink send is skipped."""
+    directory = os.path.realpath(tmp_path)
+
+    def send(tid: int, text: str) -> str:
+        return f'{tid} sendto(7<{_hex("socket:[1]")}>, "{_hex(text)}", {len(text)}, 0, NULL, 0)' \
+            f" = {len(text)}"
+
+    def memory(key: str) -> str:
+        return json.dumps({"namespace": "default", "key": key, "version": 1})
+
+    client_ack = _hex('KVMEM-ACK {"key": "put", "n": 1}\n')
+    lines = [
+        send(20, "HTTP/1.1 201 Created\r\n\r\n"), send(20, memory("put")),
+        send(21, "HTTP/1.1 200 OK\r\n\r\n"), send(21, memory("got")),
+        '22 sendto(3<socket:[2]>, [{nlmsg_len=20, nlmsg_type=RTM_GETADDR}], 20, 0, NULL, 0) = 20',
+        f'30 write(5<{_hex("/dev/null")}>, "{client_ack}", 31) = 31',
+    ]
+    events = crashsim.parse(iter(lines), directory)
+    assert [e.ack for e in events] == [{"key": "put", "n": 1, "by": "server"},
+                                       {"key": "put", "n": 1}]
+
+
 @pytest.mark.parametrize("bad, message", [
     ('10 pwrite64(3<{db}>, "\\x61\\x62"..., 4, 8) = 4', "truncated"),
     ('10 pwrite64(3<{db}>, "\\x61\\x62", 4, 8) = 4', "shows 2"),
@@ -264,10 +290,14 @@ def test_parser_merges_threads_and_orders_acks_at_their_start(tmp_path: Path
     ('10 unlink("\\x6d\\x65\\x6d") = 0', "relative path"),
     ('10 fdatasync(3<{db}> <unfinished ...>', "never returned"),
     ('10 pwrite64(3<{db}>, "\\x61", 1, 8 = 1', "unparsable"),
+    ('10 unlinkat(AT_FDCWD<\\x2f>, "{db}", 0 <unfinished ...>', "never returned"),
+    ('10 renameat2(AT_FDCWD, "{db}", AT_FDCWD, "{db}", RENAME_EXCHANGE) = 0',
+     "RENAME_EXCHANGE"),
 ])
 def test_parser_refuses_what_it_cannot_replay(tmp_path: Path, bad: str,
                                              message: str) -> None:
     directory = os.path.realpath(tmp_path)
-    line = bad.format(db=_hex(f"{directory}/memory.db"))
+    db = _hex(f"{directory}/memory.db")
+    line = bad.format(db=db)
     with pytest.raises(crashsim.TraceError, match=message):
         crashsim.parse(iter([*_lines(directory)[:1], line]), directory)
