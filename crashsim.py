@@ -9,10 +9,9 @@ The method of ALICE (OSDI'14) and CrashMonkey (OSDI'18), at the size of one dire
    the same trace orders acknowledgements against disk operations.
 2. **Replay.**  A model disk: each file (inode) has a *durable* image and a list of
    *pending* (unsynced) operations; fsync/fdatasync folds in those done before it
-   started.  Directory entries
-   (creates, unlinks, renames) are durable at once in the *lenient* model and only
-   after an fsync of the directory in the *strict* (POSIX) one.  ``-shm`` is never part
-   of a crash image: SQLite does not need it to recover.
+   started.  Directory entries (creates, unlinks, renames) are durable at once in the
+   *lenient* model and only after an fsync of the directory in the *strict* (POSIX) one.
+   ``-shm`` is never part of a crash image: SQLite does not need it to recover.
 3. **Crash.**  After every event, the disk a power cut would leave is the durable
    state (one image per distinct durable state, cached).  Torn images add a seeded
    random subset of the pending writes, 512-byte sector by sector, and a random prefix
@@ -332,10 +331,10 @@ class Model:
 class Disk:
     """The model disk for one directory, advanced one event at a time."""
 
-    def __init__(self, model: Model, initial: Mapping[str, bytes] | None = None) -> None:
+    def __init__(self, model: Model) -> None:
         self.model = model
-        self.live: dict[str, Inode] = {p: Inode(d) for p, d in (initial or {}).items()}
-        self.durable: dict[str, Inode] = dict(self.live)
+        self.live: dict[str, Inode] = {}  # the writer starts in an empty directory
+        self.durable: dict[str, Inode] = {}
         # (sequence number, op, path, inode) of creates, unlinks, renames ("old\0new")
         self.pending_dir: list[tuple[int, str, str, Inode | None]] = []
         self.unlinked: dict[str, list[Inode]] = {}  # files unlinked from each name
@@ -481,21 +480,19 @@ def acks_moved_earlier(events: Sequence[Event]) -> list[Event]:
     return moved
 
 
-def final_files(events: Sequence[Event], initial: Mapping[str, bytes] | None = None
-                ) -> dict[str, bytes]:
+def final_files(events: Sequence[Event]) -> dict[str, bytes]:
     """Every event replayed: what the writer's directory should hold at the end."""
-    disk = Disk(Model(strict=False), initial)
+    disk = Disk(Model(strict=False))
     for event in events:
         disk.apply(event)
     return {path: bytes(ino.live) for path, ino in disk.live.items()}
 
 
-def verify_replay(events: Sequence[Event], directory: str,
-                  initial: Mapping[str, bytes] | None = None) -> int:
+def verify_replay(events: Sequence[Event], directory: str) -> int:
     """Self-check: the replay reproduces the directory byte for byte (``-shm`` aside).
     Returns the number of bytes compared.  Call only when no process has the database
     open."""
-    expected = final_files(events, initial)
+    expected = final_files(events)
     actual = {}
     for name in os.listdir(directory):
         path = os.path.join(os.path.realpath(directory), name)
@@ -549,8 +546,8 @@ def write_workload(kind: str, directory: str, count: int) -> None:
         return
     config = kvmem.Config.build()
     if kind == "single":
-        # Ends like a killed process (no final checkpoint), so that the WAL is still
-        # there for the byte-for-byte self-check; the other workloads close cleanly.
+        # Ends like a killed process (no final checkpoint), so that whatever the WAL
+        # holds is part of the byte-for-byte self-check; the other workloads close cleanly.
         checkpointer = kvmem.Checkpointer(db, config=config).start()
         store = kvmem.Store.open(db, config=config, checkpointer=False)
         for key, n in _sequential(max(1, count // 2), count, "k"):
@@ -766,19 +763,16 @@ def _judge_rows(rows: dict[str, tuple[int, str]], known_good: set[tuple[str, int
 
 
 def replay(events: Sequence[Event], model: Model, checker: Checker, report: Report, *,
-           torn: int | None, seed: int, head: int = 80) -> Report:
+           torn: int, seed: int, head: int = 80) -> Report:
     """Crash after every event and check each distinct durable image; also check one
     torn image at each of the first ``head`` events (creating the database) and at
-    ``torn`` seeded random points (``None``: at every point) where something is pending."""
+    ``torn`` seeded random points, where something is pending."""
     rng = random.Random(seed)
     disk = Disk(model)
     acked: dict[str, int] = {}
     cache: dict[int, Verdict] = {}
     torn_at = set(range(min(head, len(events))))
-    if torn is None:
-        torn_at.update(range(len(events)))
-    else:
-        torn_at.update(rng.sample(range(len(events)), min(torn, len(events))))
+    torn_at.update(rng.sample(range(len(events)), min(torn, len(events))))
     for index, event in enumerate(events):
         disk.apply(event)
         if event.kind == "ack":
