@@ -16,14 +16,18 @@ Theory of operation
   Nothing is acknowledged before its COMMIT returned.
 * Errors.  ``sqlite3.Error`` becomes a ``KvmemError`` subclass in one place,
   ``_db_error()``, by ``sqlite_errorcode`` — never by message text.
-* Checkpoints.  SQLite < 3.51.3 can corrupt a WAL database when two connections
-  checkpoint or reset the WAL at the same moment, so only one connection in the whole
-  system checkpoints: the holder of an ``fcntl.flock`` on ``<db>.checkpoint.lock``.
-  Connections never auto-checkpoint (``wal_autocheckpoint=0``); the ``Checkpointer``
-  thread of each process competes for the lock and the holder checkpoints.  A writer
-  that finds the WAL past the soft cap with nobody holding the lock checkpoints once,
-  under the lock; past the hard cap it checkpoints even though a holder exists (that
-  holder is stuck) and counts it as a fallback.
+* Checkpoints.  SQLite < 3.51.3 can corrupt a WAL database when a checkpoint and a WAL
+  reset by another connection meet (the WAL-reset bug).  Two rules keep them apart.  One
+  connection in the whole system checkpoints: the ``Checkpointer`` threads of all
+  processes elect a holder through an ``fcntl.flock`` on ``<db>.checkpoint.lock``, and
+  the holder's process checkpoints on its group-commit writer connection, between groups
+  (so that its next write restarts the WAL, as SQLite's own autocheckpoint does).  And
+  every checkpoint runs while a second connection of that process holds the write lock
+  (``BEGIN IMMEDIATE`` ... ``ROLLBACK``, see ``checkpoint_wal``), so no connection can
+  write, and so reset the WAL, while it runs.  Connections never auto-checkpoint
+  (``wal_autocheckpoint=0``).  Writers never sleep to make room; work after a COMMIT is
+  logged and counted, never raised.  Past the hard cap with the holder stuck, writers
+  checkpoint themselves (under the same write-lock rule) and health says so.
 * Files.  This module never ``open()``s the database, ``-wal`` or ``-shm`` while it has a
   connection to it: closing any descriptor of a file drops every POSIX lock the process
   holds on it (research/experiments/e9_closefd.py).  Sizes come from ``os.stat()``.
@@ -322,8 +326,13 @@ class Config:
         "this many pages"
     )
     wal_cap_bytes: int = _setting(
-        64 * 1024 * 1024, _parse_number(int, minimum=4096), "TRUNCATE checkpoint past this WAL "
-        "size; writers checkpoint themselves past 4x this"
+        64 * 1024 * 1024, _parse_number(int, minimum=4096), "a restarting WAL file is cut "
+        "back to this size; past half of it the checkpointer empties the file; past 4x "
+        "writers checkpoint themselves"
+    )
+    reader_warn_s: float = _setting(
+        30.0, _parse_number(float, minimum=0.01), "log a read that holds its snapshot (and "
+        "so keeps the WAL from restarting) longer than this"
     )
     decay_interval_s: float = _setting(
         300.0, _parse_number(float, minimum=0.01), "seconds between prune passes"
@@ -792,7 +801,8 @@ JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")  # first bytes of a rollback j
 # Per-connection settings, in the order they are applied; values come from Config.
 # journal_mode is applied separately (it is a file setting that can fail with busy).
 TEMP_STORE_MEMORY = 2
-CHECKPOINT_BUSY_TIMEOUT_MS = 200  # a RESTART/TRUNCATE holds the writer lock while it waits
+CHECKPOINT_BUSY_TIMEOUT_MS = 200  # the longest a checkpoint off the write path waits for the lock
+GATE_WAIT_MS = 10  # between groups: how long the writer waits for the write lock to checkpoint
 
 
 class KvmemConnection(sqlite3.Connection):
@@ -816,7 +826,7 @@ class RecoveryRecord:
     path: str
     wal_bytes_found: int
     quick_check: str  # "ok", the first problem found, or "skipped"
-    checkpoint: str  # "done", "busy", "skipped: ..." (another process is the checkpointer)
+    checkpoint: str  # "done", "busy", "skipped: ..." or "failed: ..." (the file still opens)
     wal_frames: int | None
     frames_checkpointed: int | None
     took_ms: float
@@ -827,7 +837,6 @@ class RecoveryRecord:
 _REGISTRY_LOCK = threading.Lock()
 _LIVE_CONNECTIONS: dict[str, int] = {}
 _RECOVERY: dict[str, RecoveryRecord] = {}
-_FALLBACK_CHECKPOINTS: dict[str, int] = {}
 
 
 def _release_registration(path: str) -> None:
@@ -1095,18 +1104,32 @@ def _wal_size(path: str) -> int:
 
 
 def _record_recovery(conn: KvmemConnection, path: str, wal_bytes: int, started: float) -> None:
+    """Log what the first open found and run one checkpoint, if this process may.  Never
+    fails the open: a checkpoint that cannot run (a full disk, no lock file) is recorded."""
     quick = "ok" if conn.kv_config.quick_check else "skipped"
     frames: int | None = None
     done: int | None = None
     if conn.kv_config.journal_mode != "wal":
         outcome = "skipped: not in WAL mode"
     else:
-        with CheckpointLock(path) as lock:
-            if lock.held:
-                busy, frames, done = _checkpoint(conn, "PASSIVE")
-                outcome = "busy" if busy else "done"
-            else:
-                outcome = "skipped: another process holds the checkpoint lock"
+        try:
+            with CheckpointLock(path) as lock:
+                if lock.held:
+                    gate = _gate_connection(path, conn.kv_config)
+                    try:
+                        result = checkpoint_wal(conn, gate, wait_ms=CHECKPOINT_BUSY_TIMEOUT_MS)
+                    finally:
+                        gate.close()
+                    if result is None:
+                        outcome = "busy: another process kept the write lock"
+                    else:
+                        _, frames, done = result
+                        outcome = "done" if frames == done else "busy: a reader is behind"
+                else:
+                    outcome = "skipped: another process holds the checkpoint lock"
+        except (KvmemError, OSError) as exc:
+            outcome = f"failed: {type(exc).__name__}: {exc}"
+            recovery_log.warning("%s: start-up checkpoint failed; opening anyway: %s", path, exc)
     record = RecoveryRecord(path, wal_bytes, quick, outcome, frames, done,
                             round((time.monotonic() - started) * 1000, 3))
     with _REGISTRY_LOCK:
@@ -1174,8 +1197,6 @@ def transaction(
     except sqlite3.Error as exc:
         _rollback(conn)
         raise _db_error(exc, path) from exc
-    if config is not None and config.journal_mode == "wal":
-        _checkpoint_if_needed(conn, path, config)
 
 
 def execute(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
@@ -1203,65 +1224,68 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-WRITER_YIELD_S = 0.002
-
-
-def _checkpoint_if_needed(conn: sqlite3.Connection, path: str, config: Config) -> None:
-    """After a commit: keep the WAL bounded (DESIGN.md §2.4).
-
-    Below half the cap: nothing (one ``os.stat``).  Above it, if no process holds the
-    checkpoint lock, this writer takes it and checkpoints once, as the checkpointer would.
-    If a checkpointer holds it, the writer pauses for WRITER_YIELD_S so the checkpointer's
-    TRUNCATE can get the writer lock between back-to-back commits (backpressure).  Past
-    the hard cap the checkpointer is presumed stuck: the writer checkpoints itself and
-    the fallback is counted for stats and health.
-    """
-    size = _wal_size(path)
-    if size <= config.wal_cap_bytes // 2:
-        return
-    with CheckpointLock(path) as lock:
-        if lock.held:  # nobody is the checkpointer: act as one, once
-            _checkpoint(conn, "TRUNCATE")
-            return
-    if size <= config.wal_hard_cap_bytes:
-        time.sleep(WRITER_YIELD_S)
-        return
-    checkpoint_log.warning("%s: WAL is %d bytes, past the hard cap %d; the writer "
-                           "checkpoints itself", path, size, config.wal_hard_cap_bytes)
+def _gate_connection(path: str, config: Config) -> KvmemConnection:
+    """A connection that only ever holds the write lock while another one checkpoints
+    (see ``checkpoint_wal``).  Opened raw: it reads and writes nothing, and it may be
+    opened inside ``open_db`` (the start-up checkpoint)."""
     with _REGISTRY_LOCK:
-        _FALLBACK_CHECKPOINTS[path] = _FALLBACK_CHECKPOINTS.get(path, 0) + 1
-    _checkpoint(conn, "TRUNCATE")
-
-
-def _checkpoint(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
-    """Run one checkpoint; return SQLite's ``(busy, log, checkpointed)``.
-
-    PASSIVE never waits.  TRUNCATE needs the writer lock and then waits for readers,
-    holding that lock, so it must not use the 5 s busy handler: it runs with
-    ``busy_timeout=0`` and is retried every millisecond or so for at most
-    CHECKPOINT_BUSY_TIMEOUT_MS.  SQLite's own handler sleeps in steps of up to 100 ms
-    and loses the lock to a writer that commits back to back; short retries find the gaps.
-    """
-    assert mode in ("PASSIVE", "TRUNCATE")
-    path = getattr(conn, "kv_path", "?")
-    config: Config | None = getattr(conn, "kv_config", None)
-    sql = f"PRAGMA wal_checkpoint({mode})"
+        _LIVE_CONNECTIONS[path] = _LIVE_CONNECTIONS.get(path, 0) + 1
     try:
-        if mode == "PASSIVE":
-            row = conn.execute(sql).fetchone()
-            return int(row[0]), int(row[1]), int(row[2])
-        deadline = time.monotonic() + CHECKPOINT_BUSY_TIMEOUT_MS / 1000
-        conn.execute("PRAGMA busy_timeout = 0")
+        return _connect(path, config, mode="rw", check_same_thread=False)
+    except BaseException:
+        _release_registration(path)
+        raise
+
+
+def checkpoint_wal(conn: KvmemConnection, gate: KvmemConnection, *, wait_ms: int,
+                   shrink: bool = False) -> tuple[int, int, int] | None:
+    """One PASSIVE checkpoint on ``conn`` while ``gate`` holds the write lock; SQLite's
+    ``(busy, wal_frames, frames_checkpointed)``, or ``None`` if the lock stayed taken for
+    ``wait_ms``.
+
+    Holding the write lock means no connection anywhere can commit, and so reset the WAL,
+    while the checkpoint runs: the WAL-reset bug needs exactly that meeting.  (A TRUNCATE
+    or RESTART checkpoint would take the lock itself, but quietly degrades to PASSIVE
+    without it when a writer is active.)  With ``shrink`` a complete checkpoint is
+    followed by one write that restarts the WAL and cuts the file to its first frame,
+    giving the disk space back.  Waits for nothing but the lock; never sleeps.
+
+    Raises:
+        StorageFullError, StorageError, ...: the checkpoint itself failed.
+    """
+    try:
+        gate.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
         try:
-            while True:
-                row = conn.execute(sql).fetchone()
-                if row[0] == 0 or time.monotonic() >= deadline:
-                    return int(row[0]), int(row[1]), int(row[2])
-                time.sleep(random.uniform(0.0005, 0.0015))
+            gate.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                return None
+            raise
+        try:
+            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
-            conn.execute(f"PRAGMA busy_timeout = {config.busy_timeout_ms if config else 5000}")
+            _rollback(gate)
     except sqlite3.Error as exc:
-        raise _db_error(exc, path) from exc
+        raise _db_error(exc, conn.kv_path) from exc
+    result = int(row[0]), int(row[1]), int(row[2])
+    if shrink and result[1] == result[2] and result[1] > 0:
+        _restart_wal(conn, wait_ms)
+    return result
+
+
+def _restart_wal(conn: KvmemConnection, wait_ms: int) -> None:
+    """A write that changes nothing (``user_version`` set to itself dirties one page) with
+    ``journal_size_limit = 0``: after a complete checkpoint SQLite restarts the WAL for it
+    and truncates the file at its commit.  No restart if a reader still holds a snapshot;
+    then the file stays, and the next shrink tries again."""
+    limit = conn.kv_config.wal_cap_bytes
+    conn.execute("PRAGMA journal_size_limit = 0")
+    try:
+        with transaction(conn, timeout_s=wait_ms / 1000):
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            conn.execute(f"PRAGMA user_version = {version}")
+    finally:
+        conn.execute(f"PRAGMA journal_size_limit = {int(limit)}")
 
 
 class CheckpointLock:
@@ -1360,6 +1384,44 @@ class _Pending:
         self.error: BaseException | None = None
 
 
+class Conditions:
+    """What health reports, by name: conditions that hold now (problems) and, once they
+    have passed, when each was last seen and how often.  Thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._active: dict[str, str] = {}
+        self._seen: dict[str, dict[str, Any]] = {}
+
+    def set(self, name: str, message: str) -> None:
+        with self._lock:
+            self._active[name] = message
+            seen = self._seen.setdefault(name, {"count": 0})
+            seen.update(count=seen["count"] + 1, last_seen=rfc3339(self._clock()),
+                        message=message)
+
+    def clear(self, name: str) -> None:
+        if name in self._active:  # a dict lookup: cheap enough for every group
+            with self._lock:
+                self._active.pop(name, None)
+                if name in self._seen:
+                    self._seen[name]["last_seen"] = rfc3339(self._clock())
+
+    def active(self, name: str) -> bool:
+        return name in self._active
+
+    def problems(self) -> list[str]:
+        with self._lock:
+            return list(self._active.values())
+
+    def past(self) -> dict[str, dict[str, Any]]:
+        """Conditions that held once and hold no more, with when they were last seen."""
+        with self._lock:
+            return {name: dict(seen) for name, seen in self._seen.items()
+                    if name not in self._active}
+
+
 class GroupCommitter:
     """Group commit: every write of the process goes through here, and concurrent writes
     share one transaction and one fsync.
@@ -1374,23 +1436,47 @@ class GroupCommitter:
     every op of the group fails with that error and none of them was applied.  A lone
     writer is its own leader and pays no hand-off to another thread.
 
+    Between groups, still leading, the leader does the maintenance of the write path
+    (``_between_groups``): when this process is the elected checkpointer (``elected``,
+    set by its ``Checkpointer``) it checkpoints on this connection about every
+    ``checkpoint_pages`` WAL frames, and when asked (idle, a WAL to shrink, a full disk);
+    otherwise it only checks that some checkpointer is keeping the WAL bounded.  That work
+    never fails a group that committed: its errors are logged, counted and shown by health.
+
     The one connection is used by one leader at a time, never by two threads at once
     (``check_same_thread=False`` only lets leadership move between threads).  At most
     GROUP_QUEUE_MAX writes wait; more callers block until there is room (backpressure).
     """
 
     def __init__(self, path: str, config: Config, *,
-                 precommit: Callable[[], str | None] = lambda: None) -> None:
+                 precommit: Callable[[], str | None] = lambda: None,
+                 conditions: Conditions | None = None) -> None:
         self.path = path
         self.config = config
         self.precommit = precommit  # returns a reason not to commit (the file was replaced)
+        self.conditions = conditions or Conditions()
         self.failure: str | None = None  # the last corruption seen, for health
         self._conn = open_db(path, config=config, create=False, check_same_thread=False)
+        self._gate: KvmemConnection | None = None
+        self.page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._cond = threading.Condition()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._leading = False
         self._closed = False
-        self._stats = {"commits": 0, "ops": 0, "failed_ops": 0, "largest_group": 0}
+        self.elected = False  # this connection is the one that checkpoints (Checkpointer)
+        self._wanted: str | None = None  # a checkpoint asked for: "idle" or "shrink"
+        self._groups_since = 0  # committed groups since the last checkpoint
+        self._frames_per_group = 8.0  # learnt from each checkpoint's frame count
+        self._last_frames = 0
+        self._last_complete = True
+        self._pinned_since: float | None = None  # checkpoints incomplete since then
+        self._next_fallback = 0.0
+        self.last_checkpoint = time.monotonic()
+        self._stats: dict[str, Any] = {
+            "commits": 0, "ops": 0, "failed_ops": 0, "largest_group": 0, "checkpoints": 0,
+            "checkpoints_busy": 0, "fallback_checkpoints": 0, "after_commit_errors": 0,
+            "last_checkpoint": None, "last_after_commit_error": None,
+        }
 
     def submit(self, op: Callable[[KvmemConnection], Any]) -> Any:
         """Run ``op`` in a group; return its result once that group committed."""
@@ -1409,29 +1495,62 @@ class GroupCommitter:
                 count = min(len(self._queue), self.config.group_commit_max)
                 group = [self._queue.popleft() for _ in range(count)]
         if group:
+            committed = False
             try:
-                self._commit(self._conn, group)
+                committed = self._commit(self._conn, group)
             finally:
-                with self._cond:
+                with self._cond:  # the followers' writes are done: wake them now
                     for member in group:
                         member.finished = True
-                    self._leading = False
                     self._cond.notify_all()
+                try:
+                    full = any(isinstance(m.error, StorageFullError) for m in group)
+                    self._between_groups(committed=committed, full=full)
+                finally:
+                    with self._cond:
+                        self._leading = False
+                        self._cond.notify_all()
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def request_checkpoint(self, reason: str) -> None:
+        """Ask for a checkpoint on the writer connection ("idle" or "shrink"); run it now
+        if no group is running or waiting, else the next leader runs it."""
+        with self._cond:
+            if self._closed:
+                return
+            self._wanted = "shrink" if "shrink" in (reason, self._wanted) else reason
+            if self._leading or self._queue:
+                return
+            self._leading = True
+        try:
+            self._between_groups(committed=False, full=False)
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
+
+    def set_elected(self, elected: bool) -> None:
+        """Make this connection the process's checkpointing one, or stop that; returns
+        once no checkpoint of it is running (before the checkpoint lock is let go)."""
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            self.elected = elected
 
     def pending(self) -> int:
         """Writes waiting for a group (not counting the one being committed)."""
         with self._cond:
             return len(self._queue)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self._cond:
-            return dict(self._stats)
+            return dict(self._stats, frames_per_group=round(self._frames_per_group, 1))
 
     def close(self) -> None:
-        """Refuse new writes, let queued ones commit, close the connection."""
+        """Refuse new writes, let queued ones commit; if this connection is the elected
+        one, empty the WAL into the database (a clean stop); close the connections."""
         with self._cond:
             if self._closed:
                 return
@@ -1439,9 +1558,18 @@ class GroupCommitter:
             self._cond.notify_all()
             while self._leading or self._queue:
                 self._cond.wait()
-        self._conn.close()
+        try:
+            if self.elected and self.config.journal_mode == "wal" and not self.precommit():
+                self._checkpoint("close", shrink=True, wait_ms=CHECKPOINT_BUSY_TIMEOUT_MS)
+        except (KvmemError, OSError) as exc:
+            checkpoint_log.warning("%s: final checkpoint failed: %s", self.path, exc)
+        finally:
+            self.elected = False
+            if self._gate is not None:
+                self._gate.close()
+            self._conn.close()
 
-    def _commit(self, conn: KvmemConnection, group: list[_Pending]) -> None:
+    def _commit(self, conn: KvmemConnection, group: list[_Pending]) -> bool:
         failed = 0
         try:
             with transaction(conn):
@@ -1470,14 +1598,106 @@ class GroupCommitter:
             for pending in group:
                 pending.result, pending.error = None, pending.error or error
             failed = len(group)
+            return False
         else:
             with self._cond:
                 self._stats["commits"] += 1
+            return True
         finally:
             with self._cond:
                 self._stats["ops"] += len(group)
                 self._stats["failed_ops"] += failed
                 self._stats["largest_group"] = max(self._stats["largest_group"], len(group))
+
+    # -- between groups ------------------------------------------------------------------
+
+    def _between_groups(self, *, committed: bool, full: bool) -> None:
+        """The write path's maintenance, run by the leader after its group.  Never raises:
+        the group's writes are already answered."""
+        if self.config.journal_mode != "wal":
+            return
+        try:
+            if committed:
+                self._groups_since += 1
+            if self.elected:
+                wanted, self._wanted = self._wanted, None
+                if full or wanted == "shrink":
+                    self._checkpoint("storage full" if full else "shrink", shrink=True)
+                elif wanted or (self._groups_since * self._frames_per_group
+                                >= self.config.checkpoint_pages):
+                    self._checkpoint(wanted or "pages")
+            elif committed or full:
+                self._fall_back_if_stuck()
+        except Exception as exc:  # reported, never raised into the group
+            checkpoint_log.warning("%s: after a commit: %s: %s", self.path,
+                                   type(exc).__name__, exc)
+            with self._cond:
+                self._stats["after_commit_errors"] += 1
+                self._stats["last_after_commit_error"] = f"{type(exc).__name__}: {exc}"
+            self.conditions.set("after_commit", f"the last checkpoint after a commit failed:"
+                                f" {type(exc).__name__}: {exc}")
+
+    def _checkpoint(self, why: str, *, shrink: bool = False, wait_ms: int = GATE_WAIT_MS) -> None:
+        if self._gate is None:
+            self._gate = _gate_connection(self.path, self.config)
+        result = checkpoint_wal(self._conn, self._gate, wait_ms=wait_ms, shrink=shrink)
+        now = time.monotonic()
+        if result is None:  # another process is writing: try again after the next group
+            with self._cond:
+                self._stats["checkpoints_busy"] += 1
+            return
+        _, frames, done = result
+        if self._groups_since:  # frames written since the last checkpoint, per group
+            new = frames if self._last_complete or frames < self._last_frames \
+                else frames - self._last_frames
+            self._frames_per_group = max(1.0, (self._frames_per_group
+                                               + new / self._groups_since) / 2)
+        self._groups_since, self._last_frames = 0, frames
+        self._last_complete = frames == done
+        self.last_checkpoint = now
+        with self._cond:
+            self._stats["checkpoints"] += 1
+            self._stats["last_checkpoint"] = {"why": why, "wal_frames": frames,
+                                              "checkpointed": done, "at": rfc3339(time.time())}
+        self.conditions.clear("after_commit")
+        if self._last_complete:
+            self._pinned_since = None
+            self.conditions.clear("wal_pinned")
+        elif self._pinned_since is None:
+            self._pinned_since = now
+        elif now - self._pinned_since > self.config.reader_warn_s:
+            message = (f"checkpoints have not completed for {now - self._pinned_since:.0f} s:"
+                       f" a reader holds an old snapshot ({frames - done} of {frames} WAL"
+                       " frames wait for it)")
+            if not self.conditions.active("wal_pinned"):
+                checkpoint_log.warning("%s: %s", self.path, message)
+            self.conditions.set("wal_pinned", message)
+
+    def _fall_back_if_stuck(self) -> None:
+        """Not the elected process: if the WAL is past the soft cap with no checkpointer,
+        or past the hard cap with a stuck one, checkpoint once (at most once a poll)."""
+        size = _wal_size(self.path)
+        if size <= self.config.wal_hard_cap_bytes:
+            self.conditions.clear("wal_hard_cap")
+        if size <= self.config.wal_cap_bytes // 2:
+            return
+        now = time.monotonic()
+        if now < self._next_fallback:
+            return
+        self._next_fallback = now + self.config.checkpoint_poll_s
+        with CheckpointLock(self.path) as lock:
+            if lock.held:  # nobody is the checkpointer: act as one, once, under the lock
+                self._checkpoint("no checkpointer", shrink=True)
+                return
+        if size <= self.config.wal_hard_cap_bytes:
+            return
+        message = (f"WAL is {size} bytes, past the hard cap {self.config.wal_hard_cap_bytes}:"
+                   " the checkpointer is stuck, so writers checkpoint themselves")
+        checkpoint_log.warning("%s: %s", self.path, message)
+        self.conditions.set("wal_hard_cap", message)
+        with self._cond:
+            self._stats["fallback_checkpoints"] += 1
+        self._checkpoint("fallback", shrink=True)
 
 
 def _as_kvmem(exc: BaseException, conn: KvmemConnection) -> BaseException:
@@ -1493,25 +1713,30 @@ _DEFAULT = object()  # "use the configured default" for half_life_seconds
 
 class _ReadPool:
     """Idle read connections to borrow, one thread at a time (ThreadingHTTPServer starts a
-    thread per client connection; opening a database per request would be slow)."""
+    thread per client connection; opening a database per request would be slow).  Knows
+    what each borrowed connection is doing and since when, to name long readers."""
 
     def __init__(self, path: str, config: Config, keep: int = 8) -> None:
         self.path, self.config, self.keep = path, config, keep
         self._idle: list[KvmemConnection] = []
         self._lock = threading.Lock()
+        self._busy: dict[int, tuple[float, str]] = {}  # id(conn) -> (since, what)
         self.failure: str | None = None  # the last corruption seen, for health
 
-    def borrow(self) -> _Borrowed:
-        """``with pool.borrow() as conn:`` (a class, not a generator: reads are hot)."""
-        return _Borrowed(self)
+    def borrow(self, what: str) -> _Borrowed:
+        """``with pool.borrow("get k") as conn:`` (a class, not a generator: reads are hot)."""
+        return _Borrowed(self, what)
 
-    def take(self) -> KvmemConnection:
+    def take(self, what: str = "read") -> KvmemConnection:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return open_db(self.path, config=self.config, create=False, check_same_thread=False)
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = open_db(self.path, config=self.config, create=False, check_same_thread=False)
+        self._busy[id(conn)] = (time.monotonic(), what)  # one thread per conn: no lock
+        return conn
 
     def give(self, conn: KvmemConnection, exc: BaseException | None) -> None:
+        self._busy.pop(id(conn), None)
         if exc is not None:
             if isinstance(exc, NotADatabaseError | CorruptDatabaseError):
                 self.failure = f"{exc.code}: {exc}"
@@ -1522,6 +1747,12 @@ class _ReadPool:
                 return
         conn.close()
 
+    def long_readers(self, limit_s: float) -> list[tuple[float, str]]:
+        """``(seconds, what)`` of the reads that have run longer than ``limit_s``."""
+        now = time.monotonic()
+        return sorted(((now - since, what) for since, what in list(self._busy.values())
+                       if now - since > limit_s), reverse=True)
+
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
@@ -1530,13 +1761,14 @@ class _ReadPool:
 
 
 class _Borrowed:
-    __slots__ = ("conn", "pool")
+    __slots__ = ("conn", "pool", "what")
 
-    def __init__(self, pool: _ReadPool) -> None:
+    def __init__(self, pool: _ReadPool, what: str) -> None:
         self.pool = pool
+        self.what = what
 
     def __enter__(self) -> KvmemConnection:
-        self.conn = self.pool.take()
+        self.conn = self.pool.take(self.what)
         return self.conn
 
     def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
@@ -1564,16 +1796,22 @@ class Store:
         st = os.stat(path)
         self._identity = (st.st_dev, st.st_ino)
         self._reads = _ReadPool(path, config)
+        self.conditions = Conditions(clock)
         self._checkpointer: Checkpointer | None = None
         self._decay: DecayScheduler | None = None
         try:
+            self._writer = GroupCommitter(path, config, precommit=self._identity_problem,
+                                          conditions=self.conditions)
             if checkpointer:
-                self._checkpointer = Checkpointer(path, config=config, role=role).start()
-            self._writer = GroupCommitter(path, config, precommit=self._identity_problem)
+                self._checkpointer = Checkpointer(
+                    path, config=config, role=role, writer=self._writer, reads=self._reads,
+                    conditions=self.conditions).start()
             if decay:
                 self._decay = DecayScheduler(self, role=role).start()
         except BaseException:
             self._stop_background()
+            if hasattr(self, "_writer"):
+                self._writer.close()
             conn.close()
             raise
         self._reads._idle.append(conn)
@@ -1598,37 +1836,16 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Stop the background threads, finish queued writes, close every connection."""
+        """Finish queued writes, fold the WAL into the database if this process is the
+        checkpointer, stop the background threads, close every connection."""
         if self._closed:
             return
         self._closed = True
-        self._stop_background()
-        self._writer.close()
+        if self._decay is not None:
+            self._decay.stop()
+        self._writer.close()  # the elected writer's final checkpoint happens here
+        self._stop_background()  # then the checkpoint lock is let go
         self._reads.close()
-        if self._checkpointer is not None:
-            self._final_checkpoint()
-
-    def _final_checkpoint(self) -> None:
-        """On a clean stop, fold the WAL into the database, unless another process is
-        the checkpointer now (then it is that process's job)."""
-        if self.config.journal_mode != "wal":
-            return
-        with CheckpointLock(self.path) as lock:
-            if not lock.held:
-                return
-            if self._identity_problem():
-                return  # the file at the path is not ours any more: leave it alone
-            try:
-                conn = open_db(self.path, config=self.config, create=False)
-            except KvmemError as exc:
-                checkpoint_log.warning("[%s] final checkpoint skipped: %s", self.role, exc)
-                return
-            try:
-                _checkpoint(conn, "TRUNCATE")
-            except KvmemError as exc:
-                checkpoint_log.warning("[%s] final checkpoint failed: %s", self.role, exc)
-            finally:
-                conn.close()
 
     def _stop_background(self) -> None:
         if self._decay is not None:
@@ -1891,7 +2108,7 @@ class Store:
         """The live memory, or None (absent, expired or archived).  Never writes."""
         namespace = validate_namespace(namespace, self.config)
         key = validate_key(key, self.config)
-        with self._reads.borrow() as conn:
+        with self._reads.borrow(f"get {namespace}/{key}") as conn:
             row = execute(conn, SELECT_MEMORY + " WHERE namespace = ? AND key = ? AND " + LIVE,
                           (namespace, key, self.clock())).fetchone()
         return None if row is None else _row_memory(row)
@@ -1929,7 +2146,7 @@ class Store:
             params.append(tag)
         sql += " ORDER BY key LIMIT ?"
         params.append(limit + 1)
-        with self._reads.borrow() as conn:
+        with self._reads.borrow(f"list {namespace}") as conn:
             rows = execute(conn, sql, params).fetchall()
         items = [_row_memory(r) for r in rows[:limit]]
         more = len(rows) > limit
@@ -1946,7 +2163,7 @@ class Store:
         match = fts_query(query)
         limit = validate_limit(limit, MAX_SEARCH_LIMIT)
         now = self.clock()
-        with self._reads.borrow() as conn:
+        with self._reads.borrow(f"search {query!r} in {namespace}") as conn:
             rows = execute(conn, SEARCH_MEMORIES, (match, namespace, now, now, limit)).fetchall()
         hits = []
         for row in rows:
@@ -1961,7 +2178,7 @@ class Store:
         if namespace is not None:
             namespace = validate_namespace(namespace, self.config)
         count = 0
-        with self._reads.borrow() as conn:
+        with self._reads.borrow(f"export {namespace or 'all namespaces'}") as conn:
             execute(conn, "BEGIN")  # one snapshot for the whole export
             try:
                 sql = SELECT_MEMORY + (" WHERE namespace = ?" if namespace else "") + \
@@ -1978,13 +2195,13 @@ class Store:
 
     def settings(self) -> dict[str, Any]:
         """The connection settings as SQLite reports them back (for start-up logs)."""
-        with self._reads.borrow() as conn:
+        with self._reads.borrow("settings") as conn:
             return read_settings(conn)
 
     def stats(self) -> dict[str, Any]:
         """Settings read back, file figures, counts, background and group-commit state."""
         now = self.clock()
-        with self._reads.borrow() as conn:
+        with self._reads.borrow("stats") as conn:
             out = database_stats(conn)
             live, archived, expired = execute(conn, (
                 "SELECT"
@@ -2005,9 +2222,12 @@ class Store:
         return _file_identity_problem(self.path, self._identity)
 
     def health(self) -> dict[str, Any]:
-        """``{"ok": bool, "problems": [...]}``: the file is still the one opened (not
-        deleted or replaced; writes are refused if it is not), no operation met a corrupt
-        page, the background threads have not failed."""
+        """``{"ok": bool, "problems": [...], "past": {...}}``.  Problems hold now: the file
+        is not the one opened (deleted or replaced; writes are refused then), an operation
+        met a corrupt page, a background thread failed, the last checkpoint after a commit
+        failed, a reader is holding a snapshot past ``reader_warn_s``, the WAL is past the
+        hard cap.  ``past`` names those of the last kind that held once and no longer do,
+        with when they were last seen; they do not make ``ok`` false."""
         problems = []
         identity = self._identity_problem()
         if identity:
@@ -2019,11 +2239,8 @@ class Store:
             failed = part.state()["failed"] if part is not None else None
             if failed:
                 problems.append(f"{name} failed: {failed}")
-        with _REGISTRY_LOCK:
-            fallbacks = _FALLBACK_CHECKPOINTS.get(self.path, 0)
-        if fallbacks:
-            problems.append(f"writers checkpointed {fallbacks} times past the WAL hard cap")
-        return {"ok": not problems, "problems": problems}
+        problems.extend(self.conditions.problems())
+        return {"ok": not problems, "problems": problems, "past": self.conditions.past()}
 
 
 def _file_identity_problem(path: str, identity: tuple[int, int]) -> str | None:
@@ -2101,43 +2318,63 @@ class _Background:
         raise NotImplementedError
 
 
+ACTIVE_POLL_S = 0.05  # the checkpointer's poll while the WAL is changing
+
+
 class Checkpointer(_Background):
-    """Daemon thread keeping the WAL small, as the single checkpointer of a file.
+    """Daemon thread that holds the election of the file's single checkpointer and
+    covers what the write path cannot see.
 
     About every ``checkpoint_poll_s`` it tries to become the holder of the checkpoint
-    lock (so when the holder dies, a standby takes over within one poll).  The holder
-    stats the WAL and runs a PASSIVE checkpoint when the WAL changed since the last one
-    and either holds ``checkpoint_pages`` pages or ``checkpoint_interval_s`` passed, and a
-    TRUNCATE one when the WAL file is bigger than half of ``wal_cap_bytes`` (the cap is
-    the size it keeps the WAL under; half leaves room for writes during the TRUNCATE).
-    Transient errors (busy, I/O) are logged and retried next poll; a file that is not a
-    database or is corrupt puts it into the failed state (``state()["failed"]``) and it
-    stops trying.
+    lock (so when the holder dies, a standby takes over within one poll).  In a ``Store``
+    the holder makes the store's writer connection the checkpointing one
+    (``GroupCommitter.set_elected``): that connection checkpoints between its own groups,
+    and this thread only asks it for more, through the same connection: when the WAL
+    changed but this process did not write (another process did; polled every
+    ACTIVE_POLL_S while it changes), when ``checkpoint_interval_s`` passed, when the last
+    checkpoint was held back by a reader, and a shrink when the WAL file is past half of
+    ``wal_cap_bytes``.  It also names reads of this process that held a snapshot past
+    ``reader_warn_s``.  Without a writer (a process that only checkpoints) it checkpoints
+    on its own connection under the same rules.  Transient errors are logged and retried
+    next poll; a file that is not a database or is corrupt puts it into the failed state
+    (``state()["failed"]``) and it stops trying.
     """
 
     name = "checkpointer"
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
-                 role: str = "library") -> None:
+                 role: str = "library", writer: GroupCommitter | None = None,
+                 reads: _ReadPool | None = None, conditions: Conditions | None = None) -> None:
         self.config = config or Config.build()
         self.path = os.path.realpath(os.fspath(path) if path is not None else self.config.db)
         super().__init__(role, {
-            "holder": False, "last_mode": None, "last_result": None, "last_time": None,
-            "wal_bytes": _wal_size(self.path), "checkpoints": 0, "errors": 0,
+            "holder": False, "last_request": None, "last_time": None,
+            "wal_bytes": _wal_size(self.path), "requests": 0, "checkpoints": 0, "errors": 0,
             "last_error": None, "failed": None, "polls": 0,
         })
+        self.writer = writer
+        self.reads = reads
+        self.conditions = conditions or (writer.conditions if writer else Conditions())
         self._lock = CheckpointLock(self.path)  # given up when the thread ends
-        self._seen: tuple[int, int] | None = None  # (size, mtime_ns) after the last checkpoint
-        self._last_checkpoint = time.monotonic()
+        self._seen: tuple[int, int] | None = None  # the WAL's (size, mtime_ns) when last looked
+        self._commits = -1  # the writer's commit count when last looked
+        self._last_request = time.monotonic()
+        self._reported: set[str] = set()  # long readers already logged
 
     def _run(self) -> None:
-        conn: KvmemConnection | None = None
+        standalone: GroupCommitter | None = None
         try:
             while True:
+                delay = self.config.checkpoint_poll_s
                 try:
-                    if conn is None:
-                        conn = open_db(self.path, config=self.config, create=False)
-                    self._tick(conn)
+                    if self.writer is None and standalone is None:
+                        # Its own connection (and write-lock gate), checkpointing as a
+                        # Store's writer would; it never commits a group.
+                        standalone = GroupCommitter(self.path, self.config,
+                                                    conditions=self.conditions)
+                    writer = self.writer or standalone
+                    assert writer is not None
+                    delay = self._tick(writer)
                 except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
                     checkpoint_log.error("[%s] checkpointer failed for good: %s", self.role, exc)
                     self._update(failed=f"{exc.code}: {exc}", holder=False)
@@ -2149,56 +2386,78 @@ class Checkpointer(_Background):
                         self._state["last_error"] = f"{type(exc).__name__}: {exc}"
                 with self._state_lock:
                     self._state["polls"] += 1
-                if self._stop.wait(self.config.checkpoint_poll_s):
+                if self._stop.wait(delay):
                     return
         finally:
+            writer = self.writer or standalone
+            if writer is not None and writer.elected:
+                writer.set_elected(False)  # no checkpoint runs once the lock is let go
             self._lock.release()
             self._update(holder=False)
-            if conn is not None:
-                conn.close()
+            if standalone is not None:
+                standalone.close()
 
-    def _tick(self, conn: KvmemConnection) -> None:
+    def _tick(self, writer: GroupCommitter) -> float:
+        """One poll; returns the delay to the next."""
+        poll = self.config.checkpoint_poll_s
+        if self.reads is not None:
+            self._watch_readers(self.reads)
         if not self._lock.held:
             if not self._lock.acquire():
                 self._update(holder=False, wal_bytes=_wal_size(self.path))
-                return
+                return poll
             checkpoint_log.info("[%s] pid %d is now the checkpointer of %s", self.role,
                                 os.getpid(), self.path)
+            writer.set_elected(True)
             self._update(holder=True)
         if self.config.journal_mode != "wal":
-            return
+            return poll
         try:
             st = os.stat(self.path + "-wal")
             seen = (st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             seen = (0, 0)
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        commits = writer.stats()["commits"]
+        changed = seen != self._seen
+        own_writes = commits != self._commits
+        self._seen, self._commits = seen, commits
         now = time.monotonic()
-        mode = None
-        # Under back-to-back writes a PASSIVE checkpoint completes but the WAL never
-        # restarts (a writer restarts it only if it began after the checkpoint finished),
-        # so the file keeps growing; TRUNCATE takes the writer lock and resets it.  It
-        # starts at half the cap so that what is written while it waits still fits.
+        since = now - max(writer.last_checkpoint, self._last_request)
+        reason = None
         if seen[0] > self.config.wal_cap_bytes // 2:
-            mode = "TRUNCATE"
-        elif seen != self._seen and seen[0] and (
-            seen[0] >= self.config.checkpoint_pages * page_size
-            or now - self._last_checkpoint >= self.config.checkpoint_interval_s
-        ):
-            mode = "PASSIVE"
-        if mode is None:
-            self._update(wal_bytes=seen[0])
-            return
-        result = _checkpoint(conn, mode)
-        self._last_checkpoint = now
-        size_after = _wal_size(self.path)
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(self.path + "-wal")
-            self._seen = (st.st_size, st.st_mtime_ns)
+            reason = "shrink"
+        elif not writer._last_complete:
+            reason = "idle"  # a reader held the last one back; it may be gone now
+        elif changed and seen[0] and (not own_writes or since >= self.config.checkpoint_interval_s):
+            reason = "idle"
+        if reason is not None and (own_writes and reason == "idle" and since < ACTIVE_POLL_S):
+            reason = None  # the writer is checkpointing by itself
+        if reason is not None:
+            self._last_request = now
+            writer.request_checkpoint(reason)
+            with self._state_lock:
+                self._state.update(last_request=reason, last_time=time.time())
+                self._state["requests"] += 1
         with self._state_lock:
-            self._state.update(last_mode=mode, last_result=result, last_time=time.time(),
-                               wal_bytes=size_after)
-            self._state["checkpoints"] += 1
+            self._state["wal_bytes"] = _wal_size(self.path)
+            self._state["checkpoints"] = writer.stats()["checkpoints"]
+        return min(poll, ACTIVE_POLL_S) if changed or reason else poll
+
+    def _watch_readers(self, reads: _ReadPool) -> None:
+        long = reads.long_readers(self.config.reader_warn_s)
+        if not long:
+            self.conditions.clear("long_reader")
+            self._reported.clear()
+            return
+        for seconds, what in long:
+            if what not in self._reported:
+                self._reported.add(what)
+                checkpoint_log.warning("[%s] a read has held its snapshot for %.1f s, keeping"
+                                       " the WAL from restarting: %s", self.role, seconds, what)
+        seconds, what = long[0]
+        self.conditions.set("long_reader", f"{len(long)} read(s) have held a snapshot past "
+                            f"{self.config.reader_warn_s:g} s; the longest, {seconds:.0f} s: "
+                            f"{what}")
 
 
 class DecayScheduler(_Background):
@@ -2255,13 +2514,10 @@ def database_stats(conn: KvmemConnection) -> dict[str, Any]:
     if version < MIN_SQLITE_WITHOUT_WAL_RESET_BUG:
         warnings.append(
             f"SQLite {sqlite3.sqlite_version} has the WAL-reset bug (fixed in 3.51.3); kvmem "
-            "lets only one connection checkpoint to avoid it"
+            "checkpoints on one connection only, under the write lock, to avoid it"
         )
     with _REGISTRY_LOCK:
-        fallbacks = _FALLBACK_CHECKPOINTS.get(path, 0)
         record = _RECOVERY.get(path)
-    if fallbacks:
-        warnings.append(f"writers checkpointed {fallbacks} times past the WAL hard cap")
     return {
         "path": path,
         "sqlite_version": sqlite3.sqlite_version,
@@ -2273,7 +2529,6 @@ def database_stats(conn: KvmemConnection) -> dict[str, Any]:
         "db_bytes": os.stat(path).st_size,
         "wal_bytes": _wal_size(path),
         "wal_cap_bytes": conn.kv_config.wal_cap_bytes,
-        "fallback_checkpoints": fallbacks,
         "recovery": dataclasses.asdict(record) if record else None,
         "warnings": warnings,
     }
@@ -2330,7 +2585,16 @@ def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, A
             if not lock.held:
                 raise BusyError(f"{path}: another process is the checkpointer and "
                                 "checkpoints on its own; not running a second one")
-            busy, frames, done = _checkpoint(conn, "TRUNCATE" if truncate else "PASSIVE")
+            gate = _gate_connection(conn.kv_path, config)
+            try:
+                result = checkpoint_wal(conn, gate, wait_ms=config.busy_timeout_ms,
+                                        shrink=truncate)
+            finally:
+                gate.close()
+        if result is None:
+            raise BusyError(f"{path}: writers kept the write lock for {config.busy_timeout_ms}"
+                            " ms; no checkpoint ran")
+        busy, frames, done = result
         return {"path": conn.kv_path, "mode": "TRUNCATE" if truncate else "PASSIVE",
                 "busy": busy, "wal_frames": frames, "frames_checkpointed": done,
                 "wal_bytes_after": _wal_size(conn.kv_path)}

@@ -742,7 +742,7 @@ def test_decay_scheduler_prunes_and_survives_busy(tmp_path: Path, clock: Clock,
 
 def test_store_health_sees_a_replaced_file(tmp_path: Path) -> None:
     with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:
-        assert store.health() == {"ok": True, "problems": []}
+        assert store.health() == {"ok": True, "problems": [], "past": {}}
         os.rename(tmp_path / "kv.db", tmp_path / "moved.db")
         health = store.health()
     assert not health["ok"] and "deleted" in health["problems"][0]
