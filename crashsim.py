@@ -83,6 +83,7 @@ class Event:
     ack: Mapping[str, Any] | None = None
 
 
+WAL_HEADER_BYTES = 32
 _LINE = re.compile(r"^(\d+) +(.*)$")
 _CALL = re.compile(r"^(\w+)\((.*)\)\s+= (.*)$")
 _RESUMED = re.compile(r"^<\.\.\. (\w+) resumed>(.*)$")
@@ -480,6 +481,25 @@ def acks_moved_earlier(events: Sequence[Event]) -> list[Event]:
     return moved
 
 
+def wal_restarts(events: Sequence[Event]) -> int:
+    """How often a WAL was restarted: its header rewritten at offset 0 while the file
+    still held frames (a fresh or truncated WAL starts from an empty file instead)."""
+    sizes: dict[str, int] = {}
+    restarts = 0
+    for event in events:
+        if not event.path.endswith("-wal"):
+            continue
+        size = sizes.get(event.path, 0)
+        if event.kind == "write":
+            restarts += event.offset == 0 and size > WAL_HEADER_BYTES
+            sizes[event.path] = max(size, event.offset + len(event.data))
+        elif event.kind == "truncate":
+            sizes[event.path] = event.offset
+        elif event.kind == "unlink":
+            sizes.pop(event.path, None)
+    return restarts
+
+
 def final_files(events: Sequence[Event]) -> dict[str, bytes]:
     """Every event replayed: what the writer's directory should hold at the end."""
     disk = Disk(Model(strict=False))
@@ -548,12 +568,11 @@ def write_workload(kind: str, directory: str, count: int) -> None:
     if kind == "single":
         # Ends like a killed process (no final checkpoint), so that whatever the WAL
         # holds is part of the byte-for-byte self-check; the other workloads close cleanly.
-        checkpointer = kvmem.Checkpointer(db, config=config).start()
-        store = kvmem.Store.open(db, config=config, checkpointer=False)
+        store = kvmem.Store.open(db, config=config)
         for key, n in _sequential(max(1, count // 2), count, "k"):
             memory = store.set(key, value_for(key, n), namespace=NAMESPACE)
             ack(key=key, n=memory.version)
-        checkpointer.stop()  # no disk I/O in flight from here on
+        store._stop_background()  # no checkpoint in flight from here on (no final one)
         os._exit(0)
     with kvmem.Store.open(db, config=config) as store:
         if kind == "group":

@@ -1386,17 +1386,18 @@ class _Pending:
 
 class Conditions:
     """What health reports, by name: conditions that hold now (problems) and, once they
-    have passed, when each was last seen and how often.  Thread-safe."""
+    have passed, when each was last seen and how often.  A condition holds until it is
+    cleared, or for ``hold_s`` after it was last set.  Thread-safe."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._active: dict[str, str] = {}
+        self._active: dict[str, tuple[str, float]] = {}  # name -> (message, until)
         self._seen: dict[str, dict[str, Any]] = {}
 
-    def set(self, name: str, message: str) -> None:
+    def set(self, name: str, message: str, *, hold_s: float = math.inf) -> None:
         with self._lock:
-            self._active[name] = message
+            self._active[name] = message, time.monotonic() + hold_s
             seen = self._seen.setdefault(name, {"count": 0})
             seen.update(count=seen["count"] + 1, last_seen=rfc3339(self._clock()),
                         message=message)
@@ -1404,22 +1405,30 @@ class Conditions:
     def clear(self, name: str) -> None:
         if name in self._active:  # a dict lookup: cheap enough for every group
             with self._lock:
-                self._active.pop(name, None)
-                if name in self._seen:
+                if self._active.pop(name, None) is not None:
                     self._seen[name]["last_seen"] = rfc3339(self._clock())
 
     def active(self, name: str) -> bool:
-        return name in self._active
+        with self._lock:
+            self._expire()
+            return name in self._active
 
     def problems(self) -> list[str]:
         with self._lock:
-            return list(self._active.values())
+            self._expire()
+            return [message for message, _ in self._active.values()]
 
     def past(self) -> dict[str, dict[str, Any]]:
         """Conditions that held once and hold no more, with when they were last seen."""
         with self._lock:
+            self._expire()
             return {name: dict(seen) for name, seen in self._seen.items()
                     if name not in self._active}
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for name in [n for n, (_, until) in self._active.items() if until <= now]:
+            del self._active[name]
 
 
 class GroupCommitter:
@@ -1462,13 +1471,18 @@ class GroupCommitter:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._leading = False
+        self._epoch = 0  # counts leaderships, for set_elected
         self._closed = False
         self.elected = False  # this connection is the one that checkpoints (Checkpointer)
         self._wanted: str | None = None  # a checkpoint asked for: "idle" or "shrink"
         self._groups_since = 0  # committed groups since the last checkpoint
         self._frames_per_group = 8.0  # learnt from each checkpoint's frame count
+        # checkpoint_pages, lowered by the Checkpointer when the disk is nearly full: a WAL
+        # may never hold what the database would need to grow by to take it back.
+        self.pages_limit = config.checkpoint_pages
         self._last_frames = 0
         self._last_complete = True
+        self._wal_high = config.checkpoint_pages * (self.page_size + 24)
         self._pinned_since: float | None = None  # checkpoints incomplete since then
         self._next_fallback = 0.0
         self.last_checkpoint = time.monotonic()
@@ -1509,6 +1523,7 @@ class GroupCommitter:
                 finally:
                     with self._cond:
                         self._leading = False
+                        self._epoch += 1
                         self._cond.notify_all()
         if pending.error is not None:
             raise pending.error
@@ -1529,15 +1544,18 @@ class GroupCommitter:
         finally:
             with self._cond:
                 self._leading = False
+                self._epoch += 1
                 self._cond.notify_all()
 
     def set_elected(self, elected: bool) -> None:
-        """Make this connection the process's checkpointing one, or stop that; returns
-        once no checkpoint of it is running (before the checkpoint lock is let go)."""
+        """Make this connection the process's checkpointing one, or stop that; stopping
+        returns once no checkpoint of it can be running (the leader of the moment, who may
+        have read ``elected`` before, has finished), before the lock is let go."""
         with self._cond:
-            while self._leading:
-                self._cond.wait()
             self.elected = elected
+            epoch = self._epoch
+            while not elected and self._leading and self._epoch == epoch:
+                self._cond.wait()
 
     def pending(self) -> int:
         """Writes waiting for a group (not counting the one being committed)."""
@@ -1623,9 +1641,10 @@ class GroupCommitter:
                 wanted, self._wanted = self._wanted, None
                 if full or wanted == "shrink":
                     self._checkpoint("storage full" if full else "shrink", shrink=True)
-                elif wanted or (self._groups_since * self._frames_per_group
-                                >= self.config.checkpoint_pages):
+                elif wanted or self._groups_since * self._frames_per_group >= self.pages_limit:
                     self._checkpoint(wanted or "pages")
+                elif _wal_size(self.path) > self._wal_high:  # the estimate was low
+                    self._checkpoint("growth")
             elif committed or full:
                 self._fall_back_if_stuck()
         except Exception as exc:  # reported, never raised into the group
@@ -1654,19 +1673,22 @@ class GroupCommitter:
                                                + new / self._groups_since) / 2)
         self._groups_since, self._last_frames = 0, frames
         self._last_complete = frames == done
+        # A restarted WAL is overwritten from its start and its file does not grow; if
+        # it grows past this, the WAL got more frames than the estimate said.
+        self._wal_high = max(_wal_size(self.path), self.pages_limit * (self.page_size + 24))
+        self.conditions.clear("after_commit")
         self.last_checkpoint = now
         with self._cond:
             self._stats["checkpoints"] += 1
             self._stats["last_checkpoint"] = {"why": why, "wal_frames": frames,
                                               "checkpointed": done, "at": rfc3339(time.time())}
-        self.conditions.clear("after_commit")
         if self._last_complete:
             self._pinned_since = None
             self.conditions.clear("wal_pinned")
         elif self._pinned_since is None:
             self._pinned_since = now
         elif now - self._pinned_since > self.config.reader_warn_s:
-            message = (f"checkpoints have not completed for {now - self._pinned_since:.0f} s:"
+            message = (f"checkpoints have not completed for {now - self._pinned_since:.1f} s:"
                        f" a reader holds an old snapshot ({frames - done} of {frames} WAL"
                        " frames wait for it)")
             if not self.conditions.active("wal_pinned"):
@@ -1675,29 +1697,32 @@ class GroupCommitter:
 
     def _fall_back_if_stuck(self) -> None:
         """Not the elected process: if the WAL is past the soft cap with no checkpointer,
-        or past the hard cap with a stuck one, checkpoint once (at most once a poll)."""
+        or past the hard cap with a stuck one, checkpoint once.  After an attempt that
+        failed or could not finish (a reader holds an old snapshot) the next waits a poll."""
         size = _wal_size(self.path)
-        if size <= self.config.wal_hard_cap_bytes:
-            self.conditions.clear("wal_hard_cap")
-        if size <= self.config.wal_cap_bytes // 2:
-            return
         now = time.monotonic()
-        if now < self._next_fallback:
+        if size <= self.config.wal_cap_bytes // 2 or now < self._next_fallback:
             return
-        self._next_fallback = now + self.config.checkpoint_poll_s
+        self._next_fallback = now + self.config.checkpoint_poll_s  # unless it finishes
         with CheckpointLock(self.path) as lock:
             if lock.held:  # nobody is the checkpointer: act as one, once, under the lock
-                self._checkpoint("no checkpointer", shrink=True)
+                why = "no checkpointer"
+            elif size > self.config.wal_hard_cap_bytes:
+                why = "fallback"
+                message = (f"WAL is {size} bytes, past the hard cap "
+                           f"{self.config.wal_hard_cap_bytes}: the checkpointer is stuck, so "
+                           "writers checkpoint themselves")
+                checkpoint_log.warning("%s: %s", self.path, message)
+                self.conditions.set("wal_hard_cap", message,
+                                    hold_s=self.config.checkpoint_interval_s)
+                with self._cond:
+                    self._stats["fallback_checkpoints"] += 1
+            else:  # a checkpointer exists and the WAL is not past the hard cap: its job
+                self._next_fallback = now
                 return
-        if size <= self.config.wal_hard_cap_bytes:
-            return
-        message = (f"WAL is {size} bytes, past the hard cap {self.config.wal_hard_cap_bytes}:"
-                   " the checkpointer is stuck, so writers checkpoint themselves")
-        checkpoint_log.warning("%s: %s", self.path, message)
-        self.conditions.set("wal_hard_cap", message)
-        with self._cond:
-            self._stats["fallback_checkpoints"] += 1
-        self._checkpoint("fallback", shrink=True)
+            self._checkpoint(why, shrink=True)
+        if self._last_complete:
+            self._next_fallback = now
 
 
 def _as_kvmem(exc: BaseException, conn: KvmemConnection) -> BaseException:
@@ -2417,6 +2442,9 @@ class Checkpointer(_Background):
             seen = (st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             seen = (0, 0)
+        free = os.statvfs(os.path.dirname(self.path))
+        free_pages = free.f_bavail * free.f_frsize // writer.page_size
+        writer.pages_limit = max(16, min(self.config.checkpoint_pages, free_pages // 4))
         commits = writer.stats()["commits"]
         changed = seen != self._seen
         own_writes = commits != self._commits
@@ -2424,8 +2452,9 @@ class Checkpointer(_Background):
         now = time.monotonic()
         since = now - max(writer.last_checkpoint, self._last_request)
         reason = None
-        if seen[0] > self.config.wal_cap_bytes // 2:
-            reason = "shrink"
+        if seen[0] > min(self.config.wal_cap_bytes // 2,
+                         4 * writer.pages_limit * (writer.page_size + 24)):
+            reason = "shrink"  # grown far past what the WAL needs: give the space back
         elif not writer._last_complete:
             reason = "idle"  # a reader held the last one back; it may be gone now
         elif changed and seen[0] and (not own_writes or since >= self.config.checkpoint_interval_s):

@@ -525,6 +525,97 @@ async def test_disk_full_then_freed_mcp(tmp_path: Path) -> None:
     TOTALS["fault_cases"] += 1
 
 
+PINNED_WRITER = r"""
+import json, os, sys, threading, kvmem
+config = kvmem.Config.build(flags={"checkpoint_poll_s": "0.05", "reader_warn_s": "0.5"})
+store = kvmem.Store.open(sys.argv[1], config=config)
+store.set("seed", "s")
+stalled = threading.Event()
+
+class Stalled:  # an export whose reader went away: it holds its snapshot
+    def write(self, text):
+        stalled.set()
+        threading.Event().wait()
+
+threading.Thread(target=store.export, args=(Stalled(),), daemon=True).start()
+stalled.wait()
+while store.health()["ok"]:  # until the checkpointer names the stalled reader
+    stalled.wait(0.01)
+full = 0
+for i in range(100000):
+    try:
+        store.set(f"k{i}", f"{i}:" + "v" * 3000)
+        print("ack", i, flush=True)
+    except kvmem.StorageFullError:
+        full += 1
+        if full == 3:
+            break
+print("read", store.get("k0").value[:2], flush=True)  # reads work on the full disk
+print("full", os.stat(sys.argv[1] + "-wal").st_size, json.dumps(store.health()), flush=True)
+sys.stdin.readline()
+"""
+
+RESTARTED = r"""
+import json, os, sys, kvmem
+config = kvmem.Config.build(flags={"checkpoint_poll_s": "0.05"})
+store = kvmem.Store.open(sys.argv[1], config=config)  # on the full disk
+record = kvmem.recovery_record(sys.argv[1])
+acked = [int(i) for i in sys.argv[2].split(",")]
+found = sum(store.get(f"k{i}") is not None for i in acked)
+print("opened", record.checkpoint.split(":")[0], found, flush=True)
+sys.stdin.readline()  # the test frees space
+answers = []
+while len(answers) < 2000:
+    try:
+        store.set(f"after{len(answers) % 50}", "a" * 3000)
+        answers.append("ok")
+    except kvmem.StorageFullError:
+        answers.append("full")
+    if answers[0] == "ok" and os.stat(sys.argv[1] + "-wal").st_size < 1024 * 1024:
+        break
+print("after", answers.count("ok"), answers.count("full"), answers[0],
+      os.stat(sys.argv[1] + "-wal").st_size, json.dumps(store.health()["ok"]), flush=True)
+store.close()
+"""
+
+
+def test_wal_fills_a_small_disk_then_restart_and_space_back(tmp_path: Path) -> None:
+    """A reader holding a snapshot keeps the WAL from restarting until it fills a real
+    8 MiB tmpfs.  Writes then fail with storage_full while reads keep working; the
+    process is killed; a new one opens on the still-full disk (its start-up checkpoint
+    fails and is recorded, not raised) and reads every acknowledged write; once space
+    exists, writes work at once and the WAL file is cut back."""
+    with small_filesystem(tmp_path / "small", "8m") as mounted:
+        if mounted is None:
+            pytest.fail("cannot mount a tmpfs here (not root?); the disk-full proof needs one")
+        db = str(mounted / "kv.db")
+        with open(mounted / "ballast", "wb") as fp:  # not the database: no connection to it
+            fp.write(b"\0" * 3 * 1024 * 1024)
+        writer = Child(PINNED_WRITER, db, stdin=True)
+        full = writer.expect("full", timeout=120).split(" ", 2)
+        acked = [int(line.split()[1]) for line in writer.lines if line.startswith("ack ")]
+        assert "read 0:" in writer.lines, writer.lines[-3:]  # a read during the full disk
+        health = json.loads(full[2])
+        assert int(full[1]) > 3 * 1024 * 1024  # the WAL filled the disk
+        assert any("held a snapshot" in p and "export" in p for p in health["problems"]), health
+        writer.kill()
+        assert len(acked) >= 50
+        restarted = Child(RESTARTED, db, ",".join(map(str, acked)), stdin=True)
+        opened = restarted.expect("opened", timeout=60).split()
+        assert opened[1] == "failed", opened  # the start-up checkpoint had no room
+        assert int(opened[2]) == len(acked)  # every acknowledged write survived
+        os.remove(mounted / "ballast")
+        restarted.send("go\n")
+        after = restarted.expect("after", timeout=120).split()
+        assert after[3] == "ok", after  # the first write after space exists works
+        assert int(after[4]) < 1024 * 1024, after  # and the WAL gave its space back
+        assert after[5] == "true", after
+        assert restarted.wait() == 0, restarted.stderr
+        assert "Traceback" not in writer.stderr + restarted.stderr
+        assert run_cli("check", db).returncode == 0
+    TOTALS["fault_cases"] += 1
+
+
 def test_read_only_filesystem(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "ro", "4m") as mounted:
         if mounted is None:

@@ -26,8 +26,8 @@ from crashsim import Event, Model, Report
 COUNT = 600 if testutil.SOAK else 160  # acknowledged writes per workload
 TORN = 4000 if testutil.SOAK else 250  # torn images at random crash points (plus the first 80)
 MODELS = (Model(strict=True), Model(strict=False))
-# Small checkpoint settings, so that the short traces contain PASSIVE and TRUNCATE
-# checkpoints and WAL restarts by the checkpointer thread, not only appends.
+# Small checkpoint settings, so that the short traces contain checkpoints, WAL restarts
+# (the writer rewinding the WAL after a complete checkpoint) and shrinks, not only appends.
 CHECKPOINTS = {"KVMEM_CHECKPOINT_PAGES": "16", "KVMEM_CHECKPOINT_POLL_S": "0.01",
                "KVMEM_WAL_CAP_BYTES": "131072"}
 
@@ -68,6 +68,8 @@ def check(recorded: Recorded, label: str, tmp_path: Path, model: Model,
     testutil.POWERLOSS_REPORTS.append(report)
     acks = sum(1 for e in recorded[0] if e.kind == "ack")
     assert acks >= COUNT // crashsim.BATCH_SIZE and report.ack_checks > acks, report
+    if recorded[1]["KVMEM_JOURNAL_MODE"] == "wal":  # the replay covers rewound WALs too
+        assert crashsim.wal_restarts(recorded[0]) >= 3, label
     return report
 
 
