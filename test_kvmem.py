@@ -642,7 +642,8 @@ def test_writers_fall_back_past_the_hard_cap_and_health_clears(db: str) -> None:
     assert largest <= config.wal_hard_cap_bytes + 256 * 1024  # a poll past it, no more
     assert not during["ok"] and any("hard cap" in p for p in during["problems"]), during
     assert after["ok"], after
-    assert after["past"]["wal_hard_cap"]["count"] >= 1 and after["past"]["wal_hard_cap"]["last_seen"]
+    past = after["past"]["wal_hard_cap"]
+    assert past["count"] >= 1 and past["last_seen"], past
 
 
 @pytest.mark.parametrize("fault", ["fd_limit", "lock_is_a_directory", "checkpoint_raises"])
@@ -798,8 +799,9 @@ def test_only_the_elected_connection_checkpoints(tmp_path: Path) -> None:
         children.append(child)
         traces.append(trace)
         child.expect("ready")  # a first, so that a is the holder
-    pids = {name: int(child.lines[-1].split()[1]) for name, child in zip("ab", children)}
-    holders = {name: child.lines[-1].split()[2] for name, child in zip("ab", children)}
+    ready = {name: child.lines[-1].split() for name, child in zip("ab", children, strict=True)}
+    pids = {name: int(line[1]) for name, line in ready.items()}
+    holders = {name: line[2] for name, line in ready.items()}
     assert holders == {"a": "True", "b": "False"}
     for child in children:
         child.send("go\n")
@@ -810,7 +812,7 @@ def test_only_the_elected_connection_checkpoints(tmp_path: Path) -> None:
         child.wait()
     writers: set[tuple[int, str]] = set()
     db_writes = 0
-    for name, trace in zip("ab", traces):
+    for name, trace in zip("ab", traces, strict=True):
         with open(trace) as fp:  # a trace file, not the database
             for line in fp:
                 call = line.partition(" ")[2]
