@@ -367,6 +367,19 @@ class Config:
         return 4 * self.wal_cap_bytes
 
     @property
+    def wal_pages(self) -> int:
+        """WAL frames between the elected writer's checkpoints: checkpoint_pages, or
+        fewer when half of wal_cap_bytes holds fewer (4 KiB pages, SQLite's default)."""
+        return max(1, min(self.checkpoint_pages, (self.wal_cap_bytes // 2 - 32) // 4120))
+
+    @property
+    def wal_keep_bytes(self) -> int:
+        """What a restarting WAL file is cut back to (``journal_size_limit``): the frames
+        of one checkpoint interval, so that growth past it shows that the WAL did not
+        restart."""
+        return 32 + self.wal_pages * 4120
+
+    @property
     def synchronous_level(self) -> int:
         return SYNCHRONOUS_LEVELS[self.synchronous]
 
@@ -922,6 +935,13 @@ def _backoff(attempt: int, remaining: float) -> None:
     time.sleep(max(0.0, min(delay, remaining)))
 
 
+def _lock_backoff(attempt: int, remaining: float) -> None:
+    """The wait between two tries for the write lock: short and jittered, so that a
+    writer of another process that commits back to back cannot starve this one."""
+    delay = min(0.0002 * 2 ** min(attempt, 4), 0.002) * random.uniform(0.5, 1.5)
+    time.sleep(max(0.0, min(delay, remaining)))
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -1001,10 +1021,10 @@ def _apply_settings(conn: KvmemConnection, path: str, config: Config, *, readonl
         "cache_size": -config.cache_size_kib,
         "temp_store": TEMP_STORE_MEMORY,
         "foreign_keys": 1,
-        "wal_autocheckpoint": 0,  # only the checkpoint-lock holder checkpoints (§2.4)
+        "wal_autocheckpoint": 0,  # checkpoints are explicit, by the elected writer only
         # When a writer restarts the WAL after a complete checkpoint, SQLite truncates
         # the file to this size: the WAL file shrinks back without a TRUNCATE checkpoint.
-        "journal_size_limit": config.wal_cap_bytes,
+        "journal_size_limit": config.wal_keep_bytes,
     }
     try:
         for name, value in wanted.items():
@@ -1149,9 +1169,11 @@ def transaction(
     """Run the block in ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception.
 
     The write lock is taken up front, so reads-then-writes inside the block never meet
-    SQLITE_BUSY (research/sqlite-facts.md §3).  While another writer holds the lock it
-    waits (SQLite's busy handler plus jittered exponential backoff) until ``timeout_s``
-    (default: the connection's ``busy_timeout_ms``), then raises ``BusyError``.  When the
+    SQLITE_BUSY.  While another writer holds the lock it retries every millisecond or
+    so (``_lock_backoff``; SQLite's own busy handler is off for the BEGIN: its sleeps
+    grow to 100 ms and let a writer that commits back to back starve this one) until
+    ``timeout_s`` (default: the connection's ``busy_timeout_ms``), then raises
+    ``BusyError``.  When the
     block returns, the COMMIT has returned: the write is as durable as ``synchronous``
     says (DESIGN.md §2.2).
 
@@ -1165,28 +1187,25 @@ def transaction(
     default_ms = config.busy_timeout_ms if config else 5000
     budget = default_ms / 1000 if timeout_s is None else timeout_s
     deadline = time.monotonic() + budget
-    shortened = timeout_s is not None and timeout_s * 1000 < default_ms
     attempt = 0
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            if shortened:  # SQLite's own wait must not outlast our deadline
-                conn.execute(f"PRAGMA busy_timeout = {max(0, int(remaining * 1000))}")
-            conn.execute("BEGIN IMMEDIATE")
-            break
-        except sqlite3.Error as exc:
-            if not _is_busy(exc):
-                raise _db_error(exc, path) from exc
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BusyError(
-                    f"{path}: database stayed locked by another writer for {budget:.3g} s"
-                ) from exc
-            _backoff(attempt, remaining)
-            attempt += 1
-        finally:
-            if shortened:
-                conn.execute(f"PRAGMA busy_timeout = {int(default_ms)}")
+    conn.execute("PRAGMA busy_timeout = 0")  # the wait is ours: see _lock_backoff
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise _db_error(exc, path) from exc
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BusyError(
+                        f"{path}: database stayed locked by another writer for {budget:.3g} s"
+                    ) from exc
+                _lock_backoff(attempt, remaining)
+                attempt += 1
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(default_ms)}")
     try:
         yield conn
     except BaseException:
@@ -1278,7 +1297,7 @@ def _restart_wal(conn: KvmemConnection, wait_ms: int) -> None:
     ``journal_size_limit = 0``: after a complete checkpoint SQLite restarts the WAL for it
     and truncates the file at its commit.  No restart if a reader still holds a snapshot;
     then the file stays, and the next shrink tries again."""
-    limit = conn.kv_config.wal_cap_bytes
+    limit = conn.kv_config.wal_keep_bytes
     conn.execute("PRAGMA journal_size_limit = 0")
     try:
         with transaction(conn, timeout_s=wait_ms / 1000):
@@ -1479,10 +1498,10 @@ class GroupCommitter:
         self._frames_per_group = 8.0  # learnt from each checkpoint's frame count
         # checkpoint_pages, lowered by the Checkpointer when the disk is nearly full: a WAL
         # may never hold what the database would need to grow by to take it back.
-        self.pages_limit = config.checkpoint_pages
+        self.pages_limit = config.wal_pages
         self._last_frames = 0
         self._last_complete = True
-        self._wal_high = config.checkpoint_pages * (self.page_size + 24)
+        self._wal_high = config.wal_keep_bytes
         self._pinned_since: float | None = None  # checkpoints incomplete since then
         self._next_fallback = 0.0
         self.last_checkpoint = time.monotonic()
@@ -2382,7 +2401,6 @@ class Checkpointer(_Background):
         self.conditions = conditions or (writer.conditions if writer else Conditions())
         self._lock = CheckpointLock(self.path)  # given up when the thread ends
         self._seen: tuple[int, int] | None = None  # the WAL's (size, mtime_ns) when last looked
-        self._commits = -1  # the writer's commit count when last looked
         self._last_request = time.monotonic()
         self._reported: set[str] = set()  # long readers already logged
 
@@ -2444,23 +2462,19 @@ class Checkpointer(_Background):
             seen = (0, 0)
         free = os.statvfs(os.path.dirname(self.path))
         free_pages = free.f_bavail * free.f_frsize // writer.page_size
-        writer.pages_limit = max(16, min(self.config.checkpoint_pages, free_pages // 4))
-        commits = writer.stats()["commits"]
+        writer.pages_limit = max(16, min(self.config.wal_pages, free_pages // 4))
         changed = seen != self._seen
-        own_writes = commits != self._commits
-        self._seen, self._commits = seen, commits
+        self._seen = seen
         now = time.monotonic()
         since = now - max(writer.last_checkpoint, self._last_request)
         reason = None
         if seen[0] > min(self.config.wal_cap_bytes // 2,
                          4 * writer.pages_limit * (writer.page_size + 24)):
             reason = "shrink"  # grown far past what the WAL needs: give the space back
-        elif not writer._last_complete:
-            reason = "idle"  # a reader held the last one back; it may be gone now
-        elif changed and seen[0] and (not own_writes or since >= self.config.checkpoint_interval_s):
+        elif (changed or not writer._last_complete) and since >= ACTIVE_POLL_S:
+            # Frames this process's writer did not count (another process wrote, or a
+            # reader held the last checkpoint back): at least one checkpoint a poll.
             reason = "idle"
-        if reason is not None and (own_writes and reason == "idle" and since < ACTIVE_POLL_S):
-            reason = None  # the writer is checkpointing by itself
         if reason is not None:
             self._last_request = now
             writer.request_checkpoint(reason)
