@@ -34,8 +34,8 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     assert results["reads"]["store_get"] > 0 and results["reads"]["raw_select"] > 0
     assert len(results["reads"]["latency"]) == 2
     rows = results["http"]["rows"]
-    assert set(rows) == {"group_commit_on/1", "group_commit_on/16", "group_commit_off/1",
-                         "group_commit_off/16"}
+    assert set(rows) == {f"{mode}/{n}" for mode in ("kvmem", "kvmem_group_commit_off", "naive")
+                         for n in (1, 16)}
     for row in rows.values():
         for kind in ("get", "put"):
             assert row[kind]["rps"] > 0 and row[kind]["p99_ms"] >= row[kind]["p50_ms"]
@@ -44,9 +44,15 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     assert results["mcp"]["stdio_startup_s"] > 0 and results["mcp"]["inprocess_p50_ms"] > 0
     assert len(results["scale"]) == 2
     assert set(results["peers"]) >= {"redis"}
-    for name in ("store_set_extra_vs_raw_full", "group_16_vs_1_thread",
-                 "store_get_vs_raw_select", "http_put_vs_get_16", "http_put_p99_ms_16",
-                 "http_put_group_on_vs_off_16"):
+    assert set(results["wal_peak_bytes"]) == {
+        "fsync_limit", "durability_levels", "group_commit", "reads", "http", "two_processes",
+        "mcp", "scale", "peers"}
+    assert results["wal_peak_bytes"]["group_commit"] > 0  # the watch sees kvmem's WAL files
+    assert done.stdout.count("WAL: largest kvmem WAL file") == 9
+    for name in ("store_set_extra_vs_raw_full", "store_set_off_per_s", "group_16_vs_1_thread",
+                 "group_16_threads_per_s", "store_get_vs_raw_select", "http_put_vs_naive_16",
+                 "http_put_vs_naive_1", "http_put_vs_get_16", "http_get_vs_naive_16",
+                 "http_put_p99_ms_16", "two_processes_p99_ms", "wal_peak_mib"):
         target = results["targets"][name]
         assert {"value", "target", "met"} <= set(target)
     assert "targets:" in done.stdout and "1. disk" in done.stdout

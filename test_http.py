@@ -268,7 +268,9 @@ def raw_request(port: int, data: bytes) -> tuple[int, Any]:
     (b"GET /v1/stats HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
     (b"GET /v1/stats HTTP/2.0\r\n\r\n", 400),
     (b"FOO /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n", 405),
-    (b"GET " + b"/x" * 40000 + b" HTTP/1.1\r\n\r\n", 414),
+    # 65,537 bytes and no line end: the server reads all of it (a longer line would leave
+    # bytes unread, and its close would then reset the connection under the answer).
+    (b"GET " + b"/x" * 32766 + b"/", 414),
     (b"GET /v1/memories/%ZZ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET /v1/memories/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET /v1/memories/a%00b HTTP/1.1\r\nHost: x\r\n\r\n", 400),

@@ -128,7 +128,7 @@ def test_every_pragma_read_back(db: str, synchronous: str, journal_mode: str,
                  cache_size_kib="2000")
     expected = {"journal_mode": journal_mode, "synchronous": synchronous, "busy_timeout": 1234,
                 "cache_size": -2000, "temp_store": 2, "foreign_keys": 1, "wal_autocheckpoint": 0,
-                "journal_size_limit": 64 * 1024 * 1024}
+                "journal_size_limit": 32 + 1000 * 4120}  # one checkpoint interval of frames
     conns.append(kvmem.open_db(db, config=config))
     assert kvmem.read_settings(conns[0]) == expected
     # A second connection, opened from another thread, gets exactly the same settings.
