@@ -823,6 +823,9 @@ class KvmemConnection(sqlite3.Connection):
 
     kv_path: str
     kv_config: Config
+    # A connection that only runs transactions and checkpoints (the group-commit writer)
+    # keeps SQLite's busy handler off for good, so transaction() need not switch it.
+    kv_busy_off: bool = False
     _kv_closed: bool = False
 
     def close(self) -> None:
@@ -1188,7 +1191,9 @@ def transaction(
     budget = default_ms / 1000 if timeout_s is None else timeout_s
     deadline = time.monotonic() + budget
     attempt = 0
-    conn.execute("PRAGMA busy_timeout = 0")  # the wait is ours: see _lock_backoff
+    switch = not getattr(conn, "kv_busy_off", False)
+    if switch:
+        conn.execute("PRAGMA busy_timeout = 0")  # the wait is ours: see _lock_backoff
     try:
         while True:
             try:
@@ -1205,7 +1210,8 @@ def transaction(
                 _lock_backoff(attempt, remaining)
                 attempt += 1
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(default_ms)}")
+        if switch:
+            conn.execute(f"PRAGMA busy_timeout = {int(default_ms)}")
     try:
         yield conn
     except BaseException:
@@ -1485,6 +1491,8 @@ class GroupCommitter:
         self.conditions = conditions or Conditions()
         self.failure: str | None = None  # the last corruption seen, for health
         self._conn = open_db(path, config=config, create=False, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        self._conn.kv_busy_off = True
         self._gate: KvmemConnection | None = None
         self.page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._cond = threading.Condition()
@@ -1608,9 +1616,13 @@ class GroupCommitter:
 
     def _commit(self, conn: KvmemConnection, group: list[_Pending]) -> bool:
         failed = 0
+        alone = len(group) == 1  # then a failing op fails the transaction: no SAVEPOINT
         try:
             with transaction(conn):
                 for pending in group:
+                    if alone:
+                        pending.result = pending.op(conn)
+                        continue
                     conn.execute("SAVEPOINT kvmem_op")
                     try:
                         pending.result = pending.op(conn)
@@ -1763,7 +1775,6 @@ class _ReadPool:
     def __init__(self, path: str, config: Config, keep: int = 8) -> None:
         self.path, self.config, self.keep = path, config, keep
         self._idle: list[KvmemConnection] = []
-        self._lock = threading.Lock()
         self._busy: dict[int, tuple[float, str]] = {}  # id(conn) -> (since, what)
         self.failure: str | None = None  # the last corruption seen, for health
 
@@ -1772,9 +1783,9 @@ class _ReadPool:
         return _Borrowed(self, what)
 
     def take(self, what: str = "read") -> KvmemConnection:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None:
+        try:
+            conn = self._idle.pop()  # atomic under the GIL: no lock, no futex on the hot path
+        except IndexError:
             conn = open_db(self.path, config=self.config, create=False, check_same_thread=False)
         self._busy[id(conn)] = (time.monotonic(), what)  # one thread per conn: no lock
         return conn
@@ -1785,10 +1796,9 @@ class _ReadPool:
             if isinstance(exc, NotADatabaseError | CorruptDatabaseError):
                 self.failure = f"{exc.code}: {exc}"
             _rollback(conn)
-        with self._lock:
-            if len(self._idle) < self.keep:
-                self._idle.append(conn)
-                return
+        if len(self._idle) < self.keep:  # a race may keep one or two more: harmless
+            self._idle.append(conn)
+            return
         conn.close()
 
     def long_readers(self, limit_s: float) -> list[tuple[float, str]]:
@@ -1798,10 +1808,11 @@ class _ReadPool:
                        if now - since > limit_s), reverse=True)
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        while True:
+            try:
+                self._idle.pop().close()
+            except IndexError:
+                return
 
 
 class _Borrowed:
