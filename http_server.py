@@ -23,12 +23,12 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
 import threading
 import time
-import random
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes

@@ -1398,15 +1398,19 @@ def _row_memory(row: Sequence[Any]) -> Memory:
 
 
 class _Pending:
-    """One write waiting for its group: the op, then its result or error."""
+    """One write waiting for its group: the op, then its result or error.  ``wake`` is
+    held until the write is finished or its caller is to lead the next group; a waiting
+    caller blocks on it alone, so a finished group wakes its own members and nobody else."""
 
-    __slots__ = ("error", "finished", "op", "result")
+    __slots__ = ("error", "finished", "op", "result", "wake")
 
     def __init__(self, op: Callable[[KvmemConnection], Any]) -> None:
         self.op = op
         self.finished = False
         self.result: Any = None
         self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class Conditions:
@@ -1528,33 +1532,46 @@ class GroupCommitter:
             if self._closed:
                 raise StorageError(f"{self.path}: the store is closed")
             self._queue.append(pending)
-            while not pending.finished and (self._leading or self._queue[0] is not pending):
-                self._cond.wait()
-            group: list[_Pending] = []
-            if not pending.finished:  # at the front, nobody leading: lead this group
-                self._leading = True
-                count = min(len(self._queue), self.config.group_commit_max)
-                group = [self._queue.popleft() for _ in range(count)]
-        if group:
-            committed = False
-            try:
-                committed = self._commit(self._conn, group)
-            finally:
-                with self._cond:  # the followers' writes are done: wake them now
-                    for member in group:
-                        member.finished = True
-                    self._cond.notify_all()
-                try:
-                    full = any(isinstance(m.error, StorageFullError) for m in group)
-                    self._between_groups(committed=committed, full=full)
-                finally:
-                    with self._cond:
-                        self._leading = False
-                        self._epoch += 1
-                        self._cond.notify_all()
+            lead = not self._leading  # then the queue was empty: this write is its front
+            self._leading = True
+        if not lead:
+            pending.wake.acquire()  # finished, or handed the lead at the front of the queue
+        if not pending.finished:
+            self._lead()
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def _lead(self) -> None:
+        """Commit the group at the front of the queue, wake its members, do the work
+        between groups, then hand the lead to the next front (or give it up)."""
+        with self._cond:
+            count = min(len(self._queue), self.config.group_commit_max)
+            group = [self._queue.popleft() for _ in range(count)]
+            if len(self._queue) < GROUP_QUEUE_MAX:
+                self._cond.notify_all()  # room again for blocked submitters (rare)
+        committed = False
+        try:
+            committed = self._commit(self._conn, group)
+        finally:
+            for member in group:  # their writes are done: wake them now
+                member.finished = True
+                if member.wake.locked():
+                    member.wake.release()
+            try:
+                full = any(isinstance(m.error, StorageFullError) for m in group)
+                self._between_groups(committed=committed, full=full)
+            finally:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        with self._cond:
+            self._epoch += 1
+            if self._queue:
+                self._queue[0].wake.release()  # the next front leads; _leading stays True
+            else:
+                self._leading = False
+            self._cond.notify_all()  # set_elected(), close() and request_checkpoint() wait
 
     def request_checkpoint(self, reason: str) -> None:
         """Ask for a checkpoint on the writer connection ("idle" or "shrink"); run it now
@@ -1563,16 +1580,13 @@ class GroupCommitter:
             if self._closed:
                 return
             self._wanted = "shrink" if "shrink" in (reason, self._wanted) else reason
-            if self._leading or self._queue:
+            if self._leading:
                 return
             self._leading = True
         try:
             self._between_groups(committed=False, full=False)
         finally:
-            with self._cond:
-                self._leading = False
-                self._epoch += 1
-                self._cond.notify_all()
+            self._hand_over()
 
     def set_elected(self, elected: bool) -> None:
         """Make this connection the process's checkpointing one, or stop that; stopping

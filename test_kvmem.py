@@ -815,7 +815,7 @@ def test_only_the_elected_connection_checkpoints(tmp_path: Path) -> None:
     for name, trace in zip("ab", traces, strict=True):
         with open(trace) as fp:  # a trace file, not the database
             for line in fp:
-                call = line.partition(" ")[2]
+                call = line.split(None, 1)[1]  # after the thread id (padded to a width)
                 if call.startswith(("pwrite64(", "pwritev(", "write(")) and f"<{db}>" in call:
                     writers.add((pids[name], call[call.index("(") + 1:call.index("<")]))
                     db_writes += 1
