@@ -375,7 +375,8 @@ class Api:
         try:
             self.store.get("healthz-probe", namespace="kvmem-health")  # the database answers
         except kvmem.KvmemError as exc:
-            health = {"ok": False, "problems": [*health["problems"], f"{exc.code}: {exc}"]}
+            health = {**health, "ok": False,
+                      "problems": [*health["problems"], f"{exc.code}: {exc}"]}
         return (200 if health["ok"] else 503), health
 
     def openapi(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:

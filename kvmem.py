@@ -315,8 +315,8 @@ class Config:
     )
     quick_check: bool = _setting(True, _parse_bool, "PRAGMA quick_check on a process's first open")
     checkpoint_interval_s: float = _setting(
-        30.0, _parse_number(float, minimum=0.01), "PASSIVE checkpoint at least this often "
-        "when the WAL changed"
+        30.0, _parse_number(float, minimum=0.01), "how long health keeps reporting a failed "
+        "checkpoint or writers' fallback checkpoints after the last one"
     )
     checkpoint_poll_s: float = _setting(
         1.0, _parse_number(float, minimum=0.005), "how often the checkpointer looks at the WAL"
@@ -1336,6 +1336,18 @@ class CheckpointLock:
         self._fd, self.held = fd, True
         return True
 
+    def still_ours(self) -> bool:
+        """Whether the held lock is on the file now at ``lock_path`` (not one deleted or
+        replaced since: a lock on a vanished file elects nobody)."""
+        if self._fd is None:
+            return False
+        try:
+            st = os.stat(self.lock_path)
+        except OSError:
+            return False
+        mine = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
@@ -1418,8 +1430,7 @@ class Conditions:
     have passed, when each was last seen and how often.  A condition holds until it is
     cleared, or for ``hold_s`` after it was last set.  Thread-safe."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._active: dict[str, tuple[str, float]] = {}  # name -> (message, until)
         self._seen: dict[str, dict[str, Any]] = {}
@@ -1428,14 +1439,14 @@ class Conditions:
         with self._lock:
             self._active[name] = message, time.monotonic() + hold_s
             seen = self._seen.setdefault(name, {"count": 0})
-            seen.update(count=seen["count"] + 1, last_seen=rfc3339(self._clock()),
+            seen.update(count=seen["count"] + 1, last_seen=rfc3339(time.time()),
                         message=message)
 
     def clear(self, name: str) -> None:
         if name in self._active:  # a dict lookup: cheap enough for every group
             with self._lock:
                 if self._active.pop(name, None) is not None:
-                    self._seen[name]["last_seen"] = rfc3339(self._clock())
+                    self._seen[name]["last_seen"] = rfc3339(time.time())
 
     def active(self, name: str) -> bool:
         with self._lock:
@@ -1495,8 +1506,9 @@ class GroupCommitter:
         self.conditions = conditions or Conditions()
         self.failure: str | None = None  # the last corruption seen, for health
         self._conn = open_db(path, config=config, create=False, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout = 0")
-        self._conn.kv_busy_off = True
+        if config.journal_mode == "wal":  # a rollback-journal COMMIT waits for readers
+            self._conn.execute("PRAGMA busy_timeout = 0")
+            self._conn.kv_busy_off = True
         self._gate: KvmemConnection | None = None
         self.page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         self._cond = threading.Condition()
@@ -1693,13 +1705,14 @@ class GroupCommitter:
             elif committed or full:
                 self._fall_back_if_stuck()
         except Exception as exc:  # reported, never raised into the group
-            checkpoint_log.warning("%s: after a commit: %s: %s", self.path,
-                                   type(exc).__name__, exc)
-            with self._cond:
-                self._stats["after_commit_errors"] += 1
-                self._stats["last_after_commit_error"] = f"{type(exc).__name__}: {exc}"
-            self.conditions.set("after_commit", f"the last checkpoint after a commit failed:"
-                                f" {type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):  # nor may the report itself raise
+                text = f"{type(exc).__name__}: {exc}"
+                checkpoint_log.warning("%s: after a commit: %s", self.path, text)
+                with self._cond:
+                    self._stats["after_commit_errors"] += 1
+                    self._stats["last_after_commit_error"] = text
+                self.conditions.set("after_commit", "the last checkpoint after a commit "
+                                    f"failed: {text}", hold_s=self.config.checkpoint_interval_s)
 
     def _checkpoint(self, why: str, *, shrink: bool = False, wait_ms: int = GATE_WAIT_MS) -> None:
         if self._gate is None:
@@ -1742,21 +1755,33 @@ class GroupCommitter:
 
     def _fall_back_if_stuck(self) -> None:
         """Not the elected process: if the WAL is past the soft cap with no checkpointer,
-        or past the hard cap with a stuck one, checkpoint once.  After an attempt that
-        failed or could not finish (a reader holds an old snapshot) the next waits a poll."""
+        or past the hard cap with one that does not keep up, checkpoint once.  After an
+        attempt that failed or could not finish (a reader holds an old snapshot) the next
+        waits a poll."""
         size = _wal_size(self.path)
         now = time.monotonic()
-        if size <= self.config.wal_cap_bytes // 2 or now < self._next_fallback:
+        if size <= self.config.wal_cap_bytes // 2:
+            self.conditions.clear("after_commit")  # nothing to do: nothing failing
+            return
+        if now < self._next_fallback:
             return
         self._next_fallback = now + self.config.checkpoint_poll_s  # unless it finishes
-        with CheckpointLock(self.path) as lock:
-            if lock.held:  # nobody is the checkpointer: act as one, once, under the lock
+        past_hard_cap = size > self.config.wal_hard_cap_bytes
+        lock = CheckpointLock(self.path)
+        try:
+            try:
+                free = lock.acquire()
+            except OSError:
+                if not past_hard_cap:
+                    raise
+                free = False  # past the hard cap a checkpoint is due even so
+            if free:  # nobody is the checkpointer: act as one, once, under the lock
                 why = "no checkpointer"
-            elif size > self.config.wal_hard_cap_bytes:
+            elif past_hard_cap:
                 why = "fallback"
                 message = (f"WAL is {size} bytes, past the hard cap "
-                           f"{self.config.wal_hard_cap_bytes}: the checkpointer is stuck, so "
-                           "writers checkpoint themselves")
+                           f"{self.config.wal_hard_cap_bytes}: the checkpointer does not keep "
+                           "up (or is stuck), so writers checkpoint themselves")
                 checkpoint_log.warning("%s: %s", self.path, message)
                 self.conditions.set("wal_hard_cap", message,
                                     hold_s=self.config.checkpoint_interval_s)
@@ -1764,8 +1789,11 @@ class GroupCommitter:
                     self._stats["fallback_checkpoints"] += 1
             else:  # a checkpointer exists and the WAL is not past the hard cap: its job
                 self._next_fallback = now
+                self.conditions.clear("after_commit")
                 return
             self._checkpoint(why, shrink=True)
+        finally:
+            lock.release()
         if self._last_complete:
             self._next_fallback = now
 
@@ -1865,7 +1893,7 @@ class Store:
         st = os.stat(path)
         self._identity = (st.st_dev, st.st_ino)
         self._reads = _ReadPool(path, config)
-        self.conditions = Conditions(clock)
+        self.conditions = Conditions()
         self._checkpointer: Checkpointer | None = None
         self._decay: DecayScheduler | None = None
         try:
@@ -2399,11 +2427,12 @@ class Checkpointer(_Background):
     the holder makes the store's writer connection the checkpointing one
     (``GroupCommitter.set_elected``): that connection checkpoints between its own groups,
     and this thread only asks it for more, through the same connection: when the WAL
-    changed but this process did not write (another process did; polled every
-    ACTIVE_POLL_S while it changes), when ``checkpoint_interval_s`` passed, when the last
-    checkpoint was held back by a reader, and a shrink when the WAL file is past half of
-    ``wal_cap_bytes``.  It also names reads of this process that held a snapshot past
-    ``reader_warn_s``.  Without a writer (a process that only checkpoints) it checkpoints
+    changed and the writer has not checkpointed for ACTIVE_POLL_S (another process wrote
+    frames it did not count; the poll is ACTIVE_POLL_S while the WAL changes), when the
+    last checkpoint was held back by a reader, and a shrink when the WAL file is far past
+    what it needs (or half of ``wal_cap_bytes``).  It lowers the writer's ``pages_limit``
+    when the disk is nearly full, gives up the election if the lock file is replaced, and
+    names reads of this process that held a snapshot past ``reader_warn_s``.  Without a writer (a process that only checkpoints) it checkpoints
     on its own connection under the same rules.  Transient errors are logged and retried
     next poll; a file that is not a database or is corrupt puts it into the failed state
     (``state()["failed"]``) and it stops trying.
@@ -2470,8 +2499,17 @@ class Checkpointer(_Background):
         poll = self.config.checkpoint_poll_s
         if self.reads is not None:
             self._watch_readers(self.reads)
+        if self._lock.held and not self._lock.still_ours():
+            # The lock file was deleted or replaced: another process may hold a lock on
+            # the new file, so this one is not the checkpointer any more.
+            checkpoint_log.warning("[%s] %s was replaced; competing for it again", self.role,
+                                   self._lock.lock_path)
+            writer.set_elected(False)
+            self._lock.release()
+            self._update(holder=False)
         if not self._lock.held:
-            if not self._lock.acquire():
+            if not self._lock.acquire() or not self._lock.still_ours():
+                self._lock.release()
                 self._update(holder=False, wal_bytes=_wal_size(self.path))
                 return poll
             checkpoint_log.info("[%s] pid %d is now the checkpointer of %s", self.role,
