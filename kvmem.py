@@ -2432,8 +2432,9 @@ class Checkpointer(_Background):
     last checkpoint was held back by a reader, and a shrink when the WAL file is far past
     what it needs (or half of ``wal_cap_bytes``).  It lowers the writer's ``pages_limit``
     when the disk is nearly full, gives up the election if the lock file is replaced, and
-    names reads of this process that held a snapshot past ``reader_warn_s``.  Without a writer (a process that only checkpoints) it checkpoints
-    on its own connection under the same rules.  Transient errors are logged and retried
+    names reads of this process that held a snapshot past ``reader_warn_s``.  Without a
+    writer (a process that only checkpoints) it checkpoints on its own connection under
+    the same rules.  Transient errors are logged and retried
     next poll; a file that is not a database or is corrupt puts it into the failed state
     (``state()["failed"]``) and it stops trying.
     """
