@@ -941,7 +941,7 @@ def _backoff(attempt: int, remaining: float) -> None:
 def _lock_backoff(attempt: int, remaining: float) -> None:
     """The wait between two tries for the write lock: short and jittered, so that a
     writer of another process that commits back to back cannot starve this one."""
-    delay = min(0.0002 * 2 ** min(attempt, 4), 0.002) * random.uniform(0.5, 1.5)
+    delay = min(0.0001 * 2 ** min(attempt, 3), 0.0005) * random.uniform(0.5, 1.5)
     time.sleep(max(0.0, min(delay, remaining)))
 
 
