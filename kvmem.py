@@ -1399,6 +1399,9 @@ UPDATE_MEMORY = (
 )
 
 
+GET_MEMORY = SELECT_MEMORY + " WHERE namespace = ? AND key = ? AND " + LIVE
+
+
 def _row_memory(row: Sequence[Any]) -> Memory:
     return Memory(
         namespace=row[1], key=row[2], value=json.loads(row[3]),
@@ -2206,7 +2209,7 @@ class Store:
         namespace = validate_namespace(namespace, self.config)
         key = validate_key(key, self.config)
         with self._reads.borrow(f"get {namespace}/{key}") as conn:
-            row = execute(conn, SELECT_MEMORY + " WHERE namespace = ? AND key = ? AND " + LIVE,
+            row = execute(conn, GET_MEMORY,
                           (namespace, key, self.clock())).fetchone()
         return None if row is None else _row_memory(row)
 
