@@ -844,8 +844,10 @@ def test_only_the_elected_connection_checkpoints(tmp_path: Path) -> None:
     import crashsim
 
     problem = crashsim.strace_problem()
-    if problem:
-        pytest.fail(problem)
+    if problem:  # as for the power-loss replays: CI installs strace and requires it
+        if os.environ.get("KVMEM_TEST_REQUIRE_STRACE") == "1":
+            pytest.fail(f"{problem}; KVMEM_TEST_REQUIRE_STRACE=1 requires this proof")
+        pytest.skip(problem)
     db = str(tmp_path / "kv.db")
     kvmem.open_db(db, config=cfg()).close()  # the file exists and is in WAL mode already
     children, traces = [], []
