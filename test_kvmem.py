@@ -721,6 +721,49 @@ def test_work_after_commit_never_fails_a_committed_write(
             other.close()
 
 
+def test_after_commit_report_survives_a_strange_clock(
+        db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Health timestamps come from the wall clock, not the store's injectable one: a
+    clock far in the future must not turn the report of a failed checkpoint into a
+    failed (but committed) write."""
+    config = cfg(synchronous="normal", checkpoint_poll_s="60")
+    with kvmem.Store.open(db, config=config, clock=lambda: 1e12) as store:
+        deadline = time.monotonic() + 10
+        while not store._writer.elected and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise kvmem.StorageError("injected")
+        monkeypatch.setattr(kvmem, "checkpoint_wal", broken)
+        store._writer.request_checkpoint("idle")
+        assert store.set("k", 1, if_version=0).version == 1
+        assert store._writer.stats()["after_commit_errors"] > 0
+
+
+def test_delete_mode_writer_waits_for_readers(db: str) -> None:
+    """In rollback-journal mode a COMMIT waits for readers to let go: the writer keeps
+    SQLite's busy handler there (with it off, most writes failed with busy)."""
+    config = cfg(journal_mode="delete", synchronous="normal")
+    stop = threading.Event()
+    with kvmem.Store.open(db, config=config) as store:
+        store.set("seed", 0)
+
+        def reader() -> None:
+            while not stop.is_set():
+                store.list(limit=100)
+
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        try:
+            written = [store.set(f"k{i}", i) for i in range(300)]
+        finally:
+            stop.set()
+            for thread in readers:
+                thread.join()
+    assert [m.version for m in written] == [1] * 300
+
+
 def test_checkpoint_runs_only_under_the_write_lock(db: str) -> None:
     """While another connection holds the write lock, checkpoint_wal does not checkpoint
     (it returns None, where a checkpoint without the gate would return its frame counts):
