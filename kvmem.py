@@ -326,9 +326,9 @@ class Config:
         "this many pages"
     )
     wal_cap_bytes: int = _setting(
-        64 * 1024 * 1024, _parse_number(int, minimum=4096), "a restarting WAL file is cut "
-        "back to this size; past half of it the checkpointer empties the file; past 4x "
-        "writers checkpoint themselves"
+        64 * 1024 * 1024, _parse_number(int, minimum=4096), "past half of this the "
+        "checkpointer empties the WAL file (and half of it bounds the frames between two "
+        "checkpoints); past 4x writers of other processes checkpoint themselves"
     )
     reader_warn_s: float = _setting(
         30.0, _parse_number(float, minimum=0.01), "log a read that holds its snapshot (and "
@@ -1172,13 +1172,12 @@ def transaction(
     """Run the block in ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception.
 
     The write lock is taken up front, so reads-then-writes inside the block never meet
-    SQLITE_BUSY.  While another writer holds the lock it retries every millisecond or
-    so (``_lock_backoff``; SQLite's own busy handler is off for the BEGIN: its sleeps
-    grow to 100 ms and let a writer that commits back to back starve this one) until
+    SQLITE_BUSY.  While another writer holds the lock it retries every 0.05-0.75 ms
+    (``_lock_backoff``; SQLite's own busy handler is off for the BEGIN: its sleeps grow
+    to 100 ms and let a writer that commits back to back starve this one) until
     ``timeout_s`` (default: the connection's ``busy_timeout_ms``), then raises
-    ``BusyError``.  When the
-    block returns, the COMMIT has returned: the write is as durable as ``synchronous``
-    says (DESIGN.md §2.2).
+    ``BusyError``.  When the block returns, the COMMIT has returned: the write is as
+    durable as ``synchronous`` says (DESIGN.md §2.2).
 
     Raises:
         BusyError: the lock was not free before the deadline.
