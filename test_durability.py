@@ -548,6 +548,7 @@ for i in range(100000):
         store.set(f"k{i}", f"{i}:" + "v" * 3000)
         print("ack", i, flush=True)
     except kvmem.StorageFullError:
+        print("refused", i, flush=True)
         full += 1
         if full == 3:
             break
@@ -563,7 +564,8 @@ store = kvmem.Store.open(sys.argv[1], config=config)  # on the full disk
 record = kvmem.recovery_record(sys.argv[1])
 acked = [int(i) for i in sys.argv[2].split(",")]
 found = sum(store.get(f"k{i}") is not None for i in acked)
-print("opened", record.checkpoint.split(":")[0], found, flush=True)
+refused = sum(store.get(f"k{i}") is not None for i in map(int, sys.argv[3].split(",")))
+print("opened", record.checkpoint.split(":")[0], found, refused, flush=True)
 sys.stdin.readline()  # the test frees space
 answers = []
 while len(answers) < 2000:
@@ -601,10 +603,14 @@ def test_wal_fills_a_small_disk_then_restart_and_space_back(tmp_path: Path) -> N
         assert any("held a snapshot" in p and "export" in p for p in health["problems"]), health
         writer.kill()
         assert len(acked) >= 50
-        restarted = Child(RESTARTED, db, ",".join(map(str, acked)), stdin=True)
+        refused = [line.split()[1] for line in writer.lines if line.startswith("refused ")]
+        assert len(refused) == 3
+        restarted = Child(RESTARTED, db, ",".join(map(str, acked)), ",".join(refused),
+                          stdin=True)
         opened = restarted.expect("opened", timeout=60).split()
         assert opened[1] == "failed", opened  # the start-up checkpoint had no room
         assert int(opened[2]) == len(acked)  # every acknowledged write survived
+        assert int(opened[3]) == 0  # and no write answered storage_full was stored
         os.remove(mounted / "ballast")
         restarted.send("go\n")
         after = restarted.expect("after", timeout=120).split()
