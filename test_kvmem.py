@@ -547,8 +547,9 @@ def _wal_bound(config: kvmem.Config, page_size: int = 4096) -> int:
 
 @pytest.mark.parametrize("threads", [1, 8])
 def test_wal_is_bounded_by_size_after_a_burst(db: str, threads: int) -> None:
-    """3,000 writes put about 20,000 frames through the WAL (about 80 MiB); the file
-    stays under twice checkpoint_pages frames only because it restarts."""
+    """3,000 writes put thousands of frames through the WAL (tens of MiB: about 5 a
+    write from one thread); the file stays under twice checkpoint_pages frames only
+    because it restarts."""
     config = cfg(checkpoint_pages="64", synchronous="normal")
     with kvmem.Store.open(db, config=config) as store:
         largest = _burst(store, 3000, threads)
