@@ -12,7 +12,8 @@ Theory of operation
   A connection belongs to one thread (``check_same_thread`` stays on).
 * Transactions.  Every write runs inside ``transaction()``: ``BEGIN IMMEDIATE`` (never a
   deferred BEGIN: a deferred read-then-write gets SQLITE_BUSY at once, without the busy
-  handler — research/sqlite-facts.md §3), backoff until a deadline, then ``BusyError``.
+  handler, because SQLite cannot upgrade a read snapshot that another writer has made
+  stale), short jittered retries until a deadline, then ``BusyError``.
   Nothing is acknowledged before its COMMIT returned.
 * Errors.  ``sqlite3.Error`` becomes a ``KvmemError`` subclass in one place,
   ``_db_error()``, by ``sqlite_errorcode`` — never by message text.
@@ -30,7 +31,8 @@ Theory of operation
   checkpoint themselves (under the same write-lock rule) and health says so.
 * Files.  This module never ``open()``s the database, ``-wal`` or ``-shm`` while it has a
   connection to it: closing any descriptor of a file drops every POSIX lock the process
-  holds on it (research/experiments/e9_closefd.py).  Sizes come from ``os.stat()``.
+  holds on it (POSIX ``fcntl`` locks belong to the process and the file, not to the
+  descriptor), which lets a second writer in.  Sizes come from ``os.stat()``.
 
 The file reads top to bottom: errors, configuration, storage (open_db, transaction,
 schema), background threads, CLI.
@@ -304,7 +306,8 @@ class Config:
     db: str = _setting("", _parse_path, "database file", env="KVMEM_DB", flag="--db")
     journal_mode: str = _setting("wal", _parse_choice(*JOURNAL_MODES), "wal or delete")
     synchronous: str = _setting(
-        "extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, full or extra (§2.2)"
+        "extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, full or extra (only "
+        "full and extra keep acknowledged writes through power loss)"
     )
     busy_timeout_ms: int = _setting(
         5000, _parse_number(int, minimum=0), "SQLite's wait for locks; also the default "
@@ -837,7 +840,8 @@ class KvmemConnection(sqlite3.Connection):
 
 @dataclasses.dataclass(frozen=True)
 class RecoveryRecord:
-    """What the first open of a file in this process found (DESIGN.md §2.4)."""
+    """What the first open of a file in this process found: the WAL size, quick_check,
+    and the start-up checkpoint (SQLite itself replays a hot WAL on that open)."""
 
     path: str
     wal_bytes_found: int
@@ -1176,8 +1180,8 @@ def transaction(
     (``_lock_backoff``; SQLite's own busy handler is off for the BEGIN: its sleeps grow
     to 100 ms and let a writer that commits back to back starve this one) until
     ``timeout_s`` (default: the connection's ``busy_timeout_ms``), then raises
-    ``BusyError``.  When the block returns, the COMMIT has returned: the write is as
-    durable as ``synchronous`` says (DESIGN.md §2.2).
+    ``BusyError``.  When the block returns, the COMMIT has returned: the write survives
+    a killed process at any level, and power loss at ``full`` or ``extra``.
 
     Raises:
         BusyError: the lock was not free before the deadline.
@@ -1526,7 +1530,7 @@ class GroupCommitter:
         # may never hold what the database would need to grow by to take it back.
         self.pages_limit = config.wal_pages
         self._last_frames = 0
-        self._last_complete = True
+        self.last_complete = True  # the last checkpoint took every frame
         self._wal_high = config.wal_keep_bytes
         self._pinned_since: float | None = None  # checkpoints incomplete since then
         self._next_fallback = 0.0
@@ -1570,8 +1574,7 @@ class GroupCommitter:
         finally:
             for member in group:  # their writes are done: wake them now
                 member.finished = True
-                if member.wake.locked():
-                    member.wake.release()
+                member.wake.release()  # held by each member until now (a leader re-took its own)
             try:
                 full = any(isinstance(m.error, StorageFullError) for m in group)
                 self._between_groups(committed=committed, full=full)
@@ -1727,12 +1730,12 @@ class GroupCommitter:
             return
         _, frames, done = result
         if self._groups_since:  # frames written since the last checkpoint, per group
-            new = frames if self._last_complete or frames < self._last_frames \
+            new = frames if self.last_complete or frames < self._last_frames \
                 else frames - self._last_frames
             self._frames_per_group = max(1.0, (self._frames_per_group
                                                + new / self._groups_since) / 2)
         self._groups_since, self._last_frames = 0, frames
-        self._last_complete = frames == done
+        self.last_complete = frames == done
         # A restarted WAL is overwritten from its start and its file does not grow; if
         # it grows past this, the WAL got more frames than the estimate said.
         self._wal_high = max(_wal_size(self.path), self.pages_limit * (self.page_size + 24))
@@ -1742,7 +1745,7 @@ class GroupCommitter:
             self._stats["checkpoints"] += 1
             self._stats["last_checkpoint"] = {"why": why, "wal_frames": frames,
                                               "checkpointed": done, "at": rfc3339(time.time())}
-        if self._last_complete:
+        if self.last_complete:
             self._pinned_since = None
             self.conditions.clear("wal_pinned")
         elif self._pinned_since is None:
@@ -1796,7 +1799,7 @@ class GroupCommitter:
             self._checkpoint(why, shrink=True)
         finally:
             lock.release()
-        if self._last_complete:
+        if self.last_complete:
             self._next_fallback = now
 
 
@@ -2537,7 +2540,7 @@ class Checkpointer(_Background):
         if seen[0] > min(self.config.wal_cap_bytes // 2,
                          4 * writer.pages_limit * (writer.page_size + 24)):
             reason = "shrink"  # grown far past what the WAL needs: give the space back
-        elif (changed or not writer._last_complete) and since >= ACTIVE_POLL_S:
+        elif (changed or not writer.last_complete) and since >= ACTIVE_POLL_S:
             # Frames this process's writer did not count (another process wrote, or a
             # reader held the last checkpoint back): at least one checkpoint a poll.
             reason = "idle"
@@ -2547,8 +2550,8 @@ class Checkpointer(_Background):
             with self._state_lock:
                 self._state.update(last_request=reason, last_time=time.time())
                 self._state["requests"] += 1
-        with self._state_lock:
-            self._state["wal_bytes"] = _wal_size(self.path)
+        with self._state_lock:  # a request may have shrunk the file: stat it again then
+            self._state["wal_bytes"] = _wal_size(self.path) if reason else seen[0]
             self._state["checkpoints"] = writer.stats()["checkpoints"]
         return min(poll, ACTIVE_POLL_S) if changed or reason else poll
 

@@ -98,7 +98,8 @@ def test_wal_off_loses_acknowledged_writes(record: Callable[[str, str, str], Rec
     for model in MODELS:
         report = check(recorded, "WAL off, Store.set", tmp_path, model)
         assert report.lost > 0 and report.max_lost_at_one_point > 1, report
-        # off may also corrupt the file (DESIGN.md 2.2): counted in the table, not asserted
+        # off may also corrupt the file (SQLite orders no write before another without a
+        # sync): counted in the table, not asserted
 
 
 def test_delete_mode_full_loses_the_last_commit_extra_nothing(
