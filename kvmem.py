@@ -63,7 +63,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any, Self
+from typing import IO, Any, ClassVar, ParamSpec, Self, TypeVar
 
 __all__ = [
     "BusyError",
@@ -88,8 +88,6 @@ __all__ = [
     "StorageFullError",
     "Store",
     "VersionConflictError",
-    "execute",
-    "executemany",
     "open_db",
     "transaction",
 ]
@@ -654,23 +652,90 @@ def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: str |
     return str(data["k"])
 
 
+def _number(name: str, *, minimum: float = -math.inf,
+            optional: bool = False) -> Callable[[object, Config], float | None]:
+    """A check for a finite number >= ``minimum`` (or null, if ``optional``), as a float."""
+    def check(value: object, config: Config) -> float | None:
+        if value is None and optional:
+            return None
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value < minimum):
+            bound = "" if minimum == -math.inf else f" >= {minimum:g}"
+            raise InvalidInputError(f"{name} must be a finite number{bound}"
+                                    + (" or null" if optional else ""))
+        return float(value)
+    return check
+
+
+def _boolean(name: str) -> Callable[[object, Config], bool]:
+    def check(value: object, config: Config) -> bool:
+        if not isinstance(value, bool):
+            raise InvalidInputError(f"{name} must be true or false")
+        return value
+    return check
+
+
+def _stored_version(value: object, config: Config) -> int:
+    version = validate_version(value, "version")
+    if not version:
+        raise InvalidInputError("version must be an integer >= 1")
+    return version
+
+
+def _memory_field(schema: dict[str, Any], check: Callable[[Any, Config], Any], *,
+                  time: bool = False, dump: Callable[[Any], Any] | None = None,
+                  load: Callable[[Any], Any] | None = None) -> Any:
+    """A Memory field: its JSON schema as the interfaces show it (``time``: Unix seconds
+    shown as RFC 3339), the check of an imported value, and how its column is written and
+    read when that is not as is."""
+    return dataclasses.field(metadata={"schema": schema, "check": check, "time": time,
+                                       "dump": dump, "load": load})
+
+
+def _dump_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _load_tags(text: str) -> list[str]:
+    return [] if text == "[]" else list(json.loads(text))  # most memories have no tags
+
+
+TIME_SCHEMA = {"type": "string", "format": "date-time"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Memory:
     """One memory, as stored.  ``strength`` is the strength at ``last_reinforced_at``;
-    ``current_strength(now)`` applies the decay.  Times are Unix seconds (UTC)."""
+    ``current_strength(now)`` applies the decay.  Times are Unix seconds (UTC).  Each
+    field is also a column of ``memories`` and a property of the interfaces' Memory."""
 
-    namespace: str
-    key: str
-    value: Any
-    tags: list[str]
-    version: int
-    created_at: float
-    updated_at: float
-    expires_at: float | None
-    strength: float
-    half_life_seconds: float | None
-    last_reinforced_at: float
-    archived: bool
+    namespace: str = _memory_field({"type": "string"}, validate_namespace)
+    key: str = _memory_field({"type": "string"}, validate_key)
+    value: Any = _memory_field({}, lambda v, c: (encode_value(v, c), v)[1], dump=_dump_json,
+                               load=json.loads)
+    tags: list[str] = _memory_field({"type": "array", "items": {"type": "string"}},
+                                    validate_tags, dump=_dump_json, load=_load_tags)
+    version: int = _memory_field({"type": "integer", "minimum": 1}, _stored_version)
+    created_at: float = _memory_field(TIME_SCHEMA, _number("created_at"), time=True)
+    updated_at: float = _memory_field(TIME_SCHEMA, _number("updated_at"), time=True)
+    expires_at: float | None = _memory_field(
+        {**TIME_SCHEMA, "type": ["string", "null"]}, _number("expires_at", optional=True),
+        time=True)
+    strength: float = _memory_field({"type": "number"}, _number("strength", minimum=0))
+    half_life_seconds: float | None = _memory_field(
+        {"type": ["number", "null"]}, lambda v, c: validate_seconds(v, "half_life_seconds"))
+    last_reinforced_at: float = _memory_field(TIME_SCHEMA, _number("last_reinforced_at"),
+                                              time=True)
+    archived: bool = _memory_field({"type": "boolean"}, _boolean("archived"), dump=int,
+                                   load=bool)
+
+    def is_expired(self, now: float) -> bool:
+        """Past its TTL: invisible at once, as if absent (prune deletes it later)."""
+        return self.expires_at is not None and self.expires_at <= now
+
+    def is_live(self, now: float) -> bool:
+        """What ``get``, ``list`` and ``search`` show: not expired, not archived."""
+        return not self.archived and not self.is_expired(now)
 
     def current_strength(self, now: float) -> float:
         return strength_at(self.strength, self.last_reinforced_at, self.half_life_seconds, now)
@@ -680,23 +745,41 @@ class Memory:
         return dataclasses.asdict(self)
 
     def render(self, now: float) -> dict[str, Any]:
-        """The memory as the HTTP and MCP interfaces show it: times as RFC 3339 UTC
-        strings, plus ``current_strength`` at ``now``."""
-        return {
-            "namespace": self.namespace, "key": self.key, "value": self.value,
-            "tags": list(self.tags), "version": self.version,
-            "created_at": rfc3339(self.created_at), "updated_at": rfc3339(self.updated_at),
-            "expires_at": rfc3339(self.expires_at) if self.expires_at is not None else None,
-            "strength": self.strength, "current_strength": self.current_strength(now),
-            "half_life_seconds": self.half_life_seconds,
-            "last_reinforced_at": rfc3339(self.last_reinforced_at), "archived": self.archived,
-        }
+        """The memory as the HTTP and MCP interfaces show it (``MEMORY_SCHEMA``): times as
+        RFC 3339 UTC strings, plus ``current_strength`` at ``now``."""
+        out = {name: getattr(self, name) for name in MEMORY_COLUMNS}
+        for name in _TIME_FIELDS:
+            if out[name] is not None:
+                out[name] = rfc3339(out[name])
+        out["tags"] = list(self.tags)
+        out["current_strength"] = self.current_strength(now)
+        return out
+
+
+MEMORY_FIELDS = dataclasses.fields(Memory)
+MEMORY_COLUMNS = tuple(f.name for f in MEMORY_FIELDS)
+_TIME_FIELDS = tuple(f.name for f in MEMORY_FIELDS if f.metadata["time"])
+MEMORY_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": [*MEMORY_COLUMNS, "current_strength"],
+    "properties": {**{f.name: f.metadata["schema"] for f in MEMORY_FIELDS},
+                   "current_strength": {"type": "number"}},
+}
 
 
 def rfc3339(ts: float) -> str:
     """Unix seconds as an RFC 3339 UTC timestamp with microseconds."""
     moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def memory_from_record(record: object, config: Config) -> Memory:
+    """Validate one export record (a dict with every Memory field) and build the Memory."""
+    if not isinstance(record, dict):
+        raise InvalidInputError("each line must be a JSON object")
+    missing, extra = set(MEMORY_COLUMNS) - record.keys(), record.keys() - set(MEMORY_COLUMNS)
+    if missing or extra:
+        raise InvalidInputError(f"fields missing: {sorted(missing)}, unknown: {sorted(extra)}")
+    return Memory(**{f.name: f.metadata["check"](record[f.name], config) for f in MEMORY_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -719,42 +802,190 @@ class PruneResult:
     at: float
 
 
-def _is_finite_number(value: object) -> bool:
-    return (not isinstance(value, bool) and isinstance(value, int | float)
-            and math.isfinite(value))
+# -- operations: parsed once, then planned against the current memory ---------------------
 
 
-def memory_from_record(record: object, config: Config) -> Memory:
-    """Validate one export record (a dict with every Memory field) and build the Memory."""
-    if not isinstance(record, dict):
-        raise InvalidInputError("each line must be a JSON object")
-    fields = {f.name for f in dataclasses.fields(Memory)}
-    missing, extra = fields - record.keys(), record.keys() - fields
-    if missing or extra:
-        raise InvalidInputError(f"fields missing: {sorted(missing)}, unknown: {sorted(extra)}")
-    encode_value(record["value"], config)
-    version = validate_version(record["version"], "version")
-    numbers = ("created_at", "updated_at", "strength", "last_reinforced_at")
-    for name in numbers:
-        value = record[name]
-        if not _is_finite_number(value):
-            raise InvalidInputError(f"{name} must be a finite number")
-    if not version or record["strength"] < 0 or not isinstance(record["archived"], bool):
-        raise InvalidInputError("version must be >= 1, strength >= 0, archived a boolean")
-    for name in ("expires_at",):
-        value = record[name]
-        if value is not None and not _is_finite_number(value):
-            raise InvalidInputError(f"{name} must be a number or null")
-    return Memory(
-        namespace=validate_namespace(record["namespace"], config),
-        key=validate_key(record["key"], config), value=record["value"],
-        tags=validate_tags(record["tags"], config), version=version,
-        created_at=float(record["created_at"]), updated_at=float(record["updated_at"]),
-        expires_at=None if record["expires_at"] is None else float(record["expires_at"]),
-        strength=float(record["strength"]),
-        half_life_seconds=validate_seconds(record["half_life_seconds"], "half_life_seconds"),
-        last_reinforced_at=float(record["last_reinforced_at"]), archived=record["archived"],
-    )
+def _arg(schema: Callable[[Config], dict[str, Any]], check: Callable[[Any, Config], Any], *,
+         required: bool = False, default: Callable[[Config], Any] = lambda config: None) -> Any:
+    """An argument of an operation: its JSON schema (from the limits of a Config), its
+    check, and its value when it is not given."""
+    return dataclasses.field(metadata={"schema": schema, "check": check, "required": required,
+                                       "default": default})
+
+
+NAMESPACE_ARG = _arg(lambda c: {"type": "string", "pattern": f"^{NAMESPACE_RE.pattern}$",
+                                "maxLength": c.max_namespace_chars, "default": "default"},
+                     validate_namespace, default=lambda config: "default")
+KEY_ARG = _arg(lambda c: {"type": "string", "minLength": 1, "maxLength": c.max_key_chars},
+               validate_key, required=True)
+IF_VERSION_ARG = _arg(lambda c: {"type": ["integer", "null"], "minimum": 0},
+                      lambda v, c: validate_version(v))
+SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0,
+                  "maximum": MAX_TTL_SECONDS}
+
+
+class _Op:
+    """An operation on one memory: the arguments, checked by ``parse``, and ``plan``, the
+    pure rule that takes the memory as stored now (``None`` = no row, expired or not) to
+    what the store keeps (``None`` = no row) and what the caller gets."""
+
+    kind: ClassVar[str]  # its name in a batch ("op")
+    result: ClassVar[str]  # the name of its outcome in a batch result
+    namespace: str
+    key: str
+
+    @classmethod
+    def arguments(cls) -> builtins.list[dataclasses.Field[Any]]:
+        return [f for f in dataclasses.fields(cls) if "check" in f.metadata]  # type: ignore[arg-type]
+
+    @classmethod
+    def checked(cls, spec: object, config: Config, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments in ``spec`` (a mapping from a client) and ``given`` (from the
+        interface: a key in the path, the namespace of a batch), each checked once."""
+        if not isinstance(spec, Mapping):
+            raise InvalidInputError(f"a {cls.kind} op must be an object")
+        names = {f.name for f in cls.arguments()} - set(given)
+        unknown = sorted(str(name) for name in spec if name not in names)
+        if unknown:
+            raise InvalidInputError(f"unknown field {unknown[0][:100]!r} for a {cls.kind} op")
+        out: dict[str, Any] = {}
+        for field in cls.arguments():
+            source = given if field.name in given else spec
+            if field.name not in source and field.metadata["required"]:
+                raise InvalidInputError(f"{field.name} is required for a {cls.kind} op")
+            value = source[field.name] if field.name in source \
+                else field.metadata["default"](config)
+            out[field.name] = field.metadata["check"](value, config)
+        return out
+
+    @classmethod
+    def parse(cls, spec: object, config: Config, **given: Any) -> Self:
+        return cls(**cls.checked(spec, config, given))
+
+    @classmethod
+    def schema(cls, config: Config, *, exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """The JSON schema of ``spec`` for ``parse`` (without the ``exclude``d arguments,
+        which the interface gives)."""
+        fields = [f for f in cls.arguments() if f.name not in exclude]
+        return {"type": "object", "additionalProperties": False,
+                "required": [f.name for f in fields if f.metadata["required"]],
+                "properties": {f.name: f.metadata["schema"](config) for f in fields}}
+
+    def plan(self, current: Memory | None, now: float) -> tuple[Memory | None, Any]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SetOp(_Op):
+    """Create or replace a memory."""
+
+    kind: ClassVar[str] = "set"
+    result: ClassVar[str] = "memory"
+    namespace: str = NAMESPACE_ARG
+    key: str = KEY_ARG
+    value: Any = _arg(lambda c: {"description": f"any JSON value, at most {c.max_value_bytes} "
+                                 "bytes as JSON"}, encode_value, required=True)
+    tags: list[str] = _arg(lambda c: {"type": ["array", "null"], "maxItems": c.max_tags,
+                                      "items": {"type": "string", "minLength": 1,
+                                                "maxLength": c.max_tag_chars}}, validate_tags)
+    ttl_seconds: float | None = _arg(lambda c: SECONDS_SCHEMA,
+                                     lambda v, c: validate_seconds(v, "ttl_seconds"))
+    half_life_seconds: float | None = _arg(
+        lambda c: SECONDS_SCHEMA, lambda v, c: validate_seconds(v, "half_life_seconds"),
+        default=lambda config: config.default_half_life_s)
+    if_version: int | None = IF_VERSION_ARG
+    value_json: str = ""  # the value as stored: compact JSON (``value`` is parsed back from it)
+
+    @classmethod
+    def parse(cls, spec: object, config: Config, **given: Any) -> Self:
+        args = cls.checked(spec, config, given)
+        text = args["value"]  # the check (encode_value) returned the JSON text
+        return cls(**{**args, "value": json.loads(text), "value_json": text})
+
+    def plan(self, current: Memory | None, now: float) -> tuple[Memory, Memory]:
+        """The new content at full strength, un-archived, with a fresh TTL; the version
+        one past the stored one and ``created_at`` kept.  Compare-and-set by
+        ``if_version``: an expired memory counts as absent (0), an archived one as present."""
+        present = current if current is not None and not current.is_expired(now) else None
+        _check_version(self.if_version, present.version if present else 0, self.key)
+        memory = Memory(
+            namespace=self.namespace, key=self.key, value=self.value, tags=self.tags,
+            version=present.version + 1 if present else 1,
+            created_at=present.created_at if present else now, updated_at=now,
+            expires_at=expires_at(self.ttl_seconds, now), strength=INITIAL_STRENGTH,
+            half_life_seconds=self.half_life_seconds, last_reinforced_at=now, archived=False,
+        )
+        return memory, memory
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteOp(_Op):
+    """Delete a memory, live or archived; reports whether there was one."""
+
+    kind: ClassVar[str] = "delete"
+    result: ClassVar[str] = "deleted"
+    namespace: str = NAMESPACE_ARG
+    key: str = KEY_ARG
+    if_version: int | None = IF_VERSION_ARG
+
+    def plan(self, current: Memory | None, now: float) -> tuple[None, bool]:
+        """No row afterwards; found if there was one that had not expired (archived counts:
+        ``if_version`` compares with its version)."""
+        present = current is not None and not current.is_expired(now)
+        _check_version(self.if_version, current.version if current and present else 0,
+                       self.key)
+        return None, present
+
+
+@dataclasses.dataclass(frozen=True)
+class ReinforceOp(_Op):
+    """Strengthen a memory and restart its decay clock."""
+
+    kind: ClassVar[str] = "reinforce"
+    result: ClassVar[str] = "memory"
+    namespace: str = NAMESPACE_ARG
+    key: str = KEY_ARG
+
+    def plan(self, current: Memory | None, now: float) -> tuple[Memory, Memory]:
+        """``reinforced_strength`` from ``now`` on, un-archived; the version is kept (it
+        counts changes of content).  NotFoundError when absent or expired."""
+        if current is None or current.is_expired(now):
+            raise NotFoundError(f"no memory {self.key!r} in namespace {self.namespace!r}")
+        strength = reinforced_strength(current.strength, current.last_reinforced_at,
+                                       current.half_life_seconds, now)
+        memory = dataclasses.replace(current, strength=strength, last_reinforced_at=now,
+                                     archived=False)
+        return memory, memory
+
+
+# The ops a batch may hold, by their "op" name.
+BATCH_OPS: dict[str, type[SetOp] | type[DeleteOp]] = {"set": SetOp, "delete": DeleteOp}
+
+
+def parse_batch_op(spec: object, config: Config, *, namespace: str) -> SetOp | DeleteOp:
+    """One op of a batch: ``{"op": "set", ...}`` or ``{"op": "delete", ...}``."""
+    if not isinstance(spec, Mapping):
+        raise InvalidInputError("each op must be an object")
+    cls = BATCH_OPS.get(str(spec.get("op")))
+    if cls is None:
+        raise InvalidInputError(f"op must be one of {', '.join(map(repr, BATCH_OPS))}")
+    return cls.parse({k: v for k, v in spec.items() if k != "op"}, config, namespace=namespace)
+
+
+def batch_op_schema(config: Config) -> dict[str, Any]:
+    """The JSON schema of one batch op: ``op`` and the arguments of its kind."""
+    properties: dict[str, Any] = {"op": {"enum": list(BATCH_OPS)}}
+    for cls in BATCH_OPS.values():
+        properties.update(cls.schema(config, exclude=("namespace",))["properties"])
+    return {"type": "object", "required": ["op", "key"], "additionalProperties": False,
+            "properties": properties}
+
+
+def _check_version(expected: int | None, current: int, key: str) -> None:
+    if expected is not None and expected != current:
+        what = "absent" if current == 0 else f"at version {current}"
+        raise VersionConflictError(f"{key!r} is {what}, not at version {expected}",
+                                   current_version=current, key=key)
 
 
 # =========================================================================== storage ====
@@ -814,15 +1045,118 @@ WAL_MAGICS = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")
 HEADER_BYTES = 100
 JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")  # first bytes of a rollback journal
 
-# Per-connection settings, in the order they are applied; values come from Config.
-# journal_mode is applied separately (it is a file setting that can fail with busy).
-TEMP_STORE_MEMORY = 2
+# The rules of the model in SQL, once each: an expired memory (one parameter, now) is
+# invisible at once, as if absent; a live one is neither expired nor archived.
+EXPIRED = "(expires_at IS NOT NULL AND expires_at <= ?)"
+LIVE = f"archived = 0 AND NOT {EXPIRED}"
+SELECT_MEMORY = f"SELECT id, {', '.join(MEMORY_COLUMNS)} FROM memories"
+GET_ROW = SELECT_MEMORY + " WHERE namespace = ? AND key = ?"
+GET_LIVE = GET_ROW + " AND " + LIVE
+INSERT_MEMORY = (f"INSERT INTO memories ({', '.join(MEMORY_COLUMNS)})"
+                 f" VALUES ({', '.join('?' * len(MEMORY_COLUMNS))})")
+# Ranked by search_score(): -bm25 x current strength, computed in SQL so that LIMIT
+# keeps the best ones.  Parameters: query, namespace, now, now, limit.
+SEARCH_MEMORIES = (
+    f"SELECT {', '.join('m.' + c for c in ('id', *MEMORY_COLUMNS))},"
+    f" bm25(memories_fts, {', '.join(str(w) for w in BM25_WEIGHTS)}) AS rank"
+    " FROM memories_fts JOIN memories AS m ON m.id = memories_fts.rowid"
+    f" WHERE memories_fts MATCH ? AND m.namespace = ? AND {LIVE}"
+    " ORDER BY -rank * kvmem_strength(m.strength, m.last_reinforced_at, m.half_life_seconds, ?)"
+    " DESC, m.key LIMIT ?"
+)
+_LOADS = tuple(f.metadata["load"] for f in MEMORY_FIELDS)
+_DUMPS = tuple(f.metadata["dump"] for f in MEMORY_FIELDS)
+
+
+def _row_memory(row: Sequence[Any]) -> Memory:
+    """A row of ``SELECT_MEMORY`` (id first) as a Memory."""
+    return Memory(*[load(v) if load else v for load, v in zip(_LOADS, row[1:], strict=False)])
+
+
+def _apply(conn: KvmemConnection, op: _Op, now: float) -> Any:
+    """Run one op: load its memory, plan, write what the plan says; the op's outcome."""
+    row = conn.execute(GET_ROW, (op.namespace, op.key)).fetchone()
+    after, outcome = op.plan(None if row is None else _row_memory(row), now)
+    _write(conn, row, after, getattr(op, "value_json", None))
+    return outcome
+
+
+def _write(conn: KvmemConnection, row: Sequence[Any] | None, memory: Memory | None,
+           value_json: str | None = None) -> None:
+    """Make the stored row (``row``, from ``SELECT_MEMORY``; ``None`` = none) hold
+    ``memory`` (``None`` = delete it).  ``value_json``: the value already encoded.
+
+    An UPDATE sets only the columns that changed: the full-text trigger runs on UPDATE OF
+    key, value or tags, so a reinforce, which changes none of them, does not re-index.
+    """
+    if memory is None:
+        if row is not None:
+            conn.execute("DELETE FROM memories WHERE id = ?", (row[0],))
+        return
+    values = [dump(getattr(memory, name)) if dump else getattr(memory, name)
+              for name, dump in zip(MEMORY_COLUMNS, _DUMPS, strict=True)]
+    if value_json is not None:
+        values[MEMORY_COLUMNS.index("value")] = value_json
+    if row is None:
+        conn.execute(INSERT_MEMORY, values)
+        return
+    changed = [(name, new) for name, new, old in zip(MEMORY_COLUMNS, values, row[1:], strict=True)
+               if new != old]
+    if changed:
+        conn.execute(f"UPDATE memories SET {', '.join(n + ' = ?' for n, _ in changed)}"
+                     " WHERE id = ?", [*(v for _, v in changed), row[0]])
+
+
+# Per-connection settings, applied in this order to every connection and read back;
+# journal_mode is applied apart (it is a setting of the file, and can fail with busy).
+PRAGMAS: dict[str, Callable[[Config], int]] = {
+    "busy_timeout": lambda c: c.busy_timeout_ms,
+    "synchronous": lambda c: c.synchronous_level,  # read back as its name
+    "cache_size": lambda c: -c.cache_size_kib,
+    "temp_store": lambda c: 2,  # memory
+    "foreign_keys": lambda c: 1,
+    "wal_autocheckpoint": lambda c: 0,  # checkpoints are explicit, by the elected writer only
+    # When a writer restarts the WAL after a complete checkpoint, SQLite truncates the
+    # file to this size: the WAL file shrinks back without a TRUNCATE checkpoint.
+    "journal_size_limit": lambda c: c.wal_keep_bytes,
+}
 CHECKPOINT_BUSY_TIMEOUT_MS = 200  # the longest a checkpoint off the write path waits for the lock
 GATE_WAIT_MS = 10  # between groups: how long the writer waits for the write lock to checkpoint
 
 
+_R = TypeVar("_R")
+_P = ParamSpec("_P")
+
+
+def _mapped(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``method`` of a connection or cursor, with ``sqlite3.Error`` raised as kvmem's error
+    for it (the cause kept): the one way kvmem code reaches SQLite after the connect."""
+    @functools.wraps(method)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            owner = args[0]
+            conn = getattr(owner, "connection", owner)
+            raise _db_error(exc, getattr(conn, "kv_path", "?")) from exc
+    return call
+
+
+class KvmemCursor(sqlite3.Cursor):
+    """A cursor whose statements and fetches raise kvmem's errors (a fetch steps the
+    statement again, and can fail as an execute can)."""
+
+    execute = _mapped(sqlite3.Cursor.execute)
+    executemany = _mapped(sqlite3.Cursor.executemany)
+    fetchone = _mapped(sqlite3.Cursor.fetchone)
+    fetchmany = _mapped(sqlite3.Cursor.fetchmany)
+    fetchall = _mapped(sqlite3.Cursor.fetchall)
+    __next__ = _mapped(sqlite3.Cursor.__next__)  # type: ignore[arg-type]
+
+
 class KvmemConnection(sqlite3.Connection):
-    """An ``sqlite3.Connection`` made by ``open_db()``; knows its path and config."""
+    """An ``sqlite3.Connection`` made by ``open_db()``; knows its path and config, and
+    raises kvmem's errors (``KvmemError`` subclasses), never ``sqlite3.Error``."""
 
     kv_path: str
     kv_config: Config
@@ -830,6 +1164,18 @@ class KvmemConnection(sqlite3.Connection):
     # keeps SQLite's busy handler off for good, so transaction() need not switch it.
     kv_busy_off: bool = False
     _kv_closed: bool = False
+
+    def cursor(self, factory: Any = KvmemCursor) -> KvmemCursor:  # type: ignore[override]
+        cursor: KvmemCursor = super().cursor(factory)
+        return cursor
+
+    def execute(self, sql: str, parameters: Any = (), /) -> KvmemCursor:
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, rows: Any, /) -> KvmemCursor:
+        return self.cursor().executemany(sql, rows)
+
+    backup = _mapped(sqlite3.Connection.backup)
 
     def close(self) -> None:
         if not self._kv_closed:
@@ -936,21 +1282,11 @@ def _journal_magic(journal: str) -> bool:
         os.close(fd)
 
 
-def _backoff(attempt: int, remaining: float) -> None:
-    """Sleep an exponential, jittered, capped delay, never past the deadline."""
-    delay = min(0.001 * (2 ** min(attempt, 10)), 0.1) * random.uniform(0.5, 1.5)
+def _backoff(attempt: int, remaining: float, *, first: float, cap: float) -> None:
+    """Sleep an exponential, jittered (x0.5-1.5) delay from ``first`` to ``cap``, never
+    past the deadline (``remaining`` seconds)."""
+    delay = min(first * 2 ** min(attempt, 16), cap) * random.uniform(0.5, 1.5)
     time.sleep(max(0.0, min(delay, remaining)))
-
-
-def _lock_backoff(attempt: int, remaining: float) -> None:
-    """The wait between two tries for the write lock: short and jittered, so that a
-    writer of another process that commits back to back cannot starve this one."""
-    delay = min(0.0001 * 2 ** min(attempt, 3), 0.0005) * random.uniform(0.5, 1.5)
-    time.sleep(max(0.0, min(delay, remaining)))
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    return _primary_code(exc) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
@@ -1022,60 +1358,48 @@ def _connect(path: str, config: Config, *, mode: str,
 
 def _apply_settings(conn: KvmemConnection, path: str, config: Config, *, readonly: bool,
                     first_open: bool) -> None:
-    wanted = {
-        "busy_timeout": config.busy_timeout_ms,
-        "synchronous": config.synchronous_level,
-        "cache_size": -config.cache_size_kib,
-        "temp_store": TEMP_STORE_MEMORY,
-        "foreign_keys": 1,
-        "wal_autocheckpoint": 0,  # checkpoints are explicit, by the elected writer only
-        # When a writer restarts the WAL after a complete checkpoint, SQLite truncates
-        # the file to this size: the WAL file shrinks back without a TRUNCATE checkpoint.
-        "journal_size_limit": config.wal_keep_bytes,
-    }
-    try:
-        for name, value in wanted.items():
-            conn.execute(f"PRAGMA {name} = {int(value)}")  # ints from Config, never user text
-        # The first read of the schema validates the header and runs WAL recovery.
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise SchemaTooNewError(
-                f"{path}: schema version {version} was written by a newer kvmem "
-                f"(this one knows up to {SCHEMA_VERSION}); the file was left untouched"
-            )
-        if first_open and config.quick_check:
-            problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise CorruptDatabaseError(f"{path}: quick_check failed: {problems[:5]}")
-        if not readonly:
-            _set_journal_mode(conn, path, config)
-            if version < SCHEMA_VERSION:
-                _migrate(conn)
-        wanted["journal_mode"] = -1  # compared as text below
-        _verify_settings(conn, path, config, wanted, readonly=readonly)
-    except sqlite3.Error as exc:
-        raise _db_error(exc, path) from exc
+    for name, value in PRAGMAS.items():  # ints from Config, never user text
+        conn.execute(f"PRAGMA {name} = {int(value(config))}")
+    # The first read of the schema validates the header and runs WAL recovery.
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNewError(f"{path}: schema version {version} was written by a newer "
+                                f"kvmem (this one knows up to {SCHEMA_VERSION}); the file was "
+                                "left untouched")
+    if first_open and config.quick_check:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise CorruptDatabaseError(f"{path}: quick_check failed: {problems[:5]}")
+    if not readonly:
+        _set_journal_mode(conn, path, config)
+        if version < SCHEMA_VERSION:
+            _migrate(conn)
+    expected: dict[str, Any] = {name: value(config) for name, value in PRAGMAS.items()}
+    expected["synchronous"] = config.synchronous
+    if not readonly:  # a read-only open reports what the file has
+        expected["journal_mode"] = config.journal_mode
+    got = read_settings(conn)
+    wrong = {k: (v, got[k]) for k, v in expected.items() if got[k] != v}
+    if wrong:
+        detail = ", ".join(f"{k}: wanted {w!r}, got {g!r}" for k, (w, g) in wrong.items())
+        raise StorageError(f"{path}: SQLite did not take the settings: {detail}")
 
 
 def _set_journal_mode(conn: KvmemConnection, path: str, config: Config) -> None:
-    """Switch to the configured journal mode, retrying while other processes race.
-
-    Entering WAL takes an exclusive lock; with several processes opening a fresh file at
-    once some get SQLITE_BUSY at once, without the busy handler (research: 13 of 120).
-    """
+    """Switch to the configured journal mode, retrying while other processes race:
+    entering WAL takes an exclusive lock, and with several processes opening a fresh file
+    at once some get SQLITE_BUSY at once, without the busy handler (13 of 120 did here)."""
     deadline = time.monotonic() + config.busy_timeout_ms / 1000
     attempt = 0
-    last_error: sqlite3.Error | None = None
+    last_error: BusyError | None = None
     while True:
         current = conn.execute("PRAGMA journal_mode").fetchone()[0]
         if current == config.journal_mode:
             return
         try:  # the mode is one of JOURNAL_MODES, checked by Config
             conn.execute(f"PRAGMA journal_mode = {config.journal_mode}").fetchone()
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc):
-                raise
+        except BusyError as exc:
             last_error = exc
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -1083,7 +1407,7 @@ def _set_journal_mode(conn: KvmemConnection, path: str, config: Config) -> None:
                 f"{path}: could not switch journal_mode to {config.journal_mode} "
                 f"(still {current}) before the deadline; another process holds the file"
             ) from last_error
-        _backoff(attempt, remaining)
+        _backoff(attempt, remaining, first=0.001, cap=0.1)
         attempt += 1
 
 
@@ -1100,27 +1424,13 @@ def _migrate(conn: KvmemConnection) -> None:
         conn.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
 
 
-def read_settings(conn: sqlite3.Connection) -> dict[str, Any]:
+def read_settings(conn: KvmemConnection) -> dict[str, Any]:
     """The connection's settings as SQLite reports them (not as configured)."""
-    names = ("journal_mode", "synchronous", "busy_timeout", "cache_size", "temp_store",
-             "foreign_keys", "wal_autocheckpoint", "journal_size_limit")
-    got = {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+    got = {name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+           for name in ("journal_mode", *PRAGMAS)}
     level = {v: k for k, v in SYNCHRONOUS_LEVELS.items()}
     got["synchronous"] = level.get(got["synchronous"], got["synchronous"])
     return got
-
-
-def _verify_settings(conn: KvmemConnection, path: str, config: Config,
-                     wanted: dict[str, int], *, readonly: bool) -> None:
-    got = read_settings(conn)
-    expected: dict[str, Any] = dict(wanted, synchronous=config.synchronous)
-    expected["journal_mode"] = config.journal_mode
-    if readonly:
-        del expected["journal_mode"]  # a read-only open reports what the file has
-    wrong = {k: (v, got[k]) for k, v in expected.items() if got[k] != v}
-    if wrong:
-        detail = ", ".join(f"{k}: wanted {w!r}, got {g!r}" for k, (w, g) in wrong.items())
-        raise StorageError(f"{path}: SQLite did not take the settings: {detail}")
 
 
 def _wal_size(path: str) -> int:
@@ -1170,85 +1480,57 @@ def _record_recovery(conn: KvmemConnection, path: str, wal_bytes: int, started: 
 
 
 @contextlib.contextmanager
-def transaction(
-    conn: sqlite3.Connection, *, timeout_s: float | None = None
-) -> Iterator[sqlite3.Connection]:
+def transaction(conn: KvmemConnection, *,
+                timeout_s: float | None = None) -> Iterator[KvmemConnection]:
     """Run the block in ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception.
 
     The write lock is taken up front, so reads-then-writes inside the block never meet
     SQLITE_BUSY.  While another writer holds the lock it retries every 0.05-0.75 ms
-    (``_lock_backoff``; SQLite's own busy handler is off for the BEGIN: its sleeps grow
-    to 100 ms and let a writer that commits back to back starve this one) until
-    ``timeout_s`` (default: the connection's ``busy_timeout_ms``), then raises
-    ``BusyError``.  When the block returns, the COMMIT has returned: the write survives
-    a killed process at any level, and power loss at ``full`` or ``extra``.
+    (SQLite's own busy handler is off for the BEGIN: its sleeps grow to 100 ms and let a
+    writer that commits back to back starve this one) until ``timeout_s`` (default: the
+    connection's ``busy_timeout_ms``), then raises ``BusyError``.  When the block
+    returns, the COMMIT has returned: the write survives a killed process at any level,
+    and power loss at ``full`` or ``extra``.
 
     Raises:
         BusyError: the lock was not free before the deadline.
-        StorageFullError, ReadOnlyError, StorageError, ...: mapped from ``sqlite3.Error``
-        at BEGIN or COMMIT; an exception from the block is re-raised unchanged.
+        StorageFullError, ReadOnlyError, StorageError, ...: the BEGIN or COMMIT failed;
+        an exception from the block is re-raised unchanged.
     """
-    config: Config | None = getattr(conn, "kv_config", None)
-    path: str = getattr(conn, "kv_path", "?")
-    default_ms = config.busy_timeout_ms if config else 5000
+    default_ms = conn.kv_config.busy_timeout_ms
     budget = default_ms / 1000 if timeout_s is None else timeout_s
     deadline = time.monotonic() + budget
     attempt = 0
-    switch = not getattr(conn, "kv_busy_off", False)
-    if switch:
-        conn.execute("PRAGMA busy_timeout = 0")  # the wait is ours: see _lock_backoff
+    if not conn.kv_busy_off:
+        conn.execute("PRAGMA busy_timeout = 0")  # the wait is ours, below
     try:
         while True:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 break
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise _db_error(exc, path) from exc
+            except BusyError as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BusyError(
-                        f"{path}: database stayed locked by another writer for {budget:.3g} s"
-                    ) from exc
-                _lock_backoff(attempt, remaining)
+                    raise BusyError(f"{conn.kv_path}: database stayed locked by another "
+                                    f"writer for {budget:.3g} s") from exc
+                _backoff(attempt, remaining, first=0.0001, cap=0.0005)
                 attempt += 1
     finally:
-        if switch:
+        if not conn.kv_busy_off:
             conn.execute(f"PRAGMA busy_timeout = {int(default_ms)}")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
-    try:
-        conn.execute("COMMIT")
-    except sqlite3.Error as exc:
-        _rollback(conn)
-        raise _db_error(exc, path) from exc
 
 
-def execute(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
-    """``conn.execute`` with ``sqlite3.Error`` mapped to kvmem's errors (cause kept)."""
-    try:
-        return conn.execute(sql, params)
-    except sqlite3.Error as exc:
-        raise _db_error(exc, getattr(conn, "kv_path", "?")) from exc
-
-
-def executemany(conn: sqlite3.Connection, sql: str,
-                rows: Iterable[Sequence[Any]]) -> sqlite3.Cursor:
-    """``conn.executemany`` with ``sqlite3.Error`` mapped to kvmem's errors (cause kept)."""
-    try:
-        return conn.executemany(sql, rows)
-    except sqlite3.Error as exc:
-        raise _db_error(exc, getattr(conn, "kv_path", "?")) from exc
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
+def _rollback(conn: KvmemConnection) -> None:
     # SQLite may already have rolled back by itself (e.g. after SQLITE_FULL); then
     # ROLLBACK fails with "no transaction is active", which is not news.
     if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(KvmemError):
             conn.execute("ROLLBACK")
 
 
@@ -1281,20 +1563,15 @@ def checkpoint_wal(conn: KvmemConnection, gate: KvmemConnection, *, wait_ms: int
     Raises:
         StorageFullError, StorageError, ...: the checkpoint itself failed.
     """
+    gate.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
     try:
-        gate.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
-        try:
-            gate.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if _is_busy(exc):
-                return None
-            raise
-        try:
-            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        finally:
-            _rollback(gate)
-    except sqlite3.Error as exc:
-        raise _db_error(exc, conn.kv_path) from exc
+        gate.execute("BEGIN IMMEDIATE")
+    except BusyError:
+        return None
+    try:
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        _rollback(gate)
     result = int(row[0]), int(row[1]), int(row[2])
     if shrink and result[1] == result[2] and result[1] > 0:
         _restart_wal(conn, wait_ms)
@@ -1374,45 +1651,10 @@ def checkpoint_lock_free(path: str) -> bool:
 
 GROUP_QUEUE_MAX = 10000  # pending writes before submitters block (backpressure)
 
-MEMORY_COLUMNS = ("id", "namespace", "key", "value", "tags", "version", "created_at",
-                  "updated_at", "expires_at", "strength", "half_life_seconds",
-                  "last_reinforced_at", "archived")
-SELECT_MEMORY = f"SELECT {', '.join(MEMORY_COLUMNS)} FROM memories"
-# Ranked by search_score(): -bm25 x current strength, computed in SQL so that LIMIT
-# keeps the best ones.  Parameters: query, namespace, now, now, limit.
-SEARCH_MEMORIES = (
-    f"SELECT {', '.join('m.' + c for c in MEMORY_COLUMNS)},"
-    f" bm25(memories_fts, {', '.join(str(w) for w in BM25_WEIGHTS)}) AS rank"
-    " FROM memories_fts JOIN memories AS m ON m.id = memories_fts.rowid"
-    " WHERE memories_fts MATCH ? AND m.namespace = ? AND m.archived = 0"
-    " AND (m.expires_at IS NULL OR m.expires_at > ?)"
-    " ORDER BY -rank * kvmem_strength(m.strength, m.last_reinforced_at, m.half_life_seconds, ?)"
-    " DESC, m.key LIMIT ?"
-)
-LIVE = "archived = 0 AND (expires_at IS NULL OR expires_at > ?)"
-INSERT_MEMORY = (
-    "INSERT INTO memories (namespace, key, value, tags, version, created_at, updated_at,"
-    " expires_at, strength, half_life_seconds, last_reinforced_at, archived)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-UPDATE_MEMORY = (
-    "UPDATE memories SET value = ?, tags = ?, version = ?, created_at = ?, updated_at = ?,"
-    " expires_at = ?, strength = ?, half_life_seconds = ?, last_reinforced_at = ?,"
-    " archived = ? WHERE id = ?"
-)
-
-
-GET_MEMORY = SELECT_MEMORY + " WHERE namespace = ? AND key = ? AND " + LIVE
-
-
-def _row_memory(row: Sequence[Any]) -> Memory:
-    return Memory(
-        namespace=row[1], key=row[2], value=json.loads(row[3]),
-        tags=[] if row[4] == "[]" else json.loads(row[4]),  # most memories have no tags
-        version=row[5], created_at=row[6], updated_at=row[7], expires_at=row[8],
-        strength=row[9], half_life_seconds=row[10], last_reinforced_at=row[11],
-        archived=bool(row[12]),
-    )
+def _damage(errors: Iterable[BaseException | None]) -> str | None:
+    """The last of ``errors`` that says the file is damaged, as health shows it."""
+    found = [e for e in errors if isinstance(e, NotADatabaseError | CorruptDatabaseError)]
+    return f"{found[-1].code}: {found[-1]}" if found else None
 
 
 class _Pending:
@@ -1659,24 +1901,19 @@ class GroupCommitter:
                         pending.result = pending.op(conn)
                     except BaseException as exc:
                         failed += 1
-                        pending.error = exc if isinstance(exc, KvmemError) else _as_kvmem(exc, conn)
-                        if isinstance(pending.error, NotADatabaseError | CorruptDatabaseError):
-                            self.failure = f"{pending.error.code}: {pending.error}"
+                        pending.error = exc
                         if not conn.in_transaction:
                             # SQLite rolled the whole transaction back by itself (it may
                             # after SQLITE_FULL or an I/O error): the group is lost.
-                            raise pending.error from exc
+                            raise
                         conn.execute("ROLLBACK TO kvmem_op")
                     conn.execute("RELEASE kvmem_op")
                 problem = self.precommit()
                 if problem:  # never acknowledge writes that went into an unlinked file
                     raise StorageError(f"{problem}; write refused")
         except BaseException as exc:
-            error = exc if isinstance(exc, KvmemError) else _as_kvmem(exc, conn)
-            if isinstance(error, NotADatabaseError | CorruptDatabaseError):
-                self.failure = f"{error.code}: {error}"
             for pending in group:
-                pending.result, pending.error = None, pending.error or error
+                pending.result, pending.error = None, pending.error or exc
             failed = len(group)
             return False
         else:
@@ -1684,6 +1921,7 @@ class GroupCommitter:
                 self._stats["commits"] += 1
             return True
         finally:
+            self.failure = _damage([p.error for p in group]) or self.failure
             with self._cond:
                 self._stats["ops"] += len(group)
                 self._stats["failed_ops"] += failed
@@ -1803,12 +2041,6 @@ class GroupCommitter:
             self._next_fallback = now
 
 
-def _as_kvmem(exc: BaseException, conn: KvmemConnection) -> BaseException:
-    if isinstance(exc, sqlite3.Error):
-        return _db_error(exc, conn.kv_path)
-    return exc
-
-
 # ----------------------------------------------------------------------------- Store ----
 
 _DEFAULT = object()  # "use the configured default" for half_life_seconds
@@ -1840,8 +2072,7 @@ class _ReadPool:
     def give(self, conn: KvmemConnection, exc: BaseException | None) -> None:
         self._busy.pop(id(conn), None)
         if exc is not None:
-            if isinstance(exc, NotADatabaseError | CorruptDatabaseError):
-                self.failure = f"{exc.code}: {exc}"
+            self.failure = _damage([exc]) or self.failure
             _rollback(conn)
         if len(self._idle) < self.keep:  # a race may keep one or two more: harmless
             self._idle.append(conn)
@@ -1974,104 +2205,41 @@ class Store:
             VersionConflictError: ``if_version`` did not match (``current_version`` set).
             BusyError, StorageFullError, ...: the database failed; nothing written.
         """
-        op = self._set_op(namespace, key, value, tags, ttl_seconds, half_life_seconds,
-                          if_version)
-        result: Memory = self._writer.submit(lambda conn: op(conn, self.clock()))
+        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds,
+                "if_version": if_version}
+        if half_life_seconds is not _DEFAULT:
+            spec["half_life_seconds"] = half_life_seconds
+        result: Memory = self.apply(SetOp.parse(spec, self.config, key=key, namespace=namespace))
         return result
-
-    def _set_op(self, namespace: str, key: str, value: Any, tags: Sequence[str] | None,
-                ttl_seconds: float | None, half_life_seconds: float | object | None,
-                if_version: int | None) -> Callable[[KvmemConnection, float], Memory]:
-        """Validate a set (raising before anything is queued) and return the op."""
-        namespace = validate_namespace(namespace, self.config)
-        key = validate_key(key, self.config)
-        value_json = encode_value(value, self.config)
-        tag_list = validate_tags(tags, self.config)
-        ttl = validate_seconds(ttl_seconds, "ttl_seconds")
-        half_life = (self.config.default_half_life_s if half_life_seconds is _DEFAULT
-                     else validate_seconds(half_life_seconds, "half_life_seconds"))
-        expected = validate_version(if_version)
-        tags_json = json.dumps(tag_list, ensure_ascii=False)
-        stored_value = json.loads(value_json)
-
-        def op(conn: KvmemConnection, now: float) -> Memory:
-            row = conn.execute(SELECT_MEMORY + " WHERE namespace = ? AND key = ?",
-                               (namespace, key)).fetchone()
-            expired = row is not None and row[8] is not None and row[8] <= now
-            current = 0 if row is None or expired else row[5]
-            _check_version(expected, current, key)
-            version = current + 1
-            created = now if current == 0 else row[6]
-            memory = Memory(namespace, key, stored_value, tag_list, version, created, now,
-                            expires_at(ttl, now), INITIAL_STRENGTH, half_life, now, False)
-            fields = (value_json, tags_json, version, created, now, memory.expires_at,
-                      INITIAL_STRENGTH, half_life, now, 0)
-            if row is None:
-                conn.execute(INSERT_MEMORY, (namespace, key, *fields))
-            else:
-                conn.execute(UPDATE_MEMORY, (*fields, row[0]))
-            return memory
-
-        return op
 
     def delete(self, key: str, *, namespace: str = "default",
                if_version: int | None = None) -> bool:
         """Delete a memory (live or archived); False if there was none.  With
         ``if_version`` it deletes only that version (VersionConflictError otherwise)."""
-        op = self._delete_op(namespace, key, if_version)
-        result: bool = self._writer.submit(lambda conn: op(conn, self.clock()))
+        op = DeleteOp.parse({"if_version": if_version}, self.config, key=key, namespace=namespace)
+        result: bool = self.apply(op)
         return result
-
-    def _delete_op(self, namespace: str, key: str,
-                   if_version: int | None) -> Callable[[KvmemConnection, float], bool]:
-        namespace = validate_namespace(namespace, self.config)
-        key = validate_key(key, self.config)
-        expected = validate_version(if_version)
-
-        def op(conn: KvmemConnection, now: float) -> bool:
-            row = conn.execute("SELECT id, version, expires_at FROM memories"
-                               " WHERE namespace = ? AND key = ?", (namespace, key)).fetchone()
-            present = row is not None and (row[2] is None or row[2] > now)
-            _check_version(expected, row[1] if present else 0, key)
-            if row is not None:
-                conn.execute("DELETE FROM memories WHERE id = ?", (row[0],))
-            return present
-
-        return op
 
     def reinforce(self, key: str, *, namespace: str = "default") -> Memory:
         """Strengthen a memory by the reinforce rule (``reinforced_strength``) and restart
         its decay clock; restores an archived memory.  The version is unchanged: it counts
         changes of content.  Raises NotFoundError when absent or expired."""
-        namespace = validate_namespace(namespace, self.config)
-        key = validate_key(key, self.config)
-
-        def op(conn: KvmemConnection) -> Memory:
-            now = self.clock()
-            row = conn.execute(SELECT_MEMORY + " WHERE namespace = ? AND key = ?"
-                               " AND (expires_at IS NULL OR expires_at > ?)",
-                               (namespace, key, now)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no memory {key!r} in namespace {namespace!r}")
-            old = _row_memory(row)
-            strength = reinforced_strength(old.strength, old.last_reinforced_at,
-                                           old.half_life_seconds, now)
-            conn.execute("UPDATE memories SET strength = ?, last_reinforced_at = ?,"
-                         " archived = 0 WHERE id = ?", (strength, now, row[0]))
-            return dataclasses.replace(old, strength=strength, last_reinforced_at=now,
-                                       archived=False)
-
-        result: Memory = self._writer.submit(op)
+        result: Memory = self.apply(ReinforceOp.parse({}, self.config, key=key,
+                                                      namespace=namespace))
         return result
 
-    def batch(self, ops: Sequence[Mapping[str, Any]], *,
-              namespace: str = "default") -> list[dict[str, Any]]:
+    def apply(self, op: SetOp | DeleteOp | ReinforceOp) -> Any:
+        """Run one parsed op in a group commit; its outcome once it is durable."""
+        return self._writer.submit(lambda conn: _apply(conn, op, self.clock()))
+
+    def batch(self, ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], *,
+              namespace: str = "default") -> builtins.list[dict[str, Any]]:
         """Apply set/delete ops atomically, in order: all or none.
 
-        Each op is ``{"op": "set", "key", "value", "tags"?, "ttl_seconds"?,
-        "half_life_seconds"?, "if_version"?}`` or ``{"op": "delete", "key", "if_version"?}``.
-        Returns one result per op: ``{"op": "set", "memory": Memory}`` or
-        ``{"op": "delete", "deleted": bool}``.
+        Each op is a ``SetOp`` or ``DeleteOp``, or a mapping ``parse_batch_op`` reads:
+        ``{"op": "set", "key", "value", "tags"?, "ttl_seconds"?, "half_life_seconds"?,
+        "if_version"?}`` or ``{"op": "delete", "key", "if_version"?}``.  Returns one result
+        per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete", "deleted": bool}``.
 
         Raises:
             InvalidInputError: an op is malformed (the message names its index).
@@ -2082,55 +2250,29 @@ class Store:
             raise InvalidInputError("ops must be a non-empty list")
         if len(ops) > self.config.max_batch_ops:
             raise InvalidInputError(f"at most {self.config.max_batch_ops} ops in a batch")
-        steps: list[tuple[str, Callable[[KvmemConnection, float], Any]]] = []
+        parsed: builtins.list[SetOp | DeleteOp] = []
         for index, spec in enumerate(ops):
             try:
-                steps.append(self._batch_step(spec, namespace))
+                parsed.append(spec if isinstance(spec, SetOp | DeleteOp)
+                              else parse_batch_op(spec, self.config, namespace=namespace))
             except InvalidInputError as exc:
                 raise type(exc)(f"ops[{index}]: {exc}") from None
 
-        def op(conn: KvmemConnection) -> list[dict[str, Any]]:
+        def run(conn: KvmemConnection) -> builtins.list[dict[str, Any]]:
             now = self.clock()
-            results: list[dict[str, Any]] = []
-            for index, (kind, step) in enumerate(steps):
+            results = []
+            for index, op in enumerate(parsed):
                 try:
-                    outcome = step(conn, now)
+                    results.append({"op": op.kind, op.result: _apply(conn, op, now)})
                 except VersionConflictError as exc:
                     raise VersionConflictError(
                         f"ops[{index}]: {exc}; no op of the batch was applied",
                         current_version=exc.current_version, op_index=index, key=exc.key,
                     ) from None
-                results.append({"op": kind, "memory": outcome} if kind == "set"
-                               else {"op": kind, "deleted": outcome})
             return results
 
-        result: list[dict[str, Any]] = self._writer.submit(op)
+        result: builtins.list[dict[str, Any]] = self._writer.submit(run)
         return result
-
-    _SET_FIELDS = frozenset({"op", "key", "value", "tags", "ttl_seconds", "half_life_seconds",
-                             "if_version"})
-    _DELETE_FIELDS = frozenset({"op", "key", "if_version"})
-
-    def _batch_step(self, spec: object, namespace: str
-                    ) -> tuple[str, Callable[[KvmemConnection, float], Any]]:
-        if not isinstance(spec, Mapping):
-            raise InvalidInputError("each op must be an object")
-        kind = spec.get("op")
-        allowed = {"set": self._SET_FIELDS, "delete": self._DELETE_FIELDS}.get(str(kind))
-        if allowed is None:
-            raise InvalidInputError("op must be 'set' or 'delete'")
-        unknown = set(spec) - allowed
-        if unknown:
-            raise InvalidInputError(f"unknown field {sorted(unknown)[0]!r} for a {kind} op")
-        if "key" not in spec:
-            raise InvalidInputError("key is required")
-        if kind == "delete":
-            return "delete", self._delete_op(namespace, spec["key"], spec.get("if_version"))
-        if "value" not in spec:
-            raise InvalidInputError("value is required for a set op")
-        return "set", self._set_op(namespace, spec["key"], spec["value"], spec.get("tags"),
-                                   spec.get("ttl_seconds"),
-                                   spec.get("half_life_seconds", _DEFAULT), spec.get("if_version"))
 
     def prune(self, now: float | None = None) -> PruneResult:
         """One decay pass: delete expired memories, archive live ones whose current
@@ -2142,9 +2284,8 @@ class Store:
         totals = {"archived": 0, "deleted": 0, "batches": 0}
 
         def step(conn: KvmemConnection) -> tuple[int, int]:
-            ids = [r[0] for r in conn.execute(
-                "SELECT id FROM memories WHERE expires_at IS NOT NULL AND expires_at <= ?"
-                " LIMIT ?", (now, limit))]
+            ids = [r[0] for r in conn.execute(f"SELECT id FROM memories WHERE {EXPIRED} LIMIT ?",
+                                              (now, limit))]
             conn.executemany("DELETE FROM memories WHERE id = ?", [(i,) for i in ids])
             fading = [r[0] for r in conn.execute(
                 "SELECT id FROM memories WHERE archived = 0 AND half_life_seconds IS NOT NULL"
@@ -2211,8 +2352,7 @@ class Store:
         namespace = validate_namespace(namespace, self.config)
         key = validate_key(key, self.config)
         with self._reads.borrow(f"get {namespace}/{key}") as conn:
-            row = execute(conn, GET_MEMORY,
-                          (namespace, key, self.clock())).fetchone()
+            row = conn.execute(GET_LIVE, (namespace, key, self.clock())).fetchone()
         return None if row is None else _row_memory(row)
 
     def list(self, *, namespace: str = "default", prefix: str | None = None,
@@ -2234,8 +2374,7 @@ class Store:
             raise InvalidInputError("archived must be true or false")
         limit = validate_limit(limit, MAX_LIST_LIMIT)
         after = None if cursor is None else decode_cursor(cursor, namespace, prefix, tag, archived)
-        sql = SELECT_MEMORY + " WHERE namespace = ? AND archived = ?" \
-            " AND (expires_at IS NULL OR expires_at > ?)"
+        sql = SELECT_MEMORY + f" WHERE namespace = ? AND archived = ? AND NOT {EXPIRED}"
         params: list[Any] = [namespace, int(archived), self.clock()]
         if after is not None:
             sql += " AND key > ?"
@@ -2249,7 +2388,7 @@ class Store:
         sql += " ORDER BY key LIMIT ?"
         params.append(limit + 1)
         with self._reads.borrow(f"list {namespace}") as conn:
-            rows = execute(conn, sql, params).fetchall()
+            rows = conn.execute(sql, params).fetchall()
         items = [_row_memory(r) for r in rows[:limit]]
         more = len(rows) > limit
         next_cursor = (encode_cursor(items[-1].key, namespace, prefix, tag, archived)
@@ -2266,7 +2405,7 @@ class Store:
         limit = validate_limit(limit, MAX_SEARCH_LIMIT)
         now = self.clock()
         with self._reads.borrow(f"search {query!r} in {namespace}") as conn:
-            rows = execute(conn, SEARCH_MEMORIES, (match, namespace, now, now, limit)).fetchall()
+            rows = conn.execute(SEARCH_MEMORIES, (match, namespace, now, now, limit)).fetchall()
         hits = []
         for row in rows:
             memory = _row_memory(row)
@@ -2281,18 +2420,18 @@ class Store:
             namespace = validate_namespace(namespace, self.config)
         count = 0
         with self._reads.borrow(f"export {namespace or 'all namespaces'}") as conn:
-            execute(conn, "BEGIN")  # one snapshot for the whole export
+            conn.execute("BEGIN")  # one snapshot for the whole export
             try:
                 sql = SELECT_MEMORY + (" WHERE namespace = ?" if namespace else "") + \
                     " ORDER BY namespace, key"
-                cursor = execute(conn, sql, (namespace,) if namespace else ())
+                cursor = conn.execute(sql, (namespace,) if namespace else ())
                 while rows := cursor.fetchmany(500):
                     for row in rows:
                         fp.write(json.dumps(_row_memory(row).to_record(), ensure_ascii=False,
                                             allow_nan=False) + "\n")
                         count += 1
             finally:
-                execute(conn, "COMMIT")
+                conn.execute("COMMIT")
         return count
 
     def settings(self) -> dict[str, Any]:
@@ -2305,12 +2444,9 @@ class Store:
         now = self.clock()
         with self._reads.borrow("stats") as conn:
             out = database_stats(conn)
-            live, archived, expired = execute(conn, (
-                "SELECT"
-                " sum(archived = 0 AND (expires_at IS NULL OR expires_at > ?)),"
-                " sum(archived = 1 AND (expires_at IS NULL OR expires_at > ?)),"
-                " sum(expires_at IS NOT NULL AND expires_at <= ?) FROM memories"),
-                (now, now, now)).fetchone()
+            live, archived, expired = conn.execute(
+                f"SELECT sum({LIVE}), sum(archived = 1 AND NOT {EXPIRED}), sum({EXPIRED})"
+                " FROM memories", (now, now, now)).fetchone()
         out["counts"] = {"live": live or 0, "archived": archived or 0,
                          "expired_pending": expired or 0}
         out["group_commit"] = self._writer.stats()
@@ -2358,22 +2494,10 @@ def _file_identity_problem(path: str, identity: tuple[int, int]) -> str | None:
     return None
 
 
-def _check_version(expected: int | None, current: int, key: str) -> None:
-    if expected is not None and expected != current:
-        what = "absent" if current == 0 else f"at version {current}"
-        raise VersionConflictError(f"{key!r} is {what}, not at version {expected}",
-                                   current_version=current, key=key)
-
-
 def _put_exact(memories: Sequence[Memory], conn: KvmemConnection) -> int:
-    """Store memories exactly as given (the import op)."""
+    """Store memories exactly as given (the import op), replacing any with the same key."""
     for m in memories:
-        conn.execute("DELETE FROM memories WHERE namespace = ? AND key = ?", (m.namespace, m.key))
-        conn.execute(INSERT_MEMORY, (
-            m.namespace, m.key, json.dumps(m.value, ensure_ascii=False, separators=(",", ":")),
-            json.dumps(m.tags, ensure_ascii=False), m.version, m.created_at, m.updated_at,
-            m.expires_at, m.strength, m.half_life_seconds, m.last_reinforced_at, int(m.archived),
-        ))
+        _write(conn, conn.execute(GET_ROW, (m.namespace, m.key)).fetchone(), m)
     return len(memories)
 
 
@@ -2663,9 +2787,8 @@ def check_database(path: str, config: Config) -> dict[str, Any]:
         report["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
         report["integrity"] = [row[0] for row in conn.execute("PRAGMA integrity_check")]
         report["ok"] = report["integrity"] == ["ok"]
-    except sqlite3.Error as exc:
-        err = _db_error(exc, path)
-        report["error"] = {"code": err.code, "message": str(err)}
+    except KvmemError as exc:
+        report["error"] = {"code": exc.code, "message": str(exc)}
     finally:
         conn.close()
     return report
@@ -2681,8 +2804,6 @@ def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
         out = open_db(dest, config=dataclasses.replace(config, quick_check=False))
         try:
             src.backup(out)
-        except sqlite3.Error as exc:
-            raise _db_error(exc, dest) from exc
         finally:
             out.close()
     finally:
