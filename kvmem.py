@@ -364,6 +364,10 @@ class Config:
     port: int = _setting(8765, _parse_number(int, minimum=0), "HTTP port (0 = any free port)")
 
     @property
+    def wal_soft_cap_bytes(self) -> int:
+        return self.wal_cap_bytes // 2
+
+    @property
     def wal_hard_cap_bytes(self) -> int:
         return 4 * self.wal_cap_bytes
 
@@ -1450,20 +1454,12 @@ def _record_recovery(conn: KvmemConnection, path: str, wal_bytes: int, started: 
         outcome = "skipped: not in WAL mode"
     else:
         try:
-            with CheckpointLock(path) as lock:
-                if lock.held:
-                    gate = _gate_connection(path, conn.kv_config)
-                    try:
-                        result = checkpoint_wal(conn, gate, wait_ms=CHECKPOINT_BUSY_TIMEOUT_MS)
-                    finally:
-                        gate.close()
-                    if result is None:
-                        outcome = "busy: another process kept the write lock"
-                    else:
-                        _, frames, done = result
-                        outcome = "done" if frames == done else "busy: a reader is behind"
-                else:
-                    outcome = "skipped: another process holds the checkpoint lock"
+            result = checkpoint_elected(conn, wait_ms=CHECKPOINT_BUSY_TIMEOUT_MS)
+            if isinstance(result, str):
+                outcome = f"skipped: {result}"
+            else:
+                _, frames, done = result
+                outcome = "done" if frames == done else "busy: a reader is behind"
         except (KvmemError, OSError) as exc:
             outcome = f"failed: {type(exc).__name__}: {exc}"
             recovery_log.warning("%s: start-up checkpoint failed; opening anyway: %s", path, exc)
@@ -1576,6 +1572,22 @@ def checkpoint_wal(conn: KvmemConnection, gate: KvmemConnection, *, wait_ms: int
     if shrink and result[1] == result[2] and result[1] > 0:
         _restart_wal(conn, wait_ms)
     return result
+
+
+def checkpoint_elected(conn: KvmemConnection, *, wait_ms: int,
+                       shrink: bool = False) -> tuple[int, int, int] | str:
+    """One ``checkpoint_wal`` on ``conn`` by a process that is not running a Checkpointer:
+    only while it holds the checkpoint lock, so that it is the one checkpointing
+    connection; SQLite's figures, or why no checkpoint ran."""
+    with CheckpointLock(conn.kv_path) as lock:
+        if not lock.held:
+            return "another process is the checkpointer"
+        gate = _gate_connection(conn.kv_path, conn.kv_config)
+        try:
+            result = checkpoint_wal(conn, gate, wait_ms=wait_ms, shrink=shrink)
+        finally:
+            gate.close()
+    return f"writers kept the write lock for {wait_ms} ms" if result is None else result
 
 
 def _restart_wal(conn: KvmemConnection, wait_ms: int) -> None:
@@ -1997,31 +2009,31 @@ class GroupCommitter:
             self.conditions.set("wal_pinned", message)
 
     def _fall_back_if_stuck(self) -> None:
-        """Not the elected process: if the WAL is past the soft cap with no checkpointer,
-        or past the hard cap with one that does not keep up, checkpoint once.  After an
-        attempt that failed or could not finish (a reader holds an old snapshot) the next
-        waits a poll."""
+        """Not the elected process: checkpoint once if ``fallback_reason`` says so (under
+        the checkpoint lock when it is free).  After an attempt that failed or could not
+        finish (a reader holds an old snapshot) the next waits a poll."""
         size = _wal_size(self.path)
         now = time.monotonic()
-        if size <= self.config.wal_cap_bytes // 2:
+        if size <= self.config.wal_soft_cap_bytes:
             self.conditions.clear("after_commit")  # nothing to do: nothing failing
             return
         if now < self._next_fallback:
             return
         self._next_fallback = now + self.config.checkpoint_poll_s  # unless it finishes
-        past_hard_cap = size > self.config.wal_hard_cap_bytes
         lock = CheckpointLock(self.path)
         try:
             try:
                 free = lock.acquire()
             except OSError:
-                if not past_hard_cap:
+                if size <= self.config.wal_hard_cap_bytes:
                     raise
                 free = False  # past the hard cap a checkpoint is due even so
-            if free:  # nobody is the checkpointer: act as one, once, under the lock
-                why = "no checkpointer"
-            elif past_hard_cap:
-                why = "fallback"
+            why = fallback_reason(size, lock_free=free, config=self.config)
+            if why is None:  # a checkpointer exists and keeps the WAL under the hard cap
+                self._next_fallback = now
+                self.conditions.clear("after_commit")
+                return
+            if why == "fallback":
                 message = (f"WAL is {size} bytes, past the hard cap "
                            f"{self.config.wal_hard_cap_bytes}: the checkpointer does not keep "
                            "up (or is stuck), so writers checkpoint themselves")
@@ -2030,10 +2042,6 @@ class GroupCommitter:
                                     hold_s=self.config.checkpoint_interval_s)
                 with self._cond:
                     self._stats["fallback_checkpoints"] += 1
-            else:  # a checkpointer exists and the WAL is not past the hard cap: its job
-                self._next_fallback = now
-                self.conditions.clear("after_commit")
-                return
             self._checkpoint(why, shrink=True)
         finally:
             lock.release()
@@ -2505,17 +2513,23 @@ def _put_exact(memories: Sequence[Memory], conn: KvmemConnection) -> int:
 
 
 class _Background:
-    """A daemon thread with a stop Event, a ``stop()`` that joins it, and a state dict
-    (read by stats and health) guarded by a lock.  Subclasses implement ``_run``."""
+    """A daemon thread that runs ``_step()`` until ``stop()``; each step returns the delay
+    to the next.  A step that fails for a transient reason (busy, I/O, a full disk) is
+    logged, counted and retried after ``_retry_delay``; one that finds the file not a
+    database, corrupt or newer, or fails by a bug of its own, puts the thread into the
+    failed state (``state()["failed"]``, shown by health) and ends it, so that health shows
+    the problem instead of a loop hiding it.  ``state()`` is read by stats and health."""
 
     name = "background"
+    what = "step"  # what a step does, for the log
+    log = log
 
     def __init__(self, role: str, state: dict[str, Any]) -> None:
         self.role = role
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state_lock = threading.Lock()
-        self._state = state
+        self._state = {"errors": 0, "last_error": None, "failed": None, **state}
 
     def start(self) -> Self:
         if self._thread is None:
@@ -2541,10 +2555,81 @@ class _Background:
             self._state.update(changes)
 
     def _run(self) -> None:
+        delay, failures = self._first_delay(), 0
+        try:
+            while not self._stop.wait(delay):
+                try:
+                    delay, failures = self._step(), 0
+                except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
+                    self.log.error("[%s] %s failed for good: %s", self.role, self.name, exc)
+                    self._update(failed=f"{exc.code}: {exc}")
+                    return
+                except (KvmemError, OSError) as exc:
+                    failures += 1
+                    delay = self._retry_delay(failures)
+                    self.log.warning("[%s] %s failed (%s), retrying in %.2f s: %s", self.role,
+                                     self.what, type(exc).__name__, delay, exc)
+                    with self._state_lock:
+                        self._state["errors"] += 1
+                        self._state["last_error"] = f"{type(exc).__name__}: {exc}"
+                except Exception as exc:
+                    self.log.exception("[%s] %s stopped by an unexpected error", self.role,
+                                       self.name)
+                    self._update(failed=f"internal: {type(exc).__name__}: {exc}")
+                    return
+        finally:
+            self._finish()
+
+    def _first_delay(self) -> float:
+        return 0.0
+
+    def _retry_delay(self, failures: int) -> float:
         raise NotImplementedError
+
+    def _step(self) -> float:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        pass
 
 
 ACTIVE_POLL_S = 0.05  # the checkpointer's poll while the WAL is changing
+
+
+def checkpoint_request(wal_bytes: int, *, changed: bool, since_s: float, complete: bool,
+                       pages_limit: int, page_size: int, config: Config) -> str | None:
+    """What the elected process's Checkpointer asks its writer for, after one look at the
+    WAL file (``wal_bytes``, ``changed`` since the last look, ``since_s`` since the last
+    checkpoint or request, the last checkpoint ``complete`` or held back by a reader):
+
+    * "shrink" when the file is past the soft cap, or past four checkpoint intervals of
+      frames: it grew far past what the WAL needs, so give the disk space back;
+    * "idle" when the WAL holds frames the writer did not count (another process wrote,
+      or a reader held the last checkpoint back), at most one request per ACTIVE_POLL_S;
+    * ``None``: the writer's own checkpoints keep up.
+    """
+    if wal_bytes > min(config.wal_soft_cap_bytes, 4 * pages_limit * (page_size + 24)):
+        return "shrink"
+    if (changed or not complete) and since_s >= ACTIVE_POLL_S:
+        return "idle"
+    return None
+
+
+def fallback_reason(wal_bytes: int, *, lock_free: bool, config: Config) -> str | None:
+    """Why a writer that is not the elected one checkpoints itself, if it must: past the
+    soft cap with no checkpointer at all, or past the hard cap with one that does not keep
+    up (stuck, or its disk too slow)."""
+    if wal_bytes <= config.wal_soft_cap_bytes:
+        return None
+    if lock_free:
+        return "no checkpointer"
+    return "fallback" if wal_bytes > config.wal_hard_cap_bytes else None
+
+
+def wal_pages_limit(free_bytes: int, page_size: int, config: Config) -> int:
+    """Frames between checkpoints: ``wal_pages``, or a quarter of the free disk space (at
+    least 16): a WAL may never hold what the database needs to grow by to take it back."""
+    return max(16, min(config.wal_pages, free_bytes // page_size // 4))
 
 
 class Checkpointer(_Background):
@@ -2555,32 +2640,28 @@ class Checkpointer(_Background):
     lock (so when the holder dies, a standby takes over within one poll).  In a ``Store``
     the holder makes the store's writer connection the checkpointing one
     (``GroupCommitter.set_elected``): that connection checkpoints between its own groups,
-    and this thread only asks it for more, through the same connection: when the WAL
-    changed and the writer has not checkpointed for ACTIVE_POLL_S (another process wrote
-    frames it did not count; the poll is ACTIVE_POLL_S while the WAL changes), when the
-    last checkpoint was held back by a reader, and a shrink when the WAL file is far past
-    what it needs (or half of ``wal_cap_bytes``).  It lowers the writer's ``pages_limit``
-    when the disk is nearly full, gives up the election if the lock file is replaced, and
-    names reads of this process that held a snapshot past ``reader_warn_s``.  Without a
-    writer (a process that only checkpoints) it checkpoints on its own connection under
-    the same rules.  Transient errors are logged and retried
-    next poll; a file that is not a database or is corrupt puts it into the failed state
-    (``state()["failed"]``) and it stops trying.
+    and this thread only asks it for more (``checkpoint_request``; the poll is
+    ACTIVE_POLL_S while the WAL changes).  It lowers the writer's ``pages_limit`` when the
+    disk is nearly full, gives up the election if the lock file is replaced, and names
+    reads of this process that held a snapshot past ``reader_warn_s``.  Without a writer
+    (a process that only checkpoints) it checkpoints on its own connection under the same
+    rules.  Failures: see ``_Background``.
     """
 
     name = "checkpointer"
+    what = "checkpoint"
+    log = checkpoint_log
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
                  role: str = "library", writer: GroupCommitter | None = None,
                  reads: _ReadPool | None = None, conditions: Conditions | None = None) -> None:
         self.config = config or Config.build()
         self.path = os.path.realpath(os.fspath(path) if path is not None else self.config.db)
-        super().__init__(role, {
-            "holder": False, "last_request": None, "last_time": None,
-            "wal_bytes": _wal_size(self.path), "requests": 0, "checkpoints": 0, "errors": 0,
-            "last_error": None, "failed": None, "polls": 0,
-        })
+        super().__init__(role, {"holder": False, "last_request": None, "last_time": None,
+                                "wal_bytes": _wal_size(self.path), "requests": 0,
+                                "checkpoints": 0, "polls": 0})
         self.writer = writer
+        self._own_writer = writer is None
         self.reads = reads
         self.conditions = conditions or (writer.conditions if writer else Conditions())
         self._lock = CheckpointLock(self.path)  # given up when the thread ends
@@ -2588,52 +2669,36 @@ class Checkpointer(_Background):
         self._last_request = time.monotonic()
         self._reported: set[str] = set()  # long readers already logged
 
-    def _run(self) -> None:
-        standalone: GroupCommitter | None = None
-        try:
-            while True:
-                delay = self.config.checkpoint_poll_s
-                try:
-                    if self.writer is None and standalone is None:
-                        # Its own connection (and write-lock gate), checkpointing as a
-                        # Store's writer would; it never commits a group.
-                        standalone = GroupCommitter(self.path, self.config,
-                                                    conditions=self.conditions)
-                    writer = self.writer or standalone
-                    assert writer is not None
-                    delay = self._tick(writer)
-                except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
-                    checkpoint_log.error("[%s] checkpointer failed for good: %s", self.role, exc)
-                    self._update(failed=f"{exc.code}: {exc}", holder=False)
-                    return
-                except (KvmemError, OSError) as exc:
-                    checkpoint_log.warning("[%s] checkpoint failed, will retry: %s", self.role, exc)
-                    with self._state_lock:
-                        self._state["errors"] += 1
-                        self._state["last_error"] = f"{type(exc).__name__}: {exc}"
-                with self._state_lock:
-                    self._state["polls"] += 1
-                if self._stop.wait(delay):
-                    return
-        finally:
-            writer = self.writer or standalone
-            if writer is not None and writer.elected:
-                writer.set_elected(False)  # no checkpoint runs once the lock is let go
-            self._lock.release()
-            self._update(holder=False)
-            if standalone is not None:
-                standalone.close()
+    def _retry_delay(self, failures: int) -> float:
+        return self.config.checkpoint_poll_s
 
-    def _tick(self, writer: GroupCommitter) -> float:
-        """One poll; returns the delay to the next."""
-        poll = self.config.checkpoint_poll_s
+    def _finish(self) -> None:
+        if self.writer is not None and self.writer.elected:
+            self.writer.set_elected(False)  # no checkpoint runs once the lock is let go
+        self._lock.release()
+        self._update(holder=False)
+        if self._own_writer and self.writer is not None:
+            self.writer.close()
+
+    def _step(self) -> float:
+        try:
+            return self._poll()
+        finally:
+            with self._state_lock:
+                self._state["polls"] += 1
+
+    def _poll(self) -> float:
+        """One look at the lock and the WAL; returns the delay to the next."""
+        if self.writer is None:  # its own connection and gate; it never commits a group
+            self.writer = GroupCommitter(self.path, self.config, conditions=self.conditions)
+        writer, poll = self.writer, self.config.checkpoint_poll_s
         if self.reads is not None:
             self._watch_readers(self.reads)
         if self._lock.held and not self._lock.still_ours():
             # The lock file was deleted or replaced: another process may hold a lock on
             # the new file, so this one is not the checkpointer any more.
-            checkpoint_log.warning("[%s] %s was replaced; competing for it again", self.role,
-                                   self._lock.lock_path)
+            self.log.warning("[%s] %s was replaced; competing for it again", self.role,
+                             self._lock.lock_path)
             writer.set_elected(False)
             self._lock.release()
             self._update(holder=False)
@@ -2642,8 +2707,8 @@ class Checkpointer(_Background):
                 self._lock.release()
                 self._update(holder=False, wal_bytes=_wal_size(self.path))
                 return poll
-            checkpoint_log.info("[%s] pid %d is now the checkpointer of %s", self.role,
-                                os.getpid(), self.path)
+            self.log.info("[%s] pid %d is now the checkpointer of %s", self.role, os.getpid(),
+                          self.path)
             writer.set_elected(True)
             self._update(holder=True)
         if self.config.journal_mode != "wal":
@@ -2654,20 +2719,15 @@ class Checkpointer(_Background):
         except FileNotFoundError:
             seen = (0, 0)
         free = os.statvfs(os.path.dirname(self.path))
-        free_pages = free.f_bavail * free.f_frsize // writer.page_size
-        writer.pages_limit = max(16, min(self.config.wal_pages, free_pages // 4))
-        changed = seen != self._seen
-        self._seen = seen
+        writer.pages_limit = wal_pages_limit(free.f_bavail * free.f_frsize, writer.page_size,
+                                             self.config)
+        changed, self._seen = seen != self._seen, seen
         now = time.monotonic()
-        since = now - max(writer.last_checkpoint, self._last_request)
-        reason = None
-        if seen[0] > min(self.config.wal_cap_bytes // 2,
-                         4 * writer.pages_limit * (writer.page_size + 24)):
-            reason = "shrink"  # grown far past what the WAL needs: give the space back
-        elif (changed or not writer.last_complete) and since >= ACTIVE_POLL_S:
-            # Frames this process's writer did not count (another process wrote, or a
-            # reader held the last checkpoint back): at least one checkpoint a poll.
-            reason = "idle"
+        reason = checkpoint_request(
+            seen[0], changed=changed, since_s=now - max(writer.last_checkpoint,
+                                                        self._last_request),
+            complete=writer.last_complete, pages_limit=writer.pages_limit,
+            page_size=writer.page_size, config=self.config)
         if reason is not None:
             self._last_request = now
             writer.request_checkpoint(reason)
@@ -2688,8 +2748,8 @@ class Checkpointer(_Background):
         for seconds, what in long:
             if what not in self._reported:
                 self._reported.add(what)
-                checkpoint_log.warning("[%s] a read has held its snapshot for %.1f s, keeping"
-                                       " the WAL from restarting: %s", self.role, seconds, what)
+                self.log.warning("[%s] a read has held its snapshot for %.1f s, keeping the "
+                                 "WAL from restarting: %s", self.role, seconds, what)
         seconds, what = long[0]
         self.conditions.set("long_reader", f"{len(long)} read(s) have held a snapshot past "
                             f"{self.config.reader_warn_s:g} s; the longest, {seconds:.0f} s: "
@@ -2697,46 +2757,29 @@ class Checkpointer(_Background):
 
 
 class DecayScheduler(_Background):
-    """Daemon thread running ``store.prune()`` every ``decay_interval_s``.
-
-    Transient failures (busy, I/O, a full disk) are logged on ``kvmem.decay`` with the
-    process role and retried with backoff, never ending the thread; a file that is not a
-    database, is corrupt or has a newer schema sets ``state()["failed"]`` and stops it,
-    so health shows the problem instead of a loop hiding it.
-    """
+    """Daemon thread running ``store.prune()`` every ``decay_interval_s``; a failed prune
+    is retried with backoff (see ``_Background``), logged on ``kvmem.decay``."""
 
     name = "decay"
+    what = "prune"
+    log = decay_log
 
     def __init__(self, store: Store, *, role: str = "library") -> None:
         self.store = store
-        super().__init__(role, {"runs": 0, "errors": 0, "last_error": None, "failed": None,
-                                "last_result": None})
+        super().__init__(role, {"runs": 0, "last_result": None})
 
-    def _run(self) -> None:
-        interval = self.store.config.decay_interval_s
-        failures = 0
-        delay = interval
-        while not self._stop.wait(delay):
-            try:
-                result = self.store.prune()
-            except (NotADatabaseError, CorruptDatabaseError, SchemaTooNewError) as exc:
-                decay_log.error("[%s] prune failed for good: %s", self.role, exc)
-                with self._state_lock:
-                    self._state["failed"] = f"{exc.code}: {exc}"
-                return
-            except (KvmemError, OSError) as exc:
-                failures += 1
-                delay = min(interval, 0.05 * 2 ** min(failures, 10))
-                decay_log.warning("[%s] prune failed (%s), retrying in %.2f s: %s", self.role,
-                                  type(exc).__name__, delay, exc)
-                with self._state_lock:
-                    self._state["errors"] += 1
-                    self._state["last_error"] = f"{type(exc).__name__}: {exc}"
-                continue
-            failures, delay = 0, interval
-            with self._state_lock:
-                self._state["runs"] += 1
-                self._state["last_result"] = dataclasses.asdict(result)
+    def _first_delay(self) -> float:
+        return self.store.config.decay_interval_s
+
+    def _retry_delay(self, failures: int) -> float:
+        return min(self.store.config.decay_interval_s, 0.05 * 2.0 ** min(failures, 10))
+
+    def _step(self) -> float:
+        result = self.store.prune()
+        with self._state_lock:
+            self._state["runs"] += 1
+            self._state["last_result"] = dataclasses.asdict(result)
+        return self.store.config.decay_interval_s
 
 
 # =============================================================================== CLI ====
@@ -2814,19 +2857,9 @@ def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
 def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, Any]:
     conn = open_db(path, config=config)
     try:
-        with CheckpointLock(conn.kv_path) as lock:
-            if not lock.held:
-                raise BusyError(f"{path}: another process is the checkpointer and "
-                                "checkpoints on its own; not running a second one")
-            gate = _gate_connection(conn.kv_path, config)
-            try:
-                result = checkpoint_wal(conn, gate, wait_ms=config.busy_timeout_ms,
-                                        shrink=truncate)
-            finally:
-                gate.close()
-        if result is None:
-            raise BusyError(f"{path}: writers kept the write lock for {config.busy_timeout_ms}"
-                            " ms; no checkpoint ran")
+        result = checkpoint_elected(conn, wait_ms=config.busy_timeout_ms, shrink=truncate)
+        if isinstance(result, str):
+            raise BusyError(f"{path}: {result}; no checkpoint ran")
         busy, frames, done = result
         return {"path": conn.kv_path, "mode": "TRUNCATE" if truncate else "PASSIVE",
                 "busy": busy, "wal_frames": frames, "frames_checkpointed": done,
