@@ -65,65 +65,139 @@ def error_body(code: str, message: str, request_id: str, **extra: Any) -> dict[s
     return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}
 
 
-# -------------------------------------------------------------------------- rendering ----
+# ---------------------------------------------------------------------------- the API ----
+
+
+class Api:
+    """Route handlers: each takes (key, query, body) and returns (status, JSON body).
+    Requests become kvmem ops (``SetOp.parse`` and the rest), checked by kvmem itself."""
+
+    def __init__(self, store: kvmem.Store) -> None:
+        self.store = store
+
+    def put_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict):
+            raise HTTPError(400, "invalid_request", "the body must be a JSON object")
+        op = kvmem.SetOp.parse(body, self.store.config, key=key,
+                               namespace=query.get("namespace", "default"))
+        memory: kvmem.Memory = self.store.apply(op)
+        return (201 if memory.version == 1 else 200), memory.render(self.store.clock())
+
+    def get_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        memory = self.store.get(key, namespace=query.get("namespace", "default"))
+        if memory is None:
+            raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
+        return 200, memory.render(self.store.clock())
+
+    def delete_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        deleted = self.store.delete(key, namespace=query.get("namespace", "default"),
+                                    if_version=int_param(query, "if_version", None))
+        if not deleted:
+            raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
+        return 200, {"deleted": True}
+
+    def reinforce_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        memory = self.store.reinforce(key, namespace=query.get("namespace", "default"))
+        return 200, memory.render(self.store.clock())
+
+    def list_memories(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        page = self.store.list(
+            namespace=query.get("namespace", "default"), prefix=query.get("prefix"),
+            tag=query.get("tag"), archived=bool_param(query, "archived"),
+            limit=int_param(query, "limit", 100) or 0, cursor=query.get("cursor"),
+        )
+        now = self.store.clock()
+        return 200, {"items": [m.render(now) for m in page.items],
+                     "next_cursor": page.next_cursor}
+
+    def search(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        hits = self.store.search(query["q"], namespace=query.get("namespace", "default"),
+                                 limit=int_param(query, "limit", 20) or 0)
+        now = self.store.clock()
+        return 200, {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
+
+    def batch(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        fields = check_body(body, batch_body(self.store.config))
+        results = self.store.batch(fields["ops"], namespace=query.get("namespace", "default"))
+        now = self.store.clock()
+        return 200, {"results": [{**r, "memory": r["memory"].render(now)} if "memory" in r
+                                 else r for r in results]}
+
+    def stats(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        return 200, self.store.stats()
+
+    def healthz(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        health = self.store.health()
+        return (200 if health["ok"] else 503), health
+
+    def openapi(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+        return 200, openapi_document(self.store.config)
+
+
+def check_body(body: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The top level of a request body: an object, required fields there, no unknown
+    ones.  Field values are validated by kvmem itself."""
+    if not isinstance(body, dict):
+        raise HTTPError(400, "invalid_request", "the body must be a JSON object")
+    unknown = sorted(set(body) - set(schema["properties"]))
+    if unknown:
+        raise HTTPError(400, "invalid_request", f"unknown field {unknown[0][:100]!r}")
+    for name in schema["required"]:
+        if name not in body:
+            raise HTTPError(400, "invalid_request", f"field {name!r} is required")
+    return body
 
 
 # ---------------------------------------------------------------------- route table ----
 
 NAMESPACE_PARAM = {"name": "namespace", "schema": {"type": "string", "default": "default"},
                    "description": "1-64 of A-Z a-z 0-9 . _ -"}
+RouteHandler = Callable[[Api, Any, Mapping[str, str], Any], tuple[int, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
     method: str
     path: str  # OpenAPI template; "{key}" is one percent-encoded path segment
-    handler: str  # name of the Api method
+    handler: RouteHandler  # a method of Api
     summary: str
     query: tuple[dict[str, Any], ...] = ()
-    body: dict[str, Any] | None = None  # JSON schema of the request body
+    body: Callable[[kvmem.Config], dict[str, Any]] | None = None  # JSON schema of the body
     responses: Mapping[int, str] = dataclasses.field(default_factory=dict)  # status -> schema
     auth: bool = True
 
 
-SET_BODY = {
-    "type": "object", "required": ["value"], "additionalProperties": False,
-    "properties": {
-        "value": {"description": "any JSON value, at most 1 MiB as JSON"},
-        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 32},
-        "ttl_seconds": {"type": ["number", "null"], "exclusiveMinimum": 0},
-        "half_life_seconds": {"type": ["number", "null"], "exclusiveMinimum": 0},
-        "if_version": {"type": ["integer", "null"], "minimum": 0},
-    },
-}
-BATCH_BODY = {
-    "type": "object", "required": ["ops"], "additionalProperties": False,
-    "properties": {"ops": {"type": "array", "minItems": 1, "items": {
-        "type": "object", "required": ["op", "key"],
-        "properties": {"op": {"enum": ["set", "delete"]}, "key": {"type": "string"},
-                       **SET_BODY["properties"]},  # type: ignore[dict-item]
-    }}},
-}
+def set_body(config: kvmem.Config) -> dict[str, Any]:
+    return kvmem.SetOp.schema(config, exclude=("namespace", "key"))
+
+
+def batch_body(config: kvmem.Config) -> dict[str, Any]:
+    return {"type": "object", "required": ["ops"], "additionalProperties": False,
+            "properties": {"ops": {"type": "array", "minItems": 1,
+                                   "maxItems": config.max_batch_ops,
+                                   "items": kvmem.batch_op_schema(config)}}}
+
+
 # Any route can answer these: bad input, auth, wrong method, body rules, busy database.
 COMMON_ERRORS = {400: "Error", 401: "Error", 405: "Error", 411: "Error", 413: "Error",
                  415: "Error", 503: "Error"}
 
 ROUTES: tuple[Route, ...] = (
-    Route("PUT", "/v1/memories/{key}", "put_memory", "Create or replace a memory",
-          query=(NAMESPACE_PARAM,), body=SET_BODY,
+    Route("PUT", "/v1/memories/{key}", Api.put_memory, "Create or replace a memory",
+          query=(NAMESPACE_PARAM,), body=set_body,
           responses={200: "Memory", 201: "Memory", 409: "Error", 413: "Error", 415: "Error",
                      507: "Error", **COMMON_ERRORS}),
-    Route("GET", "/v1/memories/{key}", "get_memory", "Read a live memory",
+    Route("GET", "/v1/memories/{key}", Api.get_memory, "Read a live memory",
           query=(NAMESPACE_PARAM,), responses={200: "Memory", 404: "Error", **COMMON_ERRORS}),
-    Route("DELETE", "/v1/memories/{key}", "delete_memory", "Delete a memory",
+    Route("DELETE", "/v1/memories/{key}", Api.delete_memory, "Delete a memory",
           query=(NAMESPACE_PARAM, {"name": "if_version", "schema": {"type": "integer",
                                                                     "minimum": 0}}),
           responses={200: "Deleted", 404: "Error", 409: "Error", 507: "Error", **COMMON_ERRORS}),
-    Route("POST", "/v1/memories/{key}/reinforce", "reinforce_memory",
+    Route("POST", "/v1/memories/{key}/reinforce", Api.reinforce_memory,
           "Strengthen a memory and restart its decay; restores an archived one",
           query=(NAMESPACE_PARAM,),
           responses={200: "Memory", 404: "Error", 507: "Error", **COMMON_ERRORS}),
-    Route("GET", "/v1/memories", "list_memories", "List memories in key order",
+    Route("GET", "/v1/memories", Api.list_memories, "List memories in key order",
           query=(NAMESPACE_PARAM, {"name": "prefix", "schema": {"type": "string"}},
                  {"name": "tag", "schema": {"type": "string"}},
                  {"name": "archived", "schema": {"type": "boolean", "default": False}},
@@ -131,20 +205,20 @@ ROUTES: tuple[Route, ...] = (
                                               "maximum": kvmem.MAX_LIST_LIMIT, "default": 100}},
                  {"name": "cursor", "schema": {"type": "string"}}),
           responses={200: "MemoryList", **COMMON_ERRORS}),
-    Route("GET", "/v1/search", "search", "Full-text search, ranked by BM25 x current strength",
+    Route("GET", "/v1/search", Api.search, "Full-text search, ranked by BM25 x current strength",
           query=(NAMESPACE_PARAM, {"name": "q", "required": True, "schema": {"type": "string"}},
                  {"name": "limit", "schema": {"type": "integer", "minimum": 1,
                                               "maximum": kvmem.MAX_SEARCH_LIMIT, "default": 20}}),
           responses={200: "SearchResults", **COMMON_ERRORS}),
-    Route("POST", "/v1/batch", "batch", "Apply set/delete ops atomically: all or none",
-          query=(NAMESPACE_PARAM,), body=BATCH_BODY,
+    Route("POST", "/v1/batch", Api.batch, "Apply set/delete ops atomically: all or none",
+          query=(NAMESPACE_PARAM,), body=batch_body,
           responses={200: "BatchResults", 409: "Error", 413: "Error", 415: "Error",
                      507: "Error", **COMMON_ERRORS}),
-    Route("GET", "/v1/stats", "stats", "Settings read back, sizes, counts, background state",
-          query=(NAMESPACE_PARAM,), responses={200: "Stats", **COMMON_ERRORS}),
-    Route("GET", "/healthz", "healthz", "Health; 503 when the database does not answer",
+    Route("GET", "/v1/stats", Api.stats, "Settings read back, sizes, counts, background state",
+          responses={200: "Stats", **COMMON_ERRORS}),
+    Route("GET", "/healthz", Api.healthz, "Health; 503 when the database does not answer",
           responses={200: "Health", 503: "Health"}, auth=False),
-    Route("GET", "/openapi.json", "openapi", "This description", responses={200: "OpenAPI"}),
+    Route("GET", "/openapi.json", Api.openapi, "This description", responses={200: "OpenAPI"}),
 )
 
 SCHEMAS: dict[str, Any] = {
@@ -154,20 +228,7 @@ SCHEMAS: dict[str, Any] = {
                        "request_id": {"type": "string"},
                        "current_version": {"type": "integer"}, "op_index": {"type": "integer"}},
     }}},
-    "Memory": {"type": "object", "required": [
-        "namespace", "key", "value", "tags", "version", "created_at", "updated_at",
-        "expires_at", "strength", "current_strength", "half_life_seconds",
-        "last_reinforced_at", "archived"], "properties": {
-        "namespace": {"type": "string"}, "key": {"type": "string"}, "value": {},
-        "tags": {"type": "array", "items": {"type": "string"}},
-        "version": {"type": "integer", "minimum": 1},
-        "created_at": {"type": "string", "format": "date-time"},
-        "updated_at": {"type": "string", "format": "date-time"},
-        "expires_at": {"type": ["string", "null"], "format": "date-time"},
-        "strength": {"type": "number"}, "current_strength": {"type": "number"},
-        "half_life_seconds": {"type": ["number", "null"]},
-        "last_reinforced_at": {"type": "string", "format": "date-time"},
-        "archived": {"type": "boolean"}}},
+    "Memory": kvmem.MEMORY_SCHEMA,
     "MemoryList": {"type": "object", "required": ["items", "next_cursor"], "properties": {
         "items": {"type": "array", "items": {"$ref": "#/components/schemas/Memory"}},
         "next_cursor": {"type": ["string", "null"]}}},
@@ -181,7 +242,8 @@ SCHEMAS: dict[str, Any] = {
     "BatchResults": {"type": "object", "required": ["results"], "properties": {
         "results": {"type": "array", "items": {"type": "object", "required": ["op"],
                                                "properties": {
-            "op": {"enum": ["set", "delete"]}, "memory": {"$ref": "#/components/schemas/Memory"},
+            "op": {"enum": list(kvmem.BATCH_OPS)},
+            "memory": {"$ref": "#/components/schemas/Memory"},
             "deleted": {"type": "boolean"}}}}}},
     "Stats": {"type": "object", "required": ["settings", "sqlite_version", "counts"]},
     "Health": {"type": "object", "required": ["ok"], "properties": {
@@ -190,18 +252,20 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1, generated from ROUTES and SCHEMAS."""
+def openapi_document(config: kvmem.Config | None = None) -> dict[str, Any]:
+    """OpenAPI 3.1, generated from ROUTES and SCHEMAS, with the limits of ``config``."""
+    config = config or kvmem.Config.build(environ={})
     paths: dict[str, Any] = {}
     for route in ROUTES:
         parameters = [{"name": "key", "in": "path", "required": True,
-                       "schema": {"type": "string", "minLength": 1, "maxLength": 512},
+                       "schema": kvmem.SetOp.schema(config)["properties"]["key"],
                        "description": "percent-encoded; '/' as %2F"}]
         if "{key}" not in route.path:
             parameters = []
         parameters += [{"in": "query", "required": False, **p} for p in route.query]
         operation: dict[str, Any] = {
-            "operationId": route.handler, "summary": route.summary, "parameters": parameters,
+            "operationId": route.handler.__name__, "summary": route.summary,
+            "parameters": parameters,
             "responses": {str(status): {
                 "description": schema,
                 "content": {"application/json": {
@@ -210,7 +274,7 @@ def openapi_document() -> dict[str, Any]:
         }
         if route.body is not None:
             operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": route.body}}}
+                "application/json": {"schema": route.body(config)}}}
         if route.auth:
             operation["security"] = [{"bearer": []}]
         paths.setdefault(route.path, {})[route.method.lower()] = operation
@@ -302,99 +366,6 @@ def bool_param(query: Mapping[str, str], name: str) -> bool:
     if value not in ("true", "false", "1", "0"):
         raise HTTPError(400, "invalid_request", f"{name} must be true or false")
     return value in ("true", "1")
-
-
-# ---------------------------------------------------------------------------- the API ----
-
-
-class Api:
-    """Route handlers: each takes (key, query, body) and returns (status, JSON body)."""
-
-    def __init__(self, store: kvmem.Store) -> None:
-        self.store = store
-
-    def put_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        fields = check_body(body, SET_BODY)
-        memory = self.store.set(
-            key, fields["value"], namespace=query.get("namespace", "default"),
-            tags=fields.get("tags"), ttl_seconds=fields.get("ttl_seconds"),
-            half_life_seconds=fields.get("half_life_seconds", kvmem._DEFAULT),
-            if_version=fields.get("if_version"),
-        )
-        return (201 if memory.version == 1 else 200), memory.render(self.store.clock())
-
-    def get_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        memory = self.store.get(key, namespace=query.get("namespace", "default"))
-        if memory is None:
-            raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
-        return 200, memory.render(self.store.clock())
-
-    def delete_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        deleted = self.store.delete(key, namespace=query.get("namespace", "default"),
-                                    if_version=int_param(query, "if_version", None))
-        if not deleted:
-            raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
-        return 200, {"deleted": True}
-
-    def reinforce_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        memory = self.store.reinforce(key, namespace=query.get("namespace", "default"))
-        return 200, memory.render(self.store.clock())
-
-    def list_memories(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        page = self.store.list(
-            namespace=query.get("namespace", "default"), prefix=query.get("prefix"),
-            tag=query.get("tag"), archived=bool_param(query, "archived"),
-            limit=int_param(query, "limit", 100) or 0, cursor=query.get("cursor"),
-        )
-        now = self.store.clock()
-        return 200, {"items": [m.render(now) for m in page.items],
-                     "next_cursor": page.next_cursor}
-
-    def search(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        hits = self.store.search(query["q"], namespace=query.get("namespace", "default"),
-                                 limit=int_param(query, "limit", 20) or 0)
-        now = self.store.clock()
-        return 200, {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
-
-    def batch(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        fields = check_body(body, BATCH_BODY)
-        results = self.store.batch(fields["ops"], namespace=query.get("namespace", "default"))
-        now = self.store.clock()
-        rendered = [{"op": r["op"], "memory": r["memory"].render(now)} if r["op"] == "set"
-                    else r for r in results]
-        return 200, {"results": rendered}
-
-    def stats(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        kvmem.validate_namespace(query.get("namespace", "default"), self.store.config)
-        out = self.store.stats()
-        out["config"] = self.store.config.public()
-        return 200, out
-
-    def healthz(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        health = self.store.health()
-        try:
-            self.store.get("healthz-probe", namespace="kvmem-health")  # the database answers
-        except kvmem.KvmemError as exc:
-            health = {**health, "ok": False,
-                      "problems": [*health["problems"], f"{exc.code}: {exc}"]}
-        return (200 if health["ok"] else 503), health
-
-    def openapi(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        return 200, openapi_document()
-
-
-def check_body(body: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
-    """The top level of a request body: an object, required fields there, no unknown
-    ones.  Field values are validated by kvmem itself."""
-    if not isinstance(body, dict):
-        raise HTTPError(400, "invalid_request", "the body must be a JSON object")
-    unknown = sorted(set(body) - set(schema["properties"]))
-    if unknown:
-        raise HTTPError(400, "invalid_request", f"unknown field {unknown[0][:100]!r}")
-    for name in schema["required"]:
-        if name not in body:
-            raise HTTPError(400, "invalid_request", f"field {name!r} is required")
-    return body
 
 
 # ---------------------------------------------------------------------------- server ----
@@ -529,9 +500,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                 "header is required", headers={"WWW-Authenticate": "Bearer"})
         query = parse_query(raw_query, route)
         body = self.read_body(route)
-        handler: Callable[[Any, Mapping[str, str], Any], tuple[int, Any]] = getattr(
-            self.server.api, route.handler)
-        status, payload = handler(key, query, body)
+        status, payload = route.handler(self.server.api, key, query, body)
         return status, payload, {}
 
     def read_body(self, route: Route | None) -> Any:
@@ -616,12 +585,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server:
-    """The server, bound and ready for ``serve_forever()``.  Refuses a non-loopback
-    address without a token (kvmem.ConfigError)."""
+def check_exposure(host: str, token: str) -> None:
+    """Refuse a non-loopback address without a token (kvmem.ConfigError): anyone who can
+    reach it could read and write every memory."""
     if not token and not is_loopback(host):
         raise kvmem.ConfigError(f"refusing to listen on {host} without a token: set "
                                 "KVMEM_TOKEN or --token-file, or bind 127.0.0.1")
+
+
+def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server:
+    """The server, bound and ready for ``serve_forever()``; see ``check_exposure``."""
+    check_exposure(host, token)
     return Server((host, port), Api(store), token)
 
 
@@ -638,9 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.token_file:
             with open(args.token_file, encoding="utf-8") as fp:
                 config = dataclasses.replace(config, token=fp.read().strip())
-        if not config.token and not is_loopback(config.host):
-            raise kvmem.ConfigError(f"refusing to listen on {config.host} without a token: "
-                                    "set KVMEM_TOKEN or --token-file, or bind 127.0.0.1")
+        check_exposure(config.host, config.token)  # before the database is created
         store = kvmem.Store.open(config=config, role="http", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
         print(f"kvmem-http: {exc}", file=sys.stderr)

@@ -828,7 +828,7 @@ SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0,
                   "maximum": MAX_TTL_SECONDS}
 
 
-class _Op:
+class Op:
     """An operation on one memory: the arguments, checked by ``parse``, and ``plan``, the
     pure rule that takes the memory as stored now (``None`` = no row, expired or not) to
     what the store keeps (``None`` = no row) and what the caller gets."""
@@ -856,7 +856,7 @@ class _Op:
         for field in cls.arguments():
             source = given if field.name in given else spec
             if field.name not in source and field.metadata["required"]:
-                raise InvalidInputError(f"{field.name} is required for a {cls.kind} op")
+                raise InvalidInputError(f"field {field.name!r} is required for a {cls.kind} op")
             value = source[field.name] if field.name in source \
                 else field.metadata["default"](config)
             out[field.name] = field.metadata["check"](value, config)
@@ -880,7 +880,7 @@ class _Op:
 
 
 @dataclasses.dataclass(frozen=True)
-class SetOp(_Op):
+class SetOp(Op):
     """Create or replace a memory."""
 
     kind: ClassVar[str] = "set"
@@ -923,7 +923,7 @@ class SetOp(_Op):
 
 
 @dataclasses.dataclass(frozen=True)
-class DeleteOp(_Op):
+class DeleteOp(Op):
     """Delete a memory, live or archived; reports whether there was one."""
 
     kind: ClassVar[str] = "delete"
@@ -942,7 +942,7 @@ class DeleteOp(_Op):
 
 
 @dataclasses.dataclass(frozen=True)
-class ReinforceOp(_Op):
+class ReinforceOp(Op):
     """Strengthen a memory and restart its decay clock."""
 
     kind: ClassVar[str] = "reinforce"
@@ -1077,7 +1077,7 @@ def _row_memory(row: Sequence[Any]) -> Memory:
     return Memory(*[load(v) if load else v for load, v in zip(_LOADS, row[1:], strict=False)])
 
 
-def _apply(conn: KvmemConnection, op: _Op, now: float) -> Any:
+def _apply(conn: KvmemConnection, op: Op, now: float) -> Any:
     """Run one op: load its memory, plan, write what the plan says; the op's outcome."""
     row = conn.execute(GET_ROW, (op.namespace, op.key)).fetchone()
     after, outcome = op.plan(None if row is None else _row_memory(row), now)
@@ -2236,7 +2236,7 @@ class Store:
                                                       namespace=namespace))
         return result
 
-    def apply(self, op: SetOp | DeleteOp | ReinforceOp) -> Any:
+    def apply(self, op: Op) -> Any:
         """Run one parsed op in a group commit; its outcome once it is durable."""
         return self._writer.submit(lambda conn: _apply(conn, op, self.clock()))
 
@@ -2448,7 +2448,8 @@ class Store:
             return read_settings(conn)
 
     def stats(self) -> dict[str, Any]:
-        """Settings read back, file figures, counts, background and group-commit state."""
+        """Settings read back, file figures, counts, background and group-commit state,
+        the configuration (token hidden), health, and the process id."""
         now = self.clock()
         with self._reads.borrow("stats") as conn:
             out = database_stats(conn)
@@ -2462,18 +2463,21 @@ class Store:
         out["decay"] = self._decay.state() if self._decay else None
         out["last_prune"] = dataclasses.asdict(self._last_prune) if self._last_prune else None
         out["health"] = self.health()
+        out["config"] = self.config.public()
+        out["pid"] = os.getpid()
         return out
 
     def _identity_problem(self) -> str | None:
         return _file_identity_problem(self.path, self._identity)
 
     def health(self) -> dict[str, Any]:
-        """``{"ok": bool, "problems": [...], "past": {...}}``.  Problems hold now: the file
-        is not the one opened (deleted or replaced; writes are refused then), an operation
-        met a corrupt page, a background thread failed, the last checkpoint after a commit
-        failed, a reader is holding a snapshot past ``reader_warn_s``, the WAL is past the
-        hard cap.  ``past`` names those of the last kind that held once and no longer do,
-        with when they were last seen; they do not make ``ok`` false."""
+        """``{"ok": bool, "problems": [...], "past": {...}}``.  Problems hold now: the
+        database does not answer a read, the file is not the one opened (deleted or
+        replaced; writes are refused then), an operation met a corrupt page, a background
+        thread failed, the last checkpoint after a commit failed, a reader is holding a
+        snapshot past ``reader_warn_s``, the WAL is past the hard cap.  ``past`` names
+        those of the last kinds that held once and no longer do, with when they were last
+        seen; they do not make ``ok`` false."""
         problems = []
         identity = self._identity_problem()
         if identity:
@@ -2486,6 +2490,10 @@ class Store:
             if failed:
                 problems.append(f"{name} failed: {failed}")
         problems.extend(self.conditions.problems())
+        try:
+            self.get("healthz-probe", namespace="kvmem-health")  # the database answers
+        except KvmemError as exc:
+            problems.append(f"{exc.code}: {exc}")
         return {"ok": not problems, "problems": problems, "past": self.conditions.past()}
 
 

@@ -15,15 +15,17 @@ protocol on stdio, so logging goes to stderr only.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from typing_extensions import NotRequired, TypedDict  # noqa: UP035 (pydantic needs these on 3.11)
+from pydantic import WithJsonSchema
+from typing_extensions import NotRequired, Required, TypedDict  # noqa: UP035 (pydantic needs these on 3.11)
 
 import kvmem
 
@@ -44,24 +46,35 @@ Every write is durable when the tool answers."""
 T = TypeVar("T")
 
 
-class MemoryOut(TypedDict):
-    namespace: str
-    key: str
-    value: Any
-    tags: list[str]
-    version: int
-    created_at: str
-    updated_at: str
-    expires_at: str | None
-    strength: float
-    current_strength: float
-    half_life_seconds: float | None
-    last_reinforced_at: str
-    archived: bool
+def _shape(name: str, fields: dict[str, Any], *, total: bool = True) -> Any:
+    """A TypedDict (so the SDK publishes it by ``name`` in the schema's ``$defs``) whose
+    fields carry kvmem's own JSON schemas: the shapes are derived, never retyped."""
+    return TypedDict(name, fields, total=total)  # type: ignore[operator]
 
 
-class HitOut(MemoryOut):
-    score: float
+def _field(schema: dict[str, Any], *, python: Any = Any) -> Any:
+    return Annotated[python, WithJsonSchema(schema)]
+
+
+def _argument(schema: dict[str, Any]) -> Any:
+    # A string stays typed str: the SDK would otherwise parse a key like "[1]" as JSON.
+    return _field(schema, python=str if schema.get("type") == "string" else Any)
+
+
+if TYPE_CHECKING:
+    MemoryOut: TypeAlias = dict[str, Any]
+    HitOut: TypeAlias = dict[str, Any]
+    BatchOp: TypeAlias = dict[str, Any]
+else:
+    _MEMORY = {name: _field(schema) for name, schema in kvmem.MEMORY_SCHEMA["properties"].items()}
+    MemoryOut = _shape("MemoryOut", _MEMORY)
+    HitOut = _shape("HitOut", {**_MEMORY, "score": float})
+    _OP = kvmem.batch_op_schema(kvmem.Config.build(environ={}))
+    BatchOp = _shape("BatchOp", {"op": Required[Literal[tuple(kvmem.BATCH_OPS)]],
+                                 "key": Required[_argument(_OP["properties"]["key"])],
+                                 **{name: _argument(schema) for name, schema
+                                    in _OP["properties"].items() if name not in ("op", "key")}},
+                     total=False)
 
 
 class SetResult(TypedDict):
@@ -89,16 +102,6 @@ class ListResult(TypedDict):
 
 class SearchResult(TypedDict):
     items: list[HitOut]
-
-
-class BatchOp(TypedDict):
-    op: Literal["set", "delete"]
-    key: str
-    value: NotRequired[Any]
-    tags: NotRequired[list[str] | None]
-    ttl_seconds: NotRequired[float | None]
-    half_life_seconds: NotRequired[float | None]
-    if_version: NotRequired[int | None]
 
 
 class BatchItem(TypedDict):
@@ -131,33 +134,42 @@ def _call(fn: Callable[[], T]) -> T:
         raise tool_error(exc) from exc
 
 
-def _out(memory: kvmem.Memory, now: float) -> MemoryOut:
-    rendered: MemoryOut = memory.render(now)  # type: ignore[assignment]
-    return rendered
+def _op_tool(mcp: MCPServer[None], store: kvmem.Store, op: type[kvmem.Op], returns: Any,
+             doc: str, answer: Callable[[Any], Any]) -> None:
+    """A tool that runs one kvmem op; its arguments are the op's, with their schemas.
+    A null argument means "not given", as if it were left out."""
+    def tool(**arguments: Any) -> Any:
+        given = {k: v for k, v in arguments.items() if v is not None or k == "value"}
+        return answer(_call(lambda: store.apply(op.parse(given, store.config))))
+
+    parameters = [inspect.Parameter(
+        field.name, inspect.Parameter.KEYWORD_ONLY, annotation=_argument(
+            field.metadata["schema"](store.config)),
+        default=inspect.Parameter.empty if field.metadata["required"]
+        else field.metadata["default"](store.config) if field.name == "namespace" else None,
+    ) for field in op.arguments()]
+    tool.__name__ = f"memory_{op.kind}"
+    tool.__doc__ = doc
+    tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)  # type: ignore[attr-defined]
+    mcp.tool()(tool)
 
 
 def build_server(store: kvmem.Store) -> MCPServer[None]:
     """The MCP server over ``store`` (opened once per process by the caller)."""
     mcp: MCPServer[None] = MCPServer("kvmem", version="0.1.0", instructions=INSTRUCTIONS)
 
-    @mcp.tool()
-    def memory_set(key: str, value: Any, namespace: str = "default",
-                   tags: list[str] | None = None, ttl_seconds: float | None = None,
-                   half_life_seconds: float | None = None,
-                   if_version: int | None = None) -> SetResult:
-        """Save a memory under `key`, replacing any existing one (value, tags, TTL).
+    def out(memory: kvmem.Memory) -> MemoryOut:
+        return memory.render(store.clock())
+
+    _op_tool(mcp, store, kvmem.SetOp, SetResult, """\
+        Save a memory under `key`, replacing any existing one (value, tags, TTL).
 
         `value` is any JSON (text, number, object, list). `tags` group related memories
         (e.g. ["preference", "project-x"]). `ttl_seconds` makes it expire; without it the
         memory is kept. `half_life_seconds` makes it fade unless reinforced (archived when
         weak). `if_version`: write only if the stored version equals it (0 = only if the
         key is new); on a mismatch the error says the current version: read, merge, retry.
-        """
-        half_life = kvmem._DEFAULT if half_life_seconds is None else half_life_seconds
-        memory = _call(lambda: store.set(key, value, namespace=namespace, tags=tags,
-                                         ttl_seconds=ttl_seconds, half_life_seconds=half_life,
-                                         if_version=if_version))
-        return {"created": memory.version == 1, "memory": _out(memory, store.clock())}
+        """, lambda memory: {"created": memory.version == 1, "memory": out(memory)})
 
     @mcp.tool()
     def memory_get(key: str, namespace: str = "default") -> GetResult:
@@ -166,15 +178,11 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
         memory = _call(lambda: store.get(key, namespace=namespace))
         if memory is None:
             return {"found": False, "memory": None}
-        return {"found": True, "memory": _out(memory, store.clock())}
+        return {"found": True, "memory": out(memory)}
 
-    @mcp.tool()
-    def memory_delete(key: str, namespace: str = "default",
-                      if_version: int | None = None) -> DeleteResult:
-        """Forget a memory for good. deleted=false if there was none. With `if_version`,
-        only that version is deleted."""
-        deleted = _call(lambda: store.delete(key, namespace=namespace, if_version=if_version))
-        return {"deleted": deleted}
+    _op_tool(mcp, store, kvmem.DeleteOp, DeleteResult, """\
+        Forget a memory for good. deleted=false if there was none. With `if_version`,
+        only that version is deleted.""", lambda deleted: {"deleted": deleted})
 
     @mcp.tool()
     def memory_list(namespace: str = "default", prefix: str | None = None,
@@ -185,8 +193,7 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
         `next_cursor` back as `cursor` for the next page (null = no more)."""
         page = _call(lambda: store.list(namespace=namespace, prefix=prefix, tag=tag,
                                         archived=archived, limit=limit, cursor=cursor))
-        now = store.clock()
-        return {"items": [_out(m, now) for m in page.items], "next_cursor": page.next_cursor}
+        return {"items": [out(m) for m in page.items], "next_cursor": page.next_cursor}
 
     @mcp.tool()
     def memory_search(query: str, namespace: str = "default", limit: int = 20) -> SearchResult:
@@ -194,19 +201,11 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
         text relevance (BM25) times current strength. `query` is plain words; quotes and
         operators are treated as text."""
         hits = _call(lambda: store.search(query, namespace=namespace, limit=limit))
-        now = store.clock()
-        items: list[HitOut] = []
-        for hit in hits:
-            item: HitOut = {**_out(hit.memory, now), "score": hit.score}
-            items.append(item)
-        return {"items": items}
+        return {"items": [{**out(hit.memory), "score": hit.score} for hit in hits]}
 
-    @mcp.tool()
-    def memory_reinforce(key: str, namespace: str = "default") -> ReinforceResult:
-        """Mark a memory as useful: raises its strength and restarts its fading, and
-        brings back an archived one."""
-        memory = _call(lambda: store.reinforce(key, namespace=namespace))
-        return {"memory": _out(memory, store.clock())}
+    _op_tool(mcp, store, kvmem.ReinforceOp, ReinforceResult, """\
+        Mark a memory as useful: raises its strength and restarts its fading, and
+        brings back an archived one.""", lambda memory: {"memory": out(memory)})
 
     @mcp.tool()
     def memory_batch(ops: list[BatchOp], namespace: str = "default") -> BatchResult:
@@ -215,22 +214,14 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
         "if_version"?} or {"op": "delete", "key", "if_version"?}."""
         specs = [{k: v for k, v in op.items() if v is not None or k == "value"} for op in ops]
         results = _call(lambda: store.batch(specs, namespace=namespace))
-        now = store.clock()
-        out: list[BatchItem] = []
-        for result in results:
-            if result["op"] == "set":
-                out.append({"op": "set", "memory": _out(result["memory"], now)})
-            else:
-                out.append({"op": "delete", "deleted": result["deleted"]})
-        return {"results": out}
+        items: list[BatchItem] = [{"op": r["op"], "memory": out(r["memory"])} if "memory" in r
+                                  else {"op": r["op"], "deleted": r["deleted"]} for r in results]
+        return {"results": items}
 
     @mcp.tool()
     def memory_stats() -> dict[str, Any]:
         """Store health and figures: settings, sizes, counts of live/archived memories."""
-        stats = _call(store.stats)
-        stats["config"] = store.config.public()
-        stats["pid"] = os.getpid()
-        return stats
+        return _call(store.stats)
 
     return mcp
 
