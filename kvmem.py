@@ -1327,7 +1327,7 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
             os.makedirs(os.path.dirname(path), exist_ok=True)
         mode = "ro" if readonly else "rwc" if create else "rw"
         conn = _connect(path, config, mode=mode, check_same_thread=check_same_thread)
-        wal_bytes_found = _wal_size(path)
+        wal_bytes_found = wal_size(path)
         started = time.monotonic()
         _apply_settings(conn, path, config, readonly=readonly, first_open=first_open)
         if first_open:
@@ -1437,7 +1437,35 @@ def read_settings(conn: KvmemConnection) -> dict[str, Any]:
     return got
 
 
-def _wal_size(path: str) -> int:
+def database_stats(conn: KvmemConnection) -> dict[str, Any]:
+    """Settings read back from ``conn`` and the file's figures (for ``stats``)."""
+    path = conn.kv_path
+    version = sqlite3.sqlite_version_info
+    warnings = []
+    if version < MIN_SQLITE_WITHOUT_WAL_RESET_BUG:
+        warnings.append(
+            f"SQLite {sqlite3.sqlite_version} has the WAL-reset bug (fixed in 3.51.3); kvmem "
+            "checkpoints on one connection only, under the write lock, to avoid it"
+        )
+    with _REGISTRY_LOCK:
+        record = _RECOVERY.get(path)
+    return {
+        "path": path,
+        "sqlite_version": sqlite3.sqlite_version,
+        "schema_version": conn.execute("PRAGMA user_version").fetchone()[0],
+        "settings": read_settings(conn),
+        "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
+        "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
+        "freelist_count": conn.execute("PRAGMA freelist_count").fetchone()[0],
+        "db_bytes": os.stat(path).st_size,
+        "wal_bytes": wal_size(path),
+        "wal_cap_bytes": conn.kv_config.wal_cap_bytes,
+        "recovery": dataclasses.asdict(record) if record else None,
+        "warnings": warnings,
+    }
+
+
+def wal_size(path: str) -> int:
     try:
         return os.stat(path + "-wal").st_size
     except FileNotFoundError:
@@ -1955,7 +1983,7 @@ class GroupCommitter:
                     self._checkpoint("storage full" if full else "shrink", shrink=True)
                 elif wanted or self._groups_since * self._frames_per_group >= self.pages_limit:
                     self._checkpoint(wanted or "pages")
-                elif _wal_size(self.path) > self._wal_high:  # the estimate was low
+                elif wal_size(self.path) > self._wal_high:  # the estimate was low
                     self._checkpoint("growth")
             elif committed or full:
                 self._fall_back_if_stuck()
@@ -1988,7 +2016,7 @@ class GroupCommitter:
         self.last_complete = frames == done
         # A restarted WAL is overwritten from its start and its file does not grow; if
         # it grows past this, the WAL got more frames than the estimate said.
-        self._wal_high = max(_wal_size(self.path), self.pages_limit * (self.page_size + 24))
+        self._wal_high = max(wal_size(self.path), self.pages_limit * (self.page_size + 24))
         self.conditions.clear("after_commit")
         self.last_checkpoint = now
         with self._cond:
@@ -2012,7 +2040,7 @@ class GroupCommitter:
         """Not the elected process: checkpoint once if ``fallback_reason`` says so (under
         the checkpoint lock when it is free).  After an attempt that failed or could not
         finish (a reader holds an old snapshot) the next waits a poll."""
-        size = _wal_size(self.path)
+        size = wal_size(self.path)
         now = time.monotonic()
         if size <= self.config.wal_soft_cap_bytes:
             self.conditions.clear("after_commit")  # nothing to do: nothing failing
@@ -2666,7 +2694,7 @@ class Checkpointer(_Background):
         self.config = config or Config.build()
         self.path = os.path.realpath(os.fspath(path) if path is not None else self.config.db)
         super().__init__(role, {"holder": False, "last_request": None, "last_time": None,
-                                "wal_bytes": _wal_size(self.path), "requests": 0,
+                                "wal_bytes": wal_size(self.path), "requests": 0,
                                 "checkpoints": 0, "polls": 0})
         self.writer = writer
         self._own_writer = writer is None
@@ -2713,7 +2741,7 @@ class Checkpointer(_Background):
         if not self._lock.held:
             if not self._lock.acquire() or not self._lock.still_ours():
                 self._lock.release()
-                self._update(holder=False, wal_bytes=_wal_size(self.path))
+                self._update(holder=False, wal_bytes=wal_size(self.path))
                 return poll
             self.log.info("[%s] pid %d is now the checkpointer of %s", self.role, os.getpid(),
                           self.path)
@@ -2743,7 +2771,7 @@ class Checkpointer(_Background):
                 self._state.update(last_request=reason, last_time=time.time())
                 self._state["requests"] += 1
         with self._state_lock:  # a request may have shrunk the file: stat it again then
-            self._state["wal_bytes"] = _wal_size(self.path) if reason else seen[0]
+            self._state["wal_bytes"] = wal_size(self.path) if reason else seen[0]
             self._state["checkpoints"] = writer.stats()["checkpoints"]
         return min(poll, ACTIVE_POLL_S) if changed or reason else poll
 
@@ -2790,133 +2818,7 @@ class DecayScheduler(_Background):
         return self.store.config.decay_interval_s
 
 
-# =============================================================================== CLI ====
+if __name__ == "__main__":  # python kvmem.py check ...: the CLI, which lives in kvmem_cli.py
+    import kvmem_cli
 
-
-def database_stats(conn: KvmemConnection) -> dict[str, Any]:
-    """Settings read back from ``conn`` and the file's figures (for ``stats``)."""
-    path = conn.kv_path
-    version = sqlite3.sqlite_version_info
-    warnings = []
-    if version < MIN_SQLITE_WITHOUT_WAL_RESET_BUG:
-        warnings.append(
-            f"SQLite {sqlite3.sqlite_version} has the WAL-reset bug (fixed in 3.51.3); kvmem "
-            "checkpoints on one connection only, under the write lock, to avoid it"
-        )
-    with _REGISTRY_LOCK:
-        record = _RECOVERY.get(path)
-    return {
-        "path": path,
-        "sqlite_version": sqlite3.sqlite_version,
-        "schema_version": conn.execute("PRAGMA user_version").fetchone()[0],
-        "settings": read_settings(conn),
-        "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
-        "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
-        "freelist_count": conn.execute("PRAGMA freelist_count").fetchone()[0],
-        "db_bytes": os.stat(path).st_size,
-        "wal_bytes": _wal_size(path),
-        "wal_cap_bytes": conn.kv_config.wal_cap_bytes,
-        "recovery": dataclasses.asdict(record) if record else None,
-        "warnings": warnings,
-    }
-
-
-def check_database(path: str, config: Config) -> dict[str, Any]:
-    """Header, schema version and ``integrity_check`` of ``path``, changing nothing."""
-    report: dict[str, Any] = {"path": os.path.realpath(path), "ok": False}
-    if not os.path.exists(path):
-        report["error"] = {"code": NotFoundError.code, "message": f"{path}: no such file"}
-        return report
-    try:
-        conn = open_db(path, config=dataclasses.replace(config, quick_check=False), readonly=True)
-    except KvmemError as exc:
-        report["error"] = {"code": exc.code, "message": str(exc)}
-        return report
-    try:
-        report["header"] = "ok"
-        report["schema_version"] = conn.execute("PRAGMA user_version").fetchone()[0]
-        report["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        report["integrity"] = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-        report["ok"] = report["integrity"] == ["ok"]
-    except KvmemError as exc:
-        report["error"] = {"code": exc.code, "message": str(exc)}
-    finally:
-        conn.close()
-    return report
-
-
-def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
-    """Copy ``path`` to the new file ``dest`` with SQLite's online backup API, then check
-    the copy.  Refuses an existing ``dest`` (a backup never overwrites anything)."""
-    if os.path.lexists(dest):
-        raise InvalidInputError(f"{dest}: already exists; a backup only writes a new file")
-    src = open_db(path, config=config)
-    try:
-        out = open_db(dest, config=dataclasses.replace(config, quick_check=False))
-        try:
-            src.backup(out)
-        finally:
-            out.close()
-    finally:
-        src.close()
-    return check_database(dest, config)
-
-
-def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, Any]:
-    conn = open_db(path, config=config)
-    try:
-        result = checkpoint_elected(conn, wait_ms=config.busy_timeout_ms, shrink=truncate)
-        if isinstance(result, str):
-            raise BusyError(f"{path}: {result}; no checkpoint ran")
-        busy, frames, done = result
-        return {"path": conn.kv_path, "mode": "TRUNCATE" if truncate else "PASSIVE",
-                "busy": busy, "wal_frames": frames, "frames_checkpointed": done,
-                "wal_bytes_after": _wal_size(conn.kv_path)}
-    finally:
-        conn.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``kvmem check|stats|checkpoint|backup``: JSON on stdout, exit 1 on a problem."""
-    parser = argparse.ArgumentParser(prog="kvmem", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help in (("check", "header, schema version and integrity_check; exit 1 on a problem"),
-                       ("stats", "settings read back from a live connection, sizes, state"),
-                       ("checkpoint", "one checkpoint, unless another process is the checkpointer"),
-                       ("backup", "online backup to a new file, then check the copy")):
-        sub = commands.add_parser(name, help=help)
-        sub.add_argument("path", nargs="?", help="database file (default: --db / KVMEM_DB)")
-        if name == "backup":
-            sub.add_argument("dest", help="the new file to write")
-        if name == "checkpoint":
-            sub.add_argument("--truncate", action="store_true", help="TRUNCATE, not PASSIVE")
-        add_config_arguments(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        config = config_from_args(args)
-        path = args.path or config.db
-        if args.command == "check":
-            result = check_database(path, config)
-        elif args.command == "stats":
-            conn = open_db(path, config=config)
-            try:
-                result = database_stats(conn)
-                result["checkpointer_running_elsewhere"] = not checkpoint_lock_free(path)
-                result["config"] = config.public()
-            finally:
-                conn.close()
-        elif args.command == "checkpoint":
-            result = _cli_checkpoint(path, config, truncate=args.truncate)
-        else:
-            result = backup_database(path, args.dest, config)
-    except KvmemError as exc:
-        print(json.dumps({"ok": False, "error": {"code": exc.code, "message": str(exc)}}))
-        return 1
-    print(json.dumps(result, indent=2, default=str))
-    return 0 if result.get("ok", True) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(kvmem_cli.main())

@@ -1,0 +1,132 @@
+"""``kvmem``, the command line: check, stats, checkpoint and back up a database file.
+
+Every command prints JSON on stdout and exits 1 on a problem.  The library is ``kvmem.py``
+(one stdlib-only file); this is its edge for a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvmem import (
+    BusyError,
+    Config,
+    InvalidInputError,
+    KvmemError,
+    NotFoundError,
+    add_config_arguments,
+    checkpoint_elected,
+    checkpoint_lock_free,
+    config_from_args,
+    database_stats,
+    open_db,
+    wal_size,
+)
+
+
+def check_database(path: str, config: Config) -> dict[str, Any]:
+    """Header, schema version and ``integrity_check`` of ``path``, changing nothing."""
+    report: dict[str, Any] = {"path": os.path.realpath(path), "ok": False}
+    if not os.path.exists(path):
+        report["error"] = {"code": NotFoundError.code, "message": f"{path}: no such file"}
+        return report
+    try:
+        conn = open_db(path, config=dataclasses.replace(config, quick_check=False), readonly=True)
+    except KvmemError as exc:
+        report["error"] = {"code": exc.code, "message": str(exc)}
+        return report
+    try:
+        report["header"] = "ok"
+        report["schema_version"] = conn.execute("PRAGMA user_version").fetchone()[0]
+        report["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        report["integrity"] = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        report["ok"] = report["integrity"] == ["ok"]
+    except KvmemError as exc:
+        report["error"] = {"code": exc.code, "message": str(exc)}
+    finally:
+        conn.close()
+    return report
+
+
+def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
+    """Copy ``path`` to the new file ``dest`` with SQLite's online backup API, then check
+    the copy.  Refuses an existing ``dest`` (a backup never overwrites anything)."""
+    if os.path.lexists(dest):
+        raise InvalidInputError(f"{dest}: already exists; a backup only writes a new file")
+    src = open_db(path, config=config)
+    try:
+        out = open_db(dest, config=dataclasses.replace(config, quick_check=False))
+        try:
+            src.backup(out)
+        finally:
+            out.close()
+    finally:
+        src.close()
+    return check_database(dest, config)
+
+
+def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, Any]:
+    conn = open_db(path, config=config)
+    try:
+        result = checkpoint_elected(conn, wait_ms=config.busy_timeout_ms, shrink=truncate)
+        if isinstance(result, str):
+            raise BusyError(f"{path}: {result}; no checkpoint ran")
+        busy, frames, done = result
+        return {"path": conn.kv_path, "mode": "TRUNCATE" if truncate else "PASSIVE",
+                "busy": busy, "wal_frames": frames, "frames_checkpointed": done,
+                "wal_bytes_after": wal_size(conn.kv_path)}
+    finally:
+        conn.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``kvmem check|stats|checkpoint|backup``: JSON on stdout, exit 1 on a problem."""
+    parser = argparse.ArgumentParser(prog="kvmem", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help in (("check", "header, schema version and integrity_check; exit 1 on a problem"),
+                       ("stats", "settings read back from a live connection, sizes, state"),
+                       ("checkpoint", "one checkpoint, unless another process is the checkpointer"),
+                       ("backup", "online backup to a new file, then check the copy")):
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("path", nargs="?", help="database file (default: --db / KVMEM_DB)")
+        if name == "backup":
+            sub.add_argument("dest", help="the new file to write")
+        if name == "checkpoint":
+            sub.add_argument("--truncate", action="store_true", help="TRUNCATE, not PASSIVE")
+        add_config_arguments(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = config_from_args(args)
+        path = args.path or config.db
+        if args.command == "check":
+            result = check_database(path, config)
+        elif args.command == "stats":
+            conn = open_db(path, config=config)
+            try:
+                result = database_stats(conn)
+                result["checkpointer_running_elsewhere"] = not checkpoint_lock_free(path)
+                result["config"] = config.public()
+            finally:
+                conn.close()
+        elif args.command == "checkpoint":
+            result = _cli_checkpoint(path, config, truncate=args.truncate)
+        else:
+            result = backup_database(path, args.dest, config)
+    except KvmemError as exc:
+        print(json.dumps({"ok": False, "error": {"code": exc.code, "message": str(exc)}}))
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
