@@ -4,38 +4,42 @@ Theory of operation
 -------------------
 * One file, many processes.  The HTTP server, every MCP server and any library user may
   have the same database open at once.  Nothing here assumes exactly one or two of them.
+* Rules in one place.  The memory model is pure code with ``now`` as a parameter: a
+  ``Memory``'s fields drive its columns, its rendering and its schema, and each write is
+  an op (``SetOp``, ``DeleteOp``, ``ReinforceOp``) whose ``plan`` takes the stored memory
+  to the next one.  Storage loads a row, calls the plan and writes through ``_write``.
 * Connections.  Every connection in every process comes from ``open_db()``; it checks the
-  file's header before the process's first connection to it, applies the pragma table
-  ``PRAGMAS``, reads every setting back, switches to WAL (retrying the switch, which can
-  fail at once when several processes race on a fresh file), migrates the schema by
-  ``PRAGMA user_version`` and, on the first open in a process, logs the recovery record.
-  A connection belongs to one thread (``check_same_thread`` stays on).
-* Transactions.  Every write runs inside ``transaction()``: ``BEGIN IMMEDIATE`` (never a
-  deferred BEGIN: a deferred read-then-write gets SQLITE_BUSY at once, without the busy
-  handler, because SQLite cannot upgrade a read snapshot that another writer has made
-  stale), short jittered retries until a deadline, then ``BusyError``.
-  Nothing is acknowledged before its COMMIT returned.
-* Errors.  ``sqlite3.Error`` becomes a ``KvmemError`` subclass in one place,
-  ``_db_error()``, by ``sqlite_errorcode`` — never by message text.
+  file's header before the process's first connection to it, applies ``PRAGMAS``, reads
+  every setting back, switches to WAL (retrying the switch, which can fail at once when
+  several processes race on a fresh file), migrates the schema by ``PRAGMA user_version``
+  and, on the first open in a process, logs the recovery record.  A connection belongs
+  to one thread (``check_same_thread`` stays on).
+* Errors.  A ``KvmemConnection`` and its cursors raise kvmem's errors: ``sqlite3.Error``
+  becomes a ``KvmemError`` subclass in ``_db_error()``, by ``sqlite_errorcode``, never by
+  message text.
+* Transactions.  Every write runs inside ``transaction()``: ``BEGIN IMMEDIATE`` (a
+  deferred read-then-write gets SQLITE_BUSY at once, without the busy handler, because
+  SQLite cannot upgrade a read snapshot another writer made stale), short jittered
+  retries until a deadline, then ``BusyError``.  Nothing is acknowledged before its
+  COMMIT returned.
 * Checkpoints.  SQLite < 3.51.3 can corrupt a WAL database when a checkpoint and a WAL
   reset by another connection meet (the WAL-reset bug).  Two rules keep them apart.  One
   connection in the whole system checkpoints: the ``Checkpointer`` threads of all
-  processes elect a holder through an ``fcntl.flock`` on ``<db>.checkpoint.lock``, and
-  the holder's process checkpoints on its group-commit writer connection, between groups
-  (so that its next write restarts the WAL, as SQLite's own autocheckpoint does).  And
-  every checkpoint runs while a second connection of that process holds the write lock
-  (``BEGIN IMMEDIATE`` ... ``ROLLBACK``, see ``checkpoint_wal``), so no connection can
-  write, and so reset the WAL, while it runs.  Connections never auto-checkpoint
-  (``wal_autocheckpoint=0``).  Writers never sleep to make room; work after a COMMIT is
-  logged and counted, never raised.  Past the hard cap with the holder stuck, writers
-  checkpoint themselves (under the same write-lock rule) and health says so.
+  processes elect a holder through an ``flock`` on ``<db>.checkpoint.lock``, and the
+  holder's process checkpoints on its group-commit writer connection, between groups (so
+  that its next write restarts the WAL, as SQLite's own autocheckpoint does).  And every
+  checkpoint runs while a second connection of that process holds the write lock
+  (``checkpoint_wal``), so no connection can write, and so reset the WAL, meanwhile.
+  Writers never sleep to make room; work after a COMMIT is logged and counted, never
+  raised.  Past the hard cap with the holder stuck, writers checkpoint themselves (under
+  the same write-lock rule) and health says so.
 * Files.  This module never ``open()``s the database, ``-wal`` or ``-shm`` while it has a
   connection to it: closing any descriptor of a file drops every POSIX lock the process
-  holds on it (POSIX ``fcntl`` locks belong to the process and the file, not to the
-  descriptor), which lets a second writer in.  Sizes come from ``os.stat()``.
+  holds on it, which lets a second writer in.  Sizes come from ``os.stat()``.
 
-The file reads top to bottom: errors, configuration, storage (open_db, transaction,
-schema), background threads, CLI.
+The file reads top to bottom: errors, configuration, the pure core (validation, the
+model, ops, checkpoint decisions), storage (schema, connections, transactions,
+checkpoints), group commit, the Store, background threads.  The CLI is ``kvmem_cli.py``.
 """
 
 from __future__ import annotations
@@ -65,31 +69,13 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, ClassVar, ParamSpec, Self, TypeVar
 
-__all__ = [
-    "BusyError",
-    "Checkpointer",
-    "Config",
-    "ConfigError",
-    "CorruptDatabaseError",
-    "DecayScheduler",
-    "GroupCommitter",
-    "Hit",
-    "InvalidInputError",
-    "KvmemError",
-    "Memory",
-    "NotADatabaseError",
-    "NotFoundError",
-    "Page",
-    "PayloadTooLargeError",
-    "PruneResult",
-    "ReadOnlyError",
-    "SchemaTooNewError",
-    "StorageError",
-    "StorageFullError",
-    "Store",
-    "VersionConflictError",
-    "open_db",
-    "transaction",
+__all__ = [  # noqa: RUF022 (grouped: errors, the model, storage, the store)
+    "KvmemError", "InvalidInputError", "PayloadTooLargeError", "ConfigError", "NotFoundError",
+    "VersionConflictError", "BusyError", "StorageFullError", "ReadOnlyError", "StorageError",
+    "NotADatabaseError", "CorruptDatabaseError", "SchemaTooNewError",
+    "Config", "Memory", "Op", "SetOp", "DeleteOp", "ReinforceOp", "Page", "Hit", "PruneResult",
+    "open_db", "transaction", "KvmemConnection", "GroupCommitter", "Checkpointer",
+    "DecayScheduler", "Store",
 ]
 
 log = logging.getLogger("kvmem")
@@ -103,114 +89,90 @@ decay_log = logging.getLogger("kvmem.decay")
 
 class KvmemError(Exception):
     """Root of every error kvmem raises on purpose.  ``code`` is stable; edges map it."""
-
     code = "internal"
 
 
 class InvalidInputError(KvmemError):
     """The caller passed something kvmem does not accept.  Nothing was changed."""
-
     code = "invalid_request"
 
 
 class PayloadTooLargeError(InvalidInputError):
     """A value (or request) is larger than the configured limit."""
-
     code = "payload_too_large"
 
 
 class ConfigError(InvalidInputError):
     """A setting has a bad value; the message names the variable or flag."""
-
     code = "invalid_config"
 
 
 class NotFoundError(KvmemError):
     """The memory (or file) asked for does not exist."""
-
     code = "not_found"
 
 
 class VersionConflictError(KvmemError):
     """A compare-and-set failed: ``current_version`` is what the store holds (0 = absent);
     in a batch, ``op_index`` is the op that failed (and nothing of the batch was applied)."""
-
     code = "version_conflict"
 
     def __init__(self, message: str, *, current_version: int, op_index: int | None = None,
                  key: str | None = None) -> None:
         super().__init__(message)
-        self.current_version = current_version
-        self.op_index = op_index
-        self.key = key
+        self.current_version, self.op_index, self.key = current_version, op_index, key
 
 
 class BusyError(KvmemError):
     """The database stayed locked by another writer past the deadline.  Retry later."""
-
     code = "busy"
 
 
 class StorageFullError(KvmemError):
     """SQLITE_FULL: the disk (or max_page_count) is full.  Reads keep working."""
-
     code = "storage_full"
 
 
 class ReadOnlyError(KvmemError):
     """SQLITE_READONLY: the file or its directory cannot be written."""
-
     code = "read_only"
 
 
 class StorageError(KvmemError):
     """Any other failure of the database file or the disk under it (I/O, can't open)."""
-
     code = "storage_error"
 
 
 class NotADatabaseError(KvmemError):
     """The file exists but is not an SQLite database; kvmem never writes to it."""
-
     code = "not_a_database"
 
 
 class CorruptDatabaseError(KvmemError):
     """SQLite found the database malformed; kvmem never repairs or rewrites it itself."""
-
     code = "corrupt_database"
 
 
 class SchemaTooNewError(KvmemError):
     """The file was written by a newer kvmem; it is left untouched."""
-
     code = "schema_too_new"
 
 
 # Primary result codes (the low byte of sqlite_errorcode) -> the error raised for them.
 _ERROR_BY_CODE: dict[int, type[KvmemError]] = {
-    sqlite3.SQLITE_BUSY: BusyError,
-    sqlite3.SQLITE_LOCKED: BusyError,
-    sqlite3.SQLITE_FULL: StorageFullError,
-    sqlite3.SQLITE_READONLY: ReadOnlyError,
-    sqlite3.SQLITE_NOTADB: NotADatabaseError,
-    sqlite3.SQLITE_CORRUPT: CorruptDatabaseError,
-    sqlite3.SQLITE_IOERR: StorageError,
+    sqlite3.SQLITE_BUSY: BusyError, sqlite3.SQLITE_LOCKED: BusyError,
+    sqlite3.SQLITE_FULL: StorageFullError, sqlite3.SQLITE_READONLY: ReadOnlyError,
+    sqlite3.SQLITE_PERM: ReadOnlyError, sqlite3.SQLITE_NOTADB: NotADatabaseError,
+    sqlite3.SQLITE_CORRUPT: CorruptDatabaseError, sqlite3.SQLITE_IOERR: StorageError,
     sqlite3.SQLITE_CANTOPEN: StorageError,
-    sqlite3.SQLITE_PERM: ReadOnlyError,
 }
-
-
-def _primary_code(exc: sqlite3.Error) -> int | None:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return None if code is None else code & 0xFF
 
 
 def _db_error(exc: sqlite3.Error, path: str) -> KvmemError:
     """The one place that turns an ``sqlite3.Error`` into a kvmem error, by error code."""
-    code = _primary_code(exc)
+    code = getattr(exc, "sqlite_errorcode", None)
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-    cls = _ERROR_BY_CODE.get(code, StorageError) if code is not None else StorageError
+    cls = StorageError if code is None else _ERROR_BY_CODE.get(code & 0xFF, StorageError)
     return cls(f"{path}: {name}: {exc}")
 
 
@@ -223,26 +185,21 @@ MIN_SQLITE_WITHOUT_WAL_RESET_BUG = (3, 51, 3)
 
 def default_db_path(environ: Mapping[str, str]) -> str:
     """``$KVMEM_DB``, else ``$XDG_DATA_HOME/kvmem/memory.db``, else ``~/.local/share/...``.
-
     Never relative to the working directory: an MCP client starts the server from a
-    directory nobody chose, and every process must land on the same file.
-    """
+    directory nobody chose, and every process must land on the same file."""
     if environ.get("KVMEM_DB"):
         return os.path.abspath(os.path.expanduser(environ["KVMEM_DB"]))
     xdg = environ.get("XDG_DATA_HOME", "")
     if not os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
-        home = environ.get("HOME") or os.path.expanduser("~")
-        xdg = os.path.join(home, ".local", "share")
+        xdg = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".local", "share")
     return os.path.join(xdg, "kvmem", "memory.db")
 
 
 def _parse_choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
+        if text.strip().lower() not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}")
-        return value
-
+        return text.strip().lower()
     return parse
 
 
@@ -255,24 +212,20 @@ def _parse_number(kind: type[int] | type[float], *, minimum: float) -> Callable[
         if not math.isfinite(value) or value < minimum:
             raise ValueError(f"must be a finite number >= {minimum:g}")
         return value
-
     return parse
 
 
 def _parse_bool(text: str) -> bool:
     value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be one of true, false, 1, 0, yes, no, on, off")
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError("must be one of true, false, 1, 0, yes, no, on, off")
+    return value in ("1", "true", "yes", "on")
 
 
 def _parse_optional_seconds(text: str) -> float | None:
     if text.strip().lower() in ("", "none", "never"):
         return None
-    value: float = _parse_number(float, minimum=0.001)(text)
-    return value
+    return float(_parse_number(float, minimum=0.001)(text))
 
 
 def _parse_path(text: str) -> str:
@@ -281,15 +234,13 @@ def _parse_path(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def _parse_text(text: str) -> str:
-    return text
-
-
 def _setting(default: Any, parse: Callable[[str], Any], help: str, *, env: str = "",
              flag: str = "") -> Any:
-    return dataclasses.field(
-        default=default, metadata={"parse": parse, "help": help, "env": env, "flag": flag}
-    )
+    return dataclasses.field(default=default,
+                             metadata={"parse": parse, "help": help, "env": env, "flag": flag})
+
+
+_INT, _FLOAT = functools.partial(_parse_number, int), functools.partial(_parse_number, float)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,65 +254,45 @@ class Config:
 
     db: str = _setting("", _parse_path, "database file", env="KVMEM_DB", flag="--db")
     journal_mode: str = _setting("wal", _parse_choice(*JOURNAL_MODES), "wal or delete")
-    synchronous: str = _setting(
-        "extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, full or extra (only "
-        "full and extra keep acknowledged writes through power loss)"
-    )
-    busy_timeout_ms: int = _setting(
-        5000, _parse_number(int, minimum=0), "SQLite's wait for locks; also the default "
-        "deadline of transaction()"
-    )
-    cache_size_kib: int = _setting(
-        64000, _parse_number(int, minimum=1), "page cache per connection"
-    )
+    synchronous: str = _setting("extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, "
+                                "full or extra (only full and extra keep acknowledged writes "
+                                "through power loss)")
+    busy_timeout_ms: int = _setting(5000, _INT(minimum=0), "SQLite's wait for locks; also "
+                                    "the default deadline of transaction()")
+    cache_size_kib: int = _setting(64000, _INT(minimum=1), "page cache per connection")
     quick_check: bool = _setting(True, _parse_bool, "PRAGMA quick_check on a process's first open")
     checkpoint_interval_s: float = _setting(
-        30.0, _parse_number(float, minimum=0.01), "how long health keeps reporting a failed "
-        "checkpoint or writers' fallback checkpoints after the last one"
-    )
-    checkpoint_poll_s: float = _setting(
-        1.0, _parse_number(float, minimum=0.005), "how often the checkpointer looks at the WAL"
-    )
-    checkpoint_pages: int = _setting(
-        1000, _parse_number(int, minimum=1), "PASSIVE checkpoint when a changed WAL holds "
-        "this many pages"
-    )
+        30.0, _FLOAT(minimum=0.01), "how long health keeps reporting a failed checkpoint or "
+        "writers' fallback checkpoints after the last one")
+    checkpoint_poll_s: float = _setting(1.0, _FLOAT(minimum=0.005), "how often the "
+                                        "checkpointer looks at the WAL")
+    checkpoint_pages: int = _setting(1000, _INT(minimum=1), "the elected writer checkpoints "
+                                     "about every this many WAL frames")
     wal_cap_bytes: int = _setting(
-        64 * 1024 * 1024, _parse_number(int, minimum=4096), "past half of this the "
-        "checkpointer empties the WAL file (and half of it bounds the frames between two "
-        "checkpoints); past 4x writers of other processes checkpoint themselves"
-    )
-    reader_warn_s: float = _setting(
-        30.0, _parse_number(float, minimum=0.01), "log a read that holds its snapshot (and "
-        "so keeps the WAL from restarting) longer than this"
-    )
-    decay_interval_s: float = _setting(
-        300.0, _parse_number(float, minimum=0.01), "seconds between prune passes"
-    )
-    default_half_life_s: float | None = _setting(
-        None, _parse_optional_seconds, "half-life of new memories in seconds ('none' = they "
-        "never decay)"
-    )
-    archive_threshold: float = _setting(
-        0.05, _parse_number(float, minimum=0.0), "prune archives memories whose current "
-        "strength is below this"
-    )
-    prune_batch: int = _setting(500, _parse_number(int, minimum=1), "rows per prune transaction")
-    max_key_chars: int = _setting(512, _parse_number(int, minimum=1), "longest key")
-    max_namespace_chars: int = _setting(64, _parse_number(int, minimum=1), "longest namespace")
-    max_tags: int = _setting(32, _parse_number(int, minimum=0), "most tags on one memory")
-    max_tag_chars: int = _setting(64, _parse_number(int, minimum=1), "longest tag")
-    max_value_bytes: int = _setting(
-        1024 * 1024, _parse_number(int, minimum=16), "largest value, as UTF-8 JSON"
-    )
-    max_batch_ops: int = _setting(1000, _parse_number(int, minimum=1), "most ops in one batch")
-    group_commit_max: int = _setting(
-        256, _parse_number(int, minimum=1), "most writes the group committer puts in one "
-        "transaction"
-    )
-    token: str = _setting("", _parse_text, "bearer token for the HTTP API ('' = no auth)")
-    host: str = _setting("127.0.0.1", _parse_text, "HTTP bind address")
-    port: int = _setting(8765, _parse_number(int, minimum=0), "HTTP port (0 = any free port)")
+        64 * 1024 * 1024, _INT(minimum=4096), "past half of this the checkpointer empties the "
+        "WAL file (and half of it bounds the frames between two checkpoints); past 4x "
+        "writers of other processes checkpoint themselves")
+    reader_warn_s: float = _setting(30.0, _FLOAT(minimum=0.01), "log a read that holds its "
+                                    "snapshot (so the WAL cannot restart) longer than this")
+    decay_interval_s: float = _setting(300.0, _FLOAT(minimum=0.01), "seconds between prune "
+                                       "passes")
+    default_half_life_s: float | None = _setting(None, _parse_optional_seconds, "half-life of "
+                                                 "new memories in seconds ('none' = they never "
+                                                 "decay)")
+    archive_threshold: float = _setting(0.05, _FLOAT(minimum=0.0), "prune archives memories "
+                                        "whose current strength is below this")
+    prune_batch: int = _setting(500, _INT(minimum=1), "rows per prune transaction")
+    max_key_chars: int = _setting(512, _INT(minimum=1), "longest key")
+    max_namespace_chars: int = _setting(64, _INT(minimum=1), "longest namespace")
+    max_tags: int = _setting(32, _INT(minimum=0), "most tags on one memory")
+    max_tag_chars: int = _setting(64, _INT(minimum=1), "longest tag")
+    max_value_bytes: int = _setting(1024 * 1024, _INT(minimum=16), "largest value, as UTF-8 JSON")
+    max_batch_ops: int = _setting(1000, _INT(minimum=1), "most ops in one batch")
+    group_commit_max: int = _setting(256, _INT(minimum=1), "most writes the group committer "
+                                     "puts in one transaction")
+    token: str = _setting("", str, "bearer token for the HTTP API ('' = no auth)")
+    host: str = _setting("127.0.0.1", str, "HTTP bind address")
+    port: int = _setting(8765, _INT(minimum=0), "HTTP port (0 = any free port)")
 
     @property
     def wal_soft_cap_bytes(self) -> int:
@@ -374,14 +305,13 @@ class Config:
     @property
     def wal_pages(self) -> int:
         """WAL frames between the elected writer's checkpoints: checkpoint_pages, or
-        fewer when half of wal_cap_bytes holds fewer (4 KiB pages, SQLite's default)."""
-        return max(1, min(self.checkpoint_pages, (self.wal_cap_bytes // 2 - 32) // 4120))
+        fewer when the soft cap holds fewer (4 KiB pages, SQLite's default)."""
+        return max(1, min(self.checkpoint_pages, (self.wal_soft_cap_bytes - 32) // 4120))
 
     @property
     def wal_keep_bytes(self) -> int:
         """What a restarting WAL file is cut back to (``journal_size_limit``): the frames
-        of one checkpoint interval, so that growth past it shows that the WAL did not
-        restart."""
+        of one checkpoint interval, so growth past it shows the WAL did not restart."""
         return 32 + self.wal_pages * 4120
 
     @property
@@ -391,36 +321,26 @@ class Config:
     @classmethod
     def build(cls, *, environ: Mapping[str, str] | None = None,
               flags: Mapping[str, str | None] | None = None) -> Config:
-        """Defaults, then ``environ`` (default ``os.environ``), then ``flags``.
-
-        ``flags`` maps field names to the raw strings given on the command line (``None``
-        = not given), as ``add_config_arguments()`` collects them.
-
-        Raises:
-            ConfigError: a value is bad; the message names the variable or flag.
-        """
+        """Defaults, then ``environ`` (default ``os.environ``), then ``flags`` (field names
+        to the raw strings given on the command line, ``None`` = not given, as
+        ``add_config_arguments()`` collects them).  ConfigError names a bad value's source."""
         environ = os.environ if environ is None else environ
         flags = flags or {}
         values: dict[str, Any] = {"db": default_db_path(environ)}
         for field in dataclasses.fields(cls):
-            parse = field.metadata["parse"]
-            for source, raw in (
-                (_env_name(field), environ.get(_env_name(field))),
-                (_flag_name(field), flags.get(field.name)),
-            ):
+            for source, raw in ((_env_name(field), environ.get(_env_name(field))),
+                                (_flag_name(field), flags.get(field.name))):
                 if raw is None or (field.name == "db" and source == "KVMEM_DB"):
                     continue  # KVMEM_DB was already read by default_db_path()
                 try:
-                    values[field.name] = parse(raw)
+                    values[field.name] = field.metadata["parse"](raw)
                 except ValueError as exc:
                     raise ConfigError(f"{source}={raw!r}: {exc}") from exc
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
         """The settings as a dict, with the token hidden."""
-        out = dataclasses.asdict(self)
-        out["token"] = "set" if self.token else ""
-        return out
+        return {**dataclasses.asdict(self), "token": "set" if self.token else ""}
 
 
 def _env_name(field: dataclasses.Field[Any]) -> str:
@@ -435,12 +355,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
     """Add one ``--flag`` per Config field; values stay raw strings for ``Config.build``."""
     group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
     for field in dataclasses.fields(Config):
-        if field.name in exclude:
-            continue
-        group.add_argument(
-            _flag_name(field), dest=field.name, default=None, metavar=field.name.upper(),
-            help=f"{field.metadata['help']} [env {_env_name(field)}]",
-        )
+        if field.name not in exclude:
+            group.add_argument(_flag_name(field), dest=field.name, default=None,
+                               metavar=field.name.upper(),
+                               help=f"{field.metadata['help']} [env {_env_name(field)}]")
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
@@ -545,29 +463,38 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def validate_seconds(value: object, name: str, *, maximum: float = MAX_TTL_SECONDS) -> float | None:
-    """A positive, finite number of seconds (``None`` passes through)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInputError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or not 0 < value <= maximum:
-        raise InvalidInputError(f"{name} must be > 0 and <= {maximum:g} seconds (got {value!r})")
-    return float(value)
+def _number(name: str, *, integer: bool = False, low: float = -math.inf,
+            high: float = math.inf, above: bool = False, optional: bool = False,
+            hint: str = "") -> Callable[..., Any]:
+    """A check for a finite number (an int if ``integer``) from ``low`` (exclusive if
+    ``above``) to ``high``, as a float or int; ``None`` passes if ``optional``."""
+    def check(value: object, config: Config | None = None) -> Any:
+        if value is None and optional:
+            return None
+        if (isinstance(value, bool) or not isinstance(value, int if integer else int | float)
+                or not (isinstance(value, int) or math.isfinite(value))
+                or not (low < value if above else low <= value) or value > high):
+            bounds = ", ".join(f"{op} {bound:g}" for op, bound in (
+                (">" if above else ">=", low), ("<=", high)) if math.isfinite(bound))
+            raise InvalidInputError(f"{name} must be {'an integer' if integer else 'a number'}"
+                                    f" {bounds}{' or null' if optional else ''}{hint}"
+                                    f" (got {str(value)[:40]})")
+        return value if integer else float(value)
+    return check
 
 
-def validate_version(value: object, name: str = "if_version") -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"{name} must be an integer >= 0 (0 = only if absent)")
-    return value
+validate_version = _number("if_version", integer=True, low=0, optional=True,
+                           hint="; 0 = only if absent")
+
+
+def _seconds(name: str) -> Callable[..., Any]:
+    """A check for a positive number of seconds, at most MAX_TTL_SECONDS, or ``None``."""
+    return _number(name, low=0, above=True, high=MAX_TTL_SECONDS, optional=True)
 
 
 def validate_limit(value: object, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise InvalidInputError(f"limit must be an integer from 1 to {maximum}")
-    return value
+    limit: int = _number("limit", integer=True, low=1, high=maximum)(value)
+    return limit
 
 
 def strength_at(strength: float, last_reinforced_at: float, half_life_seconds: float | None,
@@ -656,34 +583,12 @@ def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: str |
     return str(data["k"])
 
 
-def _number(name: str, *, minimum: float = -math.inf,
-            optional: bool = False) -> Callable[[object, Config], float | None]:
-    """A check for a finite number >= ``minimum`` (or null, if ``optional``), as a float."""
-    def check(value: object, config: Config) -> float | None:
-        if value is None and optional:
-            return None
-        if (isinstance(value, bool) or not isinstance(value, int | float)
-                or not math.isfinite(value) or value < minimum):
-            bound = "" if minimum == -math.inf else f" >= {minimum:g}"
-            raise InvalidInputError(f"{name} must be a finite number{bound}"
-                                    + (" or null" if optional else ""))
-        return float(value)
-    return check
-
-
 def _boolean(name: str) -> Callable[[object, Config], bool]:
     def check(value: object, config: Config) -> bool:
         if not isinstance(value, bool):
             raise InvalidInputError(f"{name} must be true or false")
         return value
     return check
-
-
-def _stored_version(value: object, config: Config) -> int:
-    version = validate_version(value, "version")
-    if not version:
-        raise InvalidInputError("version must be an integer >= 1")
-    return version
 
 
 def _memory_field(schema: dict[str, Any], check: Callable[[Any, Config], Any], *,
@@ -719,15 +624,16 @@ class Memory:
                                load=json.loads)
     tags: list[str] = _memory_field({"type": "array", "items": {"type": "string"}},
                                     validate_tags, dump=_dump_json, load=_load_tags)
-    version: int = _memory_field({"type": "integer", "minimum": 1}, _stored_version)
+    version: int = _memory_field({"type": "integer", "minimum": 1},
+                                  _number("version", integer=True, low=1))
     created_at: float = _memory_field(TIME_SCHEMA, _number("created_at"), time=True)
     updated_at: float = _memory_field(TIME_SCHEMA, _number("updated_at"), time=True)
     expires_at: float | None = _memory_field(
         {**TIME_SCHEMA, "type": ["string", "null"]}, _number("expires_at", optional=True),
         time=True)
-    strength: float = _memory_field({"type": "number"}, _number("strength", minimum=0))
+    strength: float = _memory_field({"type": "number"}, _number("strength", low=0))
     half_life_seconds: float | None = _memory_field(
-        {"type": ["number", "null"]}, lambda v, c: validate_seconds(v, "half_life_seconds"))
+        {"type": ["number", "null"]}, _seconds("half_life_seconds"))
     last_reinforced_at: float = _memory_field(TIME_SCHEMA, _number("last_reinforced_at"),
                                               time=True)
     archived: bool = _memory_field({"type": "boolean"}, _boolean("archived"), dump=int,
@@ -823,7 +729,7 @@ NAMESPACE_ARG = _arg(lambda c: {"type": "string", "pattern": f"^{NAMESPACE_RE.pa
 KEY_ARG = _arg(lambda c: {"type": "string", "minLength": 1, "maxLength": c.max_key_chars},
                validate_key, required=True)
 IF_VERSION_ARG = _arg(lambda c: {"type": ["integer", "null"], "minimum": 0},
-                      lambda v, c: validate_version(v))
+                      validate_version)
 SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0,
                   "maximum": MAX_TTL_SECONDS}
 
@@ -893,9 +799,9 @@ class SetOp(Op):
                                       "items": {"type": "string", "minLength": 1,
                                                 "maxLength": c.max_tag_chars}}, validate_tags)
     ttl_seconds: float | None = _arg(lambda c: SECONDS_SCHEMA,
-                                     lambda v, c: validate_seconds(v, "ttl_seconds"))
+                                     _seconds("ttl_seconds"))
     half_life_seconds: float | None = _arg(
-        lambda c: SECONDS_SCHEMA, lambda v, c: validate_seconds(v, "half_life_seconds"),
+        lambda c: SECONDS_SCHEMA, _seconds("half_life_seconds"),
         default=lambda config: config.default_half_life_s)
     if_version: int | None = IF_VERSION_ARG
     value_json: str = ""  # the value as stored: compact JSON (``value`` is parsed back from it)
