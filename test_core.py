@@ -1,0 +1,284 @@
+"""The pure core, in tables and without a database: each op's plan from the memory as
+stored to the next one, the liveness rules, op parsing, and the checkpoint decisions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jsonschema
+import pytest
+
+import kvmem
+
+CONFIG = kvmem.Config.build(environ={}, flags={"default_half_life_s": "3600"})
+NOW = 1_000_000.0
+
+
+def stored(**changes: Any) -> kvmem.Memory:
+    """A memory as stored: version 3, created at 10, no TTL, live, reinforced one
+    half-life (100 s) ago."""
+    memory = kvmem.Memory(namespace="ns", key="k", value={"old": 1}, tags=["t"], version=3,
+                          created_at=10.0, updated_at=20.0, expires_at=None, strength=0.4,
+                          half_life_seconds=100.0, last_reinforced_at=NOW - 100,
+                          archived=False)
+    return dataclasses.replace(memory, **changes)
+
+
+EXPIRED = stored(expires_at=NOW)  # expires_at <= now: expired
+ARCHIVED = stored(archived=True)
+NOT_YET = stored(expires_at=NOW + 0.001)
+
+
+# -------------------------------------------------------------------------- liveness ----
+
+@pytest.mark.parametrize(("memory", "expired", "live"), [
+    (stored(), False, True),
+    (EXPIRED, True, False),
+    (NOT_YET, False, True),
+    (ARCHIVED, False, False),
+    (dataclasses.replace(ARCHIVED, expires_at=NOW - 1), True, False),
+])
+def test_liveness(memory: kvmem.Memory, expired: bool, live: bool) -> None:
+    assert (memory.is_expired(NOW), memory.is_live(NOW)) == (expired, live)
+
+
+# ---------------------------------------------------------------------------- set plan ----
+
+def set_op(**spec: Any) -> kvmem.SetOp:
+    return kvmem.SetOp.parse({"value": {"new": 2}, **spec}, CONFIG, key="k", namespace="ns")
+
+
+# current, extra arguments, then (version, created_at) of the result, or the conflict's
+# current_version.
+SET_TABLE: list[tuple[kvmem.Memory | None, dict[str, Any], tuple[int, float] | int]] = [
+    (None, {}, (1, NOW)),                          # created
+    (stored(), {}, (4, 10.0)),                     # replaced: version bumped, created kept
+    (EXPIRED, {}, (1, NOW)),                       # expired counts as absent
+    (NOT_YET, {}, (4, 10.0)),
+    (ARCHIVED, {}, (4, 10.0)),                     # archived counts as present
+    (None, {"if_version": 0}, (1, NOW)),           # only if absent: it is
+    (EXPIRED, {"if_version": 0}, (1, NOW)),
+    (stored(), {"if_version": 3}, (4, 10.0)),      # compare-and-set matches
+    (ARCHIVED, {"if_version": 3}, (4, 10.0)),
+    (stored(), {"if_version": 0}, 3),              # present: conflict, current 3
+    (ARCHIVED, {"if_version": 0}, 3),
+    (stored(), {"if_version": 2}, 3),
+    (None, {"if_version": 1}, 0),                  # absent: current 0
+    (EXPIRED, {"if_version": 3}, 0),               # expired: absent
+]
+
+
+@pytest.mark.parametrize(("current", "spec", "expected"), SET_TABLE)
+def test_set_plan(current: kvmem.Memory | None, spec: dict[str, Any],
+                  expected: tuple[int, float] | int) -> None:
+    op = set_op(tags=["a", "b", "a"], ttl_seconds=60, **spec)
+    if isinstance(expected, int):
+        with pytest.raises(kvmem.VersionConflictError) as info:
+            op.plan(current, NOW)
+        assert info.value.current_version == expected and info.value.key == "k"
+        return
+    after, outcome = op.plan(current, NOW)
+    assert after == outcome
+    assert (after.version, after.created_at) == expected
+    assert after == kvmem.Memory(
+        namespace="ns", key="k", value={"new": 2}, tags=["a", "b"], version=expected[0],
+        created_at=expected[1], updated_at=NOW, expires_at=NOW + 60,
+        strength=kvmem.INITIAL_STRENGTH, half_life_seconds=3600.0, last_reinforced_at=NOW,
+        archived=False)  # full strength, un-archived, fresh TTL, the default half-life
+
+
+@pytest.mark.parametrize(("spec", "half_life"), [
+    ({}, 3600.0),                                # omitted: the configured default
+    ({"half_life_seconds": None}, None),         # null: never decays
+    ({"half_life_seconds": 5}, 5.0),
+])
+def test_set_half_life(spec: dict[str, Any], half_life: float | None) -> None:
+    after, _ = set_op(**spec).plan(None, NOW)
+    assert after.half_life_seconds == half_life
+
+
+# ------------------------------------------------------------------------- delete plan ----
+
+DELETE_TABLE: list[tuple[kvmem.Memory | None, int | None, bool | int]] = [
+    (None, None, False),
+    (stored(), None, True),
+    (ARCHIVED, None, True),          # archived is present: reported deleted
+    (EXPIRED, None, False),          # expired is absent (its row goes anyway)
+    (stored(), 3, True),
+    (ARCHIVED, 3, True),
+    (stored(), 2, 3),                # conflict: current 3
+    (stored(), 0, 3),
+    (None, 0, False),
+    (EXPIRED, 0, False),
+    (EXPIRED, 3, 0),                 # expired: current 0
+    (None, 1, 0),
+]
+
+
+@pytest.mark.parametrize(("current", "if_version", "expected"), DELETE_TABLE)
+def test_delete_plan(current: kvmem.Memory | None, if_version: int | None,
+                     expected: bool | int) -> None:
+    op = kvmem.DeleteOp.parse({"if_version": if_version}, CONFIG, key="k", namespace="ns")
+    if not isinstance(expected, bool):
+        with pytest.raises(kvmem.VersionConflictError) as info:
+            op.plan(current, NOW)
+        assert info.value.current_version == expected
+        return
+    assert op.plan(current, NOW) == (None, expected)  # no row afterwards, either way
+
+
+# ---------------------------------------------------------------------- reinforce plan ----
+
+@pytest.mark.parametrize(("current", "strength"), [
+    (stored(), 0.7),      # one half-life since: 0.4 -> 0.2, plus the boost 0.5
+    (ARCHIVED, 0.7),      # and an archived one is restored
+    (stored(strength=0.9, half_life_seconds=None), 1.0),                      # capped
+    (stored(last_reinforced_at=NOW + 50), 0.4 + kvmem.REINFORCE_BOOST),      # clock back
+])
+def test_reinforce_plan(current: kvmem.Memory, strength: float) -> None:
+    op = kvmem.ReinforceOp.parse({}, CONFIG, key="k", namespace="ns")
+    after, outcome = op.plan(current, NOW)
+    assert after == outcome
+    assert math.isclose(after.strength, strength)
+    assert after == dataclasses.replace(current, strength=after.strength,
+                                        last_reinforced_at=NOW, archived=False)
+    assert after.version == current.version  # content unchanged: version kept
+
+
+@pytest.mark.parametrize("current", [None, EXPIRED])
+def test_reinforce_plan_absent(current: kvmem.Memory | None) -> None:
+    op = kvmem.ReinforceOp.parse({}, CONFIG, key="k", namespace="ns")
+    with pytest.raises(kvmem.NotFoundError, match="'k'"):
+        op.plan(current, NOW)
+
+
+# --------------------------------------------------------------------------- parsing ----
+
+@pytest.mark.parametrize(("spec", "given", "fragment"), [
+    ({}, {"key": "k"}, "field 'value' is required"),
+    ({"value": 1}, {}, "field 'key' is required"),
+    ({"value": 1, "colour": "red"}, {"key": "k"}, "unknown field 'colour'"),
+    ({"value": 1, "key": "other"}, {"key": "k"}, "unknown field 'key'"),  # given, not in spec
+    ({"value": 1, "ttl_seconds": 0}, {"key": "k"}, "ttl_seconds"),
+    ({"value": 1, "ttl_seconds": 10 ** 400}, {"key": "k"}, "ttl_seconds"),
+    ({"value": 1, "if_version": True}, {"key": "k"}, "if_version"),
+    ({"value": 1, "if_version": -1}, {"key": "k"}, "if_version"),
+    ({"value": 1, "tags": "a,b"}, {"key": "k"}, "tags"),
+    ({"value": float("nan")}, {"key": "k"}, "JSON"),
+    ({"value": 1}, {"key": "k", "namespace": "bad ns"}, "namespace"),
+    ([1], {"key": "k"}, "must be an object"),
+])
+def test_set_parse_refuses(spec: Any, given: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(kvmem.InvalidInputError, match=fragment):
+        kvmem.SetOp.parse(spec, CONFIG, **given)
+
+
+def test_set_parse_normalises() -> None:
+    op = kvmem.SetOp.parse({"value": (1, "é"), "tags": ("x", "x")}, CONFIG, key="k")
+    assert (op.namespace, op.value, op.value_json, op.tags) == ("default", [1, "é"],
+                                                                '[1,"é"]', ["x"])
+
+
+@pytest.mark.parametrize(("spec", "kind"), [
+    ({"op": "set", "key": "a", "value": 1}, kvmem.SetOp),
+    ({"op": "delete", "key": "a"}, kvmem.DeleteOp),
+])
+def test_batch_op_kinds(spec: dict[str, Any], kind: type[kvmem.Op]) -> None:
+    op = kvmem.parse_batch_op(spec, CONFIG, namespace="ns")
+    assert type(op) is kind and (op.namespace, op.key) == ("ns", "a")
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ({"op": "upsert", "key": "a"}, "op must be one of"),
+    ({"op": "reinforce", "key": "a"}, "op must be one of"),   # not a batch op
+    ({"op": "delete", "key": "a", "value": 1}, "unknown field 'value'"),
+    ({"op": "set", "key": "a", "namespace": "x", "value": 1}, "unknown field 'namespace'"),
+    ("set", "must be an object"),
+])
+def test_batch_op_refused(spec: Any, fragment: str) -> None:
+    with pytest.raises(kvmem.InvalidInputError, match=fragment):
+        kvmem.parse_batch_op(spec, CONFIG, namespace="ns")
+
+
+def test_schemas_follow_the_ops_and_the_limits() -> None:
+    small = kvmem.Config.build(environ={}, flags={"max_key_chars": "7", "max_tags": "2"})
+    body = kvmem.SetOp.schema(small, exclude=("namespace", "key"))
+    assert body["required"] == ["value"] and body["additionalProperties"] is False
+    assert set(body["properties"]) == {"value", "tags", "ttl_seconds", "half_life_seconds",
+                                       "if_version"}
+    assert body["properties"]["tags"]["maxItems"] == 2
+    op = kvmem.batch_op_schema(small)
+    assert op["properties"]["op"]["enum"] == ["set", "delete"]
+    assert op["properties"]["key"]["maxLength"] == 7
+
+
+def test_render_matches_the_memory_schema_and_record_round_trips() -> None:
+    for memory in (stored(), NOT_YET, ARCHIVED):
+        shown = memory.render(NOW)
+        jsonschema.validate(shown, kvmem.MEMORY_SCHEMA)
+        assert set(shown) == set(kvmem.MEMORY_SCHEMA["required"])
+        assert shown["created_at"] == "1970-01-01T00:00:10.000000Z"
+        record = json.loads(json.dumps(memory.to_record()))
+        assert kvmem.memory_from_record(record, CONFIG) == memory
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"version": 0}, "version"),
+    ({"strength": -1}, "strength"),
+    ({"archived": 1}, "archived"),
+    ({"created_at": "yesterday"}, "created_at"),
+    ({"expires_at": float("inf")}, "expires_at"),
+    ({"extra": 1}, "unknown"),
+])
+def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> None:
+    record = {**stored().to_record(), **change}
+    with pytest.raises(kvmem.InvalidInputError, match=fragment):
+        kvmem.memory_from_record(record, CONFIG)
+
+
+# -------------------------------------------------------------- checkpoint decisions ----
+
+CAP = kvmem.Config.build(environ={}, flags={"wal_cap_bytes": str(64 * 1024 * 1024)})
+SOFT, HARD = CAP.wal_soft_cap_bytes, CAP.wal_hard_cap_bytes
+FRAME = 4096 + 24
+
+
+@pytest.mark.parametrize(("wal_bytes", "changed", "since_s", "complete", "pages", "want"), [
+    (0, False, 10.0, True, 1000, None),                    # idle and done
+    (100, True, 0.01, True, 1000, None),                   # changed, but asked just now
+    (100, True, kvmem.ACTIVE_POLL_S, True, 1000, "idle"),  # another process wrote
+    (100, False, 1.0, False, 1000, "idle"),                # a reader held the last one back
+    (4 * 1000 * FRAME, False, 0.0, True, 1000, None),      # four intervals: not yet
+    (4 * 1000 * FRAME + 1, False, 0.0, True, 1000, "shrink"),
+    (4 * 16 * FRAME + 1, False, 0.0, True, 16, "shrink"),  # a low pages_limit (full disk)
+    (SOFT + 1, False, 0.0, True, 100_000, "shrink"),       # the soft cap bounds it too
+])
+def test_checkpoint_request(wal_bytes: int, changed: bool, since_s: float, complete: bool,
+                            pages: int, want: str | None) -> None:
+    assert kvmem.checkpoint_request(wal_bytes, changed=changed, since_s=since_s,
+                                    complete=complete, pages_limit=pages, page_size=4096,
+                                    config=CAP) == want
+
+
+@pytest.mark.parametrize(("wal_bytes", "lock_free", "want"), [
+    (SOFT, True, None),                    # at the soft cap: nothing to do
+    (SOFT + 1, True, "no checkpointer"),   # nobody holds the election
+    (SOFT + 1, False, None),               # the checkpointer's job
+    (HARD, False, None),
+    (HARD + 1, False, "fallback"),         # a checkpointer that does not keep up
+    (HARD + 1, True, "no checkpointer"),
+])
+def test_fallback_reason(wal_bytes: int, lock_free: bool, want: str | None) -> None:
+    assert kvmem.fallback_reason(wal_bytes, lock_free=lock_free, config=CAP) == want
+
+
+@pytest.mark.parametrize(("free_bytes", "want"), [
+    (10 ** 12, CAP.wal_pages),         # plenty of room
+    (400 * 4096, 100),                 # a quarter of the free pages
+    (0, 16),                           # never below 16
+])
+def test_wal_pages_limit(free_bytes: int, want: int) -> None:
+    assert kvmem.wal_pages_limit(free_bytes, 4096, CAP) == want
