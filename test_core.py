@@ -1,5 +1,6 @@
 """The pure core, in tables and without a database: each op's plan from the memory as
-stored to the next one, the liveness rules, op parsing, and the checkpoint decisions."""
+stored to the next one, the liveness rules, op parsing, and the checkpoint decisions;
+then the one write path that applies a plan, on a real file."""
 
 from __future__ import annotations
 
@@ -282,3 +283,30 @@ def test_fallback_reason(wal_bytes: int, lock_free: bool, want: str | None) -> N
 ])
 def test_wal_pages_limit(free_bytes: int, want: int) -> None:
     assert kvmem.wal_pages_limit(free_bytes, 4096, CAP) == want
+
+
+# -------------------------------------------------- the one write path, on a real file ----
+
+def test_write_sets_only_changed_columns(tmp_path: Any) -> None:
+    """A reinforce changes no indexed column, so the full-text trigger does not run; a
+    set with new text re-indexes.  (total_changes counts the rows the trigger and FTS5
+    write too: 1 is the memory's row alone.)"""
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:
+        store.set("k", {"text": "green tea"}, tags=["drink"])
+
+        def changes(op: kvmem.Op) -> int:
+            def run(conn: kvmem.KvmemConnection) -> int:
+                before = conn.total_changes
+                kvmem._apply(conn, op, store.clock())
+                return conn.total_changes - before
+            result: int = store._writer.submit(run)
+            return result
+
+        assert changes(kvmem.ReinforceOp.parse({}, CONFIG, key="k")) == 1
+        same = {"value": {"text": "green tea"}, "tags": ["drink"]}
+        assert changes(kvmem.SetOp.parse(same, CONFIG, key="k")) == 1
+        assert changes(kvmem.SetOp.parse({"value": "oolong"}, CONFIG, key="k")) > 1  # re-indexed
+        assert [h.memory.key for h in store.search("oolong")] == ["k"]
+        assert store.search("green") == []
+        memory = store.get("k")
+        assert memory is not None and (memory.version, memory.value) == (3, "oolong")
