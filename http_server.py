@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import kvmem
+import kvmem_cli
 
 log = logging.getLogger("kvmem.http")
 
@@ -603,12 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API")
     parser.add_argument("--token-file", help="read the bearer token from this file")
     parser.add_argument("--log-level", default="INFO")
-    kvmem.add_config_arguments(parser)
+    kvmem_cli.add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = kvmem.config_from_args(args)
+        config = kvmem_cli.config_from_args(args)
         if args.token_file:
             with open(args.token_file, encoding="utf-8") as fp:
                 config = dataclasses.replace(config, token=fp.read().strip())

@@ -44,7 +44,6 @@ checkpoints), group commit, the Store, background threads.  The CLI is ``kvmem_c
 
 from __future__ import annotations
 
-import argparse
 import base64
 import builtins
 import collections
@@ -323,13 +322,14 @@ class Config:
               flags: Mapping[str, str | None] | None = None) -> Config:
         """Defaults, then ``environ`` (default ``os.environ``), then ``flags`` (field names
         to the raw strings given on the command line, ``None`` = not given, as
-        ``add_config_arguments()`` collects them).  ConfigError names a bad value's source."""
+        ``kvmem_cli.add_config_arguments()`` collects them).  A ConfigError names a bad
+        value's source."""
         environ = os.environ if environ is None else environ
         flags = flags or {}
         values: dict[str, Any] = {"db": default_db_path(environ)}
         for field in dataclasses.fields(cls):
-            for source, raw in ((_env_name(field), environ.get(_env_name(field))),
-                                (_flag_name(field), flags.get(field.name))):
+            for source, raw in ((env_name(field), environ.get(env_name(field))),
+                                (flag_name(field), flags.get(field.name))):
                 if raw is None or (field.name == "db" and source == "KVMEM_DB"):
                     continue  # KVMEM_DB was already read by default_db_path()
                 try:
@@ -343,27 +343,12 @@ class Config:
         return {**dataclasses.asdict(self), "token": "set" if self.token else ""}
 
 
-def _env_name(field: dataclasses.Field[Any]) -> str:
+def env_name(field: dataclasses.Field[Any]) -> str:
     return str(field.metadata["env"] or "KVMEM_" + field.name.upper())
 
 
-def _flag_name(field: dataclasses.Field[Any]) -> str:
+def flag_name(field: dataclasses.Field[Any]) -> str:
     return str(field.metadata["flag"] or "--" + field.name.replace("_", "-"))
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
-    """Add one ``--flag`` per Config field; values stay raw strings for ``Config.build``."""
-    group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
-    for field in dataclasses.fields(Config):
-        if field.name not in exclude:
-            group.add_argument(_flag_name(field), dest=field.name, default=None,
-                               metavar=field.name.upper(),
-                               help=f"{field.metadata['help']} [env {_env_name(field)}]")
-
-
-def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
-    return Config.build(environ=environ, flags=flags)
 
 
 # ========================================================================= pure core ====
@@ -900,9 +885,8 @@ def _check_version(expected: int | None, current: int, key: str) -> None:
 
 # =========================================================================== storage ====
 
-SCHEMA_VERSION = 1
-
-# Each entry brings user_version from its index to index + 1; run in one BEGIN IMMEDIATE.
+# Each entry brings user_version from its index to index + 1, in one transaction; a new
+# column of memories (a new Memory field) is a new entry: ALTER TABLE memories ADD COLUMN.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE memories (
@@ -948,7 +932,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END""",
     ),
 )
-assert len(MIGRATIONS) == SCHEMA_VERSION
+SCHEMA_VERSION = len(MIGRATIONS)  # what user_version says once every step ran
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_MAGICS = (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")

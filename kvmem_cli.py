@@ -1,7 +1,8 @@
-"""``kvmem``, the command line: check, stats, checkpoint and back up a database file.
+"""kvmem's command-line edge: a flag for every setting (used by both servers too), and
+the ``kvmem`` command, which checks, checkpoints, backs up and reports on a database file.
 
 Every command prints JSON on stdout and exits 1 on a problem.  The library is ``kvmem.py``
-(one stdlib-only file); this is its edge for a shell.
+(one stdlib-only file); errors become JSON here, at the edge.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kvmem import (
@@ -21,14 +22,30 @@ from kvmem import (
     InvalidInputError,
     KvmemError,
     NotFoundError,
-    add_config_arguments,
     checkpoint_elected,
     checkpoint_lock_free,
-    config_from_args,
     database_stats,
+    env_name,
+    flag_name,
     open_db,
     wal_size,
 )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
+    """Add one ``--flag`` per Config field; values stay raw strings for ``Config.build``."""
+    group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
+    for field in dataclasses.fields(Config):
+        if field.name not in exclude:
+            group.add_argument(flag_name(field), dest=field.name, default=None,
+                               metavar=field.name.upper(),
+                               help=f"{field.metadata['help']} [env {env_name(field)}]")
+
+
+def config_from_args(args: argparse.Namespace,
+                     environ: Mapping[str, str] | None = None) -> Config:
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
+    return Config.build(environ=environ, flags=flags)
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pydantic import WithJsonSchema
 from typing_extensions import NotRequired, Required, TypedDict  # noqa: UP035 (pydantic needs these on 3.11)
 
 import kvmem
+import kvmem_cli
 
 log = logging.getLogger("kvmem.mcp")
 
@@ -230,12 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmem-mcp", description="kvmem as an MCP server")
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
     parser.add_argument("--log-level", default="INFO")
-    kvmem.add_config_arguments(parser)
+    kvmem_cli.add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = kvmem.config_from_args(args)
+        config = kvmem_cli.config_from_args(args)
         store = kvmem.Store.open(config=config, role="mcp", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
         print(f"kvmem-mcp: {exc}", file=sys.stderr)
