@@ -719,6 +719,18 @@ SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0,
                   "maximum": MAX_TTL_SECONDS}
 
 
+_ARGUMENTS: dict[type, tuple[tuple[dataclasses.Field[Any], ...], frozenset[str]]] = {}
+
+
+def _arguments(cls: type[Op]) -> tuple[tuple[dataclasses.Field[Any], ...], frozenset[str]]:
+    """The fields of an op class that are arguments, and their names (computed once)."""
+    if cls not in _ARGUMENTS:
+        fields = tuple(f for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                       if "check" in f.metadata)
+        _ARGUMENTS[cls] = fields, frozenset(f.name for f in fields)
+    return _ARGUMENTS[cls]
+
+
 class Op:
     """An operation on one memory: the arguments, checked by ``parse``, and ``plan``, the
     pure rule that takes the memory as stored now (``None`` = no row, expired or not) to
@@ -730,8 +742,8 @@ class Op:
     key: str
 
     @classmethod
-    def arguments(cls) -> builtins.list[dataclasses.Field[Any]]:
-        return [f for f in dataclasses.fields(cls) if "check" in f.metadata]  # type: ignore[arg-type]
+    def arguments(cls) -> tuple[dataclasses.Field[Any], ...]:
+        return _arguments(cls)[0]
 
     @classmethod
     def checked(cls, spec: object, config: Config, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -739,7 +751,7 @@ class Op:
         interface: a key in the path, the namespace of a batch), each checked once."""
         if not isinstance(spec, Mapping):
             raise InvalidInputError(f"a {cls.kind} op must be an object")
-        names = {f.name for f in cls.arguments()} - set(given)
+        names = _arguments(cls)[1] - given.keys()
         unknown = sorted(str(name) for name in spec if name not in names)
         if unknown:
             raise InvalidInputError(f"unknown field {unknown[0][:100]!r} for a {cls.kind} op")
@@ -958,13 +970,17 @@ SEARCH_MEMORIES = (
     " ORDER BY -rank * kvmem_strength(m.strength, m.last_reinforced_at, m.half_life_seconds, ?)"
     " DESC, m.key LIMIT ?"
 )
-_LOADS = tuple(f.metadata["load"] for f in MEMORY_FIELDS)
-_DUMPS = tuple(f.metadata["dump"] for f in MEMORY_FIELDS)
+_LOADS = [(i, f.metadata["load"]) for i, f in enumerate(MEMORY_FIELDS) if f.metadata["load"]]
+_DUMPS = [(i, f.metadata["dump"]) for i, f in enumerate(MEMORY_FIELDS) if f.metadata["dump"]]
+_VALUE = MEMORY_COLUMNS.index("value")
 
 
 def _row_memory(row: Sequence[Any]) -> Memory:
     """A row of ``SELECT_MEMORY`` (id first) as a Memory."""
-    return Memory(*[load(v) if load else v for load, v in zip(_LOADS, row[1:], strict=False)])
+    values = list(row[1:len(MEMORY_COLUMNS) + 1])
+    for i, load in _LOADS:
+        values[i] = load(values[i])
+    return Memory(*values)
 
 
 def _apply(conn: KvmemConnection, op: Op, now: float) -> Any:
@@ -987,10 +1003,9 @@ def _write(conn: KvmemConnection, row: Sequence[Any] | None, memory: Memory | No
         if row is not None:
             conn.execute("DELETE FROM memories WHERE id = ?", (row[0],))
         return
-    values = [dump(getattr(memory, name)) if dump else getattr(memory, name)
-              for name, dump in zip(MEMORY_COLUMNS, _DUMPS, strict=True)]
-    if value_json is not None:
-        values[MEMORY_COLUMNS.index("value")] = value_json
+    values = [getattr(memory, name) for name in MEMORY_COLUMNS]
+    for i, dump in _DUMPS:
+        values[i] = value_json if i == _VALUE and value_json is not None else dump(values[i])
     if row is None:
         conn.execute(INSERT_MEMORY, values)
         return
