@@ -244,18 +244,15 @@ _INT, _FLOAT = functools.partial(_parse_number, int), functools.partial(_parse_n
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of kvmem, for the library, both servers and the CLI.
-
-    Built by ``Config.build()``: defaults, then ``KVMEM_*`` environment variables, then
-    command-line flags.  Each field's environment variable is ``KVMEM_<FIELD>`` and its
-    flag ``--<field-with-dashes>`` unless named otherwise below.
-    """
+    """Every setting of kvmem, for the library, both servers and the CLI, built by
+    ``Config.build()``.  A field's environment variable is ``KVMEM_<FIELD>`` and its flag
+    ``--<field-with-dashes>`` unless named otherwise below."""
 
     db: str = _setting("", _parse_path, "database file", env="KVMEM_DB", flag="--db")
     journal_mode: str = _setting("wal", _parse_choice(*JOURNAL_MODES), "wal or delete")
-    synchronous: str = _setting("extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, "
-                                "full or extra (only full and extra keep acknowledged writes "
-                                "through power loss)")
+    synchronous: str = _setting("extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, full "
+                                "or extra (only full and extra keep acknowledged writes through "
+                                "power loss)")
     busy_timeout_ms: int = _setting(5000, _INT(minimum=0), "SQLite's wait for locks; also "
                                     "the default deadline of transaction()")
     cache_size_kib: int = _setting(64000, _INT(minimum=1), "page cache per connection")
@@ -273,8 +270,7 @@ class Config:
         "writers of other processes checkpoint themselves")
     reader_warn_s: float = _setting(30.0, _FLOAT(minimum=0.01), "log a read that holds its "
                                     "snapshot (so the WAL cannot restart) longer than this")
-    decay_interval_s: float = _setting(300.0, _FLOAT(minimum=0.01), "seconds between prune "
-                                       "passes")
+    decay_interval_s: float = _setting(300.0, _FLOAT(minimum=0.01), "seconds between prune passes")
     default_half_life_s: float | None = _setting(None, _parse_optional_seconds, "half-life of "
                                                  "new memories in seconds ('none' = they never "
                                                  "decay)")
@@ -320,10 +316,9 @@ class Config:
     @classmethod
     def build(cls, *, environ: Mapping[str, str] | None = None,
               flags: Mapping[str, str | None] | None = None) -> Config:
-        """Defaults, then ``environ`` (default ``os.environ``), then ``flags`` (field names
-        to the raw strings given on the command line, ``None`` = not given, as
-        ``kvmem_cli.add_config_arguments()`` collects them).  A ConfigError names a bad
-        value's source."""
+        """Defaults, then ``environ`` (default ``os.environ``), then ``flags`` (field names to
+        raw command-line strings, ``None`` = not given, as ``kvmem_cli.add_config_arguments()``
+        collects them).  A ConfigError names a bad value's source."""
         environ = os.environ if environ is None else environ
         flags = flags or {}
         values: dict[str, Any] = {"db": default_db_path(environ)}
@@ -422,11 +417,8 @@ def validate_tags(tags: object, config: Config) -> list[str]:
 
 
 def encode_value(value: object, config: Config) -> str:
-    """The value as compact JSON text, at most max_value_bytes of UTF-8.
-
-    Any JSON value is accepted (object, array, string, number, true/false, null); NaN and
-    infinities are not JSON and are refused.
-    """
+    """Any JSON value as compact JSON text, at most max_value_bytes of UTF-8; NaN and
+    infinities are not JSON and are refused."""
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
@@ -484,11 +476,9 @@ def validate_limit(value: object, maximum: int) -> int:
 
 def strength_at(strength: float, last_reinforced_at: float, half_life_seconds: float | None,
                 now: float) -> float:
-    """Current strength: ``strength × 2^(−(now − last_reinforced_at) / half_life)``.
-
-    A memory without a half-life never decays.  Time before the last reinforcement (a
-    clock that went backwards) counts as zero.
-    """
+    """Current strength: ``strength × 2^(−(now − last_reinforced_at) / half_life)``; never
+    decays without a half-life.  Time before the last reinforcement (a clock that went
+    backwards) counts as zero."""
     if half_life_seconds is None:
         return strength
     elapsed = max(0.0, now - last_reinforced_at)
@@ -508,12 +498,9 @@ def expires_at(ttl_seconds: float | None, now: float) -> float | None:
 
 
 def search_score(bm25: float, current_strength: float) -> float:
-    """Ranking score, higher is better: ``−bm25 × current strength``.
-
-    SQLite's bm25() is negative, more negative for a better match; with the column
-    weights of BM25_WEIGHTS.  Multiplying by the current strength (0..1) lets a
-    well-reinforced memory outrank a fading one with the same text.
-    """
+    """Ranking score, higher is better: ``−bm25 × current strength``.  SQLite's bm25() (with
+    BM25_WEIGHTS) is more negative for a better match; the strength (0..1) lets a
+    well-reinforced memory outrank a fading one with the same text."""
     return -bm25 * current_strength
 
 
@@ -619,10 +606,8 @@ class Memory:
     strength: float = _memory_field({"type": "number"}, _number("strength", low=0))
     half_life_seconds: float | None = _memory_field(
         {"type": ["number", "null"]}, _seconds("half_life_seconds"))
-    last_reinforced_at: float = _memory_field(TIME_SCHEMA, _number("last_reinforced_at"),
-                                              time=True)
-    archived: bool = _memory_field({"type": "boolean"}, _boolean("archived"), dump=int,
-                                   load=bool)
+    last_reinforced_at: float = _memory_field(TIME_SCHEMA, _number("last_reinforced_at"), time=True)
+    archived: bool = _memory_field({"type": "boolean"}, _boolean("archived"), dump=int, load=bool)
 
     def is_expired(self, now: float) -> bool:
         """Past its TTL: invisible at once, as if absent (prune deletes it later)."""
@@ -702,8 +687,7 @@ class PruneResult:
 
 def _arg(schema: Callable[[Config], dict[str, Any]], check: Callable[[Any, Config], Any], *,
          required: bool = False, default: Callable[[Config], Any] = lambda config: None) -> Any:
-    """An argument of an operation: its JSON schema (from the limits of a Config), its
-    check, and its value when it is not given."""
+    """An op's argument: its JSON schema (from a Config's limits), check, and default."""
     return dataclasses.field(metadata={"schema": schema, "check": check, "required": required,
                                        "default": default})
 
@@ -713,10 +697,8 @@ NAMESPACE_ARG = _arg(lambda c: {"type": "string", "pattern": f"^{NAMESPACE_RE.pa
                      validate_namespace, default=lambda config: "default")
 KEY_ARG = _arg(lambda c: {"type": "string", "minLength": 1, "maxLength": c.max_key_chars},
                validate_key, required=True)
-IF_VERSION_ARG = _arg(lambda c: {"type": ["integer", "null"], "minimum": 0},
-                      validate_version)
-SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0,
-                  "maximum": MAX_TTL_SECONDS}
+IF_VERSION_ARG = _arg(lambda c: {"type": ["integer", "null"], "minimum": 0}, validate_version)
+SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_TTL_SECONDS}
 
 
 _ARGUMENTS: dict[type, tuple[tuple[dataclasses.Field[Any], ...], frozenset[str]]] = {}
@@ -795,8 +777,7 @@ class SetOp(Op):
     tags: list[str] = _arg(lambda c: {"type": ["array", "null"], "maxItems": c.max_tags,
                                       "items": {"type": "string", "minLength": 1,
                                                 "maxLength": c.max_tag_chars}}, validate_tags)
-    ttl_seconds: float | None = _arg(lambda c: SECONDS_SCHEMA,
-                                     _seconds("ttl_seconds"))
+    ttl_seconds: float | None = _arg(lambda c: SECONDS_SCHEMA, _seconds("ttl_seconds"))
     half_life_seconds: float | None = _arg(
         lambda c: SECONDS_SCHEMA, _seconds("half_life_seconds"),
         default=lambda config: config.default_half_life_s)
@@ -839,8 +820,7 @@ class DeleteOp(Op):
         """No row afterwards; found if there was one that had not expired (archived counts:
         ``if_version`` compares with its version)."""
         present = current is not None and not current.is_expired(now)
-        _check_version(self.if_version, current.version if current and present else 0,
-                       self.key)
+        _check_version(self.if_version, current.version if current and present else 0, self.key)
         return None, present
 
 
