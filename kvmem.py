@@ -877,6 +877,16 @@ def _check_version(expected: int | None, current: int, key: str) -> None:
 
 # =========================================================================== storage ====
 
+# Contentless full-text index: the text lives once, in memories.  A contentless row is
+# deleted by repeating the exact values it was indexed with, which the triggers recompute
+# from the old row.  Body = the string leaves of the JSON value.
+_FTS_ROW = ("{0}.id, {0}.key,"
+            " (SELECT group_concat(value, ' ') FROM json_tree({0}.value) WHERE type = 'text'),"
+            " (SELECT group_concat(value, ' ') FROM json_each({0}.tags))")
+_FTS_ADD = f"INSERT INTO memories_fts (rowid, key, body, tags) VALUES ({_FTS_ROW.format('new')});"
+_FTS_REMOVE = ("INSERT INTO memories_fts (memories_fts, rowid, key, body, tags)"
+               f" VALUES ('delete', {_FTS_ROW.format('old')});")
+
 # Each entry brings user_version from its index to index + 1, in one transaction; a new
 # column of memories (a new Memory field) is a new entry: ALTER TABLE memories ADD COLUMN.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -898,30 +908,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             UNIQUE (namespace, key)
         )""",
         "CREATE INDEX memories_expires ON memories (expires_at) WHERE expires_at IS NOT NULL",
-        # Contentless full-text index: the text lives once, in memories.  A contentless
-        # row is deleted by repeating the exact values it was indexed with, which the
-        # triggers recompute from the old row.  Body = the string leaves of the JSON value.
         "CREATE VIRTUAL TABLE memories_fts USING fts5(key, body, tags, content='')",
-        """CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN
-            INSERT INTO memories_fts (rowid, key, body, tags) VALUES (new.id, new.key,
-                (SELECT group_concat(value, ' ') FROM json_tree(new.value) WHERE type = 'text'),
-                (SELECT group_concat(value, ' ') FROM json_each(new.tags)));
-        END""",
-        """CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN
-            INSERT INTO memories_fts (memories_fts, rowid, key, body, tags) VALUES ('delete',
-                old.id, old.key,
-                (SELECT group_concat(value, ' ') FROM json_tree(old.value) WHERE type = 'text'),
-                (SELECT group_concat(value, ' ') FROM json_each(old.tags)));
-        END""",
-        """CREATE TRIGGER memories_fts_update AFTER UPDATE OF key, value, tags ON memories BEGIN
-            INSERT INTO memories_fts (memories_fts, rowid, key, body, tags) VALUES ('delete',
-                old.id, old.key,
-                (SELECT group_concat(value, ' ') FROM json_tree(old.value) WHERE type = 'text'),
-                (SELECT group_concat(value, ' ') FROM json_each(old.tags)));
-            INSERT INTO memories_fts (rowid, key, body, tags) VALUES (new.id, new.key,
-                (SELECT group_concat(value, ' ') FROM json_tree(new.value) WHERE type = 'text'),
-                (SELECT group_concat(value, ' ') FROM json_each(new.tags)));
-        END""",
+        f"CREATE TRIGGER memories_fts_insert AFTER INSERT ON memories BEGIN {_FTS_ADD} END",
+        f"CREATE TRIGGER memories_fts_delete AFTER DELETE ON memories BEGIN {_FTS_REMOVE} END",
+        "CREATE TRIGGER memories_fts_update AFTER UPDATE OF key, value, tags ON memories"
+        f" BEGIN {_FTS_REMOVE} {_FTS_ADD} END",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # what user_version says once every step ran
@@ -973,12 +964,10 @@ def _apply(conn: KvmemConnection, op: Op, now: float) -> Any:
 
 def _write(conn: KvmemConnection, row: Sequence[Any] | None, memory: Memory | None,
            value_json: str | None = None) -> None:
-    """Make the stored row (``row``, from ``SELECT_MEMORY``; ``None`` = none) hold
-    ``memory`` (``None`` = delete it).  ``value_json``: the value already encoded.
-
-    An UPDATE sets only the columns that changed: the full-text trigger runs on UPDATE OF
-    key, value or tags, so a reinforce, which changes none of them, does not re-index.
-    """
+    """Make the stored row (``row``, from ``SELECT_MEMORY``; ``None`` = none) hold ``memory``
+    (``None`` = delete it); ``value_json`` is the value already encoded.  An UPDATE sets only
+    the changed columns: the full-text trigger runs on UPDATE OF key, value or tags, so a
+    reinforce, which changes none of them, does not re-index."""
     if memory is None:
         if row is not None:
             conn.execute("DELETE FROM memories WHERE id = ?", (row[0],))
@@ -1127,11 +1116,9 @@ def describe_header(head: bytes, size: int) -> str | None:
 
 
 def _check_header(path: str) -> None:
-    """Refuse a non-empty file that is not an SQLite database, without writing to it.
-
-    Only called while this process has no connection to ``path``: closing the descriptor
-    used here would otherwise drop that connection's locks.
-    """
+    """Refuse a non-empty file that is not an SQLite database, without writing to it.  Only
+    called while this process has no connection to ``path`` (closing the descriptor used
+    here would drop that connection's locks)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -1183,14 +1170,12 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
             check_same_thread: bool = True) -> KvmemConnection:
     """Open a connection to the kvmem database at ``path`` (default ``config.db``).
 
-    The only way kvmem code gets a connection.  The connection belongs to the calling
-    thread; close it with ``close()``.  ``check_same_thread=False`` is for pools that hand
-    a connection to one thread at a time, never to two at once.  With ``readonly`` the
-    file is opened with ``mode=ro``: no journal-mode switch, no migration, no checkpoint
-    (used by ``check``).  With ``create=False`` a missing file is an error instead of a
-    new empty database: kvmem's own later connections (pools, background threads) use it,
-    so that a database moved away while a process runs is never silently replaced by a
-    fresh file at the old path.
+    The only way kvmem code gets a connection; it belongs to the calling thread (close it
+    with ``close()``).  ``check_same_thread=False`` is for pools that hand a connection to
+    one thread at a time.  ``readonly`` opens with ``mode=ro``: no journal-mode switch, no
+    migration, no checkpoint (used by ``check``).  With ``create=False`` a missing file is
+    an error, not a new empty database: kvmem's own later connections (pools, background
+    threads) use it, so a database moved away while a process runs is never replaced.
 
     Raises:
         NotADatabaseError: the file is not an SQLite database (it is left unchanged).
@@ -1226,8 +1211,7 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
         raise
 
 
-def _connect(path: str, config: Config, *, mode: str,
-             check_same_thread: bool) -> KvmemConnection:
+def _connect(path: str, config: Config, *, mode: str, check_same_thread: bool) -> KvmemConnection:
     target = f"file:{urllib.parse.quote(path)}?mode={mode}"
     try:
         raw = sqlite3.connect(
@@ -1239,10 +1223,8 @@ def _connect(path: str, config: Config, *, mode: str,
     except sqlite3.Error as exc:
         raise _db_error(exc, path) from exc
     assert isinstance(raw, KvmemConnection)
-    conn = raw
-    conn.kv_path = path
-    conn.kv_config = config
-    return conn
+    raw.kv_path, raw.kv_config = path, config
+    return raw
 
 
 def _apply_settings(conn: KvmemConnection, path: str, config: Config, *, readonly: bool,
@@ -1328,10 +1310,9 @@ def database_stats(conn: KvmemConnection) -> dict[str, Any]:
     version = sqlite3.sqlite_version_info
     warnings = []
     if version < MIN_SQLITE_WITHOUT_WAL_RESET_BUG:
-        warnings.append(
-            f"SQLite {sqlite3.sqlite_version} has the WAL-reset bug (fixed in 3.51.3); kvmem "
-            "checkpoints on one connection only, under the write lock, to avoid it"
-        )
+        warnings.append(f"SQLite {sqlite3.sqlite_version} has the WAL-reset bug (fixed in "
+                        "3.51.3); kvmem checkpoints on one connection only, under the write "
+                        "lock, to avoid it")
     with _REGISTRY_LOCK:
         record = _RECOVERY.get(path)
     return {
@@ -1380,12 +1361,9 @@ def _record_recovery(conn: KvmemConnection, path: str, wal_bytes: int, started: 
                             round((time.monotonic() - started) * 1000, 3))
     with _REGISTRY_LOCK:
         _RECOVERY[path] = record
-    recovery_log.info(
-        "recovery record: path=%s wal_bytes_found=%d quick_check=%s checkpoint=%s "
-        "wal_frames=%s frames_checkpointed=%s took_ms=%.1f", record.path,
-        record.wal_bytes_found, record.quick_check, record.checkpoint, record.wal_frames,
-        record.frames_checkpointed, record.took_ms,
-    )
+    recovery_log.info("recovery record: path=%s wal_bytes_found=%d quick_check=%s checkpoint=%s "
+                      "wal_frames=%s frames_checkpointed=%s took_ms=%.1f",
+                      *dataclasses.astuple(record))
 
 
 @contextlib.contextmanager
@@ -1393,13 +1371,12 @@ def transaction(conn: KvmemConnection, *,
                 timeout_s: float | None = None) -> Iterator[KvmemConnection]:
     """Run the block in ``BEGIN IMMEDIATE`` ... ``COMMIT``; roll back on any exception.
 
-    The write lock is taken up front, so reads-then-writes inside the block never meet
-    SQLITE_BUSY.  While another writer holds the lock it retries every 0.05-0.75 ms
-    (SQLite's own busy handler is off for the BEGIN: its sleeps grow to 100 ms and let a
-    writer that commits back to back starve this one) until ``timeout_s`` (default: the
-    connection's ``busy_timeout_ms``), then raises ``BusyError``.  When the block
-    returns, the COMMIT has returned: the write survives a killed process at any level,
-    and power loss at ``full`` or ``extra``.
+    The write lock is taken up front, so reads-then-writes inside never meet SQLITE_BUSY.
+    While another writer holds it, retry every 0.05-0.75 ms (SQLite's busy handler is off
+    for the BEGIN: its sleeps grow to 100 ms and let a writer that commits back to back
+    starve this one) until ``timeout_s`` (default ``busy_timeout_ms``).  When the block
+    returns, the COMMIT has: the write survives a killed process at any level, and power
+    loss at ``full`` or ``extra``.
 
     Raises:
         BusyError: the lock was not free before the deadline.
@@ -1460,18 +1437,15 @@ def checkpoint_wal(conn: KvmemConnection, gate: KvmemConnection, *, wait_ms: int
                    shrink: bool = False) -> tuple[int, int, int] | None:
     """One PASSIVE checkpoint on ``conn`` while ``gate`` holds the write lock; SQLite's
     ``(busy, wal_frames, frames_checkpointed)``, or ``None`` if the lock stayed taken for
-    ``wait_ms``.
+    ``wait_ms`` (it waits for nothing else, never sleeps).  Raises StorageFullError,
+    StorageError, ... when the checkpoint itself failed.
 
     Holding the write lock means no connection anywhere can commit, and so reset the WAL,
     while the checkpoint runs: the WAL-reset bug needs exactly that meeting.  (A TRUNCATE
     or RESTART checkpoint would take the lock itself, but quietly degrades to PASSIVE
     without it when a writer is active.)  With ``shrink`` a complete checkpoint is
     followed by one write that restarts the WAL and cuts the file to its first frame,
-    giving the disk space back.  Waits for nothing but the lock; never sleeps.
-
-    Raises:
-        StorageFullError, StorageError, ...: the checkpoint itself failed.
-    """
+    giving the disk space back."""
     gate.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
     try:
         gate.execute("BEGIN IMMEDIATE")
