@@ -1586,8 +1586,7 @@ class Conditions:
         with self._lock:
             self._active[name] = message, time.monotonic() + hold_s
             seen = self._seen.setdefault(name, {"count": 0})
-            seen.update(count=seen["count"] + 1, last_seen=rfc3339(time.time()),
-                        message=message)
+            seen.update(count=seen["count"] + 1, last_seen=rfc3339(time.time()), message=message)
 
     def clear(self, name: str) -> None:
         if name in self._active:  # a dict lookup: cheap enough for every group
@@ -1597,25 +1596,24 @@ class Conditions:
 
     def active(self, name: str) -> bool:
         with self._lock:
-            self._expire()
-            return name in self._active
+            return name in self._holding()
 
     def problems(self) -> list[str]:
         with self._lock:
-            self._expire()
-            return [message for message, _ in self._active.values()]
+            return [message for message, _ in self._holding().values()]
 
     def past(self) -> dict[str, dict[str, Any]]:
         """Conditions that held once and hold no more, with when they were last seen."""
         with self._lock:
-            self._expire()
-            return {name: dict(seen) for name, seen in self._seen.items()
-                    if name not in self._active}
+            holding = self._holding()
+            return {name: dict(seen) for name, seen in self._seen.items() if name not in holding}
 
-    def _expire(self) -> None:
+    def _holding(self) -> dict[str, tuple[str, float]]:
+        """The conditions that hold now, once those past their ``hold_s`` are dropped."""
         now = time.monotonic()
         for name in [n for n, (_, until) in self._active.items() if until <= now]:
             del self._active[name]
+        return self._active
 
 
 class GroupCommitter:
@@ -1623,32 +1621,28 @@ class GroupCommitter:
     share one transaction and one fsync.
 
     The shape is LevelDB's write group (``DBImpl::Write``): a caller appends its op to a
-    queue; the caller at the front, when no group is running, becomes the leader, takes
-    every op queued behind it (up to ``group_commit_max``), runs them in one
-    ``BEGIN IMMEDIATE … COMMIT`` with each op inside its own SAVEPOINT (a failing op is
-    rolled back alone and fails alone), then marks the whole group done and wakes the
-    followers.  Each caller returns only after the COMMIT that holds its op returned:
-    nothing is acknowledged before it is durable.  If the COMMIT (or the BEGIN) fails,
-    every op of the group fails with that error and none of them was applied.  A lone
-    writer is its own leader and pays no hand-off to another thread.
+    queue; the caller at the front, when no group is running, leads: it takes every op
+    queued (up to ``group_commit_max``), runs them in one ``BEGIN IMMEDIATE … COMMIT``, each
+    in its own SAVEPOINT (a failing op is rolled back and fails alone), then wakes the
+    group.  Each caller returns only after the COMMIT that holds its op returned: nothing
+    is acknowledged before it is durable.  If the BEGIN or COMMIT fails, every op of the
+    group fails with that error and none was applied.  A lone writer is its own leader.
 
-    Between groups, still leading, the leader does the maintenance of the write path
-    (``_between_groups``): when this process is the elected checkpointer (``elected``,
-    set by its ``Checkpointer``) it checkpoints on this connection about every
-    ``checkpoint_pages`` WAL frames, and when asked (idle, a WAL to shrink, a full disk);
-    otherwise it only checks that some checkpointer is keeping the WAL bounded.  That work
-    never fails a group that committed: its errors are logged, counted and shown by health.
+    Between groups, still leading, the leader does the write path's maintenance
+    (``_between_groups``): in the elected checkpointer's process (``elected``, set by its
+    ``Checkpointer``) it checkpoints on this connection about every ``checkpoint_pages``
+    WAL frames and when asked (idle, a WAL to shrink, a full disk); elsewhere it checks
+    that some checkpointer keeps the WAL bounded.  That work never fails a committed
+    group: its errors are logged, counted and shown by health.
 
-    The one connection is used by one leader at a time, never by two threads at once
-    (``check_same_thread=False`` only lets leadership move between threads).  At most
-    GROUP_QUEUE_MAX writes wait; more callers block until there is room (backpressure).
+    One leader at a time uses the connection (``check_same_thread=False`` only lets the
+    lead move between threads).  Past GROUP_QUEUE_MAX waiting writes, callers block.
     """
 
     def __init__(self, path: str, config: Config, *,
                  precommit: Callable[[], str | None] = lambda: None,
                  conditions: Conditions | None = None) -> None:
-        self.path = path
-        self.config = config
+        self.path, self.config = path, config
         self.precommit = precommit  # returns a reason not to commit (the file was replaced)
         self.conditions = conditions or Conditions()
         self.failure: str | None = None  # the last corruption seen, for health
@@ -1787,7 +1781,7 @@ class GroupCommitter:
             self._conn.close()
 
     def _commit(self, conn: KvmemConnection, group: list[_Pending]) -> bool:
-        failed = 0
+        committed = False
         alone = len(group) == 1  # then a failing op fails the transaction: no SAVEPOINT
         try:
             with transaction(conn):
@@ -1799,7 +1793,6 @@ class GroupCommitter:
                     try:
                         pending.result = pending.op(conn)
                     except BaseException as exc:
-                        failed += 1
                         pending.error = exc
                         if not conn.in_transaction:
                             # SQLite rolled the whole transaction back by itself (it may
@@ -1810,21 +1803,23 @@ class GroupCommitter:
                 problem = self.precommit()
                 if problem:  # never acknowledge writes that went into an unlinked file
                     raise StorageError(f"{problem}; write refused")
+            committed = True
         except BaseException as exc:
             for pending in group:
                 pending.result, pending.error = None, pending.error or exc
-            failed = len(group)
-            return False
-        else:
-            with self._cond:
-                self._stats["commits"] += 1
-            return True
-        finally:
-            self.failure = _damage([p.error for p in group]) or self.failure
-            with self._cond:
-                self._stats["ops"] += len(group)
-                self._stats["failed_ops"] += failed
-                self._stats["largest_group"] = max(self._stats["largest_group"], len(group))
+        self.failure = _damage([p.error for p in group]) or self.failure
+        with self._cond:
+            self._stats["commits"] += committed
+            self._stats["ops"] += len(group)
+            self._stats["failed_ops"] += sum(p.error is not None for p in group)
+            self._stats["largest_group"] = max(self._stats["largest_group"], len(group))
+        return committed
+
+    def _count(self, name: str, **values: Any) -> None:
+        """One more ``name`` in the stats, and ``values`` set there."""
+        with self._cond:
+            self._stats[name] += 1
+            self._stats.update(values)
 
     # -- between groups ------------------------------------------------------------------
 
@@ -1850,9 +1845,7 @@ class GroupCommitter:
             with contextlib.suppress(Exception):  # nor may the report itself raise
                 text = f"{type(exc).__name__}: {exc}"
                 checkpoint_log.warning("%s: after a commit: %s", self.path, text)
-                with self._cond:
-                    self._stats["after_commit_errors"] += 1
-                    self._stats["last_after_commit_error"] = text
+                self._count("after_commit_errors", last_after_commit_error=text)
                 self.conditions.set("after_commit", "the last checkpoint after a commit "
                                     f"failed: {text}", hold_s=self.config.checkpoint_interval_s)
 
@@ -1862,8 +1855,7 @@ class GroupCommitter:
         result = checkpoint_wal(self._conn, self._gate, wait_ms=wait_ms, shrink=shrink)
         now = time.monotonic()
         if result is None:  # another process is writing: try again after the next group
-            with self._cond:
-                self._stats["checkpoints_busy"] += 1
+            self._count("checkpoints_busy")
             return
         _, frames, done = result
         if self._groups_since:  # frames written since the last checkpoint, per group
@@ -1878,10 +1870,8 @@ class GroupCommitter:
         self._wal_high = max(wal_size(self.path), self.pages_limit * (self.page_size + 24))
         self.conditions.clear("after_commit")
         self.last_checkpoint = now
-        with self._cond:
-            self._stats["checkpoints"] += 1
-            self._stats["last_checkpoint"] = {"why": why, "wal_frames": frames,
-                                              "checkpointed": done, "at": rfc3339(time.time())}
+        self._count("checkpoints", last_checkpoint={
+            "why": why, "wal_frames": frames, "checkpointed": done, "at": rfc3339(time.time())})
         if self.last_complete:
             self._pinned_since = None
             self.conditions.clear("wal_pinned")
@@ -1927,8 +1917,7 @@ class GroupCommitter:
                 checkpoint_log.warning("%s: %s", self.path, message)
                 self.conditions.set("wal_hard_cap", message,
                                     hold_s=self.config.checkpoint_interval_s)
-                with self._cond:
-                    self._stats["fallback_checkpoints"] += 1
+                self._count("fallback_checkpoints")
             self._checkpoint(why, shrink=True)
         finally:
             lock.release()
