@@ -53,6 +53,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -1981,8 +1982,7 @@ class _Borrowed:
     __slots__ = ("conn", "pool", "what")
 
     def __init__(self, pool: _ReadPool, what: str) -> None:
-        self.pool = pool
-        self.what = what
+        self.pool, self.what = pool, what
 
     def __enter__(self) -> KvmemConnection:
         self.conn = self.pool.take(self.what)
@@ -2003,10 +2003,7 @@ class Store:
 
     def __init__(self, path: str, config: Config, *, clock: Callable[[], float] = time.time,
                  role: str = "library", checkpointer: bool = True, decay: bool = False) -> None:
-        self.path = path
-        self.config = config
-        self.clock = clock
-        self.role = role
+        self.path, self.config, self.clock, self.role = path, config, clock, role
         self._closed = False
         self._last_prune: PruneResult | None = None
         conn = open_db(path, config=config, check_same_thread=False)
@@ -2037,11 +2034,9 @@ class Store:
     def open(cls, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
              clock: Callable[[], float] = time.time, role: str = "library",
              checkpointer: bool = True, decay: bool = False) -> Store:
-        """Open (creating if needed) the store at ``path`` (default ``config.db``).
-
-        Starts a ``Checkpointer`` (unless ``checkpointer=False``) and, with ``decay=True``,
-        a ``DecayScheduler``.  Raises what ``open_db()`` raises.
-        """
+        """Open (creating if needed) the store at ``path`` (default ``config.db``), with a
+        ``Checkpointer`` (unless ``checkpointer=False``) and, with ``decay=True``, a
+        ``DecayScheduler``.  Raises what ``open_db()`` raises."""
         config = config or Config.build()
         real = os.path.realpath(os.fspath(path) if path is not None else config.db)
         return cls(real, config, clock=clock, role=role, checkpointer=checkpointer, decay=decay)
@@ -2079,18 +2074,16 @@ class Store:
         """Create or replace a memory; return it as stored (``version == 1``: created).
 
         A set replaces value, tags, TTL and half-life (omitted = none / the configured
-        default half-life), restores full strength and un-archives.  ``if_version=N``
-        writes only if the current version is N, ``0`` only if the key is absent (an
-        expired memory counts as absent, an archived one as present).  Durable when it
-        returns.
+        default), restores full strength and un-archives.  ``if_version=N`` writes only if
+        the current version is N, ``0`` only if the key is absent (an expired memory counts
+        as absent, an archived one as present).  Durable when it returns.
 
         Raises:
             InvalidInputError, PayloadTooLargeError: bad arguments; nothing written.
             VersionConflictError: ``if_version`` did not match (``current_version`` set).
             BusyError, StorageFullError, ...: the database failed; nothing written.
         """
-        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds,
-                "if_version": if_version}
+        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds, "if_version": if_version}
         if half_life_seconds is not _DEFAULT:
             spec["half_life_seconds"] = half_life_seconds
         result: Memory = self.apply(SetOp.parse(spec, self.config, key=key, namespace=namespace))
@@ -2120,10 +2113,10 @@ class Store:
               namespace: str = "default") -> builtins.list[dict[str, Any]]:
         """Apply set/delete ops atomically, in order: all or none.
 
-        Each op is a ``SetOp`` or ``DeleteOp``, or a mapping ``parse_batch_op`` reads:
-        ``{"op": "set", "key", "value", "tags"?, "ttl_seconds"?, "half_life_seconds"?,
-        "if_version"?}`` or ``{"op": "delete", "key", "if_version"?}``.  Returns one result
-        per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete", "deleted": bool}``.
+        Each op is a ``SetOp`` or ``DeleteOp``, or a mapping ``parse_batch_op`` reads (its
+        ``"op"``, ``"set"`` or ``"delete"``, and that op's arguments but the namespace).
+        Returns one result per op: ``{"op": "set", "memory": Memory}`` or
+        ``{"op": "delete", "deleted": bool}``.
 
         Raises:
             InvalidInputError: an op is malformed (the message names its index).
@@ -2191,17 +2184,15 @@ class Store:
         return result
 
     def import_(self, fp: IO[str]) -> dict[str, int]:
-        """Import JSON Lines written by ``export`` (one memory per line, every field).
+        """Import JSON Lines written by ``export`` (one memory per line, every field) from
+        ``fp``, which must be seekable (a file); memory use does not grow with its size.
 
-        Validation first: the whole stream is read once and every line checked; if any is
-        bad, ``InvalidInputError`` lists the line numbers (the first 20) and nothing is
-        written.  Then the lines are applied in transactions of ``prune_batch`` lines,
-        each memory stored exactly as exported (version and times kept), replacing a
-        memory with the same namespace and key.  Applying is idempotent, so an import cut
-        short (a crash, a full disk) is resumed by running it again: **resumable**, not
-        one transaction, so other writers are never locked out for long.  ``fp`` must be
-        seekable (a file).  Memory use does not grow with the size of the stream.
-        """
+        Every line is checked first: if any is bad, ``InvalidInputError`` lists the line
+        numbers (the first 20) and nothing is written.  Then each memory is stored exactly
+        as exported (version and times kept), replacing one with the same namespace and
+        key, in transactions of ``prune_batch`` lines: **resumable**, not one transaction
+        (idempotent, so an import cut short by a crash or a full disk is finished by
+        running it again; other writers are never locked out for long)."""
         bad: list[str] = []
         count = 0
         for number, line in enumerate(fp, 1):
@@ -2217,15 +2208,10 @@ class Store:
             raise InvalidInputError(f"{len(bad)} bad line(s), nothing imported: "
                                     + "; ".join(bad[:20]) + more)
         fp.seek(0)
-        chunk: list[Memory] = []
+        memories = (memory_from_record(json.loads(line), self.config)
+                    for line in fp if line.strip())
         imported = 0
-        for line in fp:
-            if line.strip():
-                chunk.append(memory_from_record(json.loads(line), self.config))
-            if len(chunk) >= self.config.prune_batch:
-                imported += self._writer.submit(functools.partial(_put_exact, chunk))
-                chunk = []
-        if chunk:
+        while chunk := list(itertools.islice(memories, self.config.prune_batch)):
             imported += self._writer.submit(functools.partial(_put_exact, chunk))
         return {"imported": imported, "lines": count}
 
@@ -2274,10 +2260,8 @@ class Store:
         with self._reads.borrow(f"list {namespace}") as conn:
             rows = conn.execute(sql, params).fetchall()
         items = [_row_memory(r) for r in rows[:limit]]
-        more = len(rows) > limit
-        next_cursor = (encode_cursor(items[-1].key, namespace, prefix, tag, archived)
-                       if more else None)
-        return Page(items, next_cursor)
+        return Page(items, encode_cursor(items[-1].key, namespace, prefix, tag, archived)
+                    if len(rows) > limit else None)
 
     def search(self, query: str, *, namespace: str = "default",
                limit: int = 20) -> builtins.list[Hit]:
@@ -2290,11 +2274,8 @@ class Store:
         now = self.clock()
         with self._reads.borrow(f"search {query!r} in {namespace}") as conn:
             rows = conn.execute(SEARCH_MEMORIES, (match, namespace, now, now, limit)).fetchall()
-        hits = []
-        for row in rows:
-            memory = _row_memory(row)
-            hits.append(Hit(memory, search_score(row[-1], memory.current_strength(now))))
-        return hits
+        found = [(_row_memory(row), row[-1]) for row in rows]
+        return [Hit(m, search_score(bm25, m.current_strength(now))) for m, bm25 in found]
 
     def export(self, fp: IO[str], *, namespace: str | None = None) -> int:
         """Write every memory (all namespaces, or one), archived and expired included, as
