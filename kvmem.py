@@ -2378,12 +2378,12 @@ def _put_exact(memories: Sequence[Memory], conn: KvmemConnection) -> int:
 
 
 class _Background:
-    """A daemon thread that runs ``_step()`` until ``stop()``; each step returns the delay
-    to the next.  A step that fails for a transient reason (busy, I/O, a full disk) is
-    logged, counted and retried after ``_retry_delay``; one that finds the file not a
-    database, corrupt or newer, or fails by a bug of its own, puts the thread into the
-    failed state (``state()["failed"]``, shown by health) and ends it, so that health shows
-    the problem instead of a loop hiding it.  ``state()`` is read by stats and health."""
+    """A daemon thread that runs ``_step()``, which returns the delay to the next, until
+    ``stop()``; ``state()`` is read by stats and health.  A step that fails for a transient
+    reason (busy, I/O, a full disk) is logged, counted and retried after ``_retry_delay``;
+    one that finds the file not a database, corrupt or newer, or fails by a bug of its own,
+    ends the thread in the failed state (``state()["failed"]``), so that health shows the
+    problem instead of a loop hiding it."""
 
     name = "background"
     what = "step"  # what a step does, for the log
@@ -2398,9 +2398,8 @@ class _Background:
 
     def start(self) -> Self:
         if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"kvmem-{self.name}-{self.role}", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name=f"kvmem-{self.name}-{self.role}")
             self._thread.start()
         return self
 
@@ -2415,8 +2414,11 @@ class _Background:
         with self._state_lock:
             return dict(self._state)
 
-    def _update(self, **changes: Any) -> None:
+    def _update(self, count: str = "", **changes: Any) -> None:
+        """Set ``changes`` in the state, and add one to its ``count`` if given."""
         with self._state_lock:
+            if count:
+                self._state[count] += 1
             self._state.update(changes)
 
     def _run(self) -> None:
@@ -2434,9 +2436,7 @@ class _Background:
                     delay = self._retry_delay(failures)
                     self.log.warning("[%s] %s failed (%s), retrying in %.2f s: %s", self.role,
                                      self.what, type(exc).__name__, delay, exc)
-                    with self._state_lock:
-                        self._state["errors"] += 1
-                        self._state["last_error"] = f"{type(exc).__name__}: {exc}"
+                    self._update("errors", last_error=f"{type(exc).__name__}: {exc}")
                 except Exception as exc:
                     self.log.exception("[%s] %s stopped by an unexpected error", self.role,
                                        self.name)
@@ -2498,19 +2498,18 @@ def wal_pages_limit(free_bytes: int, page_size: int, config: Config) -> int:
 
 
 class Checkpointer(_Background):
-    """Daemon thread that holds the election of the file's single checkpointer and
-    covers what the write path cannot see.
+    """Daemon thread that holds the election of the file's single checkpointer and covers
+    what the write path cannot see.
 
-    About every ``checkpoint_poll_s`` it tries to become the holder of the checkpoint
-    lock (so when the holder dies, a standby takes over within one poll).  In a ``Store``
-    the holder makes the store's writer connection the checkpointing one
-    (``GroupCommitter.set_elected``): that connection checkpoints between its own groups,
-    and this thread only asks it for more (``checkpoint_request``; the poll is
-    ACTIVE_POLL_S while the WAL changes).  It lowers the writer's ``pages_limit`` when the
-    disk is nearly full, gives up the election if the lock file is replaced, and names
-    reads of this process that held a snapshot past ``reader_warn_s``.  Without a writer
-    (a process that only checkpoints) it checkpoints on its own connection under the same
-    rules.  Failures: see ``_Background``.
+    About every ``checkpoint_poll_s`` it tries to become the holder of the checkpoint lock
+    (so when the holder dies, a standby takes over within one poll).  In a ``Store`` the
+    holder makes the store's writer connection the checkpointing one
+    (``GroupCommitter.set_elected``), which checkpoints between its own groups; this thread
+    only asks it for more (``checkpoint_request``; polling every ACTIVE_POLL_S while the
+    WAL changes).  It lowers the writer's ``pages_limit`` when the disk is nearly full,
+    gives up the election if the lock file is replaced, and names reads of this process
+    that held a snapshot past ``reader_warn_s``.  Without a writer (a process that only
+    checkpoints) it checkpoints on its own connection under the same rules.
     """
 
     name = "checkpointer"
@@ -2549,8 +2548,7 @@ class Checkpointer(_Background):
         try:
             return self._poll()
         finally:
-            with self._state_lock:
-                self._state["polls"] += 1
+            self._update("polls")
 
     def _poll(self) -> float:
         """One look at the lock and the WAL; returns the delay to the next."""
@@ -2588,20 +2586,17 @@ class Checkpointer(_Background):
                                              self.config)
         changed, self._seen = seen != self._seen, seen
         now = time.monotonic()
-        reason = checkpoint_request(
-            seen[0], changed=changed, since_s=now - max(writer.last_checkpoint,
-                                                        self._last_request),
-            complete=writer.last_complete, pages_limit=writer.pages_limit,
-            page_size=writer.page_size, config=self.config)
+        since_s = now - max(writer.last_checkpoint, self._last_request)
+        reason = checkpoint_request(seen[0], changed=changed, since_s=since_s,
+                                    complete=writer.last_complete, pages_limit=writer.pages_limit,
+                                    page_size=writer.page_size, config=self.config)
         if reason is not None:
             self._last_request = now
             writer.request_checkpoint(reason)
-            with self._state_lock:
-                self._state.update(last_request=reason, last_time=time.time())
-                self._state["requests"] += 1
-        with self._state_lock:  # a request may have shrunk the file: stat it again then
-            self._state["wal_bytes"] = wal_size(self.path) if reason else seen[0]
-            self._state["checkpoints"] = writer.stats()["checkpoints"]
+            self._update("requests", last_request=reason, last_time=time.time())
+        # A request may have shrunk the file: stat it again then.
+        self._update(wal_bytes=wal_size(self.path) if reason else seen[0],
+                     checkpoints=writer.stats()["checkpoints"])
         return min(poll, ACTIVE_POLL_S) if changed or reason else poll
 
     def _watch_readers(self, reads: _ReadPool) -> None:
@@ -2640,10 +2635,7 @@ class DecayScheduler(_Background):
         return min(self.store.config.decay_interval_s, 0.05 * 2.0 ** min(failures, 10))
 
     def _step(self) -> float:
-        result = self.store.prune()
-        with self._state_lock:
-            self._state["runs"] += 1
-            self._state["last_result"] = dataclasses.asdict(result)
+        self._update("runs", last_result=dataclasses.asdict(self.store.prune()))
         return self.store.config.decay_interval_s
 
 
