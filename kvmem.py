@@ -477,9 +477,8 @@ def validate_limit(value: object, maximum: int) -> int:
 
 def strength_at(strength: float, last_reinforced_at: float, half_life_seconds: float | None,
                 now: float) -> float:
-    """Current strength: ``strength × 2^(−(now − last_reinforced_at) / half_life)``; never
-    decays without a half-life.  Time before the last reinforcement (a clock that went
-    backwards) counts as zero."""
+    """Current strength, ``strength × 2^(−(now − last_reinforced_at) / half_life)`` (none:
+    no decay); time before the last reinforcement (a clock gone backwards) counts as 0."""
     if half_life_seconds is None:
         return strength
     elapsed = max(0.0, now - last_reinforced_at)
@@ -1995,11 +1994,10 @@ class _Borrowed:
 class Store:
     """The memory store: namespaced JSON memories with tags, TTL, decay, CAS and search.
 
-    Thread-safe.  Reads borrow a connection from a small pool; every write goes through
-    the process's ``GroupCommitter`` and returns only after its COMMIT.  Times come from
-    ``clock`` (Unix seconds; injectable for tests).  ``get``, ``list`` and ``search``
-    never write.  Open with ``Store.open()``; ``close()`` (or ``with``) stops everything.
-    """
+    Thread-safe.  Reads borrow a connection from a small pool; every write goes through the
+    process's ``GroupCommitter`` and returns only after its COMMIT.  ``get``, ``list`` and
+    ``search`` never write.  Times come from ``clock`` (Unix seconds; injectable for tests).
+    Open with ``Store.open()``; ``close()`` (or ``with``) stops everything."""
 
     def __init__(self, path: str, config: Config, *, clock: Callable[[], float] = time.time,
                  role: str = "library", checkpointer: bool = True, decay: bool = False) -> None:
@@ -2113,15 +2111,13 @@ class Store:
               namespace: str = "default") -> builtins.list[dict[str, Any]]:
         """Apply set/delete ops atomically, in order: all or none.
 
-        Each op is a ``SetOp`` or ``DeleteOp``, or a mapping ``parse_batch_op`` reads (its
-        ``"op"``, ``"set"`` or ``"delete"``, and that op's arguments but the namespace).
-        Returns one result per op: ``{"op": "set", "memory": Memory}`` or
-        ``{"op": "delete", "deleted": bool}``.
+        Each op is a ``SetOp``, a ``DeleteOp`` or a mapping ``parse_batch_op`` reads (``"op"``,
+        ``"set"`` or ``"delete"``, and that op's arguments but the namespace).  Returns one
+        result per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete", "deleted": bool}``.
 
         Raises:
             InvalidInputError: an op is malformed (the message names its index).
-            VersionConflictError: op ``op_index`` failed its ``if_version``; nothing of the
-            batch was applied.
+            VersionConflictError: op ``op_index`` failed its ``if_version``; none was applied.
         """
         if not isinstance(ops, list | tuple) or not ops:
             raise InvalidInputError("ops must be a non-empty list")
@@ -2278,9 +2274,8 @@ class Store:
         return [Hit(m, search_score(bm25, m.current_strength(now))) for m, bm25 in found]
 
     def export(self, fp: IO[str], *, namespace: str | None = None) -> int:
-        """Write every memory (all namespaces, or one), archived and expired included, as
-        JSON Lines of ``Memory.to_record()``, from one consistent snapshot, streaming.
-        Returns the number of lines written."""
+        """Stream every memory (all namespaces, or one; archived and expired included) as JSON
+        Lines of ``Memory.to_record()`` from one consistent snapshot; the lines written."""
         if namespace is not None:
             namespace = validate_namespace(namespace, self.config)
         count = 0
@@ -2331,10 +2326,9 @@ class Store:
         """``{"ok": bool, "problems": [...], "past": {...}}``.  Problems hold now: the
         database does not answer a read, the file is not the one opened (deleted or
         replaced; writes are refused then), an operation met a corrupt page, a background
-        thread failed, the last checkpoint after a commit failed, a reader is holding a
-        snapshot past ``reader_warn_s``, the WAL is past the hard cap.  ``past`` names
-        those of the last kinds that held once and no longer do, with when they were last
-        seen; they do not make ``ok`` false."""
+        thread failed, the last checkpoint after a commit failed, a reader holds a snapshot
+        past ``reader_warn_s``, the WAL is past the hard cap.  ``past``: those of the last
+        kinds that held once and no longer do, with when last seen (``ok`` ignores them)."""
         problems = []
         identity = self._identity_problem()
         if identity:
