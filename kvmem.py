@@ -1444,8 +1444,7 @@ def checkpoint_wal(conn: KvmemConnection, gate: KvmemConnection, *, wait_ms: int
     while the checkpoint runs: the WAL-reset bug needs exactly that meeting.  (A TRUNCATE
     or RESTART checkpoint would take the lock itself, but quietly degrades to PASSIVE
     without it when a writer is active.)  With ``shrink`` a complete checkpoint is
-    followed by one write that restarts the WAL and cuts the file to its first frame,
-    giving the disk space back."""
+    followed by ``_restart_wal``, giving the disk space back."""
     gate.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
     try:
         gate.execute("BEGIN IMMEDIATE")
@@ -1661,9 +1660,7 @@ class GroupCommitter:
         self._wanted: str | None = None  # a checkpoint asked for: "idle" or "shrink"
         self._groups_since = 0  # committed groups since the last checkpoint
         self._frames_per_group = 8.0  # learnt from each checkpoint's frame count
-        # checkpoint_pages, lowered by the Checkpointer when the disk is nearly full: a WAL
-        # may never hold what the database would need to grow by to take it back.
-        self.pages_limit = config.wal_pages
+        self.pages_limit = config.wal_pages  # lowered by the Checkpointer: wal_pages_limit()
         self._last_frames = 0
         self.last_complete = True  # the last checkpoint took every frame
         self._wal_high = config.wal_keep_bytes
