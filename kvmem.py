@@ -62,7 +62,6 @@ import random
 import re
 import sqlite3
 import stat
-import sys
 import threading
 import time
 import urllib.parse
@@ -879,7 +878,8 @@ def _check_version(expected: int | None, current: int, key: str) -> None:
 
 # Contentless full-text index: the text lives once, in memories.  A contentless row is
 # deleted by repeating the exact values it was indexed with, which the triggers recompute
-# from the old row.  Body = the string leaves of the JSON value.
+# from the old row.  Body = the string leaves of the JSON value.  Migration 1 is built from
+# these: a later change of the index is a new migration that recreates the triggers.
 _FTS_ROW = ("{0}.id, {0}.key,"
             " (SELECT group_concat(value, ' ') FROM json_tree({0}.value) WHERE type = 'text'),"
             " (SELECT group_concat(value, ' ') FROM json_each({0}.tags))")
@@ -1059,7 +1059,7 @@ class KvmemConnection(sqlite3.Connection):
         if not self._kv_closed:
             self._kv_closed = True
             _release_registration(self.kv_path)
-        super().close()
+        _mapped(sqlite3.Connection.close)(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1128,13 +1128,9 @@ def _check_header(path: str) -> None:
     if st.st_size == 0:
         return
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        head = _read_start(path, HEADER_BYTES)
     except OSError as exc:
         raise StorageError(f"{path}: cannot read the header: {exc}") from exc
-    try:
-        head = os.pread(fd, HEADER_BYTES, 0)
-    finally:
-        os.close(fd)
     problem = describe_header(head, st.st_size)
     if problem and not head.strip(b"\x00") and _journal_magic(path + "-journal"):
         # A power cut during the first transaction of a new database: its sectors were
@@ -1147,13 +1143,19 @@ def _check_header(path: str) -> None:
 
 def _journal_magic(journal: str) -> bool:
     """Whether ``journal`` starts like a rollback journal (SQLite's hot-journal check does
-    the rest).  Same rule as ``_check_header``: only with no connection to the database."""
+    the rest)."""
     try:
-        fd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC)
+        return _read_start(journal, len(JOURNAL_MAGIC)) == JOURNAL_MAGIC
     except OSError:
         return False
+
+
+def _read_start(path: str, size: int) -> bytes:
+    """The first ``size`` bytes of ``path``; raises OSError.  Only while this process has
+    no connection to the database (see ``_check_header``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.pread(fd, len(JOURNAL_MAGIC), 0) == JOURNAL_MAGIC
+        return os.pread(fd, size, 0)
     finally:
         os.close(fd)
 
@@ -2629,8 +2631,3 @@ class DecayScheduler(_Background):
         self._update("runs", last_result=dataclasses.asdict(self.store.prune()))
         return self.store.config.decay_interval_s
 
-
-if __name__ == "__main__":  # python kvmem.py check ...: the CLI, which lives in kvmem_cli.py
-    import kvmem_cli
-
-    sys.exit(kvmem_cli.main())
