@@ -603,11 +603,7 @@ def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API")
     parser.add_argument("--token-file", help="read the bearer token from this file")
-    parser.add_argument("--log-level", default="INFO")
-    kvmem_cli.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = kvmem_cli.parse_server_args(parser, argv)
     try:
         config = kvmem_cli.config_from_args(args)
         if args.token_file:

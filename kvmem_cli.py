@@ -48,6 +48,20 @@ def config_from_args(args: argparse.Namespace,
     return Config.build(environ=environ, flags=flags)
 
 
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def parse_server_args(parser: argparse.ArgumentParser,
+                      argv: Sequence[str] | None) -> argparse.Namespace:
+    """A server's command line: its own flags (already on ``parser``), ``--log-level`` and
+    a flag per setting (``config_from_args`` reads them); logging goes to stderr."""
+    parser.add_argument("--log-level", default="INFO")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
+    return args
+
+
 def check_database(path: str, config: Config) -> dict[str, Any]:
     """Header, schema version and ``integrity_check`` of ``path``, changing nothing."""
     report: dict[str, Any] = {"path": os.path.realpath(path), "ok": False}
@@ -119,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_argument("--truncate", action="store_true", help="TRUNCATE, not PASSIVE")
         add_config_arguments(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=LOG_FORMAT)
     try:
         config = config_from_args(args)
         path = args.path or config.db

@@ -230,11 +230,7 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmem-mcp", description="kvmem as an MCP server")
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
-    parser.add_argument("--log-level", default="INFO")
-    kvmem_cli.add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = kvmem_cli.parse_server_args(parser, argv)
     try:
         config = kvmem_cli.config_from_args(args)
         store = kvmem.Store.open(config=config, role="mcp", decay=True)
