@@ -161,6 +161,7 @@ def test_kill_during_open_db_of_eight_processes(tmp_path: Path, soak: bool) -> N
 
 # --------------------------------------------------------- two servers under load ----
 
+
 def _http(port: int, method: str, path: str, body: Any = None,
           conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
     own = conn is None

@@ -452,6 +452,7 @@ def test_fuzz_api_from_route_table(client: Client,
 
 # ------------------------------------------------------------- processes, crash, stop ----
 
+
 def start_server(db: str, *extra: str) -> tuple[Child, int]:
     child = Child("serve_http", "--db", db, "--port", "0", "--log-level", "WARNING", *extra)
     line = child.expect("listening on http://127.0.0.1:")

@@ -400,6 +400,7 @@ def test_sqlite_errors_mapped_by_code(db: str, conns: list[sqlite3.Connection]) 
 
 # ------------------------------------------------------------- processes and crashes ----
 
+
 def test_sigkill_loses_no_acknowledged_commit(db: str) -> None:
     rng = random.Random(1234)
     acked: set[int] = set()
@@ -435,6 +436,7 @@ def test_cold_start_race_eight_processes(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------- checkpointer ----
+
 
 def test_one_checkpointer_holder_and_takeover(db: str) -> None:
     kvmem.open_db(db, config=cfg()).close()
