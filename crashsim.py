@@ -43,6 +43,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import testutil
+
 ACK_PREFIX = b"KVMEM-ACK "
 SECTOR = 512
 NAMESPACE = "default"
@@ -617,8 +619,7 @@ def _http_workload(db: str, count: int, ack: _Acks) -> None:
     import http.client
 
     server = subprocess.Popen(
-        [sys.executable, "-c", "import sys, http_server; sys.exit(http_server.main())",
-         "--db", db, "--port", "0", "--log-level", "WARNING"],
+        testutil.child_command("serve_http", "--db", db, "--port", "0", "--log-level", "WARNING"),
         stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert server.stdout is not None
     line = server.stdout.readline()
@@ -714,7 +715,7 @@ def table(reports: Sequence[Report]) -> list[str]:
 class Verdict:
     """What kvmem found in one crash image."""
 
-    rows: dict[str, tuple[int, str]]  # key -> (version, value JSON)
+    rows: dict[str, testutil.Stored]
     problem: str = ""  # integrity failure: why
     partial_batches: int = 0
 
@@ -748,31 +749,29 @@ class Checker:
             except kvmem.KvmemError as exc:
                 return Verdict({}, problem=f"open_db: {exc.code}: {exc}")
             try:
-                check = conn.execute("PRAGMA integrity_check").fetchall()
-                rows = {key: (version, value) for key, version, value in conn.execute(
-                    "SELECT key, version, value FROM memories WHERE namespace = ?",
-                    (NAMESPACE,))}
-            except sqlite3.DatabaseError as exc:
+                found = testutil.read_back(conn, namespace=NAMESPACE)
+            except (sqlite3.DatabaseError, kvmem.KvmemError) as exc:
                 return Verdict({}, problem=f"read: {exc}")
             finally:
                 conn.close()
-            if check != [("ok",)]:
-                return Verdict(rows, problem=f"integrity_check: {check[:3]}")
-            return _judge_rows(rows, self.known_good)
+            if not found.sound:
+                return Verdict(found.rows, problem=f"integrity_check: {found.integrity[:3]}")
+            return _judge_rows(found.rows, self.known_good)
         finally:
             shutil.rmtree(where, ignore_errors=True)
 
 
-def _judge_rows(rows: dict[str, tuple[int, str]], known_good: set[tuple[str, int, str]]
+def _judge_rows(rows: dict[str, testutil.Stored], known_good: set[tuple[str, int, str]]
                 ) -> Verdict:
     """Every row must be a value some write intended; batches all or nothing.
     ``known_good`` remembers rows already proven (the same rows recur in many images)."""
     batches: dict[str, int] = {}
-    for key, (version, value) in rows.items():
-        if (key, version, value) not in known_good:
-            if json.loads(value) != value_for(key, version):
-                return Verdict(rows, problem=f"row {key} v{version} holds a value never written")
-            known_good.add((key, version, value))
+    for key, row in rows.items():
+        if (key, row.version, row.value_json) not in known_good:
+            if row.value != value_for(key, row.version):
+                return Verdict(rows,
+                               problem=f"row {key} v{row.version} holds a value never written")
+            known_good.add((key, row.version, row.value_json))
         if key.startswith("b"):
             batch = key.split("-")[0]
             batches[batch] = batches.get(batch, 0) + 1
@@ -816,12 +815,9 @@ def _score(report: Report, verdict: Verdict, acked: Mapping[str, int], where: st
         report.partial_batches += verdict.partial_batches
         if len(report.failures) < 5:
             report.failures.append(f"{where}: {verdict.problem}")
-    lost = 0
-    for key, n in acked.items():
-        report.ack_checks += 1
-        row = verdict.rows.get(key)
-        if row is None or row[0] < n:
-            lost += 1
+    # At a version >= the acknowledged one: a later write may be durable too.
+    report.ack_checks += len(acked)
+    lost = len(testutil.lost_writes(verdict.rows, acked, exact_version=False))
     if lost:
         report.lost += lost
         report.lossy_points += 1

@@ -24,12 +24,8 @@ from pathlib import Path
 import pytest
 
 import kvmem
-from testutil import Child, child_env, file_digest, run_cli
-
-INSERT = (
-    "INSERT INTO memories (namespace, key, value, version, created_at, updated_at, strength,"
-    " last_reinforced_at) VALUES ('test', ?, ?, 1, 0, 0, 1, 0)"
-)
+from testchildren import RAW_INSERT as INSERT  # the raw_writer child's too
+from testutil import HERE, Child, check_acknowledged, child_command, child_env, file_digest, run_cli
 
 
 def cfg(**settings: str) -> kvmem.Config:
@@ -42,9 +38,9 @@ def db(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def conns() -> Iterator[list[sqlite3.Connection]]:
+def conns() -> Iterator[list[kvmem.KvmemConnection]]:
     """Connections to close after the test, whatever happened."""
-    opened: list[sqlite3.Connection] = []
+    opened: list[kvmem.KvmemConnection] = []
     yield opened
     for conn in opened:
         conn.close()
@@ -123,7 +119,7 @@ def test_config_bad_value_names_its_source(environ: dict[str, str], flags: dict[
 @pytest.mark.parametrize("journal_mode", ["wal", "delete"])
 @pytest.mark.parametrize("synchronous", ["off", "normal", "full", "extra"])
 def test_every_pragma_read_back(db: str, synchronous: str, journal_mode: str,
-                                conns: list[sqlite3.Connection]) -> None:
+                                conns: list[kvmem.KvmemConnection]) -> None:
     config = cfg(synchronous=synchronous, journal_mode=journal_mode, busy_timeout_ms="1234",
                  cache_size_kib="2000")
     expected = {"journal_mode": journal_mode, "synchronous": synchronous, "busy_timeout": 1234,
@@ -145,7 +141,7 @@ def test_every_pragma_read_back(db: str, synchronous: str, journal_mode: str,
     assert seen == expected
 
 
-def test_schema_created_once(db: str, conns: list[sqlite3.Connection]) -> None:
+def test_schema_created_once(db: str, conns: list[kvmem.KvmemConnection]) -> None:
     for _ in range(3):
         conns.append(kvmem.open_db(db, config=cfg()))
     conn = conns[0]
@@ -157,12 +153,7 @@ def test_schema_created_once(db: str, conns: list[sqlite3.Connection]) -> None:
 def _write_wal_file(tmp_path: Path) -> Path:
     """A real -wal file, left behind by a process that died with its connection open."""
     src = tmp_path / "src.db"
-    code = ("import os, sqlite3, sys\n"
-            "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-            "c.execute('PRAGMA journal_mode=WAL'); c.execute('PRAGMA wal_autocheckpoint=0')\n"
-            "c.execute('CREATE TABLE t(x)'); c.execute('INSERT INTO t VALUES (1)')\n"
-            "os._exit(0)\n")
-    subprocess.run([sys.executable, "-c", code, str(src)], check=True)
+    subprocess.run(child_command("wal_left_behind", str(src)), check=True, cwd=HERE)
     target = tmp_path / "wal-as-db.db"
     shutil.copyfile(str(src) + "-wal", target)
     return target
@@ -207,20 +198,6 @@ def test_not_a_database_refused_and_unchanged(tmp_path: Path, make: object,
         kvmem.open_db(path, config=cfg())
 
 
-FIRST_TRANSACTION = """
-import os, sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("PRAGMA journal_mode=delete")
-conn.execute("PRAGMA cache_size=5")  # a tiny cache: pages spill to the file mid-transaction
-conn.execute("BEGIN IMMEDIATE")
-conn.execute("CREATE TABLE t(x)")
-for _ in range(100):
-    conn.execute("INSERT INTO t VALUES (?)", (os.urandom(2000),))
-print("spilled", os.path.getsize(sys.argv[1]), flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.mark.parametrize("journal", [True, False], ids=["hot-journal", "no-journal"])
 def test_torn_first_transaction_rolled_back_not_refused(tmp_path: Path, journal: bool) -> None:
     """Power cut during a new database's first transaction (found by crashsim.py): the
@@ -228,7 +205,7 @@ def test_torn_first_transaction_rolled_back_not_refused(tmp_path: Path, journal:
     header check must let SQLite roll the journal back, not refuse the file; zeros
     without a journal are still refused."""
     path = tmp_path / "new.db"
-    child = Child(FIRST_TRANSACTION, str(path), stdin=True)
+    child = Child("first_transaction", str(path), stdin=True)
     size = int(child.expect("spilled").split()[1])
     child.kill()
     assert size > 4096 and os.path.exists(f"{path}-journal")
@@ -293,7 +270,7 @@ def test_delete_mode_file_converts_to_wal_and_back(db: str) -> None:
 
 
 def test_recovery_record_after_kill(db: str, caplog: pytest.LogCaptureFixture) -> None:
-    child = Child(WRITER, db, "0")
+    child = Child("raw_writer", db, "0")
     child.expect("50 ok")
     child.kill()
     wal_before = os.stat(db + "-wal").st_size
@@ -317,7 +294,7 @@ def test_recovery_record_after_kill(db: str, caplog: pytest.LogCaptureFixture) -
 
 
 def test_transaction_waits_for_a_writer_then_succeeds(db: str,
-                                                      conns: list[sqlite3.Connection]) -> None:
+                                                      conns: list[kvmem.KvmemConnection]) -> None:
     conns.append(kvmem.open_db(db, config=cfg()))
     conn = conns[0]
     held, released = threading.Event(), threading.Event()
@@ -343,7 +320,7 @@ def test_transaction_waits_for_a_writer_then_succeeds(db: str,
     assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 1
 
 
-def test_transaction_raises_busy_past_deadline(db: str, conns: list[sqlite3.Connection]) -> None:
+def test_transaction_raises_busy_past_deadline(db: str, conns: list[kvmem.KvmemConnection]) -> None:
     conns.extend([kvmem.open_db(db, config=cfg()), kvmem.open_db(db, config=cfg())])
     conn, holder = conns
     holder.execute("BEGIN IMMEDIATE")
@@ -358,7 +335,7 @@ def test_transaction_raises_busy_past_deadline(db: str, conns: list[sqlite3.Conn
         conn.execute(INSERT, ("after", "1"))
 
 
-def test_transaction_rolls_back_on_exception(db: str, conns: list[sqlite3.Connection]) -> None:
+def test_transaction_rolls_back_on_exception(db: str, conns: list[kvmem.KvmemConnection]) -> None:
     conns.append(kvmem.open_db(db, config=cfg()))
     conn = conns[0]
     with pytest.raises(ZeroDivisionError), kvmem.transaction(conn):
@@ -368,7 +345,7 @@ def test_transaction_rolls_back_on_exception(db: str, conns: list[sqlite3.Connec
     assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 0
 
 
-def test_read_then_write_never_immediate_busy(db: str, conns: list[sqlite3.Connection]) -> None:
+def test_read_then_write_never_immediate_busy(db: str, conns: list[kvmem.KvmemConnection]) -> None:
     conns.extend([kvmem.open_db(db, config=cfg()), kvmem.open_db(db, config=cfg())])
     a, b = conns
     with kvmem.transaction(a):
@@ -379,9 +356,10 @@ def test_read_then_write_never_immediate_busy(db: str, conns: list[sqlite3.Conne
     a.execute("SELECT value FROM memories WHERE key = 'counter'").fetchone()
     with kvmem.transaction(b):
         b.execute("UPDATE memories SET value = '100' WHERE key = 'counter'")
-    with pytest.raises(sqlite3.OperationalError) as info:
+    with pytest.raises(kvmem.BusyError) as info:  # mapped: SQLite's own error is the cause
         a.execute("UPDATE memories SET value = '1' WHERE key = 'counter'")
-    assert info.value.sqlite_errorname == "SQLITE_BUSY_SNAPSHOT"
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert info.value.__cause__.sqlite_errorname == "SQLITE_BUSY_SNAPSHOT"
     a.execute("ROLLBACK")
 
     # transaction(): 4 threads x 50 read-modify-write increments, no error, no lost update.
@@ -410,64 +388,37 @@ def test_read_then_write_never_immediate_busy(db: str, conns: list[sqlite3.Conne
     assert a.execute("SELECT value FROM memories WHERE key = 'counter'").fetchone()[0] == "300"
 
 
-def test_sqlite_errors_mapped_by_code(db: str, conns: list[sqlite3.Connection]) -> None:
+def test_sqlite_errors_mapped_by_code(db: str, conns: list[kvmem.KvmemConnection]) -> None:
     conns.append(kvmem.open_db(db, config=cfg()))
     conn = conns[0]
     page_count = conn.execute("PRAGMA page_count").fetchone()[0]
     conn.execute(f"PRAGMA max_page_count = {page_count + 1}")
     with pytest.raises(kvmem.StorageFullError, match="SQLITE_FULL"), kvmem.transaction(conn):
-        kvmem.executemany(conn, INSERT, [(f"big{i}", json.dumps("x" * 3000)) for i in range(50)])
+        conn.executemany(INSERT, [(f"big{i}", json.dumps("x" * 3000)) for i in range(50)])
     assert not conn.in_transaction
     assert conn.execute("SELECT count(*) FROM memories").fetchone()[0] == 0
 
 
 # ------------------------------------------------------------- processes and crashes ----
 
-WRITER = r"""
-import json, sys, kvmem
-path, start = sys.argv[1], int(sys.argv[2])
-conn = kvmem.open_db(path)
-i = start
-while True:
-    with kvmem.transaction(conn):
-        conn.execute("INSERT INTO memories (namespace, key, value, version, created_at,"
-                     " updated_at, strength, last_reinforced_at)"
-                     " VALUES ('test', ?, ?, 1, 0, 0, 1, 0)", (str(i), json.dumps("v" * (i % 900))))
-    print(i, "ok", flush=True)   # the acknowledgement: only after transaction() returned
-    i += 1
-"""
-
 
 def test_sigkill_loses_no_acknowledged_commit(db: str) -> None:
     rng = random.Random(1234)
     acked: set[int] = set()
     for run in range(20):
-        child = Child(WRITER, db, str(run * 1_000_000))
+        child = Child("raw_writer", db, str(run * 1_000_000))
         child.expect(f"{run * 1_000_000 + rng.randint(0, 300)} ok")
         acked.update(int(line.split()[0]) for line in child.kill() if line.endswith(" ok"))
-        conn = kvmem.open_db(db, config=cfg())
-        try:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            present = {int(r[0]) for r in conn.execute("SELECT key FROM memories")}
-        finally:
-            conn.close()
-        assert acked - present == set(), f"run {run}: acknowledged rows lost"
+        # The writer inserts each row once (version 1): acknowledged means present.
+        check_acknowledged(db, {str(i): 1 for i in acked}, config=cfg(), namespace="test",
+                           exact_version=False)
     assert len(acked) >= 20
-
-
-OPENER = r"""
-import sys, kvmem
-print("ready", flush=True)
-sys.stdin.readline()
-conn = kvmem.open_db(sys.argv[1])
-print("opened", conn.execute("PRAGMA journal_mode").fetchone()[0], flush=True)
-"""
 
 
 def test_cold_start_race_eight_processes(tmp_path: Path) -> None:
     for trial in range(20):
         path = str(tmp_path / f"race{trial}.db")
-        children = [Child(OPENER, path, stdin=True) for _ in range(8)]
+        children = [Child("opener", path, stdin=True) for _ in range(8)]
         for child in children:
             child.expect("ready")
         for child in children:
@@ -487,25 +438,12 @@ def test_cold_start_race_eight_processes(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------- checkpointer ----
 
-CHECKPOINTER = r"""
-import sys, time, kvmem
-config = kvmem.Config.build(flags={"checkpoint_poll_s": "0.05"})
-cp = kvmem.Checkpointer(sys.argv[1], config=config, role=sys.argv[2]).start()
-last = None
-while True:   # report each change of state; the test waits on these lines
-    state = cp.state()
-    if state["polls"] and state["holder"] != last:
-        last = state["holder"]
-        print("holder" if last else "standby", flush=True)
-    time.sleep(0.005)
-"""
-
 
 def test_one_checkpointer_holder_and_takeover(db: str) -> None:
     kvmem.open_db(db, config=cfg()).close()
-    first = Child(CHECKPOINTER, db, "first")
+    first = Child("checkpointer", db, "first")
     first.expect("holder")
-    second = Child(CHECKPOINTER, db, "second")
+    second = Child("checkpointer", db, "second")
     try:
         second.expect("standby")
         assert not kvmem.checkpoint_lock_free(db)
@@ -865,22 +803,6 @@ def test_long_reader_is_named_and_health_clears(db: str, caplog: pytest.LogCaptu
     assert largest_after <= max(pinned, 2 * _wal_bound(config))
 
 
-TRACED_WRITER = r"""
-import os, sys, kvmem
-config = kvmem.Config.build(flags={"checkpoint_pages": "32", "checkpoint_poll_s": "0.02",
-                                   "synchronous": "normal"})
-store = kvmem.Store.open(sys.argv[1], config=config)
-while store.stats()["checkpointer"]["polls"] == 0:  # its first poll (election) is done
-    pass
-print("ready", os.getpid(), store.stats()["checkpointer"]["holder"], flush=True)
-sys.stdin.readline()
-for i in range(int(sys.argv[3])):
-    store.set(f"{sys.argv[2]}{i % 200}", sys.argv[2] + "x" * 300)
-print("done", store.stats()["group_commit"]["checkpoints"], flush=True)
-sys.stdin.readline()  # killed here: no close, so no checkpoint at close either
-"""
-
-
 def test_only_the_elected_connection_checkpoints(tmp_path: Path) -> None:
     """Two processes write the same file at once, both traced by strace.  In WAL mode
     only a checkpoint writes to the database file itself, so every such write must come
@@ -897,10 +819,7 @@ def test_only_the_elected_connection_checkpoints(tmp_path: Path) -> None:
     children, traces = [], []
     for name in ("a", "b"):
         trace = str(tmp_path / f"trace-{name}")
-        launcher = (f"import os, sys; os.execvp('strace', ['strace', '-f', '-qq', '-y', "
-                    f"'-e', 'trace=pwrite64,pwritev,write', '-o', {trace!r}, sys.executable, "
-                    f"'-c', {TRACED_WRITER!r}, *sys.argv[1:]])")
-        child = Child(launcher, db, name, "1500", stdin=True)
+        child = Child("under_strace", trace, "traced_writer", db, name, "1500", stdin=True)
         children.append(child)
         traces.append(trace)
         child.expect("ready")  # a first, so that a is the holder

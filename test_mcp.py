@@ -19,7 +19,7 @@ from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
 import kvmem
 import mcp_server
-from testutil import HERE, Child, child_env
+from testutil import HERE, Child, check_acknowledged, child_env
 
 CONFIG = kvmem.Config.build(environ={})
 ERROR_PREFIX = "Error executing tool "  # what the SDK puts before a ToolError's text
@@ -229,11 +229,11 @@ async def test_real_stdio_subprocess(tmp_path: Path) -> None:
         assert init.server_info.name == "kvmem"
         assert {t.name for t in (await session.list_tools()).tools} == set(EXPECTED_TOOLS)
         result = await session.call_tool("memory_set", {"key": "k", "value": "stdio works"})
-        assert not result.is_error and result.structured_content["created"] is True  # type: ignore[index]
+        assert not result.is_error and result.structured_content["created"] is True
         result = await session.call_tool("memory_get", {"key": "k"})
-        assert result.structured_content["memory"]["value"] == "stdio works"  # type: ignore[index]
+        assert result.structured_content["memory"]["value"] == "stdio works"
         result = await session.call_tool("memory_search", {"query": "stdio"})
-        assert [h["key"] for h in result.structured_content["items"]] == ["k"]  # type: ignore[index]
+        assert [h["key"] for h in result.structured_content["items"]] == ["k"]
 
 
 def http_json(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -251,8 +251,7 @@ def http_json(port: int, method: str, path: str, body: Any = None) -> tuple[int,
 @pytest.mark.anyio
 async def test_http_and_mcp_processes_share_one_file(tmp_path: Path) -> None:
     db = str(tmp_path / "fresh.db")  # does not exist yet: both servers race to create it
-    http_child = Child("import sys, http_server; sys.exit(http_server.main())", "--db", db,
-                       "--port", "0", "--log-level", "WARNING")
+    http_child = Child("serve_http", "--db", db, "--port", "0", "--log-level", "WARNING")
     async with stdio_client(stdio_params(db)) as (read, write), \
             ClientSession(read, write) as session:
         await session.initialize()
@@ -296,7 +295,7 @@ async def test_http_and_mcp_processes_share_one_file(tmp_path: Path) -> None:
             assert http_json(port, "GET", f"/v1/memories/{key}")[0] == 200
         for key in http_keys[-5:]:
             result = await session.call_tool("memory_get", {"key": key})
-            assert result.structured_content["found"] is True  # type: ignore[index]
+            assert result.structured_content["found"] is True
         _, http_stats = http_json(port, "GET", "/v1/stats")
         result = await session.call_tool("memory_stats", {})
         mcp_stats = result.structured_content
@@ -329,7 +328,7 @@ async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) 
                         ClientSession(read, write) as session:
                     await session.initialize()
                     stats = await session.call_tool("memory_stats", {})
-                    pid = stats.structured_content["pid"]  # type: ignore[index]
+                    pid = stats.structured_content["pid"]
                     threading.Thread(target=killer, args=(pid, len(acked) + 40 + 30 * run),
                                      daemon=True).start()
                     for i in range(100_000):
@@ -337,14 +336,8 @@ async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) 
                                                          {"key": f"r{run}-{i}", "value": i})
                         if result.is_error:
                             break
-                        acked[f"r{run}-{i}"] = result.structured_content["memory"]["version"]  # type: ignore[index]
+                        acked[f"r{run}-{i}"] = result.structured_content["memory"]["version"]
         except Exception as exc:  # the session dies with its server; later calls are not acked
             assert not isinstance(exc, TimeoutError), "the client hung after the kill"
-    conn = kvmem.open_db(db, config=CONFIG)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        present = dict(conn.execute("SELECT key, version FROM memories"))
-    finally:
-        conn.close()
     assert len(acked) >= 100
-    assert [k for k, v in acked.items() if present.get(k) != v] == []
+    check_acknowledged(db, acked, config=CONFIG)

@@ -9,14 +9,14 @@ import math
 import os
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import kvmem
-from testutil import Child
+from testutil import Child, check_acknowledged
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -240,7 +240,7 @@ def test_delete(store: kvmem.Store) -> None:
 
 def test_bad_input_changes_nothing(store: kvmem.Store) -> None:
     store.set("k", "v")
-    bad_calls = [
+    bad_calls: list[Callable[[], object]] = [
         lambda: store.set("", 1), lambda: store.set("k", math.nan),
         lambda: store.set("k", 1, tags="x"), lambda: store.set("k", 1, ttl_seconds=-1),
         lambda: store.set("k", 1, ttl_seconds=True), lambda: store.set("k", 1, if_version=-1),
@@ -446,10 +446,12 @@ def test_batch_is_atomic(store: kvmem.Store) -> None:
     got = store.get("existing")
     assert got is not None and got.value == "new"
 
-    for bad, index in [([{"op": "set", "key": "d", "value": 1}, {"op": "set", "key": ""}], 1),
-                       ([{"op": "upsert", "key": "d"}], 0),
-                       ([{"op": "set", "key": "d", "value": 1, "extra": 1}], 0),
-                       ([{"op": "delete"}], 0)]:
+    bad_batches: list[tuple[list[dict[str, Any]], int]] = [
+        ([{"op": "set", "key": "d", "value": 1}, {"op": "set", "key": ""}], 1),
+        ([{"op": "upsert", "key": "d"}], 0),
+        ([{"op": "set", "key": "d", "value": 1, "extra": 1}], 0),
+        ([{"op": "delete"}], 0)]
+    for bad, index in bad_batches:
         with pytest.raises(kvmem.InvalidInputError, match=rf"ops\[{index}\]"):
             store.batch(bad)
     assert store.get("d") is None
@@ -551,44 +553,19 @@ def test_storage_full_fails_the_group_and_recovers(store: kvmem.Store, tmp_path:
     assert store.set("big", "x" * 200_000).version == 1  # and writes again, no restart
 
 
-GROUP_WRITER = r"""
-import sys, threading, kvmem
-store = kvmem.Store.open(sys.argv[1], checkpointer=False)
-run = sys.argv[2]
-lock = threading.Lock()
-def writer(t):
-    i = 0
-    while True:
-        m = store.set(f"{run}-{t}-{i}", {"i": i, "pad": "p" * (i % 500)})
-        with lock:
-            print(m.key, m.version, "ok", flush=True)   # acknowledged: set() returned
-        i += 1
-for t in range(8):
-    threading.Thread(target=writer, args=(t,), daemon=True).start()
-threading.Event().wait()
-"""
-
-
 def test_sigkill_loses_no_group_committed_write(tmp_path: Path) -> None:
     db = str(tmp_path / "kv.db")
     rng = random.Random(99)
     acked: dict[str, int] = {}
     for run in range(10):
-        child = Child(GROUP_WRITER, db, f"r{run}")
+        child = Child("group_writer", db, f"r{run}")
         for _ in range(rng.randint(20, 400)):
             child.expect(f"r{run}-")
         for line in child.kill():
             fields = line.split()
             if len(fields) == 3 and fields[2] == "ok":  # a line cut by the kill is no ack
                 acked[fields[0]] = int(fields[1])
-        conn = kvmem.open_db(db, config=CONFIG)
-        try:
-            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-            present = dict(conn.execute("SELECT key, version FROM memories"))
-        finally:
-            conn.close()
-        lost = {k for k, v in acked.items() if present.get(k) != v}
-        assert lost == set(), f"run {run}: {len(lost)} acknowledged writes lost"
+        check_acknowledged(db, acked, config=CONFIG)
     assert len(acked) >= 200
 
 
@@ -608,23 +585,12 @@ def _decayed_export(count: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-PRUNER = r"""
-import sys, kvmem
-store = kvmem.Store.open(sys.argv[1], config=kvmem.Config.build(flags={"prune_batch": "50"}))
-print("ready", flush=True)
-sys.stdin.readline()
-result = store.prune()
-print("pruned", result.archived, result.deleted, flush=True)
-store.close()
-"""
-
-
 def test_two_processes_prune_concurrently(tmp_path: Path) -> None:
     text = _decayed_export(900)
     for name in ("both.db", "one.db"):
         with kvmem.Store.open(tmp_path / name, config=CONFIG) as s:
             assert s.import_(io.StringIO(text))["imported"] == 900
-    children = [Child(PRUNER, str(tmp_path / "both.db"), stdin=True) for _ in range(2)]
+    children = [Child("pruner", str(tmp_path / "both.db"), stdin=True) for _ in range(2)]
     for child in children:
         child.expect("ready")
     for child in children:

@@ -1,16 +1,23 @@
-"""Helpers shared by the test suites: child processes driven by the lines they print."""
+"""Helpers shared by the test suites: child processes driven by the lines they print, and
+the check of acknowledged writes that every crash test makes."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import queue
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import kvmem
+import testchildren
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIVE_CHILDREN: list[Child] = []  # killed after each test by conftest.py, whatever happened
@@ -25,14 +32,22 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Child:
-    """A Python child process whose stdout lines are collected by a reader thread, so a
-    test waits on a line (a condition), never on a fixed sleep."""
+def child_command(name: str, *args: str) -> list[str]:
+    """The command line of child program ``name`` (a function in testchildren.py); run it
+    with ``cwd=HERE`` or ``child_env()`` so that it imports this directory's modules."""
+    if name not in testchildren.CHILDREN:
+        raise ValueError(f"no child program {name!r} in testchildren.py")
+    return [sys.executable, "-m", "testchildren", name, *args]
 
-    def __init__(self, code: str, *args: str, env: dict[str, str] | None = None,
+
+class Child:
+    """Child program ``name`` of testchildren.py, whose stdout lines are collected by a
+    reader thread, so a test waits on a line (a condition), never on a fixed sleep."""
+
+    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None,
                  stdin: bool = False) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+            child_command(name, *args), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             text=True, env=env or child_env(), cwd=HERE,
         )
@@ -117,13 +132,100 @@ def file_digest(path: str) -> str:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, os.path.join(HERE, "kvmem.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(HERE, "kvmem_cli.py"), *args],
                           capture_output=True, text=True, env=env or child_env(), timeout=120)
 
 
-def start_all(children: Sequence[Child], ready: str = "ready") -> None:
-    for child in children:
-        child.expect(ready)
+# ------------------------------------------------------------- acknowledged writes ----
+
+READ_ROWS = ("SELECT key, version, value, created_at, updated_at FROM memories"
+             " WHERE namespace = ?")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stored:
+    """One memory as a reopened database holds it."""
+
+    version: int
+    value_json: str  # the column as stored; ``value`` decodes it
+    created_at: float
+    updated_at: float
+
+    @property
+    def value(self) -> Any:
+        return json.loads(self.value_json)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadBack:
+    """A database as read back after a crash: ``PRAGMA integrity_check``'s answer and one
+    namespace's memories by key."""
+
+    integrity: list[str]
+    rows: dict[str, Stored]
+
+    @property
+    def sound(self) -> bool:
+        return self.integrity == ["ok"]
+
+
+def read_back(conn: sqlite3.Connection, *, namespace: str = "default") -> ReadBack:
+    """Run ``integrity_check`` on ``conn`` and read every memory of ``namespace``.
+
+    Raises what ``conn.execute`` raises on a damaged file (``sqlite3.DatabaseError``)."""
+    integrity = [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
+    rows = {key: Stored(version, value, created_at, updated_at)
+            for key, version, value, created_at, updated_at
+            in conn.execute(READ_ROWS, (namespace,))}
+    return ReadBack(integrity, rows)
+
+
+def lost_writes(rows: Mapping[str, Stored], acked: Mapping[str, int], *,
+                exact_version: bool = True,
+                value: Callable[[str], Any] | None = None) -> list[str]:
+    """The keys of ``acked`` (key -> acknowledged version) that ``rows`` does not hold as
+    acknowledged: missing, at another version (``exact_version``) or at a lower one (not
+    ``exact_version``: a later write may have moved it on), or, when ``value`` is given,
+    holding a value other than ``value(key)``."""
+    lost = []
+    for key, version in acked.items():
+        row = rows.get(key)
+        if (row is None or (row.version != version if exact_version else row.version < version)
+                or (value is not None and row.value != value(key))):
+            lost.append(key)
+    return lost
+
+
+def check_acknowledged(db: str | os.PathLike[str], acked: Mapping[str, int], *,
+                       config: kvmem.Config | None = None, namespace: str = "default",
+                       exact_version: bool = True, value: Callable[[str], Any] | None = None,
+                       allow_empty: bool = False,
+                       totals: dict[str, int] | None = None) -> ReadBack:
+    """Reopen ``db`` as the next process would after a crash (``kvmem.open_db`` runs
+    recovery) and assert what every crash test asserts: ``integrity_check`` says ok and
+    no acknowledged write is lost (see ``lost_writes`` for ``exact_version`` and
+    ``value``).  ``acked`` maps each key of ``namespace`` to its acknowledged version.
+
+    An empty ``acked`` fails (a check of nothing proves nothing) unless ``allow_empty``:
+    for a test that checks after every kill, some of which come before any
+    acknowledgement, and asserts elsewhere that writes were acknowledged.  With
+    ``totals`` (``DURABILITY_TOTALS``), the checks, losses and integrity failures are
+    counted there before the asserts.  Returns what was read, for a test's own checks.
+    """
+    assert allow_empty or acked, "no acknowledged write to check: the check would prove nothing"
+    conn = kvmem.open_db(db, config=config or kvmem.Config.build(environ={}))
+    try:
+        found = read_back(conn, namespace=namespace)
+    finally:
+        conn.close()
+    lost = lost_writes(found.rows, acked, exact_version=exact_version, value=value)
+    if totals is not None:
+        totals["integrity_failures"] += int(not found.sound)
+        totals["acknowledged_write_checks"] += len(acked)
+        totals["lost"] += len(lost)
+    assert found.sound, f"integrity_check: {found.integrity[:3]}"
+    assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes lost, e.g. {lost[:3]}"
+    return found
 
 
 # Rows of the power-loss table (test_powerloss.py), printed at the end of a run.
