@@ -562,14 +562,18 @@ def _boolean(name: str) -> Callable[[object, Config], bool]:
     return check
 
 
+_REQUIRED = object()  # an export record must hold the field (see _memory_field's absent)
+
+
 def _memory_field(schema: dict[str, Any], check: Callable[[Any, Config], Any], *,
                   time: bool = False, dump: Callable[[Any], Any] | None = None,
-                  load: Callable[[Any], Any] | None = None) -> Any:
+                  load: Callable[[Any], Any] | None = None, absent: Any = _REQUIRED) -> Any:
     """A Memory field: its JSON schema as the interfaces show it (``time``: Unix seconds
-    shown as RFC 3339), the check of an imported value, and how its column is written and
-    read when that is not as is."""
+    shown as RFC 3339), the check of an imported value, how its column is written and read
+    when that is not as is, and (``absent``) its value in an export record written before
+    the field existed: a field added later needs one, so that old exports still import."""
     return dataclasses.field(metadata={"schema": schema, "check": check, "time": time,
-                                       "dump": dump, "load": load})
+                                       "dump": dump, "load": load, "absent": absent})
 
 
 def _dump_json(value: Any) -> str:
@@ -655,10 +659,12 @@ def memory_from_record(record: object, config: Config) -> Memory:
     """Validate one export record (a dict with every Memory field) and build the Memory."""
     if not isinstance(record, dict):
         raise InvalidInputError("each line must be a JSON object")
-    missing, extra = set(MEMORY_COLUMNS) - record.keys(), record.keys() - set(MEMORY_COLUMNS)
+    missing = {f.name for f in MEMORY_FIELDS if f.metadata["absent"] is _REQUIRED} - record.keys()
+    extra = record.keys() - set(MEMORY_COLUMNS)
     if missing or extra:
         raise InvalidInputError(f"fields missing: {sorted(missing)}, unknown: {sorted(extra)}")
-    return Memory(**{f.name: f.metadata["check"](record[f.name], config) for f in MEMORY_FIELDS})
+    return Memory(**{f.name: f.metadata["check"](record.get(f.name, f.metadata["absent"]), config)
+                     for f in MEMORY_FIELDS})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -233,9 +233,12 @@ def test_render_matches_the_memory_schema_and_record_round_trips() -> None:
     ({"created_at": "yesterday"}, "created_at"),
     ({"expires_at": float("inf")}, "expires_at"),
     ({"extra": 1}, "unknown"),
+    ({"version": None}, r"fields missing: \['version'\]"),  # None here: left out
 ])
 def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> None:
     record = {**stored().to_record(), **change}
+    record = {name: value for name, value in record.items() if value is not None
+              or name in ("expires_at", "half_life_seconds")}
     with pytest.raises(kvmem.InvalidInputError, match=fragment):
         kvmem.memory_from_record(record, CONFIG)
 
