@@ -21,10 +21,11 @@ NOW = 1_000_000.0
 def stored(**changes: Any) -> kvmem.Memory:
     """A memory as stored: version 3, created at 10, no TTL, live, reinforced one
     half-life (100 s) ago."""
-    memory = kvmem.Memory(namespace="ns", key="k", value={"old": 1}, tags=["t"], version=3,
-                          created_at=10.0, updated_at=20.0, expires_at=None, strength=0.4,
-                          half_life_seconds=100.0, last_reinforced_at=NOW - 100,
-                          archived=False)
+    memory = kvmem.memory_from_record({  # fields added later take their import default
+        "namespace": "ns", "key": "k", "value": {"old": 1}, "tags": ["t"], "version": 3,
+        "created_at": 10.0, "updated_at": 20.0, "expires_at": None, "strength": 0.4,
+        "half_life_seconds": 100.0, "last_reinforced_at": NOW - 100, "archived": False,
+    }, CONFIG)
     return dataclasses.replace(memory, **changes)
 
 
