@@ -451,17 +451,28 @@ def _number(name: str, *, integer: bool = False, low: float = -math.inf,
         if (isinstance(value, bool) or not isinstance(value, int if integer else int | float)
                 or not (isinstance(value, int) or math.isfinite(value))
                 or not (low < value if above else low <= value) or value > high):
-            bounds = ", ".join(f"{op} {bound:g}" for op, bound in (
+            bounds = "".join(f" {op} {bound:g}" for op, bound in (
                 (">" if above else ">=", low), ("<=", high)) if math.isfinite(bound))
+            shown = "a huge integer" if isinstance(value, int) and value.bit_length() > 128 \
+                else str(value)[:40]
             raise InvalidInputError(f"{name} must be {'an integer' if integer else 'a number'}"
-                                    f" {bounds}{' or null' if optional else ''}{hint}"
-                                    f" (got {str(value)[:40]})")
+                                    f"{bounds}{' or null' if optional else ''}{hint}"
+                                    f" (got {shown})")
         return value if integer else float(value)
     return check
 
 
-validate_version = _number("if_version", integer=True, low=0, optional=True,
+# Versions fit SQLite's 64-bit INTEGER with room to count up; times are what RFC 3339 can
+# show (up to the end of year 9999).
+MAX_VERSION = 2 ** 62
+MAX_TIME = 253402300799.0
+validate_version = _number("if_version", integer=True, low=0, high=MAX_VERSION, optional=True,
                            hint="; 0 = only if absent")
+
+
+def _time(name: str, *, optional: bool = False) -> Callable[..., Any]:
+    """A check for a time in Unix seconds that RFC 3339 can show."""
+    return _number(name, low=0, high=MAX_TIME, optional=optional)
 
 
 def _seconds(name: str) -> Callable[..., Any]:
@@ -580,6 +591,10 @@ def _dump_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _dump_tags(tags: list[str]) -> str:
+    return json.dumps(tags, ensure_ascii=False)  # the format rows have always had
+
+
 def _load_tags(text: str) -> list[str]:
     return [] if text == "[]" else list(json.loads(text))  # most memories have no tags
 
@@ -598,18 +613,18 @@ class Memory:
     value: Any = _memory_field({}, lambda v, c: (encode_value(v, c), v)[1], dump=_dump_json,
                                load=json.loads)
     tags: list[str] = _memory_field({"type": "array", "items": {"type": "string"}},
-                                    validate_tags, dump=_dump_json, load=_load_tags)
+                                    validate_tags, dump=_dump_tags, load=_load_tags)
     version: int = _memory_field({"type": "integer", "minimum": 1},
-                                  _number("version", integer=True, low=1))
-    created_at: float = _memory_field(TIME_SCHEMA, _number("created_at"), time=True)
-    updated_at: float = _memory_field(TIME_SCHEMA, _number("updated_at"), time=True)
+                                  _number("version", integer=True, low=1, high=MAX_VERSION))
+    created_at: float = _memory_field(TIME_SCHEMA, _time("created_at"), time=True)
+    updated_at: float = _memory_field(TIME_SCHEMA, _time("updated_at"), time=True)
     expires_at: float | None = _memory_field(
-        {**TIME_SCHEMA, "type": ["string", "null"]}, _number("expires_at", optional=True),
+        {**TIME_SCHEMA, "type": ["string", "null"]}, _time("expires_at", optional=True),
         time=True)
     strength: float = _memory_field({"type": "number"}, _number("strength", low=0))
     half_life_seconds: float | None = _memory_field(
         {"type": ["number", "null"]}, _seconds("half_life_seconds"))
-    last_reinforced_at: float = _memory_field(TIME_SCHEMA, _number("last_reinforced_at"), time=True)
+    last_reinforced_at: float = _memory_field(TIME_SCHEMA, _time("last_reinforced_at"), time=True)
     archived: bool = _memory_field({"type": "boolean"}, _boolean("archived"), dump=int, load=bool)
 
     def is_expired(self, now: float) -> bool:
@@ -725,6 +740,7 @@ class Op:
 
     kind: ClassVar[str]  # its name in a batch ("op")
     result: ClassVar[str]  # the name of its outcome in a batch result
+    reads_value: ClassVar[bool] = False  # whether plan() needs the stored value decoded
     namespace: str
     key: str
 
@@ -754,7 +770,18 @@ class Op:
 
     @classmethod
     def parse(cls, spec: object, config: Config, **given: Any) -> Self:
-        return cls(**cls.checked(spec, config, given))
+        return cls(**cls.checked(spec, config, given))._checked_by(config)
+
+    def _checked_by(self, config: Config) -> Self:
+        object.__setattr__(self, "_config", config)  # frozen: set once, by parse
+        return self
+
+    def checked_for(self, config: Config) -> Self:
+        """This op if ``parse`` made it under ``config``, else the op its arguments parse
+        to (an op built by its constructor is checked like any client's input)."""
+        if getattr(self, "_config", None) is config:
+            return self
+        return self.parse({f.name: getattr(self, f.name) for f in self.arguments()}, config)
 
     @classmethod
     def schema(cls, config: Config, *, exclude: Sequence[str] = ()) -> dict[str, Any]:
@@ -793,7 +820,7 @@ class SetOp(Op):
     def parse(cls, spec: object, config: Config, **given: Any) -> Self:
         args = cls.checked(spec, config, given)
         text = args["value"]  # the check (encode_value) returned the JSON text
-        return cls(**{**args, "value": json.loads(text), "value_json": text})
+        return cls(**{**args, "value": json.loads(text), "value_json": text})._checked_by(config)
 
     def plan(self, current: Memory | None, now: float) -> tuple[Memory, Memory]:
         """The new content at full strength, un-archived, with a fresh TTL; the version
@@ -835,6 +862,7 @@ class ReinforceOp(Op):
 
     kind: ClassVar[str] = "reinforce"
     result: ClassVar[str] = "memory"
+    reads_value: ClassVar[bool] = True  # the reinforced memory is returned whole
     namespace: str = NAMESPACE_ARG
     key: str = KEY_ARG
 
@@ -952,35 +980,45 @@ _DUMPS = [(i, f.metadata["dump"]) for i, f in enumerate(MEMORY_FIELDS) if f.meta
 _VALUE = MEMORY_COLUMNS.index("value")
 
 
-def _row_memory(row: Sequence[Any]) -> Memory:
-    """A row of ``SELECT_MEMORY`` (id first) as a Memory."""
+def _row_memory(row: Sequence[Any], *, value: bool = True) -> Memory:
+    """A row of ``SELECT_MEMORY`` (id first) as a Memory; with ``value=False`` the value
+    stays its stored JSON text (for a plan that never looks at it: a set, a delete)."""
     values = list(row[1:len(MEMORY_COLUMNS) + 1])
     for i, load in _LOADS:
-        values[i] = load(values[i])
+        if value or i != _VALUE:
+            values[i] = load(values[i])
     return Memory(*values)
 
 
 def _apply(conn: KvmemConnection, op: Op, now: float) -> Any:
     """Run one op: load its memory, plan, write what the plan says; the op's outcome."""
     row = conn.execute(GET_ROW, (op.namespace, op.key)).fetchone()
-    after, outcome = op.plan(None if row is None else _row_memory(row), now)
-    _write(conn, row, after, getattr(op, "value_json", None))
+    current = None if row is None else _row_memory(row, value=op.reads_value)
+    after, outcome = op.plan(current, now)
+    _write(conn, row, after, getattr(op, "value_json", None), current)
     return outcome
 
 
 def _write(conn: KvmemConnection, row: Sequence[Any] | None, memory: Memory | None,
-           value_json: str | None = None) -> None:
+           value_json: str | None = None, current: Memory | None = None) -> None:
     """Make the stored row (``row``, from ``SELECT_MEMORY``; ``None`` = none) hold ``memory``
-    (``None`` = delete it); ``value_json`` is the value already encoded.  An UPDATE sets only
-    the changed columns: the full-text trigger runs on UPDATE OF key, value or tags, so a
-    reinforce, which changes none of them, does not re-index."""
+    (``None`` = delete it); ``value_json`` is the value already encoded, ``current`` the
+    Memory read from ``row`` (a field it shares with ``memory`` keeps its stored text).  An
+    UPDATE sets only the changed columns: the full-text trigger runs on UPDATE OF key,
+    value or tags, so a reinforce, which changes none of them, does not re-index."""
     if memory is None:
         if row is not None:
             conn.execute("DELETE FROM memories WHERE id = ?", (row[0],))
         return
     values = [getattr(memory, name) for name in MEMORY_COLUMNS]
     for i, dump in _DUMPS:
-        values[i] = value_json if i == _VALUE and value_json is not None else dump(values[i])
+        if i == _VALUE and value_json is not None:
+            values[i] = value_json
+        elif row is not None and current is not None and \
+                values[i] is getattr(current, MEMORY_COLUMNS[i]):
+            values[i] = row[i + 1]  # the very object read from the row: not dumped again
+        else:
+            values[i] = dump(values[i])
     if row is None:
         conn.execute(INSERT_MEMORY, values)
         return
@@ -1050,8 +1088,18 @@ class KvmemConnection(sqlite3.Connection):
     _kv_closed: bool = False
 
     def cursor(self, factory: Any = KvmemCursor) -> KvmemCursor:  # type: ignore[override]
-        cursor: KvmemCursor = super().cursor(factory)
+        try:  # fails on a closed connection, or in another thread
+            cursor: KvmemCursor = super().cursor(factory)
+        except sqlite3.Error as exc:
+            raise _db_error(exc, self.kv_path) from exc
         return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        try:
+            return super().in_transaction
+        except sqlite3.Error as exc:
+            raise _db_error(exc, self.kv_path) from exc
 
     def execute(self, sql: str, parameters: Any = (), /) -> KvmemCursor:
         return self.cursor().execute(sql, parameters)
@@ -1331,7 +1379,7 @@ def database_stats(conn: KvmemConnection) -> dict[str, Any]:
         "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
         "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
         "freelist_count": conn.execute("PRAGMA freelist_count").fetchone()[0],
-        "db_bytes": os.stat(path).st_size,
+        "db_bytes": os.stat(path).st_size if os.path.exists(path) else None,
         "wal_bytes": wal_size(path),
         "wal_cap_bytes": conn.kv_config.wal_cap_bytes,
         "recovery": dataclasses.asdict(record) if record else None,
@@ -2109,16 +2157,20 @@ class Store:
         return result
 
     def apply(self, op: Op) -> Any:
-        """Run one parsed op in a group commit; its outcome once it is durable."""
+        """Run one op in a group commit; its outcome once it is durable.  An op not made
+        by ``parse`` under this store's config is checked first (``Op.checked_for``)."""
+        op = op.checked_for(self.config)
         return self._writer.submit(lambda conn: _apply(conn, op, self.clock()))
 
     def batch(self, ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], *,
               namespace: str = "default") -> builtins.list[dict[str, Any]]:
         """Apply set/delete ops atomically, in order: all or none.
 
-        Each op is a ``SetOp``, a ``DeleteOp`` or a mapping ``parse_batch_op`` reads (``"op"``,
-        ``"set"`` or ``"delete"``, and that op's arguments but the namespace).  Returns one
-        result per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete", "deleted": bool}``.
+        Each op is a ``SetOp`` or ``DeleteOp`` (checked as ``apply`` checks it; it keeps its
+        own namespace) or a mapping ``parse_batch_op`` reads (``"op"``, ``"set"`` or
+        ``"delete"``, and that op's arguments but the namespace, which is ``namespace``).
+        Returns one result per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete",
+        "deleted": bool}``.
 
         Raises:
             InvalidInputError: an op is malformed (the message names its index).
@@ -2131,7 +2183,9 @@ class Store:
         parsed: builtins.list[SetOp | DeleteOp] = []
         for index, spec in enumerate(ops):
             try:
-                parsed.append(spec if isinstance(spec, SetOp | DeleteOp)
+                if isinstance(spec, Op) and not isinstance(spec, SetOp | DeleteOp):
+                    raise InvalidInputError(f"a {spec.kind} op cannot be in a batch")
+                parsed.append(spec.checked_for(self.config) if isinstance(spec, SetOp | DeleteOp)
                               else parse_batch_op(spec, self.config, namespace=namespace))
             except InvalidInputError as exc:
                 raise type(exc)(f"ops[{index}]: {exc}") from None
@@ -2637,3 +2691,6 @@ class DecayScheduler(_Background):
         self._update("runs", last_result=dataclasses.asdict(self.store.prune()))
         return self.store.config.decay_interval_s
 
+
+if __name__ == "__main__":  # the command line is kvmem_cli.py; say so instead of exiting 0
+    raise SystemExit("kvmem.py is the library; run kvmem_cli.py (or the kvmem command)")

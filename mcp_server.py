@@ -57,9 +57,20 @@ def _field(schema: dict[str, Any], *, python: Any = Any) -> Any:
     return Annotated[python, WithJsonSchema(schema)]
 
 
+_PYTHON: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool,
+                           "array": list[str]}
+
+
 def _argument(schema: dict[str, Any]) -> Any:
-    # A string stays typed str: the SDK would otherwise parse a key like "[1]" as JSON.
-    return _field(schema, python=str if schema.get("type") == "string" else Any)
+    """An argument's annotation: kvmem's schema, published as is, on the Python type it
+    names, which the SDK's validation converts to as it always has ("60" -> 60.0)."""
+    kinds = schema.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    python: Any = Any
+    for kind in (k for k in kinds if k != "null"):
+        python = _PYTHON[kind]
+    return _field(schema, python=python | None if python is not Any and "null" in kinds
+                  else python)
 
 
 if TYPE_CHECKING:

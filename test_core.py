@@ -7,11 +7,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sqlite3
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
+import http_server
 import kvmem
 
 CONFIG = kvmem.Config.build(environ={}, flags={"default_half_life_s": "3600"})
@@ -215,6 +220,9 @@ def test_schemas_follow_the_ops_and_the_limits() -> None:
     op = kvmem.batch_op_schema(small)
     assert op["properties"]["op"]["enum"] == ["set", "delete"]
     assert op["properties"]["key"]["maxLength"] == 7
+    put = http_server.openapi_document(small)["paths"]["/v1/memories/{key}"]["put"]
+    assert put["parameters"][0]["schema"]["maxLength"] == 7  # the path key, from the limits
+    assert put["requestBody"]["content"]["application/json"]["schema"] == body
 
 
 def test_render_matches_the_memory_schema_and_record_round_trips() -> None:
@@ -235,6 +243,9 @@ def test_render_matches_the_memory_schema_and_record_round_trips() -> None:
     ({"expires_at": float("inf")}, "expires_at"),
     ({"extra": 1}, "unknown"),
     ({"version": None}, r"fields missing: \['version'\]"),  # None here: left out
+    ({"version": 2 ** 63}, "version"),         # would not fit SQLite's INTEGER (counting up)
+    ({"created_at": 1e300}, "created_at"),     # no RFC 3339 time can show it
+    ({"expires_at": -1.0}, "expires_at"),
 ])
 def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> None:
     record = {**stored().to_record(), **change}
@@ -312,5 +323,117 @@ def test_write_sets_only_changed_columns(tmp_path: Any) -> None:
         assert changes(kvmem.SetOp.parse({"value": "oolong"}, CONFIG, key="k")) > 1  # re-indexed
         assert [h.memory.key for h in store.search("oolong")] == ["k"]
         assert store.search("green") == []
+        retagged = {"value": "oolong", "tags": ["tea", "hot"]}  # only the tags change
+        assert changes(kvmem.SetOp.parse(retagged, CONFIG, key="k")) > 1
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:  # what is on disk
         memory = store.get("k")
-        assert memory is not None and (memory.version, memory.value) == (3, "oolong")
+        assert memory is not None and (memory.version, memory.value) == (4, "oolong")
+        assert memory.tags == ["tea", "hot"]
+        assert [h.memory.key for h in store.search("hot")] == ["k"]
+        assert store.search("drink") == []
+
+
+@pytest.mark.parametrize("value", [10 ** 5000, -(10 ** 5000), 2 ** 63],
+                         ids=["huge", "-huge", "2**63"])
+def test_huge_integers_are_refused_by_name(value: int) -> None:
+    with pytest.raises(kvmem.InvalidInputError, match="if_version must be an integer"):
+        kvmem.DeleteOp.parse({"if_version": value}, CONFIG, key="k")
+    with pytest.raises(kvmem.InvalidInputError, match="ttl_seconds"):
+        set_op(ttl_seconds=value)
+
+
+def test_ops_built_directly_are_checked(tmp_path: Path) -> None:
+    """An op made by its constructor, not parse(), is checked like a client's input."""
+    raw = kvmem.SetOp(namespace="ns", key="k", value=(1, 2), tags=None,  # type: ignore[arg-type]
+                      ttl_seconds=None, half_life_seconds=None, if_version=None)
+    bad = dataclasses.replace(raw, key="")
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:
+        memory = store.apply(raw)
+        assert (memory.value, memory.tags) == ([1, 2], [])
+        assert [m.key for m in store.list(namespace="ns").items] == ["k"]  # readable back
+        with pytest.raises(kvmem.InvalidInputError, match="key"):
+            store.apply(bad)
+        with pytest.raises(kvmem.InvalidInputError, match="ops\\[1\\]: key"):
+            store.batch([raw, bad], namespace="other")
+        results = store.batch([raw], namespace="other")  # an op keeps its own namespace
+        assert results[0]["memory"].namespace == "ns" and results[0]["memory"].version == 2
+        with pytest.raises(kvmem.InvalidInputError, match="reinforce op cannot be in a batch"):
+            store.batch([kvmem.ReinforceOp.parse({}, CONFIG, key="k",  # type: ignore[list-item]
+                                                 namespace="ns")])
+        exported = store.list(namespace="ns").items[0]
+        assert exported.tags == [] and exported.value == [1, 2]
+
+
+# --------------------------------------------------- one place maps sqlite3 errors ----
+
+def _mapped_error(call: Any) -> kvmem.KvmemError:
+    with pytest.raises(kvmem.KvmemError) as info:
+        call()
+    assert not isinstance(info.value, sqlite3.Error)
+    assert isinstance(info.value.__cause__, sqlite3.Error)  # SQLite's own error is kept
+    return info.value
+
+
+def test_every_call_on_a_connection_raises_kvmem_errors(tmp_path: Path) -> None:
+    conn = kvmem.open_db(tmp_path / "kv.db", config=CONFIG)
+    other = kvmem.open_db(tmp_path / "other.db", config=CONFIG)
+    # A fetch steps the statement again: the second row fails (malformed JSON).
+    failing = "SELECT json(column1) FROM (VALUES ('1'), ('not json'))"
+    for fetch in (lambda c: c.fetchall(), lambda c: list(c), lambda c: c.fetchmany(5),
+                  lambda c: [c.fetchone(), c.fetchone()]):
+        cursor = conn.execute(failing)
+        assert _mapped_error(lambda: fetch(cursor)).code == "storage_error"  # noqa: B023
+    errors: list[BaseException] = []
+
+    def elsewhere() -> None:  # a connection belongs to the thread that opened it
+        for call in (lambda: conn.execute("SELECT 1"), conn.close):
+            try:
+                call()
+            except BaseException as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert len(errors) == 2 and all(isinstance(e, kvmem.KvmemError) for e in errors), errors
+    other.close()
+    _mapped_error(lambda: conn.backup(other))  # into a closed connection
+    conn.close()
+    for call in (lambda: conn.execute("SELECT 1"), lambda: conn.executemany("SELECT ?", [(1,)]),
+                 lambda: conn.in_transaction, conn.cursor):
+        _mapped_error(call)
+
+
+# ------------------------------------------------------------- health and threads ----
+
+def test_health_probes_the_database(tmp_path: Path) -> None:
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:
+        assert store.health()["ok"] is True
+        other = kvmem.open_db(tmp_path / "kv.db", config=CONFIG)
+        try:
+            with kvmem.transaction(other):
+                other.execute("ALTER TABLE memories RENAME TO moved_away")
+            health = store.health()
+            assert health["ok"] is False
+            assert any("no such table: memories" in p for p in health["problems"]), health
+            with kvmem.transaction(other):
+                other.execute("ALTER TABLE moved_away RENAME TO memories")
+            assert store.health()["ok"] is True
+        finally:
+            other.close()
+
+
+def test_a_background_bug_marks_the_thread_failed(tmp_path: Path) -> None:
+    class BuggyStore(kvmem.Store):
+        def prune(self, now: float | None = None) -> kvmem.PruneResult:
+            raise RuntimeError("a bug in prune")
+
+    config = kvmem.Config.build(environ={}, flags={"decay_interval_s": "0.01"})
+    with BuggyStore.open(tmp_path / "kv.db", config=config, decay=True) as store:
+        deadline = time.monotonic() + 30
+        while not store.stats()["decay"]["failed"]:  # waits on the thread's state
+            assert time.monotonic() < deadline, store.stats()["decay"]
+            time.sleep(0.01)
+        assert store.stats()["decay"]["failed"] == "internal: RuntimeError: a bug in prune"
+        health = store.health()
+        assert not health["ok"] and "decay failed: internal: RuntimeError" in health["problems"][0]

@@ -341,3 +341,25 @@ async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) 
             assert not isinstance(exc, TimeoutError), "the client hung after the kill"
     assert len(acked) >= 100
     check_acknowledged(db, acked, config=CONFIG)
+
+
+@pytest.mark.anyio
+async def test_null_argument_means_not_given(tmp_path: Path) -> None:
+    """A null argument is left out: half_life_seconds null takes the configured default,
+    as an omitted one does (the SDK sends null for arguments a model leaves empty)."""
+    config = kvmem.Config.build(environ={}, flags={"default_half_life_s": "100"})
+    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+        async with Client(mcp_server.build_server(store)) as client:
+            for key, extra, want in (("omitted", {}, 100.0), ("null", {"half_life_seconds": None},
+                                     100.0), ("given", {"half_life_seconds": 5}, 5.0)):
+                out = await call(client, "memory_set", key=key, value=1, tags=None, **extra)
+                assert out["memory"]["half_life_seconds"] == want, key
+                assert out["memory"]["tags"] == []
+            out = await call(client, "memory_batch", ops=[
+                {"op": "set", "key": "b", "value": 1, "half_life_seconds": None, "tags": None}])
+            assert out["results"][0]["memory"]["half_life_seconds"] == 100.0
+            out = await call(client, "memory_set", key="coerced", value=1, ttl_seconds="60",
+                             if_version=0.0)  # converted by type, as the tools always have
+            memory = store.get("coerced")
+            assert memory is not None and memory.expires_at is not None
+            assert out["memory"]["version"] == 1
