@@ -318,6 +318,8 @@ def test_write_sets_only_changed_columns(tmp_path: Any) -> None:
             return result
 
         assert changes(kvmem.ReinforceOp.parse({}, CONFIG, key="k")) == 1
+        reinforced = store.reinforce("k")  # returned whole, its value decoded
+        assert (reinforced.value, reinforced.tags) == ({"text": "green tea"}, ["drink"])
         same = {"value": {"text": "green tea"}, "tags": ["drink"]}
         assert changes(kvmem.SetOp.parse(same, CONFIG, key="k")) == 1
         assert changes(kvmem.SetOp.parse({"value": "oolong"}, CONFIG, key="k")) > 1  # re-indexed
