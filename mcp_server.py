@@ -73,6 +73,15 @@ def _argument(schema: dict[str, Any]) -> Any:
                   else python)
 
 
+def _batch_op(config: kvmem.Config) -> Any:
+    """One op of ``memory_batch``, with the limits of ``config``."""
+    schemas = kvmem.batch_op_schema(config)["properties"]
+    return _shape("BatchOp", {"op": Required[Literal[tuple(kvmem.BATCH_OPS)]],
+                              "key": Required[_argument(schemas["key"])],
+                              **{name: _argument(schema) for name, schema in schemas.items()
+                                 if name not in ("op", "key")}}, total=False)
+
+
 if TYPE_CHECKING:
     MemoryOut: TypeAlias = dict[str, Any]
     HitOut: TypeAlias = dict[str, Any]
@@ -81,12 +90,7 @@ else:
     _MEMORY = {name: _field(schema) for name, schema in kvmem.MEMORY_SCHEMA["properties"].items()}
     MemoryOut = _shape("MemoryOut", _MEMORY)
     HitOut = _shape("HitOut", {**_MEMORY, "score": float})
-    _OP = kvmem.batch_op_schema(kvmem.Config.build(environ={}))
-    BatchOp = _shape("BatchOp", {"op": Required[Literal[tuple(kvmem.BATCH_OPS)]],
-                                 "key": Required[_argument(_OP["properties"]["key"])],
-                                 **{name: _argument(schema) for name, schema
-                                    in _OP["properties"].items() if name not in ("op", "key")}},
-                     total=False)
+    BatchOp = _batch_op(kvmem.Config.build(environ={}))  # build_server uses its store's limits
 
 
 class SetResult(TypedDict):
@@ -219,7 +223,6 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
         Mark a memory as useful: raises its strength and restarts its fading, and
         brings back an archived one.""", lambda memory: {"memory": out(memory)})
 
-    @mcp.tool()
     def memory_batch(ops: list[BatchOp], namespace: str = "default") -> BatchResult:
         """Apply several set/delete ops at once, atomically: all of them or none. Each op
         is {"op": "set", "key", "value", "tags"?, "ttl_seconds"?, "half_life_seconds"?,
@@ -229,6 +232,9 @@ def build_server(store: kvmem.Store) -> MCPServer[None]:
         items: list[BatchItem] = [{"op": r["op"], "memory": out(r["memory"])} if "memory" in r
                                   else {"op": r["op"], "deleted": r["deleted"]} for r in results]
         return {"results": items}
+
+    memory_batch.__annotations__["ops"] = list[_batch_op(store.config)]  # type: ignore[misc]
+    mcp.tool()(memory_batch)
 
     @mcp.tool()
     def memory_stats() -> dict[str, Any]:

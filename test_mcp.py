@@ -363,3 +363,17 @@ async def test_null_argument_means_not_given(tmp_path: Path) -> None:
             memory = store.get("coerced")
             assert memory is not None and memory.expires_at is not None
             assert out["memory"]["version"] == 1
+
+
+@pytest.mark.anyio
+async def test_argument_schemas_carry_the_store_limits(tmp_path: Path) -> None:
+    config = kvmem.Config.build(environ={}, flags={"max_key_chars": "7", "max_tags": "2"})
+    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+        async with Client(mcp_server.build_server(store)) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]["properties"]
+            for schema in (tools["memory_set"].input_schema["properties"], op):
+                assert schema["key"]["maxLength"] == 7 and schema["tags"]["maxItems"] == 2
+            assert tools["memory_delete"].input_schema["properties"]["key"]["maxLength"] == 7
+            await call_error(client, "memory_set", "invalid_request", key="eight..", value=1,
+                             tags=["a", "b", "c"])
