@@ -385,6 +385,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.stopping = False
         self.lock = threading.Lock()
         self.handlers: set[Handler] = set()
+        self.woken: set[Handler] = set()  # idle handlers stop() shut the reading side of
         super().__init__(address, Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -400,8 +401,9 @@ class Server(http.server.ThreadingHTTPServer):
         """Stop accepting, close idle keep-alive connections, wait for in-flight requests."""
         self.shutdown()  # serve_forever returns: no new connections are accepted
         with self.lock:
-            self.stopping = True
+            self.stopping = True  # before the idle ones are picked: see parse_request()
             idle = [h for h in self.handlers if not h.in_request]
+            self.woken.update(idle)
         for handler in idle:  # a handler waiting for its next request sees EOF and ends
             with contextlib.suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_RD)
@@ -447,6 +449,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         code_name = "method_not_allowed" if status == 405 else "invalid_request"
         self.respond(status, error_body(code_name, message or "bad request",
                                         new_request_id()), {})
+
+    def parse_request(self) -> bool:
+        # A request line has arrived: busy from here on, before its headers are read.
+        # stop() sets stopping before it picks the idle handlers, so one that still reads
+        # False here is not among them.  One that reads True and was picked may find its
+        # reads cut short: it answers nothing (the client sees the connection close, as
+        # for any request the server did not take) rather than a 400 for a cut body.
+        self.in_request = True
+        if self.server.stopping:
+            with self.server.lock:
+                if self in self.server.woken:
+                    self.close_connection = True
+                    return False
+        return super().parse_request()
 
     def dispatch(self) -> None:
         # Plain attribute writes, atomic under the GIL, in the order stop() relies on:
