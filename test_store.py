@@ -695,7 +695,8 @@ def test_decay_scheduler_prunes_and_survives_busy(tmp_path: Path, clock: Clock,
             while scheduler.state()["errors"] == 0:  # wait for a logged busy failure
                 threading.Event().wait(0.01)
             holder.execute("COMMIT")
-            while store.stats()["counts"]["expired_pending"]:  # ... then for the retry
+            # ... then for the retry: its prune committed and its run was counted
+            while store.stats()["counts"]["expired_pending"] or not scheduler.state()["runs"]:
                 threading.Event().wait(0.01)
             state = scheduler.state()
         finally:
