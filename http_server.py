@@ -75,6 +75,7 @@ class Api:
 
     def __init__(self, store: kvmem.Store) -> None:
         self.store = store
+        self.batch_body = batch_body(store.config)  # built once, not per request
 
     def put_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
         if not isinstance(body, dict):
@@ -118,7 +119,7 @@ class Api:
         return 200, {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
 
     def batch(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        fields = check_body(body, batch_body(self.store.config))
+        fields = check_body(body, self.batch_body)
         results = self.store.batch(fields["ops"], namespace=query.get("namespace", "default"))
         now = self.store.clock()
         return 200, {"results": [{**r, "memory": r["memory"].render(now)} if "memory" in r

@@ -1382,12 +1382,20 @@ def database_stats(conn: KvmemConnection) -> dict[str, Any]:
         "page_size": conn.execute("PRAGMA page_size").fetchone()[0],
         "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
         "freelist_count": conn.execute("PRAGMA freelist_count").fetchone()[0],
-        "db_bytes": os.stat(path).st_size if os.path.exists(path) else None,
+        "db_bytes": _file_size(path),
         "wal_bytes": wal_size(path),
         "wal_cap_bytes": conn.kv_config.wal_cap_bytes,
         "recovery": dataclasses.asdict(record) if record else None,
         "warnings": warnings,
     }
+
+
+def _file_size(path: str) -> int | None:
+    """The size of ``path``, or None once it is gone (moved or deleted under a store)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def wal_size(path: str) -> int:

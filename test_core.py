@@ -439,3 +439,13 @@ def test_a_background_bug_marks_the_thread_failed(tmp_path: Path) -> None:
         assert store.stats()["decay"]["failed"] == "internal: RuntimeError: a bug in prune"
         health = store.health()
         assert not health["ok"] and "decay failed: internal: RuntimeError" in health["problems"][0]
+
+
+def test_stats_after_the_file_moved(tmp_path: Path) -> None:
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as store:
+        store.set("k", 1)
+        (tmp_path / "kv.db").rename(tmp_path / "moved.db")
+        stats = store.stats()  # answers, and says what is wrong
+        assert stats["db_bytes"] is None
+        assert any("was deleted" in p for p in stats["health"]["problems"])
+        (tmp_path / "moved.db").rename(tmp_path / "kv.db")
