@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hmac
 import http.server
-import ipaddress
 import json
 import logging
 import os
@@ -382,7 +380,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], api: Api, token: str) -> None:
         self.api = api
-        self.token = token.encode("utf-8")
+        self.token = token
         self.stopping = False
         self.lock = threading.Lock()
         self.handlers: set[Handler] = set()
@@ -508,14 +506,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not raw_path.startswith("/"):
             raise HTTPError(400, "invalid_request", "the request target must be a path")
         route, key = match_route(self.command, raw_path)
-        if route.auth and self.server.token:
-            given = self.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    token.strip().encode("utf-8", "surrogateescape"), self.server.token):
-                self.close_connection = True  # the body, if any, is left unread
-                raise HTTPError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' "
-                                "header is required", headers={"WWW-Authenticate": "Bearer"})
+        if route.auth and self.server.token and not kvmem_cli.bearer_ok(
+                self.headers.get("Authorization"), self.server.token):
+            self.close_connection = True  # the body, if any, is left unread
+            raise HTTPError(401, "unauthorized", UNAUTHORIZED,
+                            headers={"WWW-Authenticate": "Bearer"})
         query = parse_query(raw_query, route)
         body = self.read_body(route)
         status, payload = route.handler(self.server.api, key, query, body)
@@ -594,39 +589,20 @@ def _refuse_constant(name: str) -> Any:
 # ------------------------------------------------------------------------------- main ----
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(host: str, token: str) -> None:
-    """Refuse a non-loopback address without a token (kvmem.ConfigError): anyone who can
-    reach it could read and write every memory."""
-    if not token and not is_loopback(host):
-        raise kvmem.ConfigError(f"refusing to listen on {host} without a token: set "
-                                "KVMEM_TOKEN or --token-file, or bind 127.0.0.1")
+UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 
 
 def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server:
     """The server, bound and ready for ``serve_forever()``; see ``check_exposure``."""
-    check_exposure(host, token)
+    kvmem_cli.check_exposure(host, token)
     return Server((host, port), Api(store), token)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API")
-    parser.add_argument("--token-file", help="read the bearer token from this file")
-    args = kvmem_cli.parse_server_args(parser, argv)
+    args = kvmem_cli.parse_server_args(parser, argv, exclude=("mcp_port",))
     try:
-        config = kvmem_cli.config_from_args(args)
-        if args.token_file:
-            with open(args.token_file, encoding="utf-8") as fp:
-                config = dataclasses.replace(config, token=fp.read().strip())
-        check_exposure(config.host, config.token)  # before the database is created
+        config = kvmem_cli.server_config(args)
         store = kvmem.Store.open(config=config, role="http", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
         print(f"kvmem-http: {exc}", file=sys.stderr)

@@ -285,9 +285,13 @@ class Config:
     max_batch_ops: int = _setting(1000, _INT(minimum=1), "most ops in one batch")
     group_commit_max: int = _setting(256, _INT(minimum=1), "most writes the group committer "
                                      "puts in one transaction")
-    token: str = _setting("", str, "bearer token for the HTTP API ('' = no auth)")
-    host: str = _setting("127.0.0.1", str, "HTTP bind address")
-    port: int = _setting(8765, _INT(minimum=0), "HTTP port (0 = any free port)")
+    token: str = _setting("", str, "bearer token that kvmem-http and kvmem-mcp's "
+                          "streamable HTTP require ('' = no auth; only on loopback)")
+    host: str = _setting("127.0.0.1", str, "bind address of kvmem-http and of kvmem-mcp's "
+                         "streamable HTTP")
+    port: int = _setting(8765, _INT(minimum=0), "kvmem-http's port (0 = any free port)")
+    mcp_port: int = _setting(8766, _INT(minimum=0), "port of kvmem-mcp's streamable HTTP "
+                             "(0 = any free port)")
 
     @property
     def wal_soft_cap_bytes(self) -> int:
@@ -416,9 +420,31 @@ def validate_tags(tags: object, config: Config) -> list[str]:
     return out
 
 
+# Arrays and objects inside each other in one value: deeper ones are refused everywhere,
+# so that what one interface stores every other can read back (the MCP SDK's JSON parser
+# stops at 200 levels of a whole request, its serializer at about 250).
+MAX_NESTING = 100
+
+
+def _too_deep(value: object) -> bool:
+    """Whether ``value`` nests lists/objects more than MAX_NESTING deep (level by level,
+    so no recursion however deep it is)."""
+    level = [value] if isinstance(value, dict | list | tuple) else []
+    for _ in range(MAX_NESTING):
+        level = [child for container in level
+                 for child in (container.values() if isinstance(container, dict) else container)
+                 if isinstance(child, dict | list | tuple)]
+        if not level:
+            return False
+    return True
+
+
 def encode_value(value: object, config: Config) -> str:
-    """Any JSON value as compact JSON text, at most max_value_bytes of UTF-8; NaN and
-    infinities are not JSON and are refused."""
+    """Any JSON value as compact JSON text, at most max_value_bytes of UTF-8 and
+    MAX_NESTING levels deep; NaN and infinities are not JSON and are refused."""
+    if _too_deep(value):
+        raise InvalidInputError(f"value nests arrays/objects more than {MAX_NESTING} levels "
+                                "deep")
     try:
         text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError, RecursionError) as exc:
@@ -475,9 +501,21 @@ def _time(name: str, *, optional: bool = False) -> Callable[..., Any]:
     return _number(name, low=0, high=MAX_TIME, optional=optional)
 
 
-def _seconds(name: str) -> Callable[..., Any]:
+def _seconds(name: str, hint: str = "") -> Callable[..., Any]:
     """A check for a positive number of seconds, at most MAX_TTL_SECONDS, or ``None``."""
-    return _number(name, low=0, above=True, high=MAX_TTL_SECONDS, optional=True)
+    return _number(name, low=0, above=True, high=MAX_TTL_SECONDS, optional=True, hint=hint)
+
+
+# half_life_seconds="default": the configured default_half_life_s (null: never decays).
+DEFAULT_HALF_LIFE = "default"
+_half_life_number = _seconds("half_life_seconds", hint=f' or "{DEFAULT_HALF_LIFE}"')
+
+
+def validate_half_life(value: object, config: Config) -> float | None:
+    if isinstance(value, str) and value == DEFAULT_HALF_LIFE:
+        return config.default_half_life_s
+    result: float | None = _half_life_number(value)
+    return result
 
 
 def validate_limit(value: object, maximum: int) -> int:
@@ -712,12 +750,37 @@ def _arg(schema: Callable[[Config], dict[str, Any]], check: Callable[[Any, Confi
                                        "default": default})
 
 
-NAMESPACE_ARG = _arg(lambda c: {"type": "string", "pattern": f"^{NAMESPACE_RE.pattern}$",
-                                "maxLength": c.max_namespace_chars, "default": "default"},
-                     validate_namespace, default=lambda config: "default")
-KEY_ARG = _arg(lambda c: {"type": "string", "minLength": 1, "maxLength": c.max_key_chars},
-               validate_key, required=True)
-IF_VERSION_ARG = _arg(lambda c: {"type": ["integer", "null"], "minimum": 0}, validate_version)
+def namespace_schema(config: Config) -> dict[str, Any]:
+    return {"type": "string", "pattern": f"^{NAMESPACE_RE.pattern}$", "minLength": 1,
+            "maxLength": config.max_namespace_chars, "default": "default",
+            "description": "keeps agents, users or projects apart"}
+
+
+def key_schema(config: Config) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": config.max_key_chars,
+            "description": "the memory's name, e.g. \"user/tea\"; no control characters"}
+
+
+def tag_schema(config: Config) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": config.max_tag_chars}
+
+
+def half_life_schema(config: Config) -> dict[str, Any]:
+    default = config.default_half_life_s
+    return {"anyOf": [{**SECONDS_SCHEMA, "type": "number"}, {"type": "null"},
+                      {"const": DEFAULT_HALF_LIFE}],
+            "default": DEFAULT_HALF_LIFE,
+            "description": "strength halves every this many seconds unless reinforced; "
+                           f"null = never fades; \"{DEFAULT_HALF_LIFE}\" = the configured "
+                           f"default ({'never fades' if default is None else f'{default:g} s'})"}
+
+
+NAMESPACE_ARG = _arg(namespace_schema, validate_namespace, default=lambda config: "default")
+KEY_ARG = _arg(key_schema, validate_key, required=True)
+IF_VERSION_ARG = _arg(lambda c: {
+    "type": ["integer", "null"], "minimum": 0, "maximum": MAX_VERSION,
+    "description": "write only if the stored version is this (0 = only if absent)"},
+    validate_version)
 SECONDS_SCHEMA = {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_TTL_SECONDS}
 
 
@@ -808,14 +871,16 @@ class SetOp(Op):
     namespace: str = NAMESPACE_ARG
     key: str = KEY_ARG
     value: Any = _arg(lambda c: {"description": f"any JSON value, at most {c.max_value_bytes} "
-                                 "bytes as JSON"}, encode_value, required=True)
+                                 f"bytes as JSON and {MAX_NESTING} levels deep"},
+                      encode_value, required=True)
     tags: list[str] = _arg(lambda c: {"type": ["array", "null"], "maxItems": c.max_tags,
-                                      "items": {"type": "string", "minLength": 1,
-                                                "maxLength": c.max_tag_chars}}, validate_tags)
-    ttl_seconds: float | None = _arg(lambda c: SECONDS_SCHEMA, _seconds("ttl_seconds"))
-    half_life_seconds: float | None = _arg(
-        lambda c: SECONDS_SCHEMA, _seconds("half_life_seconds"),
-        default=lambda config: config.default_half_life_s)
+                                      "items": tag_schema(c), "description": "labels that "
+                                      "group related memories; null = none"}, validate_tags)
+    ttl_seconds: float | None = _arg(lambda c: {
+        **SECONDS_SCHEMA, "description": "expire after this many seconds; null = never"},
+        _seconds("ttl_seconds"))
+    half_life_seconds: float | None = _arg(half_life_schema, validate_half_life,
+                                           default=lambda config: DEFAULT_HALF_LIFE)
     if_version: int | None = IF_VERSION_ARG
     value_json: str = ""  # the value as stored: compact JSON (``value`` is parsed back from it)
 
@@ -1991,9 +2056,6 @@ class GroupCommitter:
 
 # ----------------------------------------------------------------------------- Store ----
 
-_DEFAULT = object()  # "use the configured default" for half_life_seconds
-
-
 class _ReadPool:
     """Idle read connections to borrow, one thread at a time (ThreadingHTTPServer starts a
     thread per client connection; opening a database per request would be slow).  Knows
@@ -2131,23 +2193,23 @@ class Store:
 
     def set(self, key: str, value: Any, *, namespace: str = "default",
             tags: Sequence[str] | None = None, ttl_seconds: float | None = None,
-            half_life_seconds: float | object | None = _DEFAULT,
+            half_life_seconds: float | str | None = DEFAULT_HALF_LIFE,
             if_version: int | None = None) -> Memory:
         """Create or replace a memory; return it as stored (``version == 1``: created).
 
-        A set replaces value, tags, TTL and half-life (omitted = none / the configured
-        default), restores full strength and un-archives.  ``if_version=N`` writes only if
-        the current version is N, ``0`` only if the key is absent (an expired memory counts
-        as absent, an archived one as present).  Durable when it returns.
+        A set replaces value, tags, TTL and half-life (``"default"`` = the configured
+        default_half_life_s, ``None`` = never fades), restores full strength and
+        un-archives.  ``if_version=N`` writes only if the current version is N, ``0`` only
+        if the key is absent (an expired memory counts as absent, an archived one as
+        present).  Durable when it returns.
 
         Raises:
             InvalidInputError, PayloadTooLargeError: bad arguments; nothing written.
             VersionConflictError: ``if_version`` did not match (``current_version`` set).
             BusyError, StorageFullError, ...: the database failed; nothing written.
         """
-        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds, "if_version": if_version}
-        if half_life_seconds is not _DEFAULT:
-            spec["half_life_seconds"] = half_life_seconds
+        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds,
+                "half_life_seconds": half_life_seconds, "if_version": if_version}
         result: Memory = self.apply(SetOp.parse(spec, self.config, key=key, namespace=namespace))
         return result
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ from typing import Any
 from kvmem import (
     BusyError,
     Config,
+    ConfigError,
     InvalidInputError,
     KvmemError,
     NotFoundError,
@@ -32,14 +35,17 @@ from kvmem import (
 )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = ()) -> None:
-    """Add one ``--flag`` per Config field; values stay raw strings for ``Config.build``."""
+def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (),
+                         aliases: Mapping[str, str] | None = None) -> None:
+    """Add one ``--flag`` per Config field (and any ``aliases``: field -> extra flag);
+    values stay raw strings for ``Config.build``."""
     group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
     for field in dataclasses.fields(Config):
         if field.name not in exclude:
-            group.add_argument(flag_name(field), dest=field.name, default=None,
-                               metavar=field.name.upper(),
-                               help=f"{field.metadata['help']} [env {env_name(field)}]")
+            extra = [aliases[field.name]] if aliases and field.name in aliases else []
+            group.add_argument(*extra, flag_name(field), dest=field.name, default=None,
+                               metavar=field.name.upper(), help=f"{field.metadata['help']} "
+                               f"(default {field.default!r}) [env {env_name(field)}]")
 
 
 def config_from_args(args: argparse.Namespace,
@@ -51,15 +57,54 @@ def config_from_args(args: argparse.Namespace,
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
-def parse_server_args(parser: argparse.ArgumentParser,
-                      argv: Sequence[str] | None) -> argparse.Namespace:
-    """A server's command line: its own flags (already on ``parser``), ``--log-level`` and
-    a flag per setting (``config_from_args`` reads them); logging goes to stderr."""
+def parse_server_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *,
+                      exclude: Sequence[str] = (),
+                      aliases: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """A server's command line: its own flags (already on ``parser``), ``--log-level``,
+    ``--token-file`` and a flag per setting (``server_config`` reads them); logging goes
+    to stderr."""
     parser.add_argument("--log-level", default="INFO")
-    add_config_arguments(parser)
+    parser.add_argument("--token-file", help="read the bearer token from this file")
+    add_config_arguments(parser, exclude=exclude, aliases=aliases)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
     return args
+
+
+def server_config(args: argparse.Namespace) -> Config:
+    """A server's Config from its command line (``--token-file`` wins over KVMEM_TOKEN),
+    refused (ConfigError) when it would expose the database: see ``check_exposure``."""
+    config = config_from_args(args)
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as fp:
+            config = dataclasses.replace(config, token=fp.read().strip())
+    check_exposure(config.host, config.token)  # before the database is created
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str) -> None:
+    """Refuse a non-loopback address without a token (ConfigError): anyone who can reach
+    it could read and write every memory."""
+    if not token and not is_loopback(host):
+        raise ConfigError(f"refusing to listen on {host} without a token: set KVMEM_TOKEN "
+                          "or --token-file, or bind 127.0.0.1")
+
+
+def bearer_ok(authorization: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <token>``, compared in
+    constant time (the two HTTP servers check a request's token with this)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:
