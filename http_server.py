@@ -509,7 +509,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if route.auth and self.server.token and not kvmem_cli.bearer_ok(
                 self.headers.get("Authorization"), self.server.token):
             self.close_connection = True  # the body, if any, is left unread
-            raise HTTPError(401, "unauthorized", UNAUTHORIZED,
+            raise HTTPError(401, "unauthorized", kvmem_cli.UNAUTHORIZED,
                             headers={"WWW-Authenticate": "Bearer"})
         query = parse_query(raw_query, route)
         body = self.read_body(route)
@@ -587,9 +587,6 @@ def _refuse_constant(name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------- main ----
-
-
-UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 
 
 def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server:

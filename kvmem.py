@@ -480,7 +480,7 @@ def _number(name: str, *, integer: bool = False, low: float = -math.inf,
             bounds = "".join(f" {op} {bound:g}" for op, bound in (
                 (">" if above else ">=", low), ("<=", high)) if math.isfinite(bound))
             shown = "a huge integer" if isinstance(value, int) and value.bit_length() > 128 \
-                else str(value)[:40]
+                else repr(value)[:40] if isinstance(value, str) else str(value)[:40]
             raise InvalidInputError(f"{name} must be {'an integer' if integer else 'a number'}"
                                     f"{bounds}{' or null' if optional else ''}{hint}"
                                     f" (got {shown})")

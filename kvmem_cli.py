@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,12 +100,53 @@ def check_exposure(host: str, token: str) -> None:
                           "or --token-file, or bind 127.0.0.1")
 
 
+UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
+
+
 def bearer_ok(authorization: str | None, token: str) -> bool:
     """Whether an ``Authorization`` header value is ``Bearer <token>``, compared in
     constant time (the two HTTP servers check a request's token with this)."""
     scheme, _, given = (authorization or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
         given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+
+
+def origin_allowed(origin: str, host: str) -> bool:
+    """Whether a browser page from ``origin`` may call a server bound to ``host``: one
+    served from this machine (loopback) or from the bound address itself.  A page from
+    elsewhere would be another site reaching the server through the browser."""
+    try:
+        name = urllib.parse.urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return name is not None and (is_loopback(name) or name == host.strip("[]").lower())
+
+
+_NULLABLE_OBJECT = {"type": ["object", "null"]}
+_COUNT = {"type": "integer", "minimum": 0}
+_BYTES = {"type": ["integer", "null"], "minimum": 0}
+
+# The shape of Store.stats(), as kvmem-mcp's memory_stats publishes it.
+STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
+    "path": {"type": "string"}, "sqlite_version": {"type": "string"},
+    "schema_version": _COUNT,
+    "settings": {"type": "object", "description": "the PRAGMAs, read back"},
+    "page_size": _COUNT, "page_count": _COUNT, "freelist_count": _COUNT,
+    "db_bytes": _BYTES, "wal_bytes": _BYTES, "wal_cap_bytes": _COUNT,
+    "recovery": {**_NULLABLE_OBJECT, "description": "what this process's first open found"},
+    "warnings": {"type": "array", "items": {"type": "string"}},
+    "counts": {"type": "object", "required": ["live", "archived", "expired_pending"],
+               "properties": {"live": _COUNT, "archived": _COUNT, "expired_pending": _COUNT}},
+    "group_commit": {"type": "object"}, "checkpointer": _NULLABLE_OBJECT,
+    "decay": _NULLABLE_OBJECT, "last_prune": _NULLABLE_OBJECT,
+    "health": {"type": "object", "required": ["ok", "problems", "past"], "properties": {
+        "ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "string"}},
+        "past": {"type": "object"}}},
+    "config": {"type": "object", "required": [f.name for f in dataclasses.fields(Config)],
+               "description": "the settings (the token shown as \"set\" or \"\")"},
+    "pid": {"type": "integer"},
+}}
+STATS_SCHEMA["required"] = list(STATS_SCHEMA["properties"])
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:

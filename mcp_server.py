@@ -1,31 +1,60 @@
 """kvmem as MCP tools, over the official ``mcp`` SDK (2.x, ``MCPServer``).
 
-Thin by design: each tool validates nothing itself, calls the ``kvmem.Store`` and returns
-a typed result (so clients get an output schema).  Failures a model should read become
-``ToolError`` whose text starts with the kvmem error code (``invalid_request: ...``,
-``version_conflict: ...``, ``busy: ... retry``); a memory that is not there is a normal
-result (``found: false``), not an error.
+Each tool is a row of data (``Tool``): its JSON schemas, derived from kvmem's own and the
+store's limits, its hints, and the Store call it makes.  ``KvmemMCP`` serves these rows
+itself instead of the SDK's decorated functions, so every tool is handled the same way,
+once:
 
-One Store per process, opened before the server starts and shared by every MCP session
-(``build_server(store)``).  Tools are sync functions, so the SDK runs them in worker
-threads; the Store is thread-safe and its writes go through group commit.  stdout is the
-protocol on stdio, so logging goes to stderr only.
+- the arguments reach kvmem exactly as the client sent them, as over HTTP, and kvmem
+  checks every value (no coercion: ``true`` is not 1 and ``"1"`` is not 1);
+- an argument the tool does not take is refused by name;
+- every failure is a tool error whose text starts with the kvmem code
+  (``invalid_request: ...``, ``version_conflict: ...``, ``busy: ... retry``); a memory
+  that is not there is a normal result (``found: false``);
+- a result is its structured content plus the same object as compact JSON text.
+
+One Store per process, opened before the server starts and shared by every session.
+Calls run in worker threads (the Store is thread-safe and its writes go through group
+commit).  Two transports:
+
+- stdio: a line the SDK cannot read gets a JSON-RPC error from us instead of no answer;
+  SIGINT or SIGTERM stops reading, lets the calls in flight answer, closes the Store
+  (final checkpoint) and exits 0.  stdout is the protocol, so logs go to stderr.
+- streamable HTTP (``http://HOST:8766/mcp``): the bearer token of kvmem-http, checked by
+  the same function, and an Origin check; the SDK checks the Host of a loopback bind.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import fcntl
 import inspect
+import json
 import logging
 import os
+import signal
+import socket
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import IO, Any, cast
 
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import WithJsonSchema
-from typing_extensions import NotRequired, Required, TypedDict  # noqa: UP035 (pydantic needs these on 3.11)
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import mcp_types as types
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.stdio import stdio_server
+from mcp.shared.message import SessionMessage
+from mcp_types import CallToolResult, TextContent, ToolAnnotations
+from mcp_types import Tool as MCPTool
+from pydantic import ValidationError
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import kvmem
 import kvmem_cli
@@ -42,95 +71,175 @@ conversations, and to look them up later.
 - memory_reinforce when a memory proved useful, so it stays strong and is not archived.
 - Namespaces keep separate agents, users or projects apart (default "default"); tags group
   related memories inside a namespace.
-Every write is durable when the tool answers."""
+Every write is durable when the tool answers. An error starts with its code, e.g.
+"invalid_request: ..." (fix the arguments) or "busy: ..." (retry)."""
 
-T = TypeVar("T")
-
-
-def _shape(name: str, fields: dict[str, Any], *, total: bool = True) -> Any:
-    """A TypedDict (so the SDK publishes it by ``name`` in the schema's ``$defs``) whose
-    fields carry kvmem's own JSON schemas: the shapes are derived, never retyped."""
-    return TypedDict(name, fields, total=total)  # type: ignore[operator]
+HTTP_PATH = "/mcp"
 
 
-def _field(schema: dict[str, Any], *, python: Any = Any) -> Any:
-    return Annotated[python, WithJsonSchema(schema)]
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """One MCP tool: what ``tools/list`` shows, and the Store call behind it."""
+
+    name: str
+    description: str
+    arguments: dict[str, Any]  # JSON schema of the arguments object
+    result: dict[str, Any]  # JSON schema of the structured result
+    hints: ToolAnnotations  # its title and read-only / destructive / idempotent hints
+    run: Callable[[dict[str, Any]], dict[str, Any]]  # arguments as sent -> result
 
 
-_PYTHON: dict[str, Any] = {"string": str, "integer": int, "number": float, "boolean": bool,
-                           "array": list[str]}
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    """An object schema that allows no other property (``required``: all of them)."""
+    return {"type": "object", "additionalProperties": False, "properties": properties,
+            "required": list(properties) if required is None else required}
 
 
-def _argument(schema: dict[str, Any]) -> Any:
-    """An argument's annotation: kvmem's schema, published as is, on the Python type it
-    names, which the SDK's validation converts to as it always has ("60" -> 60.0)."""
-    kinds = schema.get("type", [])
-    kinds = [kinds] if isinstance(kinds, str) else kinds
-    python: Any = Any
-    for kind in (k for k in kinds if k != "null"):
-        python = _PYTHON[kind]
-    return _field(schema, python=python | None if python is not Any and "null" in kinds
-                  else python)
+def _hints(title: str, *, read_only: bool = False, destructive: bool = False,
+           idempotent: bool = False) -> ToolAnnotations:
+    return ToolAnnotations(title=title, read_only_hint=read_only, destructive_hint=destructive,
+                           idempotent_hint=read_only or idempotent, open_world_hint=False)
 
 
-def _batch_op(config: kvmem.Config) -> Any:
-    """One op of ``memory_batch``, with the limits of ``config``."""
-    schemas = kvmem.batch_op_schema(config)["properties"]
-    return _shape("BatchOp", {"op": Required[Literal[tuple(kvmem.BATCH_OPS)]],
-                              "key": Required[_argument(schemas["key"])],
-                              **{name: _argument(schema) for name, schema in schemas.items()
-                                 if name not in ("op", "key")}}, total=False)
+def _limit(maximum: int, default: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": 1, "maximum": maximum, "default": default,
+            "description": "most results to return"}
 
 
-if TYPE_CHECKING:
-    MemoryOut: TypeAlias = dict[str, Any]
-    HitOut: TypeAlias = dict[str, Any]
-    BatchOp: TypeAlias = dict[str, Any]
-else:
-    _MEMORY = {name: _field(schema) for name, schema in kvmem.MEMORY_SCHEMA["properties"].items()}
-    MemoryOut = _shape("MemoryOut", _MEMORY)
-    HitOut = _shape("HitOut", {**_MEMORY, "score": float})
-    BatchOp = _batch_op(kvmem.Config.build(environ={}))  # build_server uses its store's limits
+MEMORY_REF = {"$ref": "#/$defs/Memory"}
 
 
-class SetResult(TypedDict):
-    created: bool
-    memory: MemoryOut
+def _result(properties: dict[str, Any]) -> dict[str, Any]:
+    hit = {**kvmem.MEMORY_SCHEMA, "required": [*kvmem.MEMORY_SCHEMA["required"], "score"],
+           "properties": {**kvmem.MEMORY_SCHEMA["properties"], "score": {"type": "number"}}}
+    return {**_object(properties), "$defs": {"Memory": kvmem.MEMORY_SCHEMA, "Hit": hit}}
 
 
-class GetResult(TypedDict):
-    found: bool
-    memory: MemoryOut | None
+def tools(store: kvmem.Store) -> list[Tool]:
+    """The tools over ``store``, with its limits in their schemas."""
+    config = store.config
+    namespace = {"namespace": kvmem.namespace_schema(config)}
+
+    def out(memory: kvmem.Memory) -> dict[str, Any]:
+        return memory.render(store.clock())
+
+    def op(cls: type[kvmem.Op], answer: Callable[[Any], dict[str, Any]]) -> Callable[..., Any]:
+        return lambda arguments: answer(store.apply(cls.parse(arguments, config)))
+
+    def found(memory: kvmem.Memory | None) -> dict[str, Any]:
+        return {"found": memory is not None, "memory": None if memory is None else out(memory)}
+
+    def page(page: kvmem.Page) -> dict[str, Any]:
+        return {"items": [out(m) for m in page.items], "next_cursor": page.next_cursor}
+
+    def batch(arguments: dict[str, Any]) -> dict[str, Any]:
+        results = store.batch(arguments["ops"], namespace=arguments.get("namespace", "default"))
+        return {"results": [{"op": r["op"], "memory": out(r["memory"])} if "memory" in r
+                            else {"op": r["op"], "deleted": r["deleted"]} for r in results]}
+
+    batch_op = kvmem.batch_op_schema(config)
+    return [
+        Tool("memory_set", """\
+            Save a memory under `key`, replacing any existing one (value, tags, TTL,
+            half-life). `value` is any JSON (text, number, object, list). `tags` group
+            related memories (e.g. ["preference", "project-x"]). `ttl_seconds` makes it
+            expire; without it the memory is kept. `half_life_seconds` makes it fade unless
+            reinforced (archived when weak). `if_version`: write only if the stored version
+            equals it (0 = only if the key is new); on a mismatch the error says the
+            current version: read, merge, retry.""",
+             kvmem.SetOp.schema(config),
+             _result({"created": {"type": "boolean"}, "memory": MEMORY_REF}),
+             _hints("Save a memory", destructive=True),
+             op(kvmem.SetOp, lambda m: {"created": m.version == 1, "memory": out(m)})),
+        Tool("memory_get", """\
+            Read the memory stored under exactly `key`. Returns found=false when there is
+            none (or it expired or was archived). Use memory_search when unsure of the
+            key.""",
+             _object({"key": kvmem.key_schema(config), **namespace}, ["key"]),
+             _result({"found": {"type": "boolean"},
+                      "memory": {"anyOf": [MEMORY_REF, {"type": "null"}]}}),
+             _hints("Read a memory", read_only=True),
+             lambda arguments: found(store.get(**arguments))),
+        Tool("memory_delete", """\
+            Forget a memory for good. deleted=false if there was none. With `if_version`,
+            only that version is deleted.""",
+             kvmem.DeleteOp.schema(config), _result({"deleted": {"type": "boolean"}}),
+             _hints("Delete a memory", destructive=True, idempotent=True),
+             op(kvmem.DeleteOp, lambda deleted: {"deleted": deleted})),
+        Tool("memory_list", """\
+            List memories in key order, optionally only keys starting with `prefix` or
+            having `tag`. `archived=true` lists faded (archived) memories instead. Pass
+            `next_cursor` back as `cursor` for the next page (null = no more).""",
+             _object({**namespace,
+                      "prefix": {"type": ["string", "null"], "maxLength": config.max_key_chars,
+                                 "description": "only keys that start with this"},
+                      "tag": {"anyOf": [kvmem.tag_schema(config), {"type": "null"}],
+                              "description": "only memories with this tag"},
+                      "archived": {"type": "boolean", "default": False,
+                                   "description": "list archived memories instead"},
+                      "limit": _limit(kvmem.MAX_LIST_LIMIT, 100),
+                      "cursor": {"type": ["string", "null"],
+                                 "description": "next_cursor of the previous page"}}, []),
+             _result({"items": {"type": "array", "items": MEMORY_REF},
+                      "next_cursor": {"type": ["string", "null"]}}),
+             _hints("List memories", read_only=True),
+             lambda arguments: page(store.list(**arguments))),
+        Tool("memory_search", """\
+            Find memories by words in their key, value or tags, best first. Ranked by text
+            relevance (BM25) times current strength. `query` is plain words; quotes and
+            operators are treated as text.""",
+             _object({"query": {"type": "string", "description": "plain words to look for"},
+                      **namespace, "limit": _limit(kvmem.MAX_SEARCH_LIMIT, 20)}, ["query"]),
+             _result({"items": {"type": "array", "items": {"$ref": "#/$defs/Hit"}}}),
+             _hints("Search memories", read_only=True),
+             lambda arguments: {"items": [{**out(hit.memory), "score": hit.score}
+                                          for hit in store.search(**arguments)]}),
+        Tool("memory_reinforce", """\
+            Mark a memory as useful: raises its strength and restarts its fading, and
+            brings back an archived one.""",
+             kvmem.ReinforceOp.schema(config), _result({"memory": MEMORY_REF}),
+             _hints("Reinforce a memory"),
+             op(kvmem.ReinforceOp, lambda m: {"memory": out(m)})),
+        Tool("memory_batch", """\
+            Apply several set/delete ops at once, atomically: all of them or none. Each op
+            is {"op": "set", "key", "value", "tags"?, "ttl_seconds"?, "half_life_seconds"?,
+            "if_version"?} or {"op": "delete", "key", "if_version"?}; all in `namespace`.""",
+             {**_object({"ops": {"type": "array", "minItems": 1,
+                                 "maxItems": config.max_batch_ops,
+                                 "items": {"$ref": "#/$defs/BatchOp"},
+                                 "description": "the ops, applied in order"}, **namespace},
+                         ["ops"]),
+              "$defs": {"BatchOp": batch_op}},
+             _result({"results": {"type": "array", "items": _object({
+                 "op": {"enum": list(kvmem.BATCH_OPS)}, "memory": MEMORY_REF,
+                 "deleted": {"type": "boolean"}}, ["op"])}}),
+             _hints("Apply ops atomically", destructive=True), batch),
+        Tool("memory_stats", """\
+            Store health and figures: settings, sizes, counts of live/archived memories,
+            background work.""",
+             _object({}), kvmem_cli.STATS_SCHEMA, _hints("Store statistics", read_only=True),
+             lambda arguments: store.stats()),
+    ]
 
 
-class DeleteResult(TypedDict):
-    deleted: bool
+def check_arguments(tool: Tool, arguments: Mapping[str, Any]) -> None:
+    """Refuse (InvalidInputError) an argument ``tool`` does not take, or a missing one."""
+    known = tool.arguments["properties"]
+    unknown = sorted(name for name in arguments if name not in known)
+    if unknown:
+        close = [name for name in known if name.startswith(unknown[0])
+                 or unknown[0].startswith(name)] or difflib.get_close_matches(unknown[0], known)
+        raise kvmem.InvalidInputError(
+            f"unknown argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(name[:60]) for name in unknown[:5])} for {tool.name}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; it takes {', '.join(known) or 'no arguments'}")
+    missing = [name for name in tool.arguments["required"] if name not in arguments]
+    if missing:
+        raise kvmem.InvalidInputError(f"{tool.name} needs {', '.join(map(repr, missing))}")
 
 
-class ReinforceResult(TypedDict):
-    memory: MemoryOut
-
-
-class ListResult(TypedDict):
-    items: list[MemoryOut]
-    next_cursor: str | None
-
-
-class SearchResult(TypedDict):
-    items: list[HitOut]
-
-
-class BatchItem(TypedDict):
-    op: Literal["set", "delete"]
-    memory: NotRequired[MemoryOut]
-    deleted: NotRequired[bool]
-
-
-class BatchResult(TypedDict):
-    results: list[BatchItem]
-
-
-def tool_error(exc: kvmem.KvmemError) -> ToolError:
+def error_text(exc: kvmem.KvmemError) -> str:
     """A kvmem error as the text a model reads: the code first, then what to do."""
     text = f"{exc.code}: {exc}"
     if isinstance(exc, kvmem.VersionConflictError):
@@ -140,116 +249,237 @@ def tool_error(exc: kvmem.KvmemError) -> ToolError:
         text += " - the database is busy; retry in a moment"
     elif isinstance(exc, kvmem.StorageFullError):
         text += " - the disk is full; reads still work, writes fail until space is freed"
-    return ToolError(text)
+    return text
 
 
-def _call(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except kvmem.KvmemError as exc:
-        raise tool_error(exc) from exc
+def compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _op_tool(mcp: MCPServer[None], store: kvmem.Store, op: type[kvmem.Op], returns: Any,
-             doc: str, answer: Callable[[Any], Any]) -> None:
-    """A tool that runs one kvmem op; its arguments are the op's, with their schemas.
-    A null argument means "not given", as if it were left out."""
-    def tool(**arguments: Any) -> Any:
-        given = {k: v for k, v in arguments.items() if v is not None or k == "value"}
-        return answer(_call(lambda: store.apply(op.parse(given, store.config))))
+class KvmemMCP(MCPServer[None]):
+    """The MCP server over one Store: the SDK's protocol, kvmem's tools."""
 
-    parameters = [inspect.Parameter(
-        field.name, inspect.Parameter.KEYWORD_ONLY, annotation=_argument(
-            field.metadata["schema"](store.config)),
-        default=inspect.Parameter.empty if field.metadata["required"]
-        else field.metadata["default"](store.config) if field.name == "namespace" else None,
-    ) for field in op.arguments()]
-    tool.__name__ = f"memory_{op.kind}"
-    tool.__doc__ = doc
-    tool.__signature__ = inspect.Signature(parameters, return_annotation=returns)  # type: ignore[attr-defined]
-    mcp.tool()(tool)
+    def __init__(self, store: kvmem.Store) -> None:
+        super().__init__("kvmem", version="0.1.0", instructions=INSTRUCTIONS)
+        self.store = store
+        self.kvmem_tools = {tool.name: tool for tool in tools(store)}
+
+    async def list_tools(self) -> list[MCPTool]:
+        return [MCPTool(name=t.name, title=t.hints.title, description=inspect.cleandoc(
+            t.description), input_schema=t.arguments, output_schema=t.result,
+            annotations=t.hints) for t in self.kvmem_tools.values()]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Context[None, Any] | None = None) -> Any:
+        tool = self.kvmem_tools.get(name)
+        log.debug("call %s", name)
+        try:
+            if tool is None:
+                raise kvmem.InvalidInputError(f"unknown tool {name[:60]!r}; the tools are "
+                                              f"{', '.join(self.kvmem_tools)}")
+            check_arguments(tool, arguments)
+            result = await anyio.to_thread.run_sync(tool.run, dict(arguments))
+        except kvmem.KvmemError as exc:
+            log.info("%s refused: %s", name, exc.code)
+            return CallToolResult(content=[TextContent(type="text", text=error_text(exc))],
+                                  is_error=True)
+        except Exception:  # a bug: the model gets no internals, the log gets the traceback
+            log.exception("%s failed unexpectedly", name)
+            return CallToolResult(content=[TextContent(
+                type="text", text="internal: the tool failed; the server's log says why")],
+                is_error=True)
+        return CallToolResult(content=[TextContent(type="text", text=compact(result))],
+                              structured_content=result)
+
+    async def serve(self, read: Any, write: Any) -> None:
+        """Serve one connection until its input ends (stdio)."""
+        server = self._lowlevel_server
+        await server.run(read, write, server.create_initialization_options())
 
 
-def build_server(store: kvmem.Store) -> MCPServer[None]:
+def build_server(store: kvmem.Store) -> KvmemMCP:
     """The MCP server over ``store`` (opened once per process by the caller)."""
-    mcp: MCPServer[None] = MCPServer("kvmem", version="0.1.0", instructions=INSTRUCTIONS)
+    return KvmemMCP(store)
 
-    def out(memory: kvmem.Memory) -> MemoryOut:
-        return memory.render(store.clock())
 
-    _op_tool(mcp, store, kvmem.SetOp, SetResult, """\
-        Save a memory under `key`, replacing any existing one (value, tags, TTL).
+# ------------------------------------------------------------------------------ stdio ----
 
-        `value` is any JSON (text, number, object, list). `tags` group related memories
-        (e.g. ["preference", "project-x"]). `ttl_seconds` makes it expire; without it the
-        memory is kept. `half_life_seconds` makes it fade unless reinforced (archived when
-        weak). `if_version`: write only if the stored version equals it (0 = only if the
-        key is new); on a mismatch the error says the current version: read, merge, retry.
-        """, lambda memory: {"created": memory.version == 1, "memory": out(memory)})
 
-    @mcp.tool()
-    def memory_get(key: str, namespace: str = "default") -> GetResult:
-        """Read the memory stored under exactly `key`. Returns found=false when there is
-        none (or it expired or was archived). Use memory_search when unsure of the key."""
-        memory = _call(lambda: store.get(key, namespace=namespace))
-        if memory is None:
-            return {"found": False, "memory": None}
-        return {"found": True, "memory": out(memory)}
+def jsonrpc_problem(line: str) -> types.JSONRPCError | None:
+    """The JSON-RPC error for a line the SDK cannot read as a message (None: it can)."""
+    try:
+        types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+        return None
+    except ValidationError as exc:
+        detail = "; ".join(dict.fromkeys(str(e["msg"]) for e in exc.errors()))
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        return _jsonrpc_error(None, types.PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
+    given = message.get("id") if isinstance(message, dict) else None
+    ident = given if isinstance(given, str | int) and not isinstance(given, bool) else None
+    return _jsonrpc_error(ident, types.INVALID_REQUEST, f"Invalid request: {detail[:300]}")
 
-    _op_tool(mcp, store, kvmem.DeleteOp, DeleteResult, """\
-        Forget a memory for good. deleted=false if there was none. With `if_version`,
-        only that version is deleted.""", lambda deleted: {"deleted": deleted})
 
-    @mcp.tool()
-    def memory_list(namespace: str = "default", prefix: str | None = None,
-                    tag: str | None = None, archived: bool = False, limit: int = 100,
-                    cursor: str | None = None) -> ListResult:
-        """List memories in key order, optionally only keys starting with `prefix` or
-        having `tag`. `archived=true` lists faded (archived) memories instead. Pass
-        `next_cursor` back as `cursor` for the next page (null = no more)."""
-        page = _call(lambda: store.list(namespace=namespace, prefix=prefix, tag=tag,
-                                        archived=archived, limit=limit, cursor=cursor))
-        return {"items": [out(m) for m in page.items], "next_cursor": page.next_cursor}
+def _jsonrpc_error(ident: str | int | None, code: int, message: str) -> types.JSONRPCError:
+    return types.JSONRPCError(jsonrpc="2.0", id=ident,
+                              error=types.ErrorData(code=code, message=message))
 
-    @mcp.tool()
-    def memory_search(query: str, namespace: str = "default", limit: int = 20) -> SearchResult:
-        """Find memories by words in their key, value or tags, best first. Ranked by
-        text relevance (BM25) times current strength. `query` is plain words; quotes and
-        operators are treated as text."""
-        hits = _call(lambda: store.search(query, namespace=namespace, limit=limit))
-        return {"items": [{**out(hit.memory), "score": hit.score} for hit in hits]}
 
-    _op_tool(mcp, store, kvmem.ReinforceOp, ReinforceResult, """\
-        Mark a memory as useful: raises its strength and restarts its fading, and
-        brings back an archived one.""", lambda memory: {"memory": out(memory)})
+class StdinRequests:
+    """The requests on stdin, line by line, for the SDK's stdio transport: a line it cannot
+    read is answered here (``jsonrpc_problem``) and not passed on.  A daemon thread reads,
+    so that stopping never waits on a blocked read; ``stop()`` ends the requests as the
+    end of input does."""
 
-    def memory_batch(ops: list[BatchOp], namespace: str = "default") -> BatchResult:
-        """Apply several set/delete ops at once, atomically: all of them or none. Each op
-        is {"op": "set", "key", "value", "tags"?, "ttl_seconds"?, "half_life_seconds"?,
-        "if_version"?} or {"op": "delete", "key", "if_version"?}."""
-        specs = [{k: v for k, v in op.items() if v is not None or k == "value"} for op in ops]
-        results = _call(lambda: store.batch(specs, namespace=namespace))
-        items: list[BatchItem] = [{"op": r["op"], "memory": out(r["memory"])} if "memory" in r
-                                  else {"op": r["op"], "deleted": r["deleted"]} for r in results]
-        return {"results": items}
+    def __init__(self, wire: IO[bytes]) -> None:
+        self._wire = wire
+        self._send, self._receive = anyio.create_memory_object_stream[bytes](16)
+        self.reply: Callable[[SessionMessage], Awaitable[None]] | None = None
 
-    memory_batch.__annotations__["ops"] = list[_batch_op(store.config)]  # type: ignore[misc]
-    mcp.tool()(memory_batch)
+    def start(self, reply: Callable[[SessionMessage], Awaitable[None]]) -> None:
+        self.reply = reply
+        token = anyio.lowlevel.current_token()
+        threading.Thread(target=self._read, args=(token,), name="kvmem-mcp-stdin",
+                         daemon=True).start()
 
-    @mcp.tool()
-    def memory_stats() -> dict[str, Any]:
-        """Store health and figures: settings, sizes, counts of live/archived memories."""
-        return _call(store.stats)
+    def _read(self, token: Any) -> None:
+        try:
+            for line in self._wire:
+                anyio.from_thread.run(self._send.send, line, token=token)
+            anyio.from_thread.run_sync(self._send.close, token=token)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
+            pass  # stopped, or the event loop is gone
 
-    return mcp
+    def stop(self) -> None:
+        self._send.close()
+
+    def __aiter__(self) -> StdinRequests:
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            try:
+                line = (await self._receive.receive()).decode("utf-8", "replace")
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                raise StopAsyncIteration from None
+            if not line.strip():
+                continue
+            problem = jsonrpc_problem(line)
+            if problem is None:
+                return line
+            log.info("answered a malformed request: %s", problem.error.message[:200])
+            assert self.reply is not None
+            await self.reply(SessionMessage(problem))
+
+
+def _claim(fd: int, replacement: int) -> int:
+    """A private duplicate of ``fd`` for the protocol, and ``fd`` pointed at
+    ``replacement``, so that a stray read or print cannot touch the protocol stream."""
+    private = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.dup2(replacement, fd)
+    return private
+
+
+async def serve_stdio(server: KvmemMCP) -> None:
+    """Serve over stdin/stdout until the input ends or a signal stops it; a second
+    signal stops at once, without waiting for calls in flight."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    wire_in, wire_out = _claim(0, devnull), _claim(1, 2)
+    os.close(devnull)
+    requests = StdinRequests(os.fdopen(wire_in, "rb"))
+    out = anyio.wrap_file(open(wire_out, "w", encoding="utf-8", newline="\n"))  # noqa: SIM115
+    async with stdio_server(stdin=cast(Any, requests), stdout=cast(Any, out)) as (read, write), \
+            anyio.create_task_group() as tasks:
+        requests.start(write.send)
+        tasks.start_soon(_stop_on_signal, requests.stop, tasks.cancel_scope)
+        await server.serve(read, write)
+        tasks.cancel_scope.cancel()
+
+
+async def _stop_on_signal(stop: Callable[[], None], scope: anyio.CancelScope) -> None:
+    stopping = False
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if stopping:
+                log.warning("%s again: stopping now", name)
+                scope.cancel()
+                return
+            log.info("%s: finishing the calls in flight", name)
+            stopping = True
+            stop()
+
+
+# ---------------------------------------------------------------------- streamable HTTP ----
+
+
+class HTTPGuard:
+    """In front of the SDK's app: kvmem-http's bearer token (the same check) and the
+    Origin of a browser's request (a page of another site may not call the tools: DNS
+    rebinding); the SDK itself checks the Host of a loopback bind."""
+
+    def __init__(self, app: ASGIApp, config: kvmem.Config) -> None:
+        self.app, self.token, self.host = app, config.token, config.host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            refusal = None
+            if origin is not None and not kvmem_cli.origin_allowed(origin, self.host):
+                refusal = _refusal(403, "forbidden", f"a page from {origin[:100]!r} may not "
+                                   "use this server")
+            elif self.token and not kvmem_cli.bearer_ok(headers.get("authorization"),
+                                                        self.token):
+                refusal = _refusal(401, "unauthorized", kvmem_cli.UNAUTHORIZED)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _refusal(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+class _Uvicorn(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """Stop as uvicorn does, but without raising the signal again once stopped (that
+        made SIGTERM exit 143 and SIGINT end in a traceback); a second SIGINT forces."""
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def serve_http(server: KvmemMCP, config: kvmem.Config) -> None:
+    """Serve streamable HTTP on config.host:config.mcp_port until SIGINT or SIGTERM."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.create_server((config.host, config.mcp_port), family=family)
+    app = HTTPGuard(server.streamable_http_app(streamable_http_path=HTTP_PATH,
+                                               host=config.host), config)
+    shown = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    url = f"http://{shown}:{sock.getsockname()[1]}{HTTP_PATH}"
+    log.info("streamable HTTP at %s (token %s)", url, "required" if config.token else "off")
+    print(f"listening on {url}", flush=True)
+    _Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=10)).run(sockets=[sock])
+
+
+# ------------------------------------------------------------------------------- main ----
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvmem-mcp", description="kvmem as an MCP server")
+    parser = argparse.ArgumentParser(
+        prog="kvmem-mcp", description="kvmem as an MCP server: over stdio (for a client that "
+        "starts it) or over streamable HTTP at http://HOST:PORT/mcp (default "
+        "http://127.0.0.1:8766/mcp; a token is required off loopback)")
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
-    args = kvmem_cli.parse_server_args(parser, argv)
+    args = kvmem_cli.parse_server_args(parser, argv, exclude=("port",),
+                                       aliases={"mcp_port": "--port"})
     try:
-        config = kvmem_cli.config_from_args(args)
+        config = kvmem_cli.server_config(args)
         store = kvmem.Store.open(config=config, role="mcp", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
         print(f"kvmem-mcp: {exc}", file=sys.stderr)
@@ -259,11 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = build_server(store)
         if args.transport == "stdio":
-            server.run()
+            anyio.run(serve_stdio, server)
         else:
-            server.run("streamable-http", host=config.host, port=config.port)
+            serve_http(server, config)
+    except KeyboardInterrupt:  # before the signal handlers were in place
+        pass
+    except OSError as exc:  # the port is taken, say
+        print(f"kvmem-mcp: {exc}", file=sys.stderr)
+        return 2
     finally:
         store.close()
+    log.info("stopped cleanly")
     return 0
 
 

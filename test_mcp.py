@@ -17,12 +17,13 @@ import anyio
 import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
+import http_server
 import kvmem
+import kvmem_cli
 import mcp_server
 from testutil import HERE, Child, check_acknowledged, child_env
 
 CONFIG = kvmem.Config.build(environ={})
-ERROR_PREFIX = "Error executing tool "  # what the SDK puts before a ToolError's text
 
 
 @pytest.fixture
@@ -50,11 +51,12 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 async def call_error(client: Client, tool: str, code: str, **arguments: Any) -> str:
-    """The tool failed with a ToolError whose text starts with the kvmem code."""
+    """The tool failed with a tool error whose text starts with the kvmem code."""
     result = await client.call_tool(tool, arguments)
     assert result.is_error, result.structured_content
     text = result.content[0].text  # type: ignore[union-attr]
-    assert text.startswith(f"{ERROR_PREFIX}{tool}: {code}: "), text
+    assert text.startswith(f"{code}: "), text
+    assert "pydantic" not in text and "Error executing" not in text, text
     return str(text)
 
 
@@ -71,8 +73,13 @@ EXPECTED_TOOLS = {
     "memory_search": ({"query", "namespace", "limit"}, ["query"], {"items"}),
     "memory_reinforce": ({"key", "namespace"}, ["key"], {"memory"}),
     "memory_batch": ({"ops", "namespace"}, ["ops"], {"results"}),
-    "memory_stats": (set(), [], set()),
+    "memory_stats": (set(), [], set(kvmem_cli.STATS_SCHEMA["properties"])),
 }
+# (read-only, destructive, idempotent) hints of each tool
+EXPECTED_HINTS = {"memory_set": (False, True, False), "memory_get": (True, False, True),
+                  "memory_delete": (False, True, True), "memory_list": (True, False, True),
+                  "memory_search": (True, False, True), "memory_reinforce": (False, False, False),
+                  "memory_batch": (False, True, False), "memory_stats": (True, False, True)}
 MEMORY_FIELDS = {"namespace", "key", "value", "tags", "version", "created_at", "updated_at",
                  "expires_at", "strength", "current_strength", "half_life_seconds",
                  "last_reinforced_at", "archived"}
@@ -89,10 +96,20 @@ async def test_tool_list_and_schemas(client: Client) -> None:
         assert tool.output_schema is not None, name
         assert set(tool.output_schema.get("properties", {})) == outputs, name
         assert tool.description and len(tool.description) > 40, name
-    memory = tools["memory_get"].output_schema["$defs"]["MemoryOut"]  # type: ignore[index]
+        assert not any(line.startswith(" ") for line in tool.description.splitlines()), name
+        assert tool.title and tool.annotations and tool.annotations.title == tool.title, name
+        hints = tool.annotations
+        assert (hints.read_only_hint, hints.destructive_hint,
+                hints.idempotent_hint) == EXPECTED_HINTS[name], name
+        assert tool.input_schema["additionalProperties"] is False, name
+        for argument, schema in tool.input_schema["properties"].items():
+            assert schema.get("description"), (name, argument)
+    memory = tools["memory_get"].output_schema["$defs"]["Memory"]  # type: ignore[index]
     assert set(memory["properties"]) == MEMORY_FIELDS and set(memory["required"]) == MEMORY_FIELDS
     op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]
     assert op["properties"]["op"]["enum"] == ["set", "delete"] and op["required"] == ["op", "key"]
+    assert op["additionalProperties"] is False
+    assert tools["memory_stats"].output_schema == kvmem_cli.STATS_SCHEMA
 
 
 @pytest.mark.anyio
@@ -343,26 +360,127 @@ async def test_stdio_server_sigkill_loses_no_acknowledged_write(tmp_path: Path) 
     check_acknowledged(db, acked, config=CONFIG)
 
 
+# One valid call of each tool, for the tests that add something wrong to it.
+VALID_CALLS: dict[str, dict[str, Any]] = {
+    "memory_set": {"key": "k", "value": 1}, "memory_get": {"key": "k"},
+    "memory_delete": {"key": "k"}, "memory_list": {}, "memory_search": {"query": "tea"},
+    "memory_reinforce": {"key": "k"}, "memory_batch": {"ops": [{"op": "set", "key": "k",
+                                                                "value": 2}]},
+    "memory_stats": {},
+}
+
+
+def snapshot(store: kvmem.Store) -> list[dict[str, Any]]:
+    return [m.to_record() for m in store.list(limit=1000).items]
+
+
 @pytest.mark.anyio
-async def test_null_argument_means_not_given(tmp_path: Path) -> None:
-    """A null argument is left out: half_life_seconds null takes the configured default,
-    as an omitted one does (the SDK sends null for arguments a model leaves empty)."""
+@pytest.mark.parametrize("tool", sorted(EXPECTED_TOOLS))
+async def test_every_tool_refuses_an_unknown_argument(client: Client, store: kvmem.Store,
+                                                     tool: str) -> None:
+    await call(client, "memory_set", key="k", value=0)
+    assert set(VALID_CALLS) == set(EXPECTED_TOOLS)
+    await call(client, tool, **VALID_CALLS[tool])  # the call is valid without the extra one
+    before = snapshot(store)
+    text = await call_error(client, tool, "invalid_request", **VALID_CALLS[tool],
+                            unknown_argument=1)
+    assert f"unknown argument 'unknown_argument' for {tool}" in text
+    assert snapshot(store) == before  # refused whole: a set or batch wrote nothing
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("arguments", "named", "hint"), [
+    ({"key": "temp", "value": 1, "ttl": 60}, "ttl", "ttl_seconds"),
+    ({"key": "k", "value": 1, "name_space": "agent-2"}, "name_space", "namespace"),
+    ({"key": "k", "value": 1, "tag": "prefs"}, "tag", "tags"),
+])
+async def test_a_misspelled_argument_is_refused_with_the_right_name(
+        client: Client, store: kvmem.Store, arguments: dict[str, Any], named: str,
+        hint: str) -> None:
+    text = await call_error(client, "memory_set", "invalid_request", **arguments)
+    assert f"'{named}'" in text and f"did you mean '{hint}'" in text, text
+    assert snapshot(store) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("tool", "arguments", "fragment"), [
+    ("memory_set", {"key": "k"}, "needs 'value'"),
+    ("memory_set", {"key": 123, "value": 1}, "key must be a string"),
+    ("memory_set", {"key": "k", "value": 1, "tags": "prefs"}, "tags must be a list"),
+    ("memory_set", {"key": "k", "value": 1, "ttl_seconds": True}, "ttl_seconds"),
+    ("memory_set", {"key": "k", "value": 1, "ttl_seconds": "60"}, "ttl_seconds"),
+    ("memory_set", {"key": "k", "value": 1, "if_version": "0"}, "if_version"),
+    ("memory_set", {"key": "k", "value": 1, "if_version": 0.0}, "if_version"),
+    ("memory_set", {"key": "k", "value": 1, "half_life_seconds": "never"}, '"default"'),
+    ("memory_set", {"key": None, "value": 1}, "key must be a string"),
+    ("memory_get", {"key": "k", "namespace": None}, "namespace"),
+    ("memory_list", {"limit": "ten"}, "limit"),
+    ("memory_list", {"limit": True}, "limit"),
+    ("memory_list", {"archived": "yes"}, "archived"),
+    ("memory_search", {"query": "x", "limit": 1.5}, "limit"),
+    ("memory_batch", {"ops": [{"op": "get", "key": "k"}]}, "ops[0]: op must be one of"),
+    ("memory_batch", {"ops": "x"}, "ops must be a non-empty list"),
+    ("memory_batch", {"ops": [{"op": "set", "key": "k", "value": 1, "namespace": "x"}]},
+     "unknown field 'namespace'"),
+    ("memory_nope", {}, "unknown tool 'memory_nope'"),
+])
+async def test_bad_arguments_are_kvmem_errors_and_change_nothing(
+        client: Client, store: kvmem.Store, tool: str, arguments: dict[str, Any],
+        fragment: str) -> None:
+    text = await call_error(client, tool, "invalid_request", **arguments)
+    assert fragment in text, text
+    assert snapshot(store) == []
+
+
+@pytest.mark.anyio
+async def test_half_life_null_never_fades_and_default_takes_the_setting(tmp_path: Path) -> None:
     config = kvmem.Config.build(environ={}, flags={"default_half_life_s": "100"})
     with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
         async with Client(mcp_server.build_server(store)) as client:
             for key, extra, want in (("omitted", {}, 100.0), ("null", {"half_life_seconds": None},
-                                     100.0), ("given", {"half_life_seconds": 5}, 5.0)):
+                                     None), ("default", {"half_life_seconds": "default"}, 100.0),
+                                     ("given", {"half_life_seconds": 5}, 5.0)):
                 out = await call(client, "memory_set", key=key, value=1, tags=None, **extra)
                 assert out["memory"]["half_life_seconds"] == want, key
                 assert out["memory"]["tags"] == []
-            out = await call(client, "memory_batch", ops=[
-                {"op": "set", "key": "b", "value": 1, "half_life_seconds": None, "tags": None}])
-            assert out["results"][0]["memory"]["half_life_seconds"] == 100.0
-            out = await call(client, "memory_set", key="coerced", value=1, ttl_seconds="60",
-                             if_version=0.0)  # converted by type, as the tools always have
-            memory = store.get("coerced")
-            assert memory is not None and memory.expires_at is not None
-            assert out["memory"]["version"] == 1
+                batch = await call(client, "memory_batch", ops=[
+                    {"op": "set", "key": f"b-{key}", "value": 1, **extra}])
+                assert batch["results"][0]["memory"]["half_life_seconds"] == want, key
+        assert store.get("null") is not None and store.get("null").half_life_seconds is None  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_results_are_compact_json_of_the_structured_content(client: Client) -> None:
+    await call(client, "memory_set", key="k", value="a short note")
+    result = await client.call_tool("memory_get", {"key": "k"})
+    text = result.content[0].text  # type: ignore[union-attr]
+    assert json.loads(text) == result.structured_content
+    assert text == json.dumps(result.structured_content, ensure_ascii=False,
+                              separators=(",", ":"))
+
+
+def nested(depth: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.anyio
+async def test_nesting_limit_is_the_same_for_both_interfaces_and_stored_values_read_back(
+        client: Client, store: kvmem.Store) -> None:
+    deepest = nested(kvmem.MAX_NESTING)
+    await call(client, "memory_set", key="deep", value=deepest)
+    got = await call(client, "memory_get", key="deep")
+    assert got["memory"]["value"] == deepest
+    listed = await call(client, "memory_list")
+    assert [m["value"] for m in listed["items"]] == [deepest]
+    text = await call_error(client, "memory_set", "invalid_request", key="deeper",
+                            value=nested(kvmem.MAX_NESTING + 1))
+    assert f"more than {kvmem.MAX_NESTING} levels" in text
+    with pytest.raises(kvmem.InvalidInputError, match="levels"):
+        store.set("deeper", nested(kvmem.MAX_NESTING + 1))  # the library and so HTTP too
+    assert [m["key"] for m in snapshot(store)] == ["deep"]
 
 
 @pytest.mark.anyio
@@ -377,3 +495,71 @@ async def test_argument_schemas_carry_the_store_limits(tmp_path: Path) -> None:
             assert tools["memory_delete"].input_schema["properties"]["key"]["maxLength"] == 7
             await call_error(client, "memory_set", "invalid_request", key="eight..", value=1,
                              tags=["a", "b", "c"])
+
+
+# --------------------------------------------------------- one meaning on both interfaces ----
+
+SAME_INPUTS: list[dict[str, Any]] = [
+    {"value": {"likes": "green tea"}},
+    {"value": 1, "half_life_seconds": None},
+    {"value": 1, "half_life_seconds": "default"},
+    {"value": 1, "half_life_seconds": 5},
+    {"value": "x", "tags": ["b", "a", "b"], "ttl_seconds": 60},
+    {"value": None, "tags": None, "ttl_seconds": None, "if_version": None},
+    {"value": nested(kvmem.MAX_NESTING)},
+]
+REFUSED_INPUTS: list[dict[str, Any]] = [
+    {"value": nested(kvmem.MAX_NESTING + 1)}, {"value": 1, "ttl_seconds": True},
+    {"value": 1, "if_version": "0"}, {"value": 1, "half_life_seconds": "x"},
+    {"value": 1, "tags": "prefs"}, {"value": 1, "ttl": 60},
+]
+
+
+def comparable(store: kvmem.Store) -> dict[str, dict[str, Any]]:
+    """Every memory, without the times of its writing (its TTL kept as a duration)."""
+    out = {}
+    for memory in store.list(limit=1000).items:
+        record = memory.to_record()
+        ttl = None if memory.expires_at is None else round(memory.expires_at - memory.updated_at, 3)
+        for name in ("created_at", "updated_at", "last_reinforced_at", "expires_at"):
+            del record[name]
+        out[memory.key] = {**record, "ttl": ttl}
+    return out
+
+
+@pytest.mark.anyio
+async def test_http_and_mcp_store_identical_memories_for_the_same_inputs(tmp_path: Path) -> None:
+    config = kvmem.Config.build(environ={}, flags={"default_half_life_s": "100"})
+    with kvmem.Store.open(tmp_path / "http.db", config=config) as via_http, \
+            kvmem.Store.open(tmp_path / "mcp.db", config=config) as via_mcp:
+        server = http_server.build_server(via_http, "127.0.0.1", 0, "")
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        port = server.server_address[1]
+        try:
+            async with Client(mcp_server.build_server(via_mcp)) as client:
+                for i, body in enumerate(SAME_INPUTS):
+                    status, answer = await anyio.to_thread.run_sync(
+                        http_json, port, "PUT", f"/v1/memories/set-{i}", body)
+                    assert status == 201, answer
+                    await call(client, "memory_set", key=f"set-{i}", **body)
+                ops = [{"op": "set", "key": f"batch-{i}", **body}
+                       for i, body in enumerate(SAME_INPUTS)]
+                status, answer = await anyio.to_thread.run_sync(
+                    http_json, port, "POST", "/v1/batch", {"ops": ops})
+                assert status == 200, answer
+                await call(client, "memory_batch", ops=ops)
+                for body in REFUSED_INPUTS:
+                    status, answer = await anyio.to_thread.run_sync(
+                        http_json, port, "PUT", "/v1/memories/refused", body)
+                    assert (status, answer["error"]["code"]) == (400, "invalid_request"), body
+                    await call_error(client, "memory_set", "invalid_request", key="refused",
+                                     **body)
+        finally:
+            server.stop()
+            thread.join()
+        stored_http, stored_mcp = comparable(via_http), comparable(via_mcp)
+    assert len(stored_http) == 2 * len(SAME_INPUTS)
+    assert stored_http == stored_mcp
+    half_lives = [stored_mcp[f"set-{i}"]["half_life_seconds"] for i in range(4)]
+    assert half_lives == [100.0, None, 100.0, 5.0]
