@@ -305,20 +305,24 @@ def build_server(store: kvmem.Store) -> KvmemMCP:
 # ------------------------------------------------------------------------------ stdio ----
 
 
-def jsonrpc_problem(line: str) -> types.JSONRPCError | None:
-    """The JSON-RPC error for a line the SDK cannot read as a message (None: it can)."""
+def read_message(line: str) -> tuple[types.JSONRPCMessage | None, types.JSONRPCError | None]:
+    """A line as the SDK reads it, or (None, the JSON-RPC error that answers it)."""
     try:
-        types.jsonrpc_message_adapter.validate_json(line, by_name=False)
-        return None
+        message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
     except ValidationError as exc:
         detail = "; ".join(dict.fromkeys(str(e["msg"]) for e in exc.errors()))
+    else:  # a request whose id is no string or integer would pass as a notification
+        if not isinstance(message, types.JSONRPCNotification) or '"id"' not in line or \
+                "id" not in json.loads(line):
+            return message, None
+        detail = "the id must be a string or an integer"
     try:
-        message = json.loads(line)
+        parsed = json.loads(line)
     except (ValueError, RecursionError) as exc:
-        return _jsonrpc_error(None, types.PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
-    given = message.get("id") if isinstance(message, dict) else None
+        return None, _jsonrpc_error(None, types.PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
+    given = parsed.get("id") if isinstance(parsed, dict) else None
     ident = given if isinstance(given, str | int) and not isinstance(given, bool) else None
-    return _jsonrpc_error(ident, types.INVALID_REQUEST, f"Invalid request: {detail[:300]}")
+    return None, _jsonrpc_error(ident, types.INVALID_REQUEST, f"Invalid request: {detail[:300]}")
 
 
 def _jsonrpc_error(ident: str | int | None, code: int, message: str) -> types.JSONRPCError:
@@ -327,18 +331,24 @@ def _jsonrpc_error(ident: str | int | None, code: int, message: str) -> types.JS
 
 
 class StdinRequests:
-    """The requests on stdin, line by line, for the SDK's stdio transport: a line it cannot
-    read is answered here (``jsonrpc_problem``) and not passed on.  A daemon thread reads,
-    so that stopping never waits on a blocked read; ``stop()`` ends the requests as the
-    end of input does."""
+    """The requests on stdin, line by line, for the SDK's stdio transport.
+
+    - A line the SDK cannot read is answered here (``read_message``), not passed on.
+    - A daemon thread reads, so stopping never waits on a blocked read.
+    - ``stop()`` ends the requests as the end of input does; either way they end only once
+      every request passed on has been answered (the SDK cancels what is still running
+      when its input ends, and a write whose answer is lost is a write not acknowledged).
+    """
 
     def __init__(self, wire: IO[bytes]) -> None:
         self._wire = wire
         self._send, self._receive = anyio.create_memory_object_stream[bytes](16)
-        self.reply: Callable[[SessionMessage], Awaitable[None]] | None = None
+        self._reply: Callable[[SessionMessage], Awaitable[None]] | None = None
+        self._pending: set[str | int] = set()
+        self._settled: anyio.Event | None = None
 
     def start(self, reply: Callable[[SessionMessage], Awaitable[None]]) -> None:
-        self.reply = reply
+        self._reply = reply
         token = anyio.lowlevel.current_token()
         threading.Thread(target=self._read, args=(token,), name="kvmem-mcp-stdin",
                          daemon=True).start()
@@ -354,6 +364,11 @@ class StdinRequests:
     def stop(self) -> None:
         self._send.close()
 
+    def answered(self, ident: str | int | None) -> None:
+        self._pending.discard(ident)
+        if not self._pending and self._settled is not None:
+            self._settled.set()
+
     def __aiter__(self) -> StdinRequests:
         return self
 
@@ -362,15 +377,41 @@ class StdinRequests:
             try:
                 line = (await self._receive.receive()).decode("utf-8", "replace")
             except (anyio.EndOfStream, anyio.ClosedResourceError):
+                while self._pending:
+                    self._settled = anyio.Event()
+                    await self._settled.wait()
                 raise StopAsyncIteration from None
             if not line.strip():
                 continue
-            problem = jsonrpc_problem(line)
+            message, problem = read_message(line)
             if problem is None:
+                if isinstance(message, types.JSONRPCRequest):
+                    self._pending.add(message.id)
                 return line
             log.info("answered a malformed request: %s", problem.error.message[:200])
-            assert self.reply is not None
-            await self.reply(SessionMessage(problem))
+            assert self._reply is not None
+            await self._reply(SessionMessage(problem))
+
+
+class AnsweringStream:
+    """The SDK's write stream, telling ``requests`` which of them got their answer."""
+
+    def __init__(self, stream: Any, requests: StdinRequests) -> None:
+        self._stream, self._requests = stream, requests
+
+    async def send(self, item: SessionMessage) -> None:
+        await self._stream.send(item)
+        if isinstance(item.message, types.JSONRPCResponse | types.JSONRPCError):
+            self._requests.answered(item.message.id)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def __aenter__(self) -> AnsweringStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _claim(fd: int, replacement: int) -> int:
@@ -393,7 +434,7 @@ async def serve_stdio(server: KvmemMCP) -> None:
             anyio.create_task_group() as tasks:
         requests.start(write.send)
         tasks.start_soon(_stop_on_signal, requests.stop, tasks.cancel_scope)
-        await server.serve(read, write)
+        await server.serve(read, AnsweringStream(write, requests))
         tasks.cancel_scope.cancel()
 
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import http_server
 import kvmem
+import kvmem_cli
 from testutil import DURABILITY_TOTALS, SOAK, Child, check_acknowledged
 
 CONFIG = kvmem.Config.build(environ={})
@@ -241,7 +242,7 @@ def test_non_loopback_refused_without_token(tmp_path: Path) -> None:
         for host in ("0.0.0.0", "192.0.2.1", "example.org", "::"):
             with pytest.raises(kvmem.ConfigError, match="without a token"):
                 http_server.build_server(store, host, 0, "")
-    assert kvmem_cli.is_loopback("127.0.0.5") and http_server.is_loopback("::1")
+    assert kvmem_cli.is_loopback("127.0.0.5") and kvmem_cli.is_loopback("::1")
     result = Child("serve_http", "--db", str(tmp_path / "other.db"), "--host", "0.0.0.0")
     assert result.wait() == 2 and "without a token" in result.stderr
 

@@ -1,0 +1,253 @@
+"""kvmem-mcp as a real process: raw stdio (malformed requests, signals) and streamable HTTP
+through the SDK's client (the token, the Origin and Host checks, signals)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+import kvmem
+import mcp_server
+from testutil import Child, child_env
+
+CONFIG = kvmem.Config.build(environ={})
+INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {},
+    "clientInfo": {"name": "test", "version": "1"}}}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def tool_call(ident: int, tool: str, arguments: Any) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": ident, "method": "tools/call",
+                       "params": {"name": tool, "arguments": arguments}})
+
+
+class StdioServer:
+    """kvmem-mcp over stdio, spoken to line by line."""
+
+    def __init__(self, db: str, *args: str) -> None:
+        self.child = Child("serve_mcp", "--db", db, *args, stdin=True)
+        assert self.request(json.dumps(INITIALIZE))["result"]["serverInfo"]["name"] == "kvmem"
+        self.child.send('{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+
+    def request(self, line: str) -> dict[str, Any]:
+        """Send one line and return the next message: every request gets one answer."""
+        self.child.send(line + "\n")
+        answer: dict[str, Any] = json.loads(self.child.expect("{"))
+        return answer
+
+
+def wait_for_stderr(child: Child, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in child.stderr:
+        assert time.monotonic() < deadline, f"no {text!r} on stderr: {child.stderr[-2000:]}"
+        assert child.proc.poll() is None, f"exited: {child.stderr[-2000:]}"
+        time.sleep(0.01)  # polling a condition, not waiting a fixed time
+
+
+def assert_stopped_cleanly(child: Child, db: str) -> None:
+    """Exit 0, no traceback, and the final checkpoint: the WAL gone or empty."""
+    rc = child.wait()
+    assert rc == 0, child.stderr[-3000:]
+    assert "Traceback" not in child.stderr, child.stderr[-3000:]
+    assert "stopped cleanly" in child.stderr
+    wal = db + "-wal"
+    assert not os.path.exists(wal) or os.path.getsize(wal) == 0, os.path.getsize(wal)
+
+
+def deep(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# ------------------------------------------------------------------------------ stdio ----
+
+MALFORMED = [  # (the line, the id it should be answered with, the JSON-RPC error code)
+    (tool_call(2, "memory_set", {"key": "k", "value": "x"}).replace('"x"', "[" * 250 + "]" * 250),
+     2, -32600),
+    (tool_call(3, "memory_set", {"key": "k", "value": "x"}).replace('"x"', '"\\ud800"'), 3, -32600),
+    (tool_call(4, "memory_set", {"key": "k", "value": "x"}).replace('"x"', "9" * 5000), None, -32700),
+    ('{"jsonrpc":"1.0","id":5,"method":"tools/list"}', 5, -32600),
+    ('{"jsonrpc":"2.0","id":6,"method":"tools/call","params":"x"}', 6, -32600),
+    ("this is not JSON", None, -32700),
+    ('{"jsonrpc":"2.0","id":true,"method":"tools/list"}', None, -32600),
+]
+
+
+def test_stdio_answers_every_malformed_request_and_keeps_serving(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    server = StdioServer(db)
+    try:
+        for line, ident, code in MALFORMED:
+            answer = server.request(line)
+            assert answer.get("id") == ident and answer["error"]["code"] == code, (line[:80],
+                                                                                   answer)
+            assert "pydantic" not in answer["error"]["message"]
+        answer = server.request(tool_call(7, "memory_set", {"key": "deep",
+                                                            "value": deep(kvmem.MAX_NESTING)}))
+        assert answer["id"] == 7 and answer["result"]["isError"] is False, answer
+        answer = server.request(tool_call(8, "memory_get", {"key": "deep"}))
+        assert answer["result"]["structuredContent"]["memory"]["value"] == deep(kvmem.MAX_NESTING)
+        answer = server.request(tool_call(9, "memory_set", {"key": "k", "value": 1, "ttl": 60}))
+        text = answer["result"]["content"][0]["text"]
+        assert answer["result"]["isError"] is True and text.startswith("invalid_request: "), text
+    finally:
+        server.child.proc.send_signal(signal.SIGTERM)
+    assert_stopped_cleanly(server.child, db)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stdio_signal_answers_the_call_in_flight_then_exits_0_after_a_checkpoint(
+        tmp_path: Path, signum: int) -> None:
+    db = str(tmp_path / "kv.db")
+    server = StdioServer(db, "--log-level", "DEBUG")
+    answer = server.request(tool_call(2, "memory_set", {"key": "first", "value": 1}))
+    assert answer["result"]["isError"] is False, answer
+    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
+    server.child.send(tool_call(3, "memory_batch", {"ops": ops}) + "\n")
+    wait_for_stderr(server.child, "call memory_batch")  # the call has started
+    server.child.proc.send_signal(signum)  # stdin stays open: the stop must not wait on it
+    answer = json.loads(server.child.expect("{"))
+    assert answer["id"] == 3 and answer["result"]["isError"] is False, answer
+    assert_stopped_cleanly(server.child, db)
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        assert store.get("first") is not None and store.get("b999") is not None
+
+
+# -------------------------------------------------------------------- streamable HTTP ----
+
+
+class HTTPServer:
+    def __init__(self, db: str, token: str = "", *args: str) -> None:
+        env = {**child_env(), "KVMEM_TOKEN": token}
+        self.child = Child("serve_mcp", "--db", db, "--transport", "streamable-http",
+                           "--port", "0", *args, env=env)
+        self.url = self.child.expect("listening on ").split()[-1]
+        self.port = int(urlsplit(self.url).port or 0)
+
+
+@pytest.fixture
+def http_server_with_token(tmp_path: Path) -> Iterator[HTTPServer]:
+    server = HTTPServer(str(tmp_path / "kv.db"), "s3cret")
+    yield server
+    if server.child.proc.poll() is None:
+        server.child.proc.send_signal(signal.SIGTERM)
+        server.child.wait()
+
+
+async def sdk_session(url: str, headers: dict[str, str]) -> tuple[list[int], Any]:
+    """The statuses the SDK's client got, and its tool list (or the error it raised)."""
+    statuses: list[int] = []
+
+    async def record(response: httpx2.Response) -> None:
+        statuses.append(response.status_code)
+
+    async with httpx2.AsyncClient(headers=headers, event_hooks={"response": [record]}) as http:
+        try:
+            async with Client(streamable_http_client(url, http_client=http)) as client:
+                names = sorted(t.name for t in (await client.list_tools()).tools)
+                result = await client.call_tool("memory_set", {"key": "via-http", "value": 1})
+                assert not result.is_error, result.content
+                return statuses, names
+        except Exception as exc:  # the SDK raises its own error; the statuses say why
+            return statuses, exc
+
+
+def post(port: int, headers: dict[str, str], body: Any = INITIALIZE) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", mcp_server.HTTP_PATH, body=json.dumps(body), headers={
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream", **headers})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("headers", "allowed"), [
+    ({}, False), ({"Authorization": "Bearer wrong"}, False),
+    ({"Authorization": "s3cret"}, False), ({"Authorization": "Bearer s3cret"}, True),
+])
+async def test_streamable_http_requires_the_token(http_server_with_token: HTTPServer,
+                                                  headers: dict[str, str],
+                                                  allowed: bool) -> None:
+    statuses, outcome = await sdk_session(http_server_with_token.url, headers)
+    if allowed:
+        assert outcome == ["memory_batch", "memory_delete", "memory_get", "memory_list",
+                           "memory_reinforce", "memory_search", "memory_set",
+                           "memory_stats"], outcome
+        assert 401 not in statuses
+    else:
+        assert isinstance(outcome, Exception) and statuses and set(statuses) == {401}, statuses
+    status, body = await anyio.to_thread.run_sync(post, http_server_with_token.port, headers)
+    assert (status == 401) is not allowed, (status, body)
+    if not allowed:
+        assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ({"Origin": "http://evil.example"}, 403),
+    ({"Origin": "http://rebind.example:8766"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Origin": "http://localhost:3000"}, 200),
+    ({"Origin": "http://127.0.0.1:8766"}, 200),
+    ({"Host": "rebind.example:8766"}, 421),
+    ({}, 200),
+])
+def test_streamable_http_checks_origin_and_host(http_server_with_token: HTTPServer,
+                                                headers: dict[str, str], status: int) -> None:
+    got, body = post(http_server_with_token.port, {"Authorization": "Bearer s3cret", **headers})
+    assert got == status, (got, body)
+
+
+def test_streamable_http_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    child = Child("serve_mcp", "--db", str(tmp_path / "kv.db"), "--transport",
+                  "streamable-http", "--host", "0.0.0.0", "--port", "0",
+                  env={**child_env(), "KVMEM_TOKEN": ""})
+    assert child.wait() == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in child.stderr, child.stderr
+    assert not any(line.startswith("listening") for line in child.lines)
+    assert not os.path.exists(tmp_path / "kv.db")  # refused before the database was made
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_streamable_http_signal_exits_0_after_a_checkpoint(tmp_path: Path,
+                                                                 signum: int) -> None:
+    db = str(tmp_path / "kv.db")
+    server = HTTPServer(db, "s3cret")
+    statuses, outcome = await sdk_session(server.url, {"Authorization": "Bearer s3cret"})
+    assert isinstance(outcome, list) and 200 in statuses, (statuses, outcome)
+    server.child.proc.send_signal(signum)
+    assert_stopped_cleanly(server.child, db)
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        assert store.get("via-http") is not None
+
+
+def test_help_names_the_endpoint_and_its_own_port(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        mcp_server.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "http://127.0.0.1:8766/mcp" in text and "--port MCP_PORT" in text
+    assert "HTTP API" not in text and "--mcp-port" in text
