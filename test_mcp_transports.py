@@ -85,7 +85,8 @@ MALFORMED = [  # (the line, the id it should be answered with, the JSON-RPC erro
     (tool_call(2, "memory_set", {"key": "k", "value": "x"}).replace('"x"', "[" * 250 + "]" * 250),
      2, -32600),
     (tool_call(3, "memory_set", {"key": "k", "value": "x"}).replace('"x"', '"\\ud800"'), 3, -32600),
-    (tool_call(4, "memory_set", {"key": "k", "value": "x"}).replace('"x"', "9" * 5000), None, -32700),
+    (tool_call(4, "memory_set", {"key": "k", "value": "x"}).replace('"x"', "9" * 5000), None,
+     -32700),
     ('{"jsonrpc":"1.0","id":5,"method":"tools/list"}', 5, -32600),
     ('{"jsonrpc":"2.0","id":6,"method":"tools/call","params":"x"}', 6, -32600),
     ("this is not JSON", None, -32700),
@@ -233,16 +234,27 @@ def test_streamable_http_refuses_a_public_address_without_a_token(tmp_path: Path
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-async def test_streamable_http_signal_exits_0_after_a_checkpoint(tmp_path: Path,
-                                                                 signum: int) -> None:
+async def test_streamable_http_signal_answers_the_call_in_flight_then_exits_0(
+        tmp_path: Path, signum: int) -> None:
     db = str(tmp_path / "kv.db")
-    server = HTTPServer(db, "s3cret")
-    statuses, outcome = await sdk_session(server.url, {"Authorization": "Bearer s3cret"})
-    assert isinstance(outcome, list) and 200 in statuses, (statuses, outcome)
-    server.child.proc.send_signal(signum)
+    server = HTTPServer(db, "s3cret", "--log-level", "DEBUG")
+    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
+    async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret"}) as http, \
+            Client(streamable_http_client(server.url, http_client=http)) as client:
+        assert not (await client.call_tool("memory_set", {"key": "first", "value": 1})).is_error
+        async with anyio.create_task_group() as tasks:
+            answers: list[Any] = []
+
+            async def batch() -> None:
+                answers.append(await client.call_tool("memory_batch", {"ops": ops}))
+
+            tasks.start_soon(batch)
+            await anyio.to_thread.run_sync(wait_for_stderr, server.child, "call memory_batch")
+            server.child.proc.send_signal(signum)
+        assert len(answers) == 1 and not answers[0].is_error, answers
     assert_stopped_cleanly(server.child, db)
     with kvmem.Store.open(db, config=CONFIG) as store:
-        assert store.get("via-http") is not None
+        assert store.get("first") is not None and store.get("b999") is not None
 
 
 def test_help_names_the_endpoint_and_its_own_port(capsys: pytest.CaptureFixture[str]) -> None:
