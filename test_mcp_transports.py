@@ -207,19 +207,35 @@ async def test_streamable_http_requires_the_token(http_server_with_token: HTTPSe
         assert json.loads(body)["error"]["code"] == "unauthorized"
 
 
-@pytest.mark.parametrize(("headers", "status"), [
+ORIGIN_CASES = [
     ({"Origin": "http://evil.example"}, 403),
     ({"Origin": "http://rebind.example:8766"}, 403),
     ({"Origin": "null"}, 403),
     ({"Origin": "http://localhost:3000"}, 200),
     ({"Origin": "http://127.0.0.1:8766"}, 200),
-    ({"Host": "rebind.example:8766"}, 421),
     ({}, 200),
-])
+]
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    *ORIGIN_CASES, ({"Host": "rebind.example:8766"}, 421)])
 def test_streamable_http_checks_origin_and_host(http_server_with_token: HTTPServer,
                                                 headers: dict[str, str], status: int) -> None:
     got, body = post(http_server_with_token.port, {"Authorization": "Bearer s3cret", **headers})
     assert got == status, (got, body)
+
+
+def test_streamable_http_checks_origin_on_every_address(tmp_path: Path) -> None:
+    """Bound to all addresses (where the SDK checks neither Host nor Origin), kvmem's own
+    check still refuses another site's page."""
+    server = HTTPServer(str(tmp_path / "kv.db"), "s3cret", "--host", "0.0.0.0")
+    try:
+        for headers, status in ORIGIN_CASES:
+            got, body = post(server.port, {"Authorization": "Bearer s3cret", **headers})
+            assert got == status, (headers, got, body)
+    finally:
+        server.child.proc.send_signal(signal.SIGTERM)
+        assert server.child.wait() == 0
 
 
 def test_streamable_http_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
