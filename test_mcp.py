@@ -507,6 +507,7 @@ SAME_INPUTS: list[dict[str, Any]] = [
     {"value": "x", "tags": ["b", "a", "b"], "ttl_seconds": 60},
     {"value": None, "tags": None, "ttl_seconds": None, "if_version": None},
     {"value": nested(kvmem.MAX_NESTING)},
+    {"value": "[1]"}, {"value": "null"}, {"value": "60", "tags": ["1"]},  # strings stay strings
 ]
 REFUSED_INPUTS: list[dict[str, Any]] = [
     {"value": nested(kvmem.MAX_NESTING + 1)}, {"value": 1, "ttl_seconds": True},

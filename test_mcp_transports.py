@@ -3,10 +3,15 @@ through the SDK's client (the token, the Origin and Host checks, signals)."""
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
+import pty
 import signal
+import subprocess
+import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 import kvmem
 import mcp_server
-from testutil import Child, child_env
+from testutil import HERE, Child, child_env
 
 CONFIG = kvmem.Config.build(environ={})
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -132,6 +137,33 @@ def test_stdio_signal_answers_the_call_in_flight_then_exits_0_after_a_checkpoint
     assert_stopped_cleanly(server.child, db)
     with kvmem.Store.open(db, config=CONFIG) as store:
         assert store.get("first") is not None and store.get("b999") is not None
+
+
+def _controlling_terminal() -> None:  # in the child: its stdin (a pty) is its terminal
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_stdio_ctrl_c_in_a_terminal_exits_0_at_once(tmp_path: Path) -> None:
+    """Ctrl-C typed at a terminal (the tty sends SIGINT while a read of stdin blocks)."""
+    db = str(tmp_path / "kv.db")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mcp_server.py"), "--db", db],
+                            stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env(), preexec_fn=_controlling_terminal)
+    os.close(slave)
+    try:
+        os.write(master, json.dumps(INITIALIZE).encode() + b"\n")
+        assert proc.stdout is not None and b'"serverInfo"' in proc.stdout.readline()
+        os.write(master, b"\x03")  # Ctrl-C
+        rc = proc.wait(timeout=10)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert rc == 0 and "Traceback" not in stderr and "stopped cleanly" in stderr, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
 
 
 # -------------------------------------------------------------------- streamable HTTP ----
