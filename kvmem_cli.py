@@ -1,5 +1,6 @@
-"""kvmem's command-line edge: a flag for every setting (used by both servers too), and
-the ``kvmem`` command, which checks, checkpoints, backs up and reports on a database file.
+"""kvmem's command-line edge: a flag for every setting, and what both servers share (the
+token and exposure checks, the shape of the stats); and the ``kvmem`` command, which
+checks, checkpoints, backs up and reports on a database file.
 
 Every command prints JSON on stdout and exits 1 on a problem.  The library is ``kvmem.py``
 (one stdlib-only file); errors become JSON here, at the edge.
@@ -44,9 +45,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
     for field in dataclasses.fields(Config):
         if field.name not in exclude:
             extra = [aliases[field.name]] if aliases and field.name in aliases else []
+            default = f" (default {field.default!r})" if field.default != "" else ""
             group.add_argument(*extra, flag_name(field), dest=field.name, default=None,
-                               metavar=field.name.upper(), help=f"{field.metadata['help']} "
-                               f"(default {field.default!r}) [env {env_name(field)}]")
+                               metavar=field.name.upper(), help=f"{field.metadata['help']}"
+                               f"{default} [env {env_name(field)}]")
 
 
 def config_from_args(args: argparse.Namespace,

@@ -227,8 +227,10 @@ def check_arguments(tool: Tool, arguments: Mapping[str, Any]) -> None:
     known = tool.arguments["properties"]
     unknown = sorted(name for name in arguments if name not in known)
     if unknown:
-        close = [name for name in known if name.startswith(unknown[0])
-                 or unknown[0].startswith(name)] or difflib.get_close_matches(unknown[0], known)
+        first = unknown[0]
+        close = [name for name in known if first and (name.startswith(first) or
+                                                      first.startswith(name))] \
+            or difflib.get_close_matches(first, known)
         raise kvmem.InvalidInputError(
             f"unknown argument{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(repr(name[:60]) for name in unknown[:5])} for {tool.name}"
@@ -272,7 +274,7 @@ class KvmemMCP(MCPServer[None]):
     async def call_tool(self, name: str, arguments: dict[str, Any],
                         context: Context[None, Any] | None = None) -> Any:
         tool = self.kvmem_tools.get(name)
-        log.debug("call %s", name)
+        log.debug("call %r", name[:60])
         try:
             if tool is None:
                 raise kvmem.InvalidInputError(f"unknown tool {name[:60]!r}; the tools are "
@@ -280,11 +282,11 @@ class KvmemMCP(MCPServer[None]):
             check_arguments(tool, arguments)
             result = await anyio.to_thread.run_sync(tool.run, dict(arguments))
         except kvmem.KvmemError as exc:
-            log.info("%s refused: %s", name, exc.code)
+            log.info("%r refused: %s", name[:60], exc.code)
             return CallToolResult(content=[TextContent(type="text", text=error_text(exc))],
                                   is_error=True)
         except Exception:  # a bug: the model gets no internals, the log gets the traceback
-            log.exception("%s failed unexpectedly", name)
+            log.exception("%r failed unexpectedly", name[:60])
             return CallToolResult(content=[TextContent(
                 type="text", text="internal: the tool failed; the server's log says why")],
                 is_error=True)

@@ -130,7 +130,7 @@ def test_stdio_signal_answers_the_call_in_flight_then_exits_0_after_a_checkpoint
     assert answer["result"]["isError"] is False, answer
     ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
     server.child.send(tool_call(3, "memory_batch", {"ops": ops}) + "\n")
-    wait_for_stderr(server.child, "call memory_batch")  # the call has started
+    wait_for_stderr(server.child, "call 'memory_batch'")  # the call has started
     server.child.proc.send_signal(signum)  # stdin stays open: the stop must not wait on it
     answer = json.loads(server.child.expect("{"))
     assert answer["id"] == 3 and answer["result"]["isError"] is False, answer
@@ -297,7 +297,7 @@ async def test_streamable_http_signal_answers_the_call_in_flight_then_exits_0(
                 answers.append(await client.call_tool("memory_batch", {"ops": ops}))
 
             tasks.start_soon(batch)
-            await anyio.to_thread.run_sync(wait_for_stderr, server.child, "call memory_batch")
+            await anyio.to_thread.run_sync(wait_for_stderr, server.child, "call 'memory_batch'")
             server.child.proc.send_signal(signum)
         assert len(answers) == 1 and not answers[0].is_error, answers
     assert_stopped_cleanly(server.child, db)
