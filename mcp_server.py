@@ -338,7 +338,7 @@ class StdinRequests:
     - A line the SDK cannot read is answered here (``read_message``), not passed on.
     - A daemon thread reads, so stopping never waits on a blocked read.
     - ``stop()`` ends the requests as the end of input does; either way they end only once
-      every request passed on has been answered (the SDK cancels what is still running
+      every tool call passed on has been answered (the SDK cancels what is still running
       when its input ends, and a write whose answer is lost is a write not acknowledged).
     """
 
@@ -387,8 +387,8 @@ class StdinRequests:
                 continue
             message, problem = read_message(line)
             if problem is None:
-                if isinstance(message, types.JSONRPCRequest):
-                    self._pending.add(message.id)
+                if isinstance(message, types.JSONRPCRequest) and message.method == "tools/call":
+                    self._pending.add(message.id)  # not a long-lived one, such as a listen
                 return line
             log.info("answered a malformed request: %s", problem.error.message[:200])
             assert self._reply is not None
