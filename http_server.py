@@ -36,7 +36,7 @@ import kvmem_cli
 
 log = logging.getLogger("kvmem.http")
 
-MAX_BODY_BYTES = 8 * 1024 * 1024  # a batch may carry several large values
+MAX_BODY_BYTES = kvmem_cli.MAX_BODY_BYTES
 JSON_TYPES = ("application/json",)
 
 

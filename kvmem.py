@@ -410,7 +410,7 @@ def validate_tags(tags: object, config: Config) -> list[str]:
     for tag in tags:
         if not isinstance(tag, str) or not 1 <= len(tag) <= config.max_tag_chars:
             raise InvalidInputError(f"each tag must be a string of 1 to {config.max_tag_chars} "
-                                    f"characters (got {str(tag)[:80]!r})")
+                                    f"characters (got {repr(tag)[:80]})")
         if _has_control_chars(tag):
             raise InvalidInputError("tags must not contain control characters")
         if tag not in out:
@@ -469,11 +469,14 @@ def _has_surrogates(text: str) -> bool:
 def _number(name: str, *, integer: bool = False, low: float = -math.inf,
             high: float = math.inf, above: bool = False, optional: bool = False,
             hint: str = "") -> Callable[..., Any]:
-    """A check for a finite number (an int if ``integer``) from ``low`` (exclusive if
-    ``above``) to ``high``, as a float or int; ``None`` passes if ``optional``."""
+    """A check for a finite number (an int if ``integer``: a float with no fraction, such
+    as 2.0, is one in JSON) from ``low`` (exclusive if ``above``) to ``high``, as a float
+    or int; ``None`` passes if ``optional``."""
     def check(value: object, config: Config | None = None) -> Any:
         if value is None and optional:
             return None
+        if integer and isinstance(value, float) and value.is_integer():
+            value = int(value)
         if (isinstance(value, bool) or not isinstance(value, int if integer else int | float)
                 or not (isinstance(value, int) or math.isfinite(value))
                 or not (low < value if above else low <= value) or value > high):
@@ -756,13 +759,19 @@ def namespace_schema(config: Config) -> dict[str, Any]:
             "description": "keeps agents, users or projects apart"}
 
 
+# Text with none of CONTROL_CHARS, as a JSON-schema pattern.
+TEXT_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+
+
 def key_schema(config: Config) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": config.max_key_chars,
+            "pattern": TEXT_PATTERN,
             "description": "the memory's name, e.g. \"user/tea\"; no control characters"}
 
 
 def tag_schema(config: Config) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": config.max_tag_chars}
+    return {"type": "string", "minLength": 1, "maxLength": config.max_tag_chars,
+            "pattern": TEXT_PATTERN}
 
 
 def half_life_schema(config: Config) -> dict[str, Any]:
@@ -961,12 +970,13 @@ def parse_batch_op(spec: object, config: Config, *, namespace: str) -> SetOp | D
 
 
 def batch_op_schema(config: Config) -> dict[str, Any]:
-    """The JSON schema of one batch op: ``op`` and the arguments of its kind."""
-    properties: dict[str, Any] = {"op": {"enum": list(BATCH_OPS)}}
-    for cls in BATCH_OPS.values():
-        properties.update(cls.schema(config, exclude=("namespace",))["properties"])
-    return {"type": "object", "required": ["op", "key"], "additionalProperties": False,
-            "properties": properties}
+    """The JSON schema of one batch op: ``op`` and the arguments of its kind, no other."""
+    kinds = []
+    for kind, cls in BATCH_OPS.items():
+        schema = cls.schema(config, exclude=("namespace",))
+        kinds.append({**schema, "required": ["op", *schema["required"]],
+                      "properties": {"op": {"const": kind}, **schema["properties"]}})
+    return {"oneOf": kinds}
 
 
 def _check_version(expected: int | None, current: int, key: str) -> None:

@@ -81,6 +81,9 @@ def server_config(args: argparse.Namespace) -> Config:
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as fp:
             config = dataclasses.replace(config, token=fp.read().strip())
+    if not all("!" <= ch <= "~" for ch in config.token):
+        raise ConfigError("the token must be printable ASCII without spaces (as an HTTP "
+                          "header carries it), e.g. openssl rand -hex 32")
     check_exposure(config.host, config.token)  # before the database is created
     return config
 
@@ -110,7 +113,8 @@ def bearer_ok(authorization: str | None, token: str) -> bool:
     constant time (the two HTTP servers check a request's token with this)."""
     scheme, _, given = (authorization or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8"))
+        given.strip().encode("utf-8", "surrogateescape"),
+        token.encode("utf-8", "surrogateescape"))
 
 
 def origin_allowed(origin: str, host: str) -> bool:
@@ -118,10 +122,29 @@ def origin_allowed(origin: str, host: str) -> bool:
     served from this machine (loopback) or from the bound address itself.  A page from
     elsewhere would be another site reaching the server through the browser."""
     try:
-        name = urllib.parse.urlsplit(origin).hostname
+        parts = urllib.parse.urlsplit(origin)
+        name = parts.hostname
     except ValueError:
         return False
-    return name is not None and (is_loopback(name) or name == host.strip("[]").lower())
+    return parts.scheme in ("http", "https") and name is not None and (
+        is_loopback(name) or name == host.strip("[]").lower())
+
+
+def host_allowed(host_header: str, host: str) -> bool:
+    """Whether a request's ``Host`` suits a server bound to ``host``: on a loopback bind it
+    must name a loopback address (a page whose own name was re-pointed at 127.0.0.1 sends
+    that name: DNS rebinding); a server on another address needs a token anyway."""
+    if not is_loopback(host):
+        return True
+    try:
+        name = urllib.parse.urlsplit("//" + host_header).hostname
+    except ValueError:
+        return False
+    return name is not None and is_loopback(name)
+
+
+# The largest request body either HTTP server reads: a batch may carry several large values.
+MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 _NULLABLE_OBJECT = {"type": ["object", "null"]}

@@ -27,6 +27,7 @@ commit).  Two transports:
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import difflib
 import fcntl
@@ -48,6 +49,7 @@ import mcp_types as types
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.stdio import stdio_server
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import SessionMessage
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from mcp_types import Tool as MCPTool
@@ -188,7 +190,8 @@ def tools(store: kvmem.Store) -> list[Tool]:
             Find memories by words in their key, value or tags, best first. Ranked by text
             relevance (BM25) times current strength. `query` is plain words; quotes and
             operators are treated as text.""",
-             _object({"query": {"type": "string", "description": "plain words to look for"},
+             _object({"query": {"type": "string", "maxLength": kvmem.MAX_QUERY_CHARS,
+                                "description": "plain words to look for (at least one)"},
                       **namespace, "limit": _limit(kvmem.MAX_SEARCH_LIMIT, 20)}, ["query"]),
              _result({"items": {"type": "array", "items": {"$ref": "#/$defs/Hit"}}}),
              _hints("Search memories", read_only=True),
@@ -314,8 +317,7 @@ def read_message(line: str) -> tuple[types.JSONRPCMessage | None, types.JSONRPCE
     except ValidationError as exc:
         detail = "; ".join(dict.fromkeys(str(e["msg"]) for e in exc.errors()))
     else:  # a request whose id is no string or integer would pass as a notification
-        if not isinstance(message, types.JSONRPCNotification) or '"id"' not in line or \
-                "id" not in json.loads(line):
+        if not isinstance(message, types.JSONRPCNotification) or "id" not in json.loads(line):
             return message, None
         detail = "the id must be a string or an integer"
     try:
@@ -346,8 +348,9 @@ class StdinRequests:
         self._wire = wire
         self._send, self._receive = anyio.create_memory_object_stream[bytes](16)
         self._reply: Callable[[SessionMessage], Awaitable[None]] | None = None
-        self._pending: set[str | int] = set()
+        self._pending: collections.Counter[str | int] = collections.Counter()  # id: calls
         self._settled: anyio.Event | None = None
+        self.stopping = False
 
     def start(self, reply: Callable[[SessionMessage], Awaitable[None]]) -> None:
         self._reply = reply
@@ -366,8 +369,17 @@ class StdinRequests:
     def stop(self) -> None:
         self._send.close()
 
-    def answered(self, ident: str | int | None) -> None:
-        self._pending.discard(ident)
+    def stop_now(self) -> None:
+        """Stop without waiting for the answers still owed."""
+        self.stop()
+        self._pending.clear()
+        self.answered(None)
+
+    def answered(self, ident: str | int | None, *, cancelled: bool = False) -> None:
+        if ident is not None and ident in self._pending:
+            self._pending[ident] -= 1
+            if cancelled or not self._pending[ident]:
+                del self._pending[ident]  # a cancelled call gets no answer
         if not self._pending and self._settled is not None:
             self._settled.set()
 
@@ -388,7 +400,11 @@ class StdinRequests:
             message, problem = read_message(line)
             if problem is None:
                 if isinstance(message, types.JSONRPCRequest) and message.method == "tools/call":
-                    self._pending.add(message.id)  # not a long-lived one, such as a listen
+                    self._pending[message.id] += 1  # not a long-lived one, such as a listen
+                elif isinstance(message, types.JSONRPCNotification) and \
+                        message.method == "notifications/cancelled":
+                    params = message.params or {}
+                    self.answered(params.get("requestId"), cancelled=True)
                 return line
             log.info("answered a malformed request: %s", problem.error.message[:200])
             assert self._reply is not None
@@ -435,51 +451,61 @@ async def serve_stdio(server: KvmemMCP) -> None:
     async with stdio_server(stdin=cast(Any, requests), stdout=cast(Any, out)) as (read, write), \
             anyio.create_task_group() as tasks:
         requests.start(write.send)
-        tasks.start_soon(_stop_on_signal, requests.stop, tasks.cancel_scope)
+        tasks.start_soon(_stop_on_signal, requests)
         await server.serve(read, AnsweringStream(write, requests))
         tasks.cancel_scope.cancel()
 
 
-async def _stop_on_signal(stop: Callable[[], None], scope: anyio.CancelScope) -> None:
-    stopping = False
+async def _stop_on_signal(requests: StdinRequests) -> None:
+    """The first SIGINT/SIGTERM stops reading; a second one stops without waiting for the
+    calls in flight (the SDK cancels them; what committed stays committed)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if stopping:
-                log.warning("%s again: stopping now", name)
-                scope.cancel()
+            if requests.stopping:
+                log.warning("%s again: stopping without waiting", name)
+                requests.stop_now()
                 return
             log.info("%s: finishing the calls in flight", name)
-            stopping = True
-            stop()
+            requests.stopping = True
+            requests.stop()
 
 
 # ---------------------------------------------------------------------- streamable HTTP ----
 
 
 class HTTPGuard:
-    """In front of the SDK's app: kvmem-http's bearer token (the same check) and the
-    Origin of a browser's request (a page of another site may not call the tools: DNS
-    rebinding); the SDK itself checks the Host of a loopback bind."""
+    """In front of the SDK's app, kvmem's rules for an HTTP server (the same checks as
+    kvmem-http's): the bearer token; on a loopback bind, a loopback Host (a page of another
+    site that re-points its name at 127.0.0.1 sends its own name: DNS rebinding); a
+    browser's Origin from this machine or the bound address; and the body size."""
 
     def __init__(self, app: ASGIApp, config: kvmem.Config) -> None:
         self.app, self.token, self.host = app, config.token, config.host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            headers = Headers(scope=scope)
-            origin = headers.get("origin")
-            refusal = None
-            if origin is not None and not kvmem_cli.origin_allowed(origin, self.host):
-                refusal = _refusal(403, "forbidden", f"a page from {origin[:100]!r} may not "
-                                   "use this server")
-            elif self.token and not kvmem_cli.bearer_ok(headers.get("authorization"),
-                                                        self.token):
-                refusal = _refusal(401, "unauthorized", kvmem_cli.UNAUTHORIZED)
+            refusal = self.refusal(Headers(scope=scope))
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def refusal(self, headers: Headers) -> JSONResponse | None:
+        host, origin = headers.get("host", ""), headers.get("origin")
+        if not kvmem_cli.host_allowed(host, self.host):
+            return _refusal(421, "misdirected", f"this server answers to loopback names, "
+                            f"not {host[:100]!r}")
+        if origin is not None and not kvmem_cli.origin_allowed(origin, self.host):
+            return _refusal(403, "forbidden", f"a page from {origin[:100]!r} may not use "
+                            "this server")
+        if self.token and not kvmem_cli.bearer_ok(headers.get("authorization"), self.token):
+            return _refusal(401, "unauthorized", kvmem_cli.UNAUTHORIZED)
+        length = headers.get("content-length", "0")
+        if length.isdigit() and int(length) > kvmem_cli.MAX_BODY_BYTES:
+            return _refusal(413, "payload_too_large", f"body is {length} bytes; the limit "
+                            f"is {kvmem_cli.MAX_BODY_BYTES}")
+        return None
 
 
 def _refusal(status: int, code: str, message: str) -> JSONResponse:
@@ -496,14 +522,21 @@ class _Uvicorn(uvicorn.Server):
         self.should_exit = True
 
 
-def serve_http(server: KvmemMCP, config: kvmem.Config) -> None:
-    """Serve streamable HTTP on config.host:config.mcp_port until SIGINT or SIGTERM."""
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.create_server((config.host, config.mcp_port), family=family)
-    app = HTTPGuard(server.streamable_http_app(streamable_http_path=HTTP_PATH,
-                                               host=config.host), config)
-    shown = f"[{config.host}]" if family == socket.AF_INET6 else config.host
-    url = f"http://{shown}:{sock.getsockname()[1]}{HTTP_PATH}"
+def listen(config: kvmem.Config) -> socket.socket:
+    """The streamable HTTP socket, bound before the database is opened."""
+    host = config.host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, config.mcp_port), family=family)
+
+
+def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> None:
+    """Serve streamable HTTP on ``sock`` until SIGINT or SIGTERM."""
+    app = HTTPGuard(server.streamable_http_app(
+        streamable_http_path=HTTP_PATH, max_request_body_size=kvmem_cli.MAX_BODY_BYTES,
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False)),
+        config)  # HTTPGuard checks Host and Origin, on every address
+    host = sock.getsockname()[0]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}{HTTP_PATH}"
     log.info("streamable HTTP at %s (token %s)", url, "required" if config.token else "off")
     print(f"listening on {url}", flush=True)
     _Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
@@ -521,25 +554,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
     args = kvmem_cli.parse_server_args(parser, argv, exclude=("port",),
                                        aliases={"mcp_port": "--port"})
+    sock = None
     try:
         config = kvmem_cli.server_config(args)
+        sock = listen(config) if args.transport == "streamable-http" else None
         store = kvmem.Store.open(config=config, role="mcp", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
+        if sock is not None:
+            sock.close()
         print(f"kvmem-mcp: {exc}", file=sys.stderr)
         return 2
     log.info("kvmem-mcp (%s) pid=%d db=%s settings=%s", args.transport, os.getpid(),
              store.path, store.settings())
     try:
         server = build_server(store)
-        if args.transport == "stdio":
+        if sock is None:
             anyio.run(serve_stdio, server)
         else:
-            serve_http(server, config)
+            serve_http(server, config, sock)
     except KeyboardInterrupt:  # before the signal handlers were in place
         pass
-    except OSError as exc:  # the port is taken, say
-        print(f"kvmem-mcp: {exc}", file=sys.stderr)
-        return 2
     finally:
         store.close()
     log.info("stopped cleanly")

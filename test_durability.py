@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -600,6 +601,12 @@ ARGUMENT_NAMES = sorted({name for inputs, _, _ in EXPECTED_TOOLS.values() for na
                         | {"unknown_argument"})
 
 
+# Refusals no JSON schema states: the state of the store, the size as stored, the words
+# of a query, and tags that are too many only before duplicates are dropped.
+SCHEMA_CANNOT_SAY = ("not_found: ", "version_conflict: ", "payload_too_large: ",
+                     "at least one word", "cursor", "tags (got")
+
+
 @pytest.fixture(scope="module")
 def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store]:
     with kvmem.Store.open(tmp_path_factory.mktemp("fuzz") / "kv.db", config=CONFIG) as store:
@@ -611,14 +618,26 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(tool=st.sampled_from(sorted(EXPECTED_TOOLS)),
     arguments=st.dictionaries(st.sampled_from(ARGUMENT_NAMES), json_values | st.lists(
-        st.dictionaries(st.sampled_from(["op", "key", "value", "if_version", "tags"]),
+        st.dictionaries(st.sampled_from(["op", "key", "value", "if_version", "tags",
+                                         "ttl_seconds", "half_life_seconds", "namespace"]),
                         json_values | st.sampled_from(["set", "delete"]), max_size=4),
         max_size=3), max_size=5))
 async def test_fuzz_mcp_tools(fuzz_store: kvmem.Store, tool: str, arguments: dict[str, Any],
                               caplog: pytest.LogCaptureFixture) -> None:
     async with Client(mcp_server.build_server(fuzz_store)) as client:
+        schema = {t.name: t.input_schema for t in (await client.list_tools()).tools}[tool]
         result = await client.call_tool(tool, arguments)
     TOTALS["fuzz_cases"] += 1
+    try:
+        json.dumps(arguments, allow_nan=False)
+    except ValueError:  # NaN or an infinity: no JSON client can send these
+        pass
+    else:  # the published schema tells what the tool takes
+        valid = jsonschema.Draft202012Validator(schema).is_valid(arguments)
+        text = "" if not result.is_error else result.content[0].text  # type: ignore[union-attr]
+        assert valid or result.is_error, ("the schema refuses what the tool took", arguments)
+        assert not valid or not result.is_error or any(
+            reason in text for reason in SCHEMA_CANNOT_SAY), (text, arguments)
     unknown = sorted(name for name in arguments if name not in EXPECTED_TOOLS[tool][0])
     if unknown:  # refused whatever else is wrong or right, naming what the tool does not take
         assert result.is_error, (tool, arguments)

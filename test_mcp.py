@@ -86,7 +86,7 @@ MEMORY_FIELDS = {"namespace", "key", "value", "tags", "version", "created_at", "
 
 
 @pytest.mark.anyio
-async def test_tool_list_and_schemas(client: Client) -> None:
+async def test_tool_list_and_schemas(client: Client, store: kvmem.Store) -> None:
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == set(EXPECTED_TOOLS)
     for name, (inputs, required, outputs) in EXPECTED_TOOLS.items():
@@ -106,9 +106,11 @@ async def test_tool_list_and_schemas(client: Client) -> None:
             assert schema.get("description"), (name, argument)
     memory = tools["memory_get"].output_schema["$defs"]["Memory"]  # type: ignore[index]
     assert set(memory["properties"]) == MEMORY_FIELDS and set(memory["required"]) == MEMORY_FIELDS
-    op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]
-    assert op["properties"]["op"]["enum"] == ["set", "delete"] and op["required"] == ["op", "key"]
-    assert op["additionalProperties"] is False
+    kinds = tools["memory_batch"].input_schema["$defs"]["BatchOp"]["oneOf"]
+    assert [kind["properties"]["op"] for kind in kinds] == [{"const": "set"}, {"const": "delete"}]
+    assert [kind["required"] for kind in kinds] == [["op", "key", "value"], ["op", "key"]]
+    assert all(kind["additionalProperties"] is False for kind in kinds)
+    assert set(kvmem_cli.STATS_SCHEMA["required"]) == set(store.stats())
     assert tools["memory_stats"].output_schema == kvmem_cli.STATS_SCHEMA
 
 
@@ -410,7 +412,7 @@ async def test_a_misspelled_argument_is_refused_with_the_right_name(
     ("memory_set", {"key": "k", "value": 1, "ttl_seconds": True}, "ttl_seconds"),
     ("memory_set", {"key": "k", "value": 1, "ttl_seconds": "60"}, "ttl_seconds"),
     ("memory_set", {"key": "k", "value": 1, "if_version": "0"}, "if_version"),
-    ("memory_set", {"key": "k", "value": 1, "if_version": 0.0}, "if_version"),
+    ("memory_set", {"key": "k", "value": 1, "if_version": 0.5}, "if_version"),
     ("memory_set", {"key": "k", "value": 1, "half_life_seconds": "never"}, '"default"'),
     ("memory_set", {"key": None, "value": 1}, "key must be a string"),
     ("memory_get", {"key": "k", "namespace": None}, "namespace"),
@@ -489,7 +491,7 @@ async def test_argument_schemas_carry_the_store_limits(tmp_path: Path) -> None:
     with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
         async with Client(mcp_server.build_server(store)) as client:
             tools = {t.name: t for t in (await client.list_tools()).tools}
-            op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]["properties"]
+            op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]["oneOf"][0]["properties"]
             for schema in (tools["memory_set"].input_schema["properties"], op):
                 assert schema["key"]["maxLength"] == 7 and schema["tags"]["maxItems"] == 2
             assert tools["memory_delete"].input_schema["properties"]["key"]["maxLength"] == 7

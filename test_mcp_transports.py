@@ -25,6 +25,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 import kvmem
+import kvmem_cli
 import mcp_server
 from testutil import HERE, Child, child_env
 
@@ -96,6 +97,7 @@ MALFORMED = [  # (the line, the id it should be answered with, the JSON-RPC erro
     ('{"jsonrpc":"2.0","id":6,"method":"tools/call","params":"x"}', 6, -32600),
     ("this is not JSON", None, -32700),
     ('{"jsonrpc":"2.0","id":true,"method":"tools/list"}', None, -32600),
+    ('{"jsonrpc":"2.0","\\u0069d":true,"method":"ping"}', None, -32600),
 ]
 
 
@@ -137,6 +139,39 @@ def test_stdio_signal_answers_the_call_in_flight_then_exits_0_after_a_checkpoint
     assert_stopped_cleanly(server.child, db)
     with kvmem.Store.open(db, config=CONFIG) as store:
         assert store.get("first") is not None and store.get("b999") is not None
+
+
+def test_stdio_second_signal_stops_without_waiting(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    server = StdioServer(db, "--log-level", "DEBUG")
+    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
+    for ident in range(10, 30):
+        server.child.send(tool_call(ident, "memory_batch", {"ops": ops}) + "\n")
+    wait_for_stderr(server.child, "call 'memory_batch'")
+    server.child.proc.send_signal(signal.SIGINT)
+    wait_for_stderr(server.child, "finishing the calls in flight")
+    server.child.proc.send_signal(signal.SIGINT)
+    assert_stopped_cleanly(server.child, db)  # exits 0 at once: the wait would take seconds
+    assert "stopping without waiting" in server.child.stderr
+
+
+def test_stdio_end_of_input_after_a_cancelled_call_exits(tmp_path: Path) -> None:
+    """A cancelled call gets no answer (the protocol says so): the end does not wait for
+    it. Calls that share an id each get their answer before the end."""
+    db = str(tmp_path / "kv.db")
+    server = StdioServer(db, "--log-level", "DEBUG")
+    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
+    server.child.send(tool_call(5, "memory_batch", {"ops": ops}) + "\n")
+    wait_for_stderr(server.child, "call 'memory_batch'")
+    server.child.send('{"jsonrpc":"2.0","method":"notifications/cancelled",'
+                      '"params":{"requestId":5}}\n')
+    for key in ("a", "b", "c"):
+        server.child.send(tool_call(7, "memory_set", {"key": key, "value": 1}) + "\n")
+    assert server.child.proc.stdin is not None
+    server.child.proc.stdin.close()
+    assert_stopped_cleanly(server.child, db)
+    answers = [json.loads(line) for line in server.child.lines if line.startswith("{")]
+    assert [a["id"] for a in answers if a.get("id") == 7] == [7, 7, 7], answers
 
 
 def _controlling_terminal() -> None:  # in the child: its stdin (a pty) is its terminal
@@ -205,10 +240,12 @@ async def sdk_session(url: str, headers: dict[str, str]) -> tuple[list[int], Any
             return statuses, exc
 
 
-def post(port: int, headers: dict[str, str], body: Any = INITIALIZE) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def post(port: int, headers: dict[str, str], body: Any = INITIALIZE,
+         address: str = "127.0.0.1") -> tuple[int, Any]:
+    conn = http.client.HTTPConnection(address, port, timeout=30)
     try:
-        conn.request("POST", mcp_server.HTTP_PATH, body=json.dumps(body), headers={
+        conn.request("POST", mcp_server.HTTP_PATH, body=body if isinstance(body, bytes)
+                     else json.dumps(body), headers={
             "Content-Type": "application/json",
             "Accept": "application/json, text/event-stream", **headers})
         response = conn.getresponse()
@@ -220,7 +257,9 @@ def post(port: int, headers: dict[str, str], body: Any = INITIALIZE) -> tuple[in
 @pytest.mark.anyio
 @pytest.mark.parametrize(("headers", "allowed"), [
     ({}, False), ({"Authorization": "Bearer wrong"}, False),
-    ({"Authorization": "s3cret"}, False), ({"Authorization": "Bearer s3cret"}, True),
+    ({"Authorization": "s3cret"}, False), ({"Authorization": "Bearer s3cretX"}, False),
+    ({"Authorization": "Bearer s3cre"}, False), ({"Authorization": "Bearer s3cret"}, True),
+    ({"Authorization": "bearer  s3cret"}, True),
 ])
 async def test_streamable_http_requires_the_token(http_server_with_token: HTTPServer,
                                                   headers: dict[str, str],
@@ -270,6 +309,44 @@ def test_streamable_http_checks_origin_on_every_address(tmp_path: Path) -> None:
         assert server.child.wait() == 0
 
 
+def test_streamable_http_checks_host_on_any_loopback_address(tmp_path: Path) -> None:
+    server = HTTPServer(str(tmp_path / "kv.db"), "", "--host", "127.0.0.2")
+    try:
+        for host, status in (("rebind.example:8766", 421), ("127.0.0.2:8766", 200),
+                             ("localhost", 200)):
+            got, body = post(server.port, {"Host": host}, address="127.0.0.2")
+            assert got == status, (host, got, body)
+    finally:
+        server.child.proc.send_signal(signal.SIGTERM)
+        assert server.child.wait() == 0
+
+
+@pytest.mark.anyio
+async def test_streamable_http_takes_the_bodies_kvmem_http_takes(
+        http_server_with_token: HTTPServer) -> None:
+    """A batch of 5 values of 900 KB (4.5 MB, past the SDK's default cap of 4 MiB) works;
+    a body past kvmem's cap gets kvmem's 413."""
+    ops = [{"op": "set", "key": f"big{i}", "value": "x" * 900_000} for i in range(5)]
+    async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret"}) as http, \
+            Client(streamable_http_client(http_server_with_token.url, http_client=http)) as c:
+        result = await c.call_tool("memory_batch", {"ops": ops})
+        assert not result.is_error, result.content
+    status, body = post(http_server_with_token.port, {"Authorization": "Bearer s3cret"},
+                        body=b"x" * (kvmem_cli.MAX_BODY_BYTES + 1))
+    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("token", ["ключ", "two words", "tab\there"])
+def test_a_token_no_http_header_can_carry_is_refused_at_start(tmp_path: Path,
+                                                             token: str) -> None:
+    for program in ("serve_mcp", "serve_http"):
+        child = Child(program, "--db", str(tmp_path / "kv.db"), "--transport",
+                      "streamable-http", env={**child_env(), "KVMEM_TOKEN": token}) \
+            if program == "serve_mcp" else Child(program, "--db", str(tmp_path / "kv.db"),
+                                                 env={**child_env(), "KVMEM_TOKEN": token})
+        assert child.wait() == 2 and "printable ASCII" in child.stderr, child.stderr
+
+
 def test_streamable_http_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     child = Child("serve_mcp", "--db", str(tmp_path / "kv.db"), "--transport",
                   "streamable-http", "--host", "0.0.0.0", "--port", "0",
@@ -286,7 +363,7 @@ async def test_streamable_http_signal_answers_the_call_in_flight_then_exits_0(
         tmp_path: Path, signum: int) -> None:
     db = str(tmp_path / "kv.db")
     server = HTTPServer(db, "s3cret", "--log-level", "DEBUG")
-    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
+    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 4000} for i in range(1000)]
     async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret"}) as http, \
             Client(streamable_http_client(server.url, http_client=http)) as client:
         assert not (await client.call_tool("memory_set", {"key": "first", "value": 1})).is_error
