@@ -174,6 +174,7 @@ def tools(store: kvmem.Store) -> list[Tool]:
             `next_cursor` back as `cursor` for the next page (null = no more).""",
              _object({**namespace,
                       "prefix": {"type": ["string", "null"], "maxLength": config.max_key_chars,
+                                 "pattern": kvmem.TEXT_PATTERN,
                                  "description": "only keys that start with this"},
                       "tag": {"anyOf": [kvmem.tag_schema(config), {"type": "null"}],
                               "description": "only memories with this tag"},

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import jsonschema
 import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
@@ -432,6 +433,37 @@ async def test_bad_arguments_are_kvmem_errors_and_change_nothing(
     text = await call_error(client, tool, "invalid_request", **arguments)
     assert fragment in text, text
     assert snapshot(store) == []
+
+
+# (tool, arguments, whether kvmem takes them): the published schema must say the same.
+SCHEMA_CASES: list[tuple[str, dict[str, Any], bool]] = [
+    ("memory_set", {"key": "a\x00b", "value": 1}, False),
+    ("memory_set", {"key": "a\x85b", "value": 1}, False),
+    ("memory_set", {"key": "k", "value": 1, "tags": ["\x1f"]}, False),
+    ("memory_set", {"key": "k", "value": 1, "if_version": 0.0}, True),
+    ("memory_set", {"key": "k", "value": 1, "half_life_seconds": "default"}, True),
+    ("memory_set", {"key": "k", "value": 1, "half_life_seconds": "Default"}, False),
+    ("memory_set", {"key": "k" * 513, "value": 1}, False),
+    ("memory_list", {"prefix": "a\x7f"}, False),
+    ("memory_list", {"limit": 2.0}, True),
+    ("memory_list", {"tag": None, "prefix": None, "cursor": None}, True),
+    ("memory_search", {"query": "x" * (kvmem.MAX_QUERY_CHARS + 1)}, False),
+    ("memory_search", {"query": "tea", "limit": 101}, False),
+    ("memory_batch", {"ops": [{"op": "delete", "key": "k", "value": 1}]}, False),
+    ("memory_batch", {"ops": [{"op": "set", "key": "k"}]}, False),
+    ("memory_batch", {"ops": [{"op": "set", "key": "k", "value": 1, "ttl_seconds": 5}]}, True),
+    ("memory_batch", {"ops": []}, False),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("tool", "arguments", "taken"), SCHEMA_CASES)
+async def test_the_published_schema_says_what_the_tool_takes(
+        client: Client, tool: str, arguments: dict[str, Any], taken: bool) -> None:
+    schema = {t.name: t.input_schema for t in (await client.list_tools()).tools}[tool]
+    assert jsonschema.Draft202012Validator(schema).is_valid(arguments) is taken
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error is not taken, result.content
 
 
 @pytest.mark.anyio

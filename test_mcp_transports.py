@@ -141,18 +141,27 @@ def test_stdio_signal_answers_the_call_in_flight_then_exits_0_after_a_checkpoint
         assert store.get("first") is not None and store.get("b999") is not None
 
 
-def test_stdio_second_signal_stops_without_waiting(tmp_path: Path) -> None:
+def test_stdio_second_signal_stops_without_waiting_for_the_call(tmp_path: Path) -> None:
+    """The call in flight waits for a write lock another connection holds: the first
+    signal waits for it, the second does not (the call gets no success answer)."""
     db = str(tmp_path / "kv.db")
-    server = StdioServer(db, "--log-level", "DEBUG")
-    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
-    for ident in range(10, 30):
-        server.child.send(tool_call(ident, "memory_batch", {"ops": ops}) + "\n")
-    wait_for_stderr(server.child, "call 'memory_batch'")
-    server.child.proc.send_signal(signal.SIGINT)
-    wait_for_stderr(server.child, "finishing the calls in flight")
-    server.child.proc.send_signal(signal.SIGINT)
-    assert_stopped_cleanly(server.child, db)  # exits 0 at once: the wait would take seconds
-    assert "stopping without waiting" in server.child.stderr
+    server = StdioServer(db, "--log-level", "DEBUG", "--busy-timeout-ms", "120000")
+    holder = kvmem.open_db(db, config=CONFIG)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        server.child.send(tool_call(5, "memory_set", {"key": "blocked", "value": 1}) + "\n")
+        wait_for_stderr(server.child, "call 'memory_set'")
+        server.child.proc.send_signal(signal.SIGINT)
+        wait_for_stderr(server.child, "finishing the calls in flight")
+        assert server.child.proc.poll() is None  # waiting for the call, as it should
+        server.child.proc.send_signal(signal.SIGINT)
+        wait_for_stderr(server.child, "stopping without waiting")
+    finally:
+        holder.execute("ROLLBACK")  # the blocked write may now commit; the store closes
+        holder.close()
+    assert_stopped_cleanly(server.child, db)
+    answers = [json.loads(line) for line in server.child.lines[1:] if line.startswith("{")]
+    assert all("error" in a or a["result"]["isError"] for a in answers if a["id"] == 5), answers
 
 
 def test_stdio_end_of_input_after_a_cancelled_call_exits(tmp_path: Path) -> None:
