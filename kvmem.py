@@ -475,6 +475,7 @@ def _number(name: str, *, integer: bool = False, low: float = -math.inf,
     def check(value: object, config: Config | None = None) -> Any:
         if value is None and optional:
             return None
+        given = value
         if integer and isinstance(value, float) and value.is_integer():
             value = int(value)
         if (isinstance(value, bool) or not isinstance(value, int if integer else int | float)
@@ -482,8 +483,8 @@ def _number(name: str, *, integer: bool = False, low: float = -math.inf,
                 or not (low < value if above else low <= value) or value > high):
             bounds = "".join(f" {op} {bound:g}" for op, bound in (
                 (">" if above else ">=", low), ("<=", high)) if math.isfinite(bound))
-            shown = "a huge integer" if isinstance(value, int) and value.bit_length() > 128 \
-                else repr(value)[:40] if isinstance(value, str) else str(value)[:40]
+            shown = "a huge integer" if isinstance(given, int) and given.bit_length() > 128 \
+                else repr(given)[:40] if isinstance(given, str) else str(given)[:40]
             raise InvalidInputError(f"{name} must be {'an integer' if integer else 'a number'}"
                                     f"{bounds}{' or null' if optional else ''}{hint}"
                                     f" (got {shown})")
@@ -759,19 +760,18 @@ def namespace_schema(config: Config) -> dict[str, Any]:
             "description": "keeps agents, users or projects apart"}
 
 
-# Text with none of CONTROL_CHARS, as a JSON-schema pattern.
-TEXT_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+# "A string with none of CONTROL_CHARS" as a JSON schema.  ("^[^...]*$" would let a final
+# newline through in Python's re, where "$" also matches before one.)
+TEXT = {"not": {"type": "string", "pattern": "[\\u0000-\\u001f\\u007f-\\u009f]"}}
 
 
 def key_schema(config: Config) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": config.max_key_chars,
-            "pattern": TEXT_PATTERN,
+    return {"type": "string", "minLength": 1, "maxLength": config.max_key_chars, **TEXT,
             "description": "the memory's name, e.g. \"user/tea\"; no control characters"}
 
 
 def tag_schema(config: Config) -> dict[str, Any]:
-    return {"type": "string", "minLength": 1, "maxLength": config.max_tag_chars,
-            "pattern": TEXT_PATTERN}
+    return {"type": "string", "minLength": 1, "maxLength": config.max_tag_chars, **TEXT}
 
 
 def half_life_schema(config: Config) -> dict[str, Any]:

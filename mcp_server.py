@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import IO, Any, cast
 
 import anyio
+import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 import mcp_types as types
@@ -50,6 +51,7 @@ import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.stdio import stdio_server
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.dispatcher import as_request_id, coerce_request_id
 from mcp.shared.message import SessionMessage
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from mcp_types import Tool as MCPTool
@@ -174,7 +176,7 @@ def tools(store: kvmem.Store) -> list[Tool]:
             `next_cursor` back as `cursor` for the next page (null = no more).""",
              _object({**namespace,
                       "prefix": {"type": ["string", "null"], "maxLength": config.max_key_chars,
-                                 "pattern": kvmem.TEXT_PATTERN,
+                                 **kvmem.TEXT,
                                  "description": "only keys that start with this"},
                       "tag": {"anyOf": [kvmem.tag_schema(config), {"type": "null"}],
                               "description": "only memories with this tag"},
@@ -191,7 +193,8 @@ def tools(store: kvmem.Store) -> list[Tool]:
             Find memories by words in their key, value or tags, best first. Ranked by text
             relevance (BM25) times current strength. `query` is plain words; quotes and
             operators are treated as text.""",
-             _object({"query": {"type": "string", "maxLength": kvmem.MAX_QUERY_CHARS,
+             _object({"query": {"type": "string", "minLength": 1,
+                                "maxLength": kvmem.MAX_QUERY_CHARS,
                                 "description": "plain words to look for (at least one)"},
                       **namespace, "limit": _limit(kvmem.MAX_SEARCH_LIMIT, 20)}, ["query"]),
              _result({"items": {"type": "array", "items": {"$ref": "#/$defs/Hit"}}}),
@@ -335,14 +338,22 @@ def _jsonrpc_error(ident: str | int | None, code: int, message: str) -> types.JS
                               error=types.ErrorData(code=code, message=message))
 
 
+def _request_key(ident: object) -> str | int | None:
+    """A request id as the SDK correlates it (no bools; "7" is 7), None if it is none."""
+    given = as_request_id(ident)
+    return None if given is None else coerce_request_id(given)
+
+
 class StdinRequests:
     """The requests on stdin, line by line, for the SDK's stdio transport.
 
     - A line the SDK cannot read is answered here (``read_message``), not passed on.
     - A daemon thread reads, so stopping never waits on a blocked read.
     - ``stop()`` ends the requests as the end of input does; either way they end only once
-      every tool call passed on has been answered (the SDK cancels what is still running
-      when its input ends, and a write whose answer is lost is a write not acknowledged).
+      every tool call passed on has been answered or cancelled by the client (the SDK
+      cancels what is still running when its input ends, and a write whose answer is lost
+      is a write not acknowledged).  Ids are matched as the SDK matches them.
+    - ``stop_now()`` ends them without waiting.
     """
 
     def __init__(self, wire: IO[bytes]) -> None:
@@ -371,16 +382,18 @@ class StdinRequests:
         self._send.close()
 
     def stop_now(self) -> None:
-        """Stop without waiting for the answers still owed."""
         self.stop()
         self._pending.clear()
         self.answered(None)
 
-    def answered(self, ident: str | int | None, *, cancelled: bool = False) -> None:
-        if ident is not None and ident in self._pending:
-            self._pending[ident] -= 1
-            if cancelled or not self._pending[ident]:
-                del self._pending[ident]  # a cancelled call gets no answer
+    def answered(self, ident: object) -> None:
+        """A call with this id was answered, or cancelled (a cancelled call gets no
+        answer; of several calls with one id, the SDK cancels the latest)."""
+        key = _request_key(ident)
+        if key is not None and self._pending[key] > 0:
+            self._pending[key] -= 1
+            if not self._pending[key]:
+                del self._pending[key]
         if not self._pending and self._settled is not None:
             self._settled.set()
 
@@ -392,6 +405,7 @@ class StdinRequests:
             try:
                 line = (await self._receive.receive()).decode("utf-8", "replace")
             except (anyio.EndOfStream, anyio.ClosedResourceError):
+                log.info("end of input: %d call(s) to answer first", self._pending.total())
                 while self._pending:
                     self._settled = anyio.Event()
                     await self._settled.wait()
@@ -401,11 +415,12 @@ class StdinRequests:
             message, problem = read_message(line)
             if problem is None:
                 if isinstance(message, types.JSONRPCRequest) and message.method == "tools/call":
-                    self._pending[message.id] += 1  # not a long-lived one, such as a listen
+                    key = _request_key(message.id)  # (not a long-lived request: a listen)
+                    if key is not None:
+                        self._pending[key] += 1
                 elif isinstance(message, types.JSONRPCNotification) and \
                         message.method == "notifications/cancelled":
-                    params = message.params or {}
-                    self.answered(params.get("requestId"), cancelled=True)
+                    self.answered((message.params or {}).get("requestId"))
                 return line
             log.info("answered a malformed request: %s", problem.error.message[:200])
             assert self._reply is not None
@@ -451,16 +466,21 @@ async def serve_stdio(server: KvmemMCP) -> None:
     out = anyio.wrap_file(open(wire_out, "w", encoding="utf-8", newline="\n"))  # noqa: SIM115
     async with stdio_server(stdin=cast(Any, requests), stdout=cast(Any, out)) as (read, write), \
             anyio.create_task_group() as tasks:
+        await tasks.start(_stop_on_signal, requests)
         requests.start(write.send)
-        tasks.start_soon(_stop_on_signal, requests)
         await server.serve(read, AnsweringStream(write, requests))
         tasks.cancel_scope.cancel()
 
 
-async def _stop_on_signal(requests: StdinRequests) -> None:
+async def _stop_on_signal(requests: StdinRequests, *,
+                          task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+                          ) -> None:
     """The first SIGINT/SIGTERM stops reading; a second one stops without waiting for the
-    calls in flight (the SDK cancels them; what committed stays committed)."""
+    answers of the calls in flight (the SDK cancels them: each is unacknowledged, and a
+    write it queued still commits or fails within busy_timeout_ms before the store
+    closes)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
             if requests.stopping:
@@ -486,13 +506,13 @@ class HTTPGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = self.refusal(Headers(scope=scope))
+            refusal = self.refusal(scope["method"], Headers(scope=scope))
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def refusal(self, headers: Headers) -> JSONResponse | None:
+    def refusal(self, method: str, headers: Headers) -> JSONResponse | None:
         host, origin = headers.get("host", ""), headers.get("origin")
         if not kvmem_cli.host_allowed(host, self.host):
             return _refusal(421, "misdirected", f"this server answers to loopback names, "
@@ -502,7 +522,9 @@ class HTTPGuard:
                             "this server")
         if self.token and not kvmem_cli.bearer_ok(headers.get("authorization"), self.token):
             return _refusal(401, "unauthorized", kvmem_cli.UNAUTHORIZED)
-        length = headers.get("content-length", "0")
+        length = headers.get("content-length", "").strip()
+        if method == "POST" and not length.isdigit():
+            return _refusal(411, "length_required", "a POST needs a Content-Length")
         if length.isdigit() and int(length) > kvmem_cli.MAX_BODY_BYTES:
             return _refusal(413, "payload_too_large", f"body is {length} bytes; the limit "
                             f"is {kvmem_cli.MAX_BODY_BYTES}")
@@ -515,6 +537,15 @@ def _refusal(status: int, code: str, message: str) -> JSONResponse:
 
 
 class _Uvicorn(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, url: str) -> None:
+        super().__init__(config)
+        self.url = url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:  # after the signal handlers are in place
+            print(f"listening on {self.url}", flush=True)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         """Stop as uvicorn does, but without raising the signal again once stopped (that
         made SIGTERM exit 143 and SIGINT end in a traceback); a second SIGINT forces."""
@@ -539,9 +570,8 @@ def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> N
     host = sock.getsockname()[0]
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}{HTTP_PATH}"
     log.info("streamable HTTP at %s (token %s)", url, "required" if config.token else "off")
-    print(f"listening on {url}", flush=True)
     _Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=10)).run(sockets=[sock])
+                            timeout_graceful_shutdown=10), url).run(sockets=[sock])
 
 
 # ------------------------------------------------------------------------------- main ----

@@ -26,7 +26,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
@@ -622,6 +622,7 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store
                                          "ttl_seconds", "half_life_seconds", "namespace"]),
                         json_values | st.sampled_from(["set", "delete"]), max_size=4),
         max_size=3), max_size=5))
+@example(tool="memory_get", arguments={"key": "k\n"})  # "$" in a pattern matches before "\n"
 async def test_fuzz_mcp_tools(fuzz_store: kvmem.Store, tool: str, arguments: dict[str, Any],
                               caplog: pytest.LogCaptureFixture) -> None:
     async with Client(mcp_server.build_server(fuzz_store)) as client:

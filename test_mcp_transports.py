@@ -60,9 +60,11 @@ class StdioServer:
         return answer
 
 
-def wait_for_stderr(child: Child, text: str, timeout: float = 30.0) -> None:
+def wait_for_stderr(child: Child, text: str, timeout: float = 30.0, *,
+                    count: int = 1) -> None:
+    """Wait until stderr holds ``text`` (``count`` times)."""
     deadline = time.monotonic() + timeout
-    while text not in child.stderr:
+    while child.stderr.count(text) < count:
         assert time.monotonic() < deadline, f"no {text!r} on stderr: {child.stderr[-2000:]}"
         assert child.proc.poll() is None, f"exited: {child.stderr[-2000:]}"
         time.sleep(0.01)  # polling a condition, not waiting a fixed time
@@ -164,23 +166,37 @@ def test_stdio_second_signal_stops_without_waiting_for_the_call(tmp_path: Path) 
     assert all("error" in a or a["result"]["isError"] for a in answers if a["id"] == 5), answers
 
 
-def test_stdio_end_of_input_after_a_cancelled_call_exits(tmp_path: Path) -> None:
-    """A cancelled call gets no answer (the protocol says so): the end does not wait for
-    it. Calls that share an id each get their answer before the end."""
+@pytest.mark.parametrize(("calls", "cancel", "answered"), [
+    ([5], 5, []),  # cancelled: no answer comes, and the end does not wait for one
+    ([5], "5", []),  # the SDK takes "5" for 5
+    ([5], [5], [5]),  # no id at all: ignored, the call is answered
+    ([1], True, [1]),  # a bool is no id (it would alias 1): ignored
+    ([7, 7], 7, [7]),  # of two calls with one id the SDK cancels the latest
+])
+def test_stdio_end_of_input_waits_for_the_calls_not_cancelled(
+        tmp_path: Path, calls: list[int], cancel: Any, answered: list[int]) -> None:
+    """The calls wait for a write lock another connection holds, so each is in flight
+    when the cancel and the end of input come."""
     db = str(tmp_path / "kv.db")
-    server = StdioServer(db, "--log-level", "DEBUG")
-    ops = [{"op": "set", "key": f"b{i}", "value": "x" * 1000} for i in range(1000)]
-    server.child.send(tool_call(5, "memory_batch", {"ops": ops}) + "\n")
-    wait_for_stderr(server.child, "call 'memory_batch'")
-    server.child.send('{"jsonrpc":"2.0","method":"notifications/cancelled",'
-                      '"params":{"requestId":5}}\n')
-    for key in ("a", "b", "c"):
-        server.child.send(tool_call(7, "memory_set", {"key": key, "value": 1}) + "\n")
-    assert server.child.proc.stdin is not None
-    server.child.proc.stdin.close()
+    server = StdioServer(db, "--log-level", "DEBUG", "--busy-timeout-ms", "120000")
+    holder = kvmem.open_db(db, config=CONFIG)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for n, ident in enumerate(calls):
+            server.child.send(tool_call(ident, "memory_set", {"key": f"k{n}", "value": n}) + "\n")
+            wait_for_stderr(server.child, "call 'memory_set'", count=n + 1)
+        server.child.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                      "params": {"requestId": cancel}}) + "\n")
+        assert server.child.proc.stdin is not None
+        server.child.proc.stdin.close()
+        wait_for_stderr(server.child, f"end of input: {len(answered)} call(s) to answer first")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
     assert_stopped_cleanly(server.child, db)
-    answers = [json.loads(line) for line in server.child.lines if line.startswith("{")]
-    assert [a["id"] for a in answers if a.get("id") == 7] == [7, 7, 7], answers
+    answers = [json.loads(line) for line in server.child.lines[1:] if line.startswith("{")]
+    assert [a["id"] for a in answers if "result" in a and not a["result"]["isError"]] \
+        == answered, answers
 
 
 def _controlling_terminal() -> None:  # in the child: its stdin (a pty) is its terminal
@@ -345,14 +361,37 @@ async def test_streamable_http_takes_the_bodies_kvmem_http_takes(
     assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
 
 
+def test_streamable_http_refuses_a_post_without_a_length(
+        http_server_with_token: HTTPServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", http_server_with_token.port, timeout=30)
+    try:
+        conn.request("POST", mcp_server.HTTP_PATH, body=iter([json.dumps(INITIALIZE).encode()]),
+                     headers={"Content-Type": "application/json",
+                              "Authorization": "Bearer s3cret",
+                              "Accept": "application/json, text/event-stream"},
+                     encode_chunked=True)
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 411, body
+        assert json.loads(body)["error"]["code"] == "length_required"
+    finally:
+        conn.close()
+
+
+def test_streamable_http_signal_as_soon_as_it_listens(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    server = HTTPServer(db, "s3cret")
+    server.child.proc.send_signal(signal.SIGTERM)  # the line comes once handlers are set
+    assert_stopped_cleanly(server.child, db)
+
+
 @pytest.mark.parametrize("token", ["ключ", "two words", "tab\there"])
 def test_a_token_no_http_header_can_carry_is_refused_at_start(tmp_path: Path,
                                                              token: str) -> None:
     for program in ("serve_mcp", "serve_http"):
-        child = Child(program, "--db", str(tmp_path / "kv.db"), "--transport",
-                      "streamable-http", env={**child_env(), "KVMEM_TOKEN": token}) \
-            if program == "serve_mcp" else Child(program, "--db", str(tmp_path / "kv.db"),
-                                                 env={**child_env(), "KVMEM_TOKEN": token})
+        transport = ["--transport", "streamable-http"] if program == "serve_mcp" else []
+        child = Child(program, "--db", str(tmp_path / "kv.db"), "--port", "0", *transport,
+                      env={**child_env(), "KVMEM_TOKEN": token})
         assert child.wait() == 2 and "printable ASCII" in child.stderr, child.stderr
 
 
