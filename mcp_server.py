@@ -496,8 +496,8 @@ async def _stop_on_signal(requests: StdinRequests, *,
 
 
 class HTTPGuard:
-    """In front of the SDK's app, kvmem's rules for an HTTP server (the same checks as
-    kvmem-http's): the bearer token; on a loopback bind, a loopback Host (a page of another
+    """In front of the SDK's app, kvmem's rules for an HTTP server: the bearer token (the
+    same check as kvmem-http's); on a loopback bind, a loopback Host (a page of another
     site that re-points its name at 127.0.0.1 sends its own name: DNS rebinding); a
     browser's Origin from this machine or the bound address; and the body size."""
 
