@@ -321,7 +321,7 @@ def read_message(line: str) -> tuple[types.JSONRPCMessage | None, types.JSONRPCE
     except ValidationError as exc:
         detail = "; ".join(dict.fromkeys(str(e["msg"]) for e in exc.errors()))
     else:  # a request whose id is no string or integer would pass as a notification
-        if not isinstance(message, types.JSONRPCNotification) or "id" not in json.loads(line):
+        if not isinstance(message, types.JSONRPCNotification) or not _has_id(line):
             return message, None
         detail = "the id must be a string or an integer"
     try:
@@ -331,6 +331,13 @@ def read_message(line: str) -> tuple[types.JSONRPCMessage | None, types.JSONRPCE
     given = parsed.get("id") if isinstance(parsed, dict) else None
     ident = given if isinstance(given, str | int) and not isinstance(given, bool) else None
     return None, _jsonrpc_error(ident, types.INVALID_REQUEST, f"Invalid request: {detail[:300]}")
+
+
+def _has_id(line: str) -> bool:
+    try:
+        return "id" in json.loads(line)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _jsonrpc_error(ident: str | int | None, code: int, message: str) -> types.JSONRPCError:
@@ -457,8 +464,8 @@ def _claim(fd: int, replacement: int) -> int:
 
 
 async def serve_stdio(server: KvmemMCP) -> None:
-    """Serve over stdin/stdout until the input ends or a signal stops it; a second
-    signal stops at once, without waiting for calls in flight."""
+    """Serve over stdin/stdout until the input ends or a signal stops it (see
+    ``StdinRequests`` and ``_stop_on_signal``)."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     wire_in, wire_out = _claim(0, devnull), _claim(1, 2)
     os.close(devnull)
