@@ -377,10 +377,13 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins the handler threads
     block_on_close = True
     allow_reuse_address = True
+    request_queue_size = kvmem_cli.LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], api: Api, token: str) -> None:
         self.api = api
         self.token = token
+        self.bind_host = address[0]
+        self.allowed_hosts = api.store.config.allowed_hosts
         self.stopping = False
         self.lock = threading.Lock()
         self.handlers: set[Handler] = set()
@@ -503,6 +506,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_api(self, request_id: str) -> tuple[int, Any, dict[str, str]]:
         raw_path, _, raw_query = self.path.partition("?")
+        refusal = kvmem_cli.request_refusal(self.headers.get("Host", ""),
+                                            self.headers.get("Origin"), self.server.bind_host,
+                                            self.server.allowed_hosts)
+        if refusal is not None:
+            self.close_connection = True
+            raise HTTPError(*refusal)
+        if not self.path.isascii():  # the request line arrives decoded as Latin-1
+            raise HTTPError(400, "invalid_request", "the request target must be ASCII "
+                            "(percent-encode UTF-8)")
+        if len(self.headers.get_all("Content-Length") or ()) > 1:
+            self.close_connection = True
+            raise HTTPError(400, "invalid_request", "more than one Content-Length")
         if not raw_path.startswith("/"):
             raise HTTPError(400, "invalid_request", "the request target must be a path")
         route, key = match_route(self.command, raw_path)

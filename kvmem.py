@@ -292,6 +292,9 @@ class Config:
     port: int = _setting(8765, _INT(minimum=0), "kvmem-http's port (0 = any free port)")
     mcp_port: int = _setting(8766, _INT(minimum=0), "port of kvmem-mcp's streamable HTTP "
                              "(0 = any free port)")
+    allowed_hosts: str = _setting("", str, "Host names, comma-separated, that the HTTP "
+                                  "servers answer to besides loopback ones and the bound "
+                                  "address (a reverse proxy's, say)", flag="--allowed-host")
 
     @property
     def wal_soft_cap_bytes(self) -> int:

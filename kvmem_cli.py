@@ -117,31 +117,50 @@ def bearer_ok(authorization: str | None, token: str) -> bool:
         token.encode("utf-8", "surrogateescape"))
 
 
-def origin_allowed(origin: str, host: str) -> bool:
+def origin_allowed(origin: str, host: str, allowed: str = "") -> bool:
     """Whether a browser page from ``origin`` may call a server bound to ``host``: one
-    served from this machine (loopback) or from the bound address itself.  A page from
-    elsewhere would be another site reaching the server through the browser."""
+    served from this machine (loopback), the bound address or one of ``allowed``.  A page
+    from elsewhere would be another site reaching the server through the browser."""
     try:
         parts = urllib.parse.urlsplit(origin)
         name = parts.hostname
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and name is not None and (
-        is_loopback(name) or name == host.strip("[]").lower())
+        is_loopback(name) or name == host.strip("[]").lower() or name in _names(allowed))
 
 
-def host_allowed(host_header: str, host: str) -> bool:
-    """Whether a request's ``Host`` suits a server bound to ``host``: on a loopback bind it
-    must name a loopback address (a page whose own name was re-pointed at 127.0.0.1 sends
-    that name: DNS rebinding); a server on another address needs a token anyway."""
-    if not is_loopback(host):
-        return True
+def _names(allowed: str) -> set[str]:
+    return {name.strip().lower() for name in allowed.split(",") if name.strip()}
+
+
+def host_allowed(host_header: str, host: str, allowed: str = "") -> bool:
+    """Whether a request's ``Host`` (any port) names this server: a loopback name or
+    address, the bound address, or one of ``allowed`` (comma-separated).  A page whose own
+    name was re-pointed at 127.0.0.1 sends that name (DNS rebinding)."""
     try:
         name = urllib.parse.urlsplit("//" + host_header).hostname
     except ValueError:
         return False
-    return name is not None and is_loopback(name)
+    return name is not None and (is_loopback(name) or name == host.strip("[]").lower()
+                                 or name in _names(allowed))
 
+
+def request_refusal(host_header: str, origin: str | None, host: str,
+                    allowed: str) -> tuple[int, str, str] | None:
+    """(status, code, message) refusing a request to a server bound to ``host`` by its
+    ``Host`` and ``Origin`` against DNS rebinding (``host_allowed``, ``origin_allowed``),
+    or None; both servers ask."""
+    if not host_allowed(host_header, host, allowed):
+        return (421, "misdirected", f"this server does not answer to {host_header[:100]!r} "
+                "(add it with --allowed-host)")
+    if origin is not None and not origin_allowed(origin, host, allowed):
+        return 403, "forbidden", f"a page from {origin[:100]!r} may not use this server"
+    return None
+
+
+# How many connections wait to be accepted (Python's default of 5 resets bursts).
+LISTEN_BACKLOG = 128
 
 # The largest request body either HTTP server reads: a batch may carry several large values.
 MAX_BODY_BYTES = 8 * 1024 * 1024

@@ -509,7 +509,7 @@ class HTTPGuard:
     browser's Origin from this machine or the bound address; and the body size."""
 
     def __init__(self, app: ASGIApp, config: kvmem.Config) -> None:
-        self.app, self.token, self.host = app, config.token, config.host
+        self.app, self.config = app, config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -520,14 +520,12 @@ class HTTPGuard:
         await self.app(scope, receive, send)
 
     def refusal(self, method: str, headers: Headers) -> JSONResponse | None:
-        host, origin = headers.get("host", ""), headers.get("origin")
-        if not kvmem_cli.host_allowed(host, self.host):
-            return _refusal(421, "misdirected", f"this server answers to loopback names, "
-                            f"not {host[:100]!r}")
-        if origin is not None and not kvmem_cli.origin_allowed(origin, self.host):
-            return _refusal(403, "forbidden", f"a page from {origin[:100]!r} may not use "
-                            "this server")
-        if self.token and not kvmem_cli.bearer_ok(headers.get("authorization"), self.token):
+        problem = kvmem_cli.request_refusal(headers.get("host", ""), headers.get("origin"),
+                                            self.config.host, self.config.allowed_hosts)
+        if problem is not None:
+            return _refusal(*problem)
+        token = self.config.token
+        if token and not kvmem_cli.bearer_ok(headers.get("authorization"), token):
             return _refusal(401, "unauthorized", kvmem_cli.UNAUTHORIZED)
         length = headers.get("content-length", "").strip()
         if method == "POST" and not length.isdigit():
@@ -565,7 +563,8 @@ def listen(config: kvmem.Config) -> socket.socket:
     """The streamable HTTP socket, bound before the database is opened."""
     host = config.host.strip("[]")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, config.mcp_port), family=family)
+    return socket.create_server((host, config.mcp_port), family=family,
+                                backlog=kvmem_cli.LISTEN_BACKLOG)
 
 
 def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> None:

@@ -622,3 +622,97 @@ def test_unexpected_error_is_500_without_details(tmp_path: Path,
         server.stop()
         thread.join()
         store.close()
+
+
+# ------------------------------------------------------------ hostile requests (#15) ----
+
+
+def raw_request(port: int, data: bytes) -> tuple[int, Any]:
+    """Send raw bytes as a request; the status and JSON body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(data)
+        reader = sock.makefile("rb")
+        status = int(reader.readline().split()[1])
+        length = 0
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, json.loads(reader.read(length) or b"null")
+
+
+@pytest.mark.parametrize(("headers", "status", "code"), [
+    ({"Host": "evil.example:8765"}, 421, "misdirected"),  # DNS rebinding
+    ({"Host": "localhost:8765"}, 200, None),
+    ({"Host": "[::1]:8765"}, 200, None),
+    ({"Origin": "http://evil.example"}, 403, "forbidden"),
+    ({"Origin": "http://localhost:3000"}, 200, None),
+])
+def test_host_and_origin_are_checked_against_dns_rebinding(
+        client: Client, headers: dict[str, str], status: int, code: str | None) -> None:
+    result = client.request("GET", "/v1/stats", headers=headers)
+    if code is None:
+        assert result[0] == status, result
+    else:
+        assert_error(result, status, code)
+
+
+def test_an_allowed_host_is_answered(tmp_path: Path) -> None:
+    config = kvmem.Config.build(environ={}, flags={"allowed_hosts": "kv.example, Proxy.lan"})
+    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+        server = http_server.build_server(store, "127.0.0.1", 0, "")
+        thread = threading.Thread(target=server.serve_forever)
+        thread.start()
+        c = Client(server.server_address[1])
+        try:
+            for host, status in (("kv.example", 200), ("proxy.lan:443", 200),
+                                 ("other.example", 421)):
+                assert c.request("GET", "/v1/stats", headers={"Host": host})[0] == status, host
+        finally:
+            c.close()
+            server.stop()
+            thread.join()
+
+
+def test_raw_bytes_in_the_path_and_two_content_lengths_are_refused(
+        served: tuple[http_server.Server, kvmem.Store]) -> None:
+    server, store = served
+    port = server.server_address[1]
+    status, body = raw_request(port, b"PUT /v1/memories/caf\xc3\xa9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: 11\r\n"
+                                     b"\r\n{\"value\":1}")
+    assert (status, body["error"]["code"]) == (400, "invalid_request"), body
+    status, body = raw_request(port, b"PUT /v1/memories/k HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: 11\r\n"
+                                     b"Content-Length: 2\r\n\r\n{\"value\":1}")
+    assert (status, body["error"]["code"]) == (400, "invalid_request"), body
+    assert "Content-Length" in body["error"]["message"]
+    assert store.list().items == []  # neither was stored
+    status, body = raw_request(port, b"PUT /v1/memories/caf%C3%A9 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                     b"Content-Type: application/json\r\nContent-Length: 11\r\n"
+                                     b"\r\n{\"value\":1}")
+    assert status == 201 and body["key"] == "café", body
+
+
+def test_a_burst_of_200_connections_is_served(
+        served: tuple[http_server.Server, kvmem.Store]) -> None:
+    """Python's default listen backlog (5) reset most of such a burst."""
+    port = served[0].server_address[1]
+    barrier = threading.Barrier(200)
+    results: list[int] = []
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            status, _ = raw_request(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                          b"Connection: close\r\n\r\n")
+            results.append(status)
+        except OSError:  # reset: the listen queue overflowed
+            results.append(-1)
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(200) == 200, sorted(set(results))
