@@ -503,10 +503,9 @@ async def _stop_on_signal(requests: StdinRequests, *,
 
 
 class HTTPGuard:
-    """In front of the SDK's app, kvmem's rules for an HTTP server: the bearer token (the
-    same check as kvmem-http's); on a loopback bind, a loopback Host (a page of another
-    site that re-points its name at 127.0.0.1 sends its own name: DNS rebinding); a
-    browser's Origin from this machine or the bound address; and the body size."""
+    """In front of the SDK's app, kvmem-http's rules, by the same functions: the Host and
+    the browser's Origin against DNS rebinding (``kvmem_cli.request_refusal``), the
+    bearer token, and the body size."""
 
     def __init__(self, app: ASGIApp, config: kvmem.Config) -> None:
         self.app, self.config = app, config

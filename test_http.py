@@ -627,20 +627,6 @@ def test_unexpected_error_is_500_without_details(tmp_path: Path,
 # ------------------------------------------------------------ hostile requests (#15) ----
 
 
-def raw_request(port: int, data: bytes) -> tuple[int, Any]:
-    """Send raw bytes as a request; the status and JSON body of the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(data)
-        reader = sock.makefile("rb")
-        status = int(reader.readline().split()[1])
-        length = 0
-        while (line := reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        return status, json.loads(reader.read(length) or b"null")
-
-
 @pytest.mark.parametrize(("headers", "status", "code"), [
     ({"Host": "evil.example:8765"}, 421, "misdirected"),  # DNS rebinding
     ({"Host": "localhost:8765"}, 200, None),
