@@ -290,21 +290,21 @@ def raw_request(port: int, data: bytes) -> tuple[int, Any]:
     (b"GET /v1/stats HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", 431),
     (b"GET /v1/stats HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
     (b"GET /v1/stats HTTP/2.0\r\n\r\n", 400),
-    (b"FOO /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"FOO /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405),
     # 65,537 bytes and no line end: the server reads all of it (a longer line would leave
     # bytes unread, and its close would then reset the connection under the answer).
     (b"GET " + b"/x" * 32766 + b"/", 414),
-    (b"GET /v1/memories/%ZZ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET /v1/memories/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET /v1/memories/a%00b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET http://example.org/v1/stats HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    (b"GET /v1/memories/%ZZ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /v1/memories/%FF%FE HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /v1/memories/a%00b HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET http://example.org/v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
      b"Content-Length: 99999999999\r\n\r\n", 413),
-    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
      b"Content-Length: -5\r\n\r\n", 400),
-    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
-    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    (b"PUT /v1/memories/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
      b"Content-Length: 20\r\n\r\n{\"value\": 1", 400),  # body ends early
 ])
 def test_garbage_requests_get_4xx(served: tuple[http_server.Server, kvmem.Store],
@@ -356,7 +356,7 @@ def test_odd_keys_round_trip(client: Client, key: str) -> None:
 def test_unread_body_does_not_desync_keep_alive(client: Client) -> None:
     """A request answered before its body is read (here: no such path) must not leave
     the body in the connection to be parsed as the next request."""
-    body = b"GET /v1/stats HTTP/1.1\r\nHost: x\r\n\r\n"  # looks like a request
+    body = b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # looks like a request
     result = client.request("PUT", "/v1/nowhere", raw=body,
                             headers={"Content-Type": "application/json"})
     assert_error(result, 404, "not_found")
