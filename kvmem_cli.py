@@ -43,7 +43,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
     values stay raw strings for ``Config.build``."""
     group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
     for field in dataclasses.fields(Config):
-        if field.name not in exclude:
+        # No --token: a secret on a command line shows in ps to every user of the machine
+        # (KVMEM_TOKEN or a servers's --token-file instead).
+        if field.name not in exclude and field.name != "token":
             extra = [aliases[field.name]] if aliases and field.name in aliases else []
             default = f" (default {field.default!r})" if field.default != "" else ""
             group.add_argument(*extra, flag_name(field), dest=field.name, default=None,
@@ -66,8 +68,9 @@ def parse_server_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     """A server's command line: its own flags (already on ``parser``), ``--log-level``,
     ``--token-file`` and a flag per setting (``server_config`` reads them); logging goes
     to stderr."""
+    parser.allow_abbrev = False  # "--token" must not pass for "--token-file"
     parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--token-file", help="read the bearer token from this file")
+    parser.add_argument("--token-file", help="read the bearer token (UTF-8) from this file")
     add_config_arguments(parser, exclude=exclude, aliases=aliases)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format=LOG_FORMAT)
@@ -81,11 +84,23 @@ def server_config(args: argparse.Namespace) -> Config:
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as fp:
             config = dataclasses.replace(config, token=fp.read().strip())
-    if not all("!" <= ch <= "~" for ch in config.token):
-        raise ConfigError("the token must be printable ASCII without spaces (as an HTTP "
-                          "header carries it), e.g. openssl rand -hex 32")
+        if not config.token:  # an empty file must not turn the check off
+            raise ConfigError(f"--token-file {args.token_file}: the file is empty")
+    if config.token != config.token.strip() or any(
+            ch < " " or "\x7f" <= ch <= "\x9f" for ch in config.token) or \
+            not _is_utf8(config.token):
+        raise ConfigError("the token must be UTF-8 text without control characters or "
+                          "surrounding spaces, e.g. openssl rand -hex 32")
     check_exposure(config.host, config.token)  # before the database is created
     return config
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # an undecodable environment byte arrives as a surrogate
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:
@@ -109,12 +124,16 @@ UNAUTHORIZED = "a valid 'Authorization: Bearer <token>' header is required"
 
 
 def bearer_ok(authorization: str | None, token: str) -> bool:
-    """Whether an ``Authorization`` header value is ``Bearer <token>``, compared in
-    constant time (the two HTTP servers check a request's token with this)."""
+    """Whether an ``Authorization`` header value is ``Bearer <token>``: the header's bytes
+    (both servers hand it over decoded as Latin-1, byte for byte) against the token's
+    UTF-8, compared in constant time."""
     scheme, _, given = (authorization or "").partition(" ")
+    try:
+        sent = given.strip().encode("latin-1")
+    except UnicodeEncodeError:  # not as a server decodes a header
+        return False
     return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.strip().encode("utf-8", "surrogateescape"),
-        token.encode("utf-8", "surrogateescape"))
+        sent, token.encode("utf-8", "surrogateescape"))
 
 
 def origin_allowed(origin: str, host: str, allowed: str = "") -> bool:

@@ -385,14 +385,62 @@ def test_streamable_http_signal_as_soon_as_it_listens(tmp_path: Path) -> None:
     assert_stopped_cleanly(server.child, db)
 
 
-@pytest.mark.parametrize("token", ["ключ", "two words", "tab\there"])
-def test_a_token_no_http_header_can_carry_is_refused_at_start(tmp_path: Path,
-                                                             token: str) -> None:
-    for program in ("serve_mcp", "serve_http"):
-        transport = ["--transport", "streamable-http"] if program == "serve_mcp" else []
-        child = Child(program, "--db", str(tmp_path / "kv.db"), "--port", "0", *transport,
-                      env={**child_env(), "KVMEM_TOKEN": token})
-        assert child.wait() == 2 and "printable ASCII" in child.stderr, child.stderr
+def _start(program: str, db: str, *args: str, env: dict[str, str]) -> Child:
+    transport = ["--transport", "streamable-http"] if program == "serve_mcp" else []
+    return Child(program, "--db", db, "--port", "0", *transport, *args, env=env)
+
+
+def _status(program: str, port: int, authorization: bytes) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        if program == "serve_mcp":
+            conn.request("POST", mcp_server.HTTP_PATH, body=json.dumps(INITIALIZE), headers={
+                "Content-Type": "application/json", "Authorization": authorization,
+                "Accept": "application/json, text/event-stream"})
+        else:
+            conn.request("GET", "/v1/stats", headers={"Authorization": authorization})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("program", ["serve_mcp", "serve_http"])
+def test_a_utf8_token_is_compared_as_bytes(tmp_path: Path, program: str) -> None:
+    token = "ключ two"
+    child = _start(program, str(tmp_path / "kv.db"), env={**child_env(), "KVMEM_TOKEN": token})
+    port = int(urlsplit(child.expect("listening on ").split()[-1]).port or 0)
+    try:
+        assert _status(program, port, b"Bearer " + token.encode()) == 200
+        assert _status(program, port, b"Bearer " + "ключ".encode()) == 401
+        assert _status(program, port, b"Bearer " + token.encode("cp1251")) == 401
+    finally:
+        child.proc.send_signal(signal.SIGTERM)
+        assert child.wait() == 0
+
+
+@pytest.mark.parametrize("program", ["serve_mcp", "serve_http"])
+@pytest.mark.parametrize("token", ["tab\there", "new\nline", " padded", "\udcff"])
+def test_a_token_no_header_can_carry_is_refused_at_start(tmp_path: Path, program: str,
+                                                         token: str) -> None:
+    env = {**child_env(), "KVMEM_TOKEN": token}
+    if token == "\udcff":  # a byte the environment cannot decode
+        env = {**child_env(), "KVMEM_TOKEN": os.fsdecode(b"\xff")}
+    child = _start(program, str(tmp_path / "kv.db"), env=env)
+    assert child.wait() == 2 and "the token must be UTF-8 text" in child.stderr, child.stderr
+
+
+@pytest.mark.parametrize("program", ["serve_mcp", "serve_http"])
+def test_no_token_flag_and_no_empty_token_file(tmp_path: Path, program: str) -> None:
+    child = _start(program, str(tmp_path / "kv.db"), "--token", "s3cret", env=child_env())
+    assert child.wait() == 2 and "unrecognized arguments: --token" in child.stderr
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    child = _start(program, str(tmp_path / "kv.db"), "--token-file", str(empty),
+                   env=child_env())
+    assert child.wait() == 2 and "the file is empty" in child.stderr, child.stderr
+    assert not os.path.exists(tmp_path / "kv.db")
 
 
 def test_streamable_http_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
