@@ -604,7 +604,7 @@ def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: str |
     except (ValueError, UnicodeDecodeError):
         raise bad from None
     if (not isinstance(data, dict) or data.get("v") != CURSOR_VERSION
-            or not isinstance(data.get("k"), str)
+            or not isinstance(data.get("k"), str) or _has_control_chars(data["k"])
             or data.get("f") != _cursor_filter(namespace, prefix, tag, archived)):
         raise bad
     return str(data["k"])

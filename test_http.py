@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import http_server
 import kvmem
 import kvmem_cli
-from testutil import DURABILITY_TOTALS, SOAK, Child, check_acknowledged
+from testutil import DURABILITY_TOTALS, SOAK, Child, check_acknowledged, forged_cursor
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -702,3 +702,11 @@ def test_a_burst_of_200_connections_is_served(
     for t in threads:
         t.join()
     assert results.count(200) == 200, sorted(set(results))
+
+
+@pytest.mark.parametrize("last_key", ["\ud800", "a\x00b"])
+def test_a_forged_cursor_with_a_key_no_key_can_be_is_a_400(client: Client,
+                                                          last_key: str) -> None:
+    cursor = forged_cursor(last_key)
+    result = client.request("GET", f"/v1/memories?cursor={cursor}")
+    assert "cursor" in assert_error(result, 400, "invalid_request")

@@ -22,7 +22,7 @@ import http_server
 import kvmem
 import kvmem_cli
 import mcp_server
-from testutil import HERE, Child, check_acknowledged, child_env
+from testutil import HERE, Child, check_acknowledged, child_env, forged_cursor
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -426,6 +426,7 @@ async def test_a_misspelled_argument_is_refused_with_the_right_name(
     ("memory_batch", {"ops": [{"op": "set", "key": "k", "value": 1, "namespace": "x"}]},
      "unknown field 'namespace'"),
     ("memory_nope", {}, "unknown tool 'memory_nope'"),
+    ("memory_list", {"cursor": forged_cursor("\ud800")}, "cursor"),
 ])
 async def test_bad_arguments_are_kvmem_errors_and_change_nothing(
         client: Client, store: kvmem.Store, tool: str, arguments: dict[str, Any],

@@ -3,6 +3,7 @@ the check of acknowledged writes that every crash test makes."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -239,3 +240,13 @@ DURABILITY_TOTALS: dict[str, int] = {
     "integrity_failures": 0,
     "partial_batches_visible": 0, "fault_cases": 0, "fuzz_cases": 0,
 }
+
+
+def forged_cursor(last_key: str, namespace: str = "default") -> str:
+    """A cursor made the way kvmem makes one (its checksum is not secret), holding
+    ``last_key``: a client can write any key into one."""
+    body = json.dumps({"v": kvmem.CURSOR_VERSION, "k": last_key,
+                       "f": kvmem._cursor_filter(namespace, None, None, False)},
+                      separators=(",", ":")).encode()  # ASCII: a lone surrogate as \\ud800
+    check = hashlib.sha256(body).digest()[:8]
+    return base64.urlsafe_b64encode(check + body).decode().rstrip("=")
