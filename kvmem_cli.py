@@ -44,7 +44,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
     group = parser.add_argument_group("settings (each also read from KVMEM_<NAME>)")
     for field in dataclasses.fields(Config):
         # No --token: a secret on a command line shows in ps to every user of the machine
-        # (KVMEM_TOKEN or a servers's --token-file instead).
+        # (KVMEM_TOKEN or a server's --token-file instead).
         if field.name not in exclude and field.name != "token":
             extra = [aliases[field.name]] if aliases and field.name in aliases else []
             default = f" (default {field.default!r})" if field.default != "" else ""
