@@ -270,7 +270,6 @@ class KvmemMCP(MCPServer[None]):
 
     def __init__(self, store: kvmem.Store) -> None:
         super().__init__("kvmem", version="0.1.0", instructions=INSTRUCTIONS)
-        self.store = store
         self.kvmem_tools = {tool.name: tool for tool in tools(store)}
 
     async def list_tools(self) -> list[MCPTool]:
