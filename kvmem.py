@@ -53,6 +53,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -60,6 +61,7 @@ import math
 import os
 import random
 import re
+import secrets
 import sqlite3
 import stat
 import threading
@@ -255,7 +257,12 @@ class Config:
                                 "power loss)")
     busy_timeout_ms: int = _setting(5000, _INT(minimum=0), "SQLite's wait for locks; also "
                                     "the default deadline of transaction()")
-    cache_size_kib: int = _setting(64000, _INT(minimum=1), "page cache per connection")
+    cache_size_kib: int = _setting(64000, _INT(minimum=1), "page cache of the writer "
+                                   "connection")
+    read_connections: int = _setting(8, _INT(minimum=1), "most read connections a process "
+                                     "has open at once; more readers wait for one (up to "
+                                     "busy_timeout_ms, then busy)")
+    read_cache_kib: int = _setting(8000, _INT(minimum=1), "page cache of each read connection")
     quick_check: bool = _setting(True, _parse_bool, "PRAGMA quick_check on a process's first open")
     checkpoint_interval_s: float = _setting(
         30.0, _FLOAT(minimum=0.01), "how long health keeps reporting a failed checkpoint or "
@@ -283,6 +290,9 @@ class Config:
     max_tag_chars: int = _setting(64, _INT(minimum=1), "longest tag")
     max_value_bytes: int = _setting(1024 * 1024, _INT(minimum=16), "largest value, as UTF-8 JSON")
     max_batch_ops: int = _setting(1000, _INT(minimum=1), "most ops in one batch")
+    max_page_bytes: int = _setting(1024 * 1024, _INT(minimum=1), "a list page or a search "
+                                   "answer stops once its memories (values, keys and tags "
+                                   "as stored) pass this many bytes; it holds at least one")
     group_commit_max: int = _setting(256, _INT(minimum=1), "most writes the group committer "
                                      "puts in one transaction")
     token: str = _setting("", str, "bearer token that kvmem-http and kvmem-mcp's "
@@ -295,6 +305,23 @@ class Config:
     allowed_hosts: str = _setting("", str, "Host names, comma-separated, that the HTTP "
                                   "servers answer to besides loopback ones and the bound "
                                   "address (a reverse proxy's, say)", flag="--allowed-host")
+    http_max_connections: int = _setting(1000, _INT(minimum=1), "most client connections "
+                                         "an HTTP server keeps open (also bounded by the "
+                                         "process's file limit); past it the longest-idle "
+                                         "one is closed, or new ones wait in the listen "
+                                         "backlog")
+    http_workers: int = _setting(32, _INT(minimum=1), "threads of kvmem-http that run requests")
+    http_idle_timeout_s: float = _setting(30.0, _FLOAT(minimum=0.01), "an HTTP connection "
+                                          "with no request for this long is closed")
+    http_header_timeout_s: float = _setting(10.0, _FLOAT(minimum=0.01), "a request's line "
+                                            "and headers must arrive within this")
+    http_body_timeout_s: float = _setting(30.0, _FLOAT(minimum=0.01), "a request's body must "
+                                          "arrive, and its response be taken, within this")
+    http_buffer_bytes: int = _setting(32 * 1024 * 1024, _INT(minimum=1), "request bodies "
+                                      "kvmem-http holds in memory at once; past it, requests "
+                                      "wait their turn")
+    shutdown_grace_s: float = _setting(10.0, _FLOAT(minimum=0.0), "on SIGINT/SIGTERM, how "
+                                       "long the HTTP servers let requests in flight finish")
 
     @property
     def wal_soft_cap_bytes(self) -> int:
@@ -367,7 +394,7 @@ MAX_QUERY_CHARS = 1000
 # bm25() column weights for (key, body, tags): a word in the key or a tag says more about
 # a memory than the same word somewhere in its value.
 BM25_WEIGHTS = (2.0, 1.0, 1.5)
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2  # 2: signed with the database's cursor_secret (an HMAC)
 
 
 # Unicode category Cc (C0 and C1 controls: NUL, newline, DEL, ...) is exactly these
@@ -578,27 +605,32 @@ def _cursor_filter(namespace: str, prefix: str | None, tag: str | None, archived
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def _cursor_mac(secret: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, body, hashlib.sha256).digest()[:16]
+
+
 def encode_cursor(last_key: str, namespace: str, prefix: str | None, tag: str | None,
-                  archived: bool) -> str:
-    """An opaque cursor: the last key returned, bound to the query it came from, with a
-    checksum so that a garbled or edited cursor is refused instead of misread."""
+                  archived: bool, *, secret: bytes) -> str:
+    """An opaque cursor: the last key returned, bound to the query it came from, signed
+    with the database's ``secret`` (an HMAC): a client can neither edit nor forge one."""
     body = json.dumps({"v": CURSOR_VERSION, "k": last_key,
                        "f": _cursor_filter(namespace, prefix, tag, archived)},
                       ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    check = hashlib.sha256(body).digest()[:8]
-    return base64.urlsafe_b64encode(check + body).decode("ascii").rstrip("=")
+    return base64.urlsafe_b64encode(_cursor_mac(secret, body) + body).decode("ascii").rstrip("=")
 
 
 def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: str | None,
-                  archived: bool) -> str:
-    """The last key of a cursor made by ``encode_cursor`` for the same query."""
-    bad = InvalidInputError("cursor is not valid (garbled, or from another query)")
-    if not isinstance(cursor, str) or not cursor or len(cursor) > 4096:
+                  archived: bool, *, secret: bytes) -> str:
+    """The last key of a cursor made by ``encode_cursor`` with the same ``secret`` for the
+    same query; InvalidInputError for anything else."""
+    bad = InvalidInputError("cursor is not valid (garbled, forged, or from another query "
+                            "or database)")
+    if not isinstance(cursor, str) or not cursor or len(cursor) > 4096 or not cursor.isascii():
         raise bad
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        check, body = raw[:8], raw[8:]
-        if hashlib.sha256(body).digest()[:8] != check:
+        mac, body = raw[:16], raw[16:]
+        if not hmac.compare_digest(_cursor_mac(secret, body), mac):
             raise bad
         data = json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
@@ -666,7 +698,8 @@ class Memory:
     expires_at: float | None = _memory_field(
         {**TIME_SCHEMA, "type": ["string", "null"]}, _time("expires_at", optional=True),
         time=True)
-    strength: float = _memory_field({"type": "number"}, _number("strength", low=0))
+    strength: float = _memory_field({"type": "number", "minimum": 0, "maximum": MAX_STRENGTH},
+                                    _number("strength", low=0, high=MAX_STRENGTH))
     half_life_seconds: float | None = _memory_field(
         {"type": ["number", "null"]}, _seconds("half_life_seconds"))
     last_reinforced_at: float = _memory_field(TIME_SCHEMA, _time("last_reinforced_at"), time=True)
@@ -1004,6 +1037,7 @@ _FTS_REMOVE = ("INSERT INTO memories_fts (memories_fts, rowid, key, body, tags)"
 
 # Each entry brings user_version from its index to index + 1, in one transaction; a new
 # column of memories (a new Memory field) is a new entry: ALTER TABLE memories ADD COLUMN.
+# A statement may use :secret, 32 random bytes from the operating system.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE memories (
@@ -1029,6 +1063,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TRIGGER memories_fts_update AFTER UPDATE OF key, value, tags ON memories"
         f" BEGIN {_FTS_REMOVE} {_FTS_ADD} END",
     ),
+    (  # the key that signs list cursors, one per database, shared by its processes
+        "CREATE TABLE kvmem_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
+        "INSERT INTO kvmem_meta (name, value) VALUES ('cursor_secret', :secret)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # what user_version says once every step ran
 
@@ -1044,6 +1082,7 @@ LIVE = f"archived = 0 AND NOT {EXPIRED}"
 SELECT_MEMORY = f"SELECT id, {', '.join(MEMORY_COLUMNS)} FROM memories"
 GET_ROW = SELECT_MEMORY + " WHERE namespace = ? AND key = ?"
 GET_LIVE = GET_ROW + " AND " + LIVE
+GET_CURSOR_SECRET = "SELECT value FROM kvmem_meta WHERE name = 'cursor_secret'"
 INSERT_MEMORY = (f"INSERT INTO memories ({', '.join(MEMORY_COLUMNS)})"
                  f" VALUES ({', '.join('?' * len(MEMORY_COLUMNS))})")
 # Ranked by search_score(): -bm25 x current strength, computed in SQL so that LIMIT
@@ -1058,7 +1097,12 @@ SEARCH_MEMORIES = (
 )
 _LOADS = [(i, f.metadata["load"]) for i, f in enumerate(MEMORY_FIELDS) if f.metadata["load"]]
 _DUMPS = [(i, f.metadata["dump"]) for i, f in enumerate(MEMORY_FIELDS) if f.metadata["dump"]]
-_VALUE = MEMORY_COLUMNS.index("value")
+_VALUE, _KEY, _TAGS = (MEMORY_COLUMNS.index(name) for name in ("value", "key", "tags"))
+
+
+def _stored_bytes(row: Sequence[Any]) -> int:
+    """The UTF-8 size of a row's value, key and tags as stored (a row of SELECT_MEMORY)."""
+    return sum(len(row[1 + i].encode("utf-8")) for i in (_VALUE, _KEY, _TAGS))
 
 
 def _row_memory(row: Sequence[Any], *, value: bool = True) -> Memory:
@@ -1426,9 +1470,10 @@ def _migrate(conn: KvmemConnection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise SchemaTooNewError(f"{conn.kv_path}: schema version {version} is newer")
+        params = {"secret": secrets.token_bytes(32)}
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
-                conn.execute(statement)
+                conn.execute(statement, params)
         conn.execute(f"PRAGMA user_version = {int(SCHEMA_VERSION)}")
 
 
@@ -1671,8 +1716,18 @@ class CheckpointLock:
         mine = os.fstat(self._fd)
         return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
+    def write_record(self, record: Mapping[str, Any]) -> None:
+        """Leave ``record`` (JSON) in the lock file for other processes to read
+        (``read_lock_record``); an empty mapping clears it.  Only the holder writes."""
+        if self._fd is not None:
+            data = json.dumps(record).encode("ascii") if record else b""
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
+
     def release(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.write_record({})  # a record is only good while its writer holds the lock
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd, self.held = None, False
 
@@ -1684,10 +1739,104 @@ class CheckpointLock:
         self.release()
 
 
+def read_lock_record(path: str) -> dict[str, Any] | None:
+    """What the checkpointer of the database at ``path`` wrote in its lock file, if it
+    can be read (the lock file is a sidecar: opening and closing it drops no SQLite lock)."""
+    try:
+        fd = os.open(path + ".checkpoint.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        record = json.loads(os.read(fd, 4096) or b"null")
+    except (OSError, ValueError):
+        return None  # absent, or read while its writer was rewriting it
+    finally:
+        os.close(fd)
+    return record if isinstance(record, dict) else None
+
+
 def checkpoint_lock_free(path: str) -> bool:
     """True when no checkpointer in any process holds the lock of ``path`` (a probe)."""
     with CheckpointLock(os.path.realpath(path)) as lock:
         return lock.held
+
+
+SIDECARS = ("-wal", "-shm")
+RESTART_ADVICE = ("writes are refused: stop every kvmem process that uses this database, "
+                  "then start them again")
+
+
+class FileWatch:
+    """The database file and, in WAL mode, its ``-wal`` and ``-shm`` as this process opened
+    them (device and inode), and whether they still are those.
+
+    Deleting or replacing any of them under a running process splits the processes: this
+    one keeps writing into the unlinked file while a new one opens a fresh file (a fresh
+    ``-shm`` even lets two writers in at once), and the writes of one side are lost.  So
+    ``problem()`` is checked before every COMMIT and by health: a file gone or replaced
+    since it was opened.  A process that opens after the deletion sees consistent files
+    of its own; it finds the split by comparing them with what the checkpointer (another
+    process) wrote in its lock file (``check_holder``).  A split found that way is kept
+    (``split``) until the process ends: its view of the WAL may be one no writer can use.
+    """
+
+    def __init__(self, path: str, journal_mode: str) -> None:
+        self.path = path
+        self.names = ("", *SIDECARS) if journal_mode == "wal" else ("",)
+        self.identities: dict[str, tuple[int, int]] = {}
+        for suffix in self.names:
+            st = os.stat(path + suffix)  # every one exists once a connection has read
+            self.identities[suffix] = (st.st_dev, st.st_ino)
+        self.split: str | None = None
+
+    def problem(self) -> str | None:
+        """Why this process must not write, if it must not (one stat a file)."""
+        if self.split:
+            return self.split
+        for suffix, identity in self.identities.items():
+            name = self.path + suffix
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                return (f"{name} was deleted (or its directory moved) since this process "
+                        f"opened it; {RESTART_ADVICE}")
+            except OSError as exc:
+                return f"{name} cannot be checked ({exc}); {RESTART_ADVICE}"
+            if (st.st_dev, st.st_ino) != identity:
+                return f"{name} was replaced by another file since this process opened it; " \
+                    f"{RESTART_ADVICE}"
+        return None
+
+    def record(self) -> dict[str, Any]:
+        """What the checkpointer leaves in its lock file for the others to compare."""
+        return {"pid": os.getpid(), "files": {s: list(i) for s, i in self.identities.items()}}
+
+    def mismatch(self, record: Mapping[str, Any] | None) -> str | None:
+        """How the files this process opened differ from those of the checkpointer that
+        wrote ``record``, if it is another process on the same database file."""
+        if not record or record.get("pid") == os.getpid():
+            return None
+        files = record.get("files")
+        if not isinstance(files, dict) or files.get("") != list(self.identities[""]):
+            return None  # the holder is on another database file: its own check says so
+        for suffix in self.names[1:]:
+            if files.get(suffix) != list(self.identities[suffix]):
+                return (f"{self.path}{suffix} is not the file the checkpointer (pid "
+                        f"{record.get('pid')}) has open: it was deleted or replaced while that "
+                        f"process ran; {RESTART_ADVICE}")
+        return None
+
+    def check_holder(self, *, confirm_s: float = 0.2) -> None:
+        """Compare with the checkpointer's record; keep a mismatch that lasts ``confirm_s``
+        (a holder elected a moment ago may not have written its record yet)."""
+        deadline = time.monotonic() + confirm_s
+        while (found := self.mismatch(read_lock_record(self.path))) is not None:
+            if time.monotonic() >= deadline:
+                if self.split is None:
+                    log.error("%s", found)
+                self.split = found
+                return
+            time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- group commit ----
@@ -1992,6 +2141,8 @@ class GroupCommitter:
                                     f"failed: {text}", hold_s=self.config.checkpoint_interval_s)
 
     def _checkpoint(self, why: str, *, shrink: bool = False, wait_ms: int = GATE_WAIT_MS) -> None:
+        if self.precommit():  # a file was deleted or replaced: a checkpoint (a TRUNCATE most
+            return  # of all) could wipe frames that another process wrote and acknowledged
         if self._gate is None:
             self._gate = _gate_connection(self.path, self.config)
         result = checkpoint_wal(self._conn, self._gate, wait_ms=wait_ms, shrink=shrink)
@@ -2070,13 +2221,18 @@ class GroupCommitter:
 # ----------------------------------------------------------------------------- Store ----
 
 class _ReadPool:
-    """Idle read connections to borrow, one thread at a time (ThreadingHTTPServer starts a
-    thread per client connection; opening a database per request would be slow).  Knows
-    what each borrowed connection is doing and since when, to name long readers."""
+    """Read connections to borrow, one thread at a time (a server thread per request;
+    opening a database per request would be slow).  At most ``read_connections`` are open
+    at once, each with the smaller ``read_cache_kib`` page cache, so memory stays bounded
+    however many threads read; a reader that finds them all borrowed waits for one up to
+    ``busy_timeout_ms``, then gets BusyError.  Knows what each borrowed connection is doing
+    and since when, to name long readers."""
 
-    def __init__(self, path: str, config: Config, keep: int = 8) -> None:
-        self.path, self.config, self.keep = path, config, keep
+    def __init__(self, path: str, config: Config) -> None:
+        self.path = path
+        self.config = dataclasses.replace(config, cache_size_kib=config.read_cache_kib)
         self._idle: list[KvmemConnection] = []
+        self._slots = threading.BoundedSemaphore(config.read_connections)
         self._busy: dict[int, tuple[float, str]] = {}  # id(conn) -> (since, what)
         self.failure: str | None = None  # the last corruption seen, for health
 
@@ -2085,22 +2241,32 @@ class _ReadPool:
         return _Borrowed(self, what)
 
     def take(self, what: str = "read") -> KvmemConnection:
+        if not self._slots.acquire(timeout=self.config.busy_timeout_ms / 1000):
+            raise BusyError(f"{self.path}: all {self.config.read_connections} read connections "
+                            f"stayed in use for {self.config.busy_timeout_ms} ms; retry later")
         try:
-            conn = self._idle.pop()  # atomic under the GIL: no lock, no futex on the hot path
+            conn = self._idle.pop()  # atomic under the GIL
         except IndexError:
-            conn = open_db(self.path, config=self.config, create=False, check_same_thread=False)
+            try:
+                conn = open_db(self.path, config=self.config, create=False,
+                               check_same_thread=False)
+            except BaseException:
+                self._slots.release()
+                raise
         self._busy[id(conn)] = (time.monotonic(), what)  # one thread per conn: no lock
         return conn
 
-    def give(self, conn: KvmemConnection, exc: BaseException | None) -> None:
+    def give(self, conn: KvmemConnection, exc: BaseException | None, *,
+             borrowed: bool = True) -> None:
+        """Return a borrowed connection (or, ``borrowed=False``, add one opened elsewhere
+        with this pool's config)."""
         self._busy.pop(id(conn), None)
         if exc is not None:
             self.failure = _damage([exc]) or self.failure
             _rollback(conn)
-        if len(self._idle) < self.keep:  # a race may keep one or two more: harmless
-            self._idle.append(conn)
-            return
-        conn.close()
+        self._idle.append(conn)
+        if borrowed:
+            self._slots.release()
 
     def long_readers(self, limit_s: float) -> list[tuple[float, str]]:
         """``(seconds, what)`` of the reads that have run longer than ``limit_s``."""
@@ -2143,20 +2309,22 @@ class Store:
         self.path, self.config, self.clock, self.role = path, config, clock, role
         self._closed = False
         self._last_prune: PruneResult | None = None
-        conn = open_db(path, config=config, check_same_thread=False)
-        st = os.stat(path)
-        self._identity = (st.st_dev, st.st_ino)
         self._reads = _ReadPool(path, config)
+        conn = open_db(path, config=self._reads.config, check_same_thread=False)
         self.conditions = Conditions()
         self._checkpointer: Checkpointer | None = None
         self._decay: DecayScheduler | None = None
         try:
-            self._writer = GroupCommitter(path, config, precommit=self._identity_problem,
+            self.files = FileWatch(path, config.journal_mode)
+            if not checkpoint_lock_free(path):
+                self.files.check_holder()  # before this process writes anything
+            self._cursor_secret = bytes(conn.execute(GET_CURSOR_SECRET).fetchone()[0])
+            self._writer = GroupCommitter(path, config, precommit=self.files.problem,
                                           conditions=self.conditions)
             if checkpointer:
                 self._checkpointer = Checkpointer(
                     path, config=config, role=role, writer=self._writer, reads=self._reads,
-                    conditions=self.conditions).start()
+                    conditions=self.conditions, files=self.files).start()
             if decay:
                 self._decay = DecayScheduler(self, role=role).start()
         except BaseException:
@@ -2165,7 +2333,7 @@ class Store:
                 self._writer.close()
             conn.close()
             raise
-        self._reads._idle.append(conn)
+        self._reads.give(conn, None, borrowed=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
@@ -2373,7 +2541,9 @@ class Store:
 
         Pagination is by key: ``next_cursor`` resumes after the last key returned, so a
         scan never repeats a key and never skips one that existed when it started and
-        still exists, whatever others write meanwhile.  ``None`` = no more pages.
+        still exists, whatever others write meanwhile.  ``None`` = no more pages.  A page
+        holds at most ``limit`` memories, fewer once they pass ``max_page_bytes`` (values,
+        keys and tags as stored; at least one memory a page).
         """
         namespace = validate_namespace(namespace, self.config)
         if prefix is not None and (not isinstance(prefix, str) or _has_control_chars(prefix)
@@ -2384,7 +2554,8 @@ class Store:
         if not isinstance(archived, bool):
             raise InvalidInputError("archived must be true or false")
         limit = validate_limit(limit, MAX_LIST_LIMIT)
-        after = None if cursor is None else decode_cursor(cursor, namespace, prefix, tag, archived)
+        after = None if cursor is None else decode_cursor(cursor, namespace, prefix, tag, archived,
+                                                          secret=self._cursor_secret)
         sql = SELECT_MEMORY + f" WHERE namespace = ? AND archived = ? AND NOT {EXPIRED}"
         params: list[Any] = [namespace, int(archived), self.clock()]
         if after is not None:
@@ -2399,22 +2570,41 @@ class Store:
         sql += " ORDER BY key LIMIT ?"
         params.append(limit + 1)
         with self._reads.borrow(f"list {namespace}") as conn:
-            rows = conn.execute(sql, params).fetchall()
-        items = [_row_memory(r) for r in rows[:limit]]
-        return Page(items, encode_cursor(items[-1].key, namespace, prefix, tag, archived)
-                    if len(rows) > limit else None)
+            rows, more = self._page_rows(conn, sql, params, limit)
+        items = [_row_memory(r) for r in rows]
+        return Page(items, encode_cursor(items[-1].key, namespace, prefix, tag, archived,
+                                         secret=self._cursor_secret) if more else None)
+
+    def _page_rows(self, conn: KvmemConnection, sql: str, params: Sequence[Any],
+                   limit: int) -> tuple[builtins.list[Any], bool]:
+        """At most ``limit`` rows of ``sql``, fewer once they pass ``max_page_bytes`` (at
+        least one), and whether more rows follow."""
+        rows: builtins.list[Any] = []
+        size = 0
+        cursor = conn.execute(sql, params)
+        try:
+            for row in cursor:
+                size += _stored_bytes(row)
+                if len(rows) == limit or (rows and size > self.config.max_page_bytes):
+                    return rows, True
+                rows.append(row)
+            return rows, False
+        finally:
+            cursor.close()  # ends the read (an unfinished statement keeps its snapshot)
 
     def search(self, query: str, *, namespace: str = "default",
                limit: int = 20) -> builtins.list[Hit]:
         """Full-text search over key, the strings in the value, and tags, of live
         memories; best first by ``search_score`` (BM25 × current strength).  The query is
-        plain words (``fts_query``): FTS syntax in it is treated as text."""
+        plain words (``fts_query``): FTS syntax in it is treated as text.  At most ``limit``
+        hits, fewer once their memories pass ``max_page_bytes`` (at least one)."""
         namespace = validate_namespace(namespace, self.config)
         match = fts_query(query)
         limit = validate_limit(limit, MAX_SEARCH_LIMIT)
         now = self.clock()
         with self._reads.borrow(f"search {query!r} in {namespace}") as conn:
-            rows = conn.execute(SEARCH_MEMORIES, (match, namespace, now, now, limit)).fetchall()
+            rows, _ = self._page_rows(conn, SEARCH_MEMORIES, (match, namespace, now, now, limit),
+                                      limit)
         found = [(_row_memory(row), row[-1]) for row in rows]
         return [Hit(m, search_score(bm25, m.current_strength(now))) for m, bm25 in found]
 
@@ -2464,18 +2654,16 @@ class Store:
         out["pid"] = os.getpid()
         return out
 
-    def _identity_problem(self) -> str | None:
-        return _file_identity_problem(self.path, self._identity)
-
     def health(self) -> dict[str, Any]:
         """``{"ok": bool, "problems": [...], "past": {...}}``.  Problems hold now: the
-        database does not answer a read, the file is not the one opened (deleted or
-        replaced; writes are refused then), an operation met a corrupt page, a background
+        database does not answer a read, the file or its -wal or -shm is not the one opened
+        (deleted or replaced; writes are refused then: ``FileWatch``), an operation met a
+        corrupt page, a background
         thread failed, the last checkpoint after a commit failed, a reader holds a snapshot
         past ``reader_warn_s``, the WAL is past the hard cap.  ``past``: those of the last
         kinds that held once and no longer do, with when last seen (``ok`` ignores them)."""
         problems = []
-        identity = self._identity_problem()
+        identity = self.files.problem()
         if identity:
             problems.append(identity)
         for name, failure in (("reads", self._reads.failure), ("writes", self._writer.failure)):
@@ -2491,19 +2679,6 @@ class Store:
         except KvmemError as exc:
             problems.append(f"{exc.code}: {exc}")
         return {"ok": not problems, "problems": problems, "past": self.conditions.past()}
-
-
-def _file_identity_problem(path: str, identity: tuple[int, int]) -> str | None:
-    """Why ``path`` is no longer the file that was opened (device and inode), if it is not."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return f"{path} was deleted (or its directory moved) since it was opened"
-    except OSError as exc:
-        return f"{path} cannot be checked: {exc}"
-    if (st.st_dev, st.st_ino) != identity:
-        return f"{path} was replaced by another file since it was opened"
-    return None
 
 
 def _put_exact(memories: Sequence[Memory], conn: KvmemConnection) -> int:
@@ -2657,7 +2832,8 @@ class Checkpointer(_Background):
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
                  role: str = "library", writer: GroupCommitter | None = None,
-                 reads: _ReadPool | None = None, conditions: Conditions | None = None) -> None:
+                 reads: _ReadPool | None = None, conditions: Conditions | None = None,
+                 files: FileWatch | None = None) -> None:
         self.config = config or Config.build()
         self.path = os.path.realpath(os.fspath(path) if path is not None else self.config.db)
         super().__init__(role, {"holder": False, "last_request": None, "last_time": None,
@@ -2666,6 +2842,7 @@ class Checkpointer(_Background):
         self.writer = writer
         self._own_writer = writer is None
         self.reads = reads
+        self.files = files  # a Store's: the holder publishes them, the others compare
         self.conditions = conditions or (writer.conditions if writer else Conditions())
         self._lock = CheckpointLock(self.path)  # given up when the thread ends
         self._seen: tuple[int, int] | None = None  # the WAL's (size, mtime_ns) when last looked
@@ -2707,10 +2884,14 @@ class Checkpointer(_Background):
         if not self._lock.held:
             if not self._lock.acquire() or not self._lock.still_ours():
                 self._lock.release()
+                if self.files is not None and self.files.split is None:
+                    self.files.check_holder()
                 self._update(holder=False, wal_bytes=wal_size(self.path))
                 return poll
             self.log.info("[%s] pid %d is now the checkpointer of %s", self.role, os.getpid(),
                           self.path)
+            if self.files is not None:
+                self._lock.write_record(self.files.record())
             writer.set_elected(True)
             self._update(holder=True)
         if self.config.journal_mode != "wal":

@@ -246,6 +246,25 @@ def test_render_matches_the_memory_schema_and_record_round_trips() -> None:
     ({"version": 2 ** 63}, "version"),         # would not fit SQLite's INTEGER (counting up)
     ({"created_at": 1e300}, "created_at"),     # no RFC 3339 time can show it
     ({"expires_at": -1.0}, "expires_at"),
+    # every field's range, as a set checks it (an import used to take some of these)
+    ({"strength": 1.5}, "strength"),
+    ({"strength": float("nan")}, "strength"),
+    ({"created_at": 1e18}, "created_at"),
+    ({"created_at": -1e13}, "created_at"),
+    ({"updated_at": -1.0}, "updated_at"),
+    ({"last_reinforced_at": 1e18}, "last_reinforced_at"),
+    ({"version": 1.5}, "version"),
+    ({"version": True}, "version"),
+    ({"half_life_seconds": 0}, "half_life_seconds"),
+    ({"half_life_seconds": kvmem.MAX_TTL_SECONDS * 2}, "half_life_seconds"),
+    ({"key": "k" * 513}, "key"),
+    ({"key": "a\u0000b"}, "key"),
+    ({"namespace": "no spaces"}, "namespace"),
+    ({"tags": [f"t{i}" for i in range(33)]}, "tags"),
+    ({"tags": ["x" * 65]}, "tag"),
+    ({"value": "x" * (1024 * 1024)}, "value"),
+    ({"value": json.loads("[" * 101 + "]" * 101)}, "nests"),
+    ({"value": "\ud800"}, "surrogates"),
 ])
 def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> None:
     record = {**stored().to_record(), **change}

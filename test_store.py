@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Any
 import pytest
 
 import kvmem
-from testutil import Child, check_acknowledged
+from testutil import Child, check_acknowledged, child_env
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -161,14 +165,25 @@ def test_fts_query_refuses_empty_or_bad(text: object) -> None:
         kvmem.fts_query(text)
 
 
+SECRET = bytes(range(32))
+
+
 def test_cursor_round_trip() -> None:
     for key in ["a", "日本語", "x" * 512, "quote\"and'"]:
-        cursor = kvmem.encode_cursor(key, "ns", "pre", "tag", False)
-        assert kvmem.decode_cursor(cursor, "ns", "pre", "tag", False) == key
+        cursor = kvmem.encode_cursor(key, "ns", "pre", "tag", False, secret=SECRET)
+        assert kvmem.decode_cursor(cursor, "ns", "pre", "tag", False, secret=SECRET) == key
 
 
-def test_garbled_cursors_are_clear_errors() -> None:
-    good = kvmem.encode_cursor("some-key", "default", None, None, False)
+def _forged(body: dict[str, Any], check: bytes) -> str:
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(check + raw).decode().rstrip("=")
+
+
+def test_garbled_or_forged_cursors_are_clear_errors() -> None:
+    good = kvmem.encode_cursor("some-key", "default", None, None, False, secret=SECRET)
+    body = {"v": kvmem.CURSOR_VERSION, "k": "\ud800",
+            "f": kvmem._cursor_filter("default", None, None, False)}
+    raw = json.dumps(body, separators=(",", ":")).encode()
     garbled = [
         good[:-1] + ("A" if good[-1] != "A" else "B"),  # one character changed
         good[:10],                                      # truncated
@@ -176,13 +191,38 @@ def test_garbled_cursors_are_clear_errors() -> None:
         "not a cursor at all!",
         "",
         "=" * 20,
-        kvmem.encode_cursor("some-key", "other", None, None, False),   # another namespace
-        kvmem.encode_cursor("some-key", "default", "p", None, False),  # another prefix
-        kvmem.encode_cursor("some-key", "default", None, None, True),  # archived listing
+        "é" * 30,
+        kvmem.encode_cursor("some-key", "other", None, None, False, secret=SECRET),
+        kvmem.encode_cursor("some-key", "default", "p", None, False, secret=SECRET),
+        kvmem.encode_cursor("some-key", "default", None, None, True, secret=SECRET),
+        # another database's secret
+        kvmem.encode_cursor("some-key", "default", None, None, False, secret=b"x" * 32),
+        # forged: a lone surrogate as the key, with the unkeyed checksum cursors once had
+        _forged(body, hashlib.sha256(raw).digest()[:16]),
+        _forged(body, hashlib.sha256(raw).digest()[:8]),
     ]
     for cursor in garbled:
         with pytest.raises(kvmem.InvalidInputError, match="cursor"):
-            kvmem.decode_cursor(cursor, "default", None, None, False)
+            kvmem.decode_cursor(cursor, "default", None, None, False, secret=SECRET)
+
+
+def test_cursors_are_signed_by_their_database(tmp_path: Path) -> None:
+    """The secret is made once per database, kept in it, shared by every process (and
+    by reopening), and a cursor of one database is refused by another."""
+    with kvmem.Store.open(tmp_path / "a.db", config=CONFIG) as a, \
+            kvmem.Store.open(tmp_path / "b.db", config=CONFIG) as b:
+        for store in (a, b):
+            store.batch([{"op": "set", "key": f"k{i}", "value": i} for i in range(5)])
+        cursor = a.list(limit=2).next_cursor
+        assert cursor is not None
+        with pytest.raises(kvmem.InvalidInputError, match="cursor"):
+            b.list(limit=2, cursor=cursor)
+    code = ("import kvmem, sys, json\n"
+            "with kvmem.Store.open(sys.argv[1]) as s:\n"
+            "    print(json.dumps([m.key for m in s.list(limit=2, cursor=sys.argv[2]).items]))")
+    again = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.db"), cursor],
+                           env=child_env(), capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout) == ["k2", "k3"]
 
 
 # -------------------------------------------------------------------------- Store ----
@@ -742,3 +782,68 @@ def test_own_connections_never_recreate_a_moved_database(tmp_path: Path) -> None
             store._reads.give(idle, None)
         assert not db.exists()
         assert store.health()["ok"] is False
+
+
+# ------------------------------------------------------------- bounded memory use ----
+
+
+def test_a_list_page_stops_at_its_byte_budget_and_the_cursor_continues(tmp_path: Path) -> None:
+    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
+    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+        store.batch([{"op": "set", "key": f"k{i:03d}", "value": "v" * 2000} for i in range(23)])
+        store.set("k999-huge", "h" * 50_000)  # alone it passes the budget: a page of its own
+        pages: list[list[str]] = []
+        cursor = None
+        while True:
+            page = store.list(limit=1000, cursor=cursor)
+            pages.append([m.key for m in page.items])
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert [len(p) for p in pages] == [4, 4, 4, 4, 4, 3, 1], pages
+        assert sum(pages, []) == [f"k{i:03d}" for i in range(23)] + ["k999-huge"]
+        hits = store.search("vvvv", limit=100)  # no word matches: a plain search below
+        assert hits == []
+        store.batch([{"op": "set", "key": f"s{i}", "value": "tea " + "x" * 3000}
+                     for i in range(10)])
+        assert len(store.search("tea", limit=100)) == 3  # 3 x ~3 KB fit in 10 KB, 4 do not
+
+
+def test_read_connections_are_bounded(tmp_path: Path) -> None:
+    """However many threads read at once, at most read_connections connections exist;
+    past them a reader waits, and past busy_timeout_ms it gets BusyError."""
+    config = kvmem.Config.build(environ={}, flags={"read_connections": "2",
+                                                   "busy_timeout_ms": "300"})
+    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+        store.set("k", 1)
+        errors: list[BaseException] = []
+        go = threading.Barrier(16)
+
+        def reader() -> None:
+            try:
+                go.wait()
+                for _ in range(200):
+                    assert store.get("k") is not None
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        # Descriptors of the database file: the writer, its checkpoint gate, and at most
+        # two read connections (16 readers used to open up to 16 and keep 8).
+        db = os.path.realpath(tmp_path / "kv.db")
+        fds = [fd for fd in os.listdir("/proc/self/fd")
+               if os.path.realpath(f"/proc/self/fd/{fd}") == db]
+        assert len(fds) <= 4, len(fds)
+        held = [store._reads.take(), store._reads.take()]
+        with pytest.raises(kvmem.BusyError, match="read connections"):
+            store.get("k")
+        store._reads.give(held.pop(), None)
+        assert store.get("k") is not None
+        store._reads.give(held.pop(), None)
+        cache = store.stats()["settings"]["cache_size"]
+        assert cache == -config.read_cache_kib  # the smaller cache of read connections
