@@ -801,9 +801,7 @@ def test_a_list_page_stops_at_its_byte_budget_and_the_cursor_continues(tmp_path:
                 break
             cursor = page.next_cursor
         assert [len(p) for p in pages] == [4, 4, 4, 4, 4, 3, 1], pages
-        assert sum(pages, []) == [f"k{i:03d}" for i in range(23)] + ["k999-huge"]
-        hits = store.search("vvvv", limit=100)  # no word matches: a plain search below
-        assert hits == []
+        assert [k for p in pages for k in p] == [f"k{i:03d}" for i in range(23)] + ["k999-huge"]
         store.batch([{"op": "set", "key": f"s{i}", "value": "tea " + "x" * 3000}
                      for i in range(10)])
         assert len(store.search("tea", limit=100)) == 3  # 3 x ~3 KB fit in 10 KB, 4 do not
