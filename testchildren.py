@@ -11,6 +11,7 @@ and an exception ends it with status 1 and a traceback on stderr.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -358,12 +359,34 @@ def pruner(db: str) -> None:
     store.close()
 
 
+def sidecar_writer(db: str, prefix: str) -> None:
+    """Set ``PREFIX-0``, ``PREFIX-1``... until killed: ``set KEY VERSION ok`` after each set
+    returned, ``refused KEY CODE HEALTH_OK`` for one refused (then a 10 ms pause);
+    ``ready`` once open, or ``open-failed CODE`` if the store does not open."""
+    import kvmem
+
+    try:
+        store = kvmem.Store.open(db, role="library")
+    except kvmem.KvmemError as exc:
+        print("open-failed", exc.code, flush=True)
+        return
+    print("ready", flush=True)
+    for i in itertools.count():
+        key = f"{prefix}-{i}"
+        try:
+            m = store.set(key, i)
+            print("set", key, m.version, "ok", flush=True)
+        except kvmem.KvmemError as exc:
+            print("refused", key, exc.code, store.health()["ok"], flush=True)
+            time.sleep(0.01)
+
+
 # ---------------------------------------------------------------------------- main ----
 
 CHILDREN: dict[str, Callable[..., Any]] = {child.__name__: child for child in (
     serve_http, serve_mcp, crash_writer, starter, library_process, pinned_writer, restarted,
     wal_left_behind, first_transaction, raw_writer, opener, checkpointer, traced_writer,
-    under_strace, group_writer, pruner)}
+    under_strace, group_writer, pruner, sidecar_writer)}
 
 
 def main(argv: list[str]) -> int:
