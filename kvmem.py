@@ -2235,6 +2235,7 @@ class _ReadPool:
         self._slots = threading.BoundedSemaphore(config.read_connections)
         self._busy: dict[int, tuple[float, str]] = {}  # id(conn) -> (since, what)
         self.failure: str | None = None  # the last corruption seen, for health
+        self.files: FileWatch | None = None  # the Store's, once it has one
 
     def borrow(self, what: str) -> _Borrowed:
         """``with pool.borrow("get k") as conn:`` (a class, not a generator: reads are hot)."""
@@ -2248,6 +2249,10 @@ class _ReadPool:
             conn = self._idle.pop()  # atomic under the GIL
         except IndexError:
             try:
+                # A connection opened after a -wal was deleted would read another WAL
+                # through this process's -shm: never open one then.
+                if self.files is not None and (problem := self.files.problem()):
+                    raise StorageError(problem)
                 conn = open_db(self.path, config=self.config, create=False,
                                check_same_thread=False)
             except BaseException:
@@ -2315,7 +2320,7 @@ class Store:
         self._checkpointer: Checkpointer | None = None
         self._decay: DecayScheduler | None = None
         try:
-            self.files = FileWatch(path, config.journal_mode)
+            self.files = self._reads.files = FileWatch(path, config.journal_mode)
             if not checkpoint_lock_free(path):
                 self.files.check_holder()  # before this process writes anything
             self._cursor_secret = bytes(conn.execute(GET_CURSOR_SECRET).fetchone()[0])
