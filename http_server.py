@@ -6,22 +6,35 @@ description cannot drift from what the server does.  Errors are translated here 
 here: a ``KvmemError``'s ``code`` picks the status, and every error body has one shape,
 ``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
 
-Threads: ``ThreadingHTTPServer`` runs a thread per client connection; reads borrow pooled
-connections, writes go through the Store's group commit, so a response is sent only
-after its COMMIT returned.  SIGINT/SIGTERM: stop accepting, let in-flight requests finish,
-close idle keep-alive connections, stop the background threads, checkpoint, exit 0.
+Threads: one event loop reads requests whole and a bounded pool of workers runs them
+(``Server``; parsing and error shapes are ``http.server``'s); so clients that hold
+connections open, or send slowly, cost a socket and never a thread, and every resource
+has a bound (``Config.http_*``).  Reads borrow pooled connections, writes go through the
+Store's group commit, so a response is sent only after its COMMIT returned.
+SIGINT/SIGTERM: stop accepting, close connections with no request in flight, let the
+requests in flight finish (at most ``shutdown_grace_s``), stop the background threads,
+checkpoint, exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import errno
+import http
+import http.client
 import http.server
+import io
 import json
 import logging
+import math
 import os
+import queue
 import random
+import resource
+import selectors
 import signal
 import socket
 import sys
@@ -369,73 +382,546 @@ def bool_param(query: Mapping[str, str], name: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- server ----
+#
+# One event-loop thread owns every client socket and reads until a request is whole: its
+# line and headers, then as many body bytes as Content-Length says.  Only then does a
+# worker (one of ``http_workers`` threads) run it, from those bytes, and send the answer;
+# what the socket does not take at once, the loop sends.  So a worker never waits for a
+# client: an idle connection, a slow one (slowloris) or one whose body never comes costs
+# a socket and its buffer, never a thread, and is closed at its deadline (idle, header,
+# body).  Connections are capped (``http_max_connections``; at the cap the longest-idle
+# one is closed, as nginx reuses keep-alive connections, else accepting pauses and new
+# ones wait in the listen backlog); request bodies held in memory are capped
+# (``http_buffer_bytes``; past it a request waits its turn, unread).
+
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers, as http.server's longest line
+RECV_BYTES = 64 * 1024
+SCAN_S = 0.1  # how often the loop looks for connections past their deadline
+ACCEPT_RETRY_S = 0.1  # after the process ran out of descriptors (EMFILE), try again then
+RESERVED_FDS = 64  # descriptors kept for the database, logs and the loop itself
+
+LINGER_S = 2.0  # after a last answer, how long to read and drop what the client still sends
+
+IDLE, HEAD, BODY, WAIT, WORK, SEND, LINGER = (
+    "idle", "head", "body", "wait", "work", "send", "linger")
 
 
-class Server(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer that knows its open connections, for a graceful stop."""
+class Connection:
+    """A client connection: owned by the loop, or by one worker while its request runs."""
 
-    daemon_threads = False  # server_close() joins the handler threads
-    block_on_close = True
-    allow_reuse_address = True
-    request_queue_size = kvmem_cli.LISTEN_BACKLOG
+    __slots__ = ("address", "body", "buf", "close_after", "deadline", "events", "head",
+                 "head_end", "need", "out", "phase", "reserved", "since", "sock")
+
+    def __init__(self, sock: socket.socket, address: Any, now: float) -> None:
+        self.sock, self.address = sock, address
+        self.buf = bytearray()  # bytes read and not yet part of a request handed on
+        self.phase, self.since, self.deadline = IDLE, now, math.inf
+        self.events = 0  # what the loop's selector watches for (0: not registered)
+        self.head_end = self.need = self.reserved = 0  # the request being read
+        self.head = b""  # the request handed to a worker
+        self.body: bytes | bytearray = b""
+        self.out = b""  # the answer's bytes the socket has not taken yet
+        self.close_after = False
+
+
+def framing(head: bytes) -> tuple[int | None, bool]:
+    """From a request's line and headers: the body's length, or None when the head must go
+    on alone (the handler refuses it and the connection closes: a length that is not one
+    plain number, two of them, Transfer-Encoding, one over MAX_BODY_BYTES, headers that do
+    not parse); and whether the client waits for ``100 Continue``.  The headers are parsed
+    as the handler parses them, so the two never disagree on where a request ends."""
+    try:
+        headers = http.client.parse_headers(io.BytesIO(head.partition(b"\n")[2]))
+    except (http.client.HTTPException, ValueError):
+        return None, False
+    lengths = headers.get_all("Content-Length") or []
+    if headers.get("Transfer-Encoding") is not None or len(lengths) > 1:
+        return None, False
+    text = lengths[0].strip() if lengths else "0"
+    if not text.isdigit() or len(text) > 12 or int(text) > MAX_BODY_BYTES:
+        return None, False
+    line = head.partition(b"\n")[0].split()
+    continues = headers.get("Expect", "").lower() == "100-continue" and len(line) == 3 \
+        and line[2] >= b"HTTP/1.1"
+    return int(text), continues
+
+
+def head_end(buf: bytearray) -> int:
+    """Where the first request's head ends (after its blank line), or -1."""
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := buf.find(sep)) >= 0]
+    return min(ends, default=-1)
+
+
+def plain_response(status: int, code: str, message: str,
+                   headers: Mapping[str, str] | None = None) -> bytes:
+    """A whole error answer that closes the connection, for the loop's own refusals."""
+    body = json.dumps(error_body(code, message, new_request_id())).encode()
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+             "Content-Type: application/json; charset=utf-8", f"Content-Length: {len(body)}",
+             "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=kvmem_cli.LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def connection_cap(wanted: int) -> int:
+    """``wanted``, or fewer if the process may not open that many descriptors (raising
+    its soft limit toward the hard one first, as servers do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    return max(1, min(wanted, soft - RESERVED_FDS)) if soft != resource.RLIM_INFINITY else wanted
+
+
+class Server:
+    """kvmem-http's server: the event loop (``serve_forever``) and the workers; see above.
+    ``stop()`` (from another thread) stops accepting, closes connections with no request
+    in flight, lets requests in flight finish and their answers go out for at most
+    ``shutdown_grace_s``, closes the rest, and joins the workers."""
 
     def __init__(self, address: tuple[str, int], api: Api, token: str) -> None:
-        self.api = api
-        self.token = token
+        config = api.store.config
+        self.api, self.token, self.config = api, token, config
         self.bind_host = address[0]
-        self.allowed_hosts = api.store.config.allowed_hosts
+        self.allowed_hosts = config.allowed_hosts
+        self.max_connections = connection_cap(config.http_max_connections)
+        self.socket = listen(*address)
+        self.server_address = self.socket.getsockname()[:2]
         self.stopping = False
-        self.lock = threading.Lock()
-        self.handlers: set[Handler] = set()
-        self.woken: set[Handler] = set()  # idle handlers stop() shut the reading side of
-        super().__init__(address, Handler)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._wake_lock = threading.Lock()
+        self._returned: collections.deque[Connection] = collections.deque()
+        self._jobs: queue.SimpleQueue[Connection | None] = queue.SimpleQueue()
+        self._conns: dict[int, Connection] = {}  # by file descriptor
+        self._waiting: collections.deque[Connection] = collections.deque()  # for buffer room
+        self._buffered = 0  # body bytes reserved by requests being read or run
+        self._accepting = False
+        self._accept_at = 0.0  # when to accept again after EMFILE
+        self._done = threading.Event()
+        self._serving = False
+        self.stats = {"accepted": 0, "evicted": 0, "timed_out": 0, "refused_at_cap": 0}
+        self._workers = [threading.Thread(target=self._work, name=f"kvmem-http-worker-{i}",
+                                          daemon=True) for i in range(config.http_workers)]
+        for worker in self._workers:
+            worker.start()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver prints a traceback to stderr for any exception in a handler; a
-        # client that hangs up mid-request is routine, anything else is logged as a bug.
-        kind = sys.exc_info()[0]
-        if kind is not None and issubclass(kind, ConnectionError | TimeoutError):
-            log.debug("client %s went away: %s", client_address, kind.__name__)
+    # -- the loop ------------------------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        """Serve in a new thread; a ``stop()`` from now on waits for it, so what clients
+        sent before the stop is taken even if the thread had not begun."""
+        with self._wake_lock:
+            self._serving = True
+        thread = threading.Thread(target=self._loop, name="kvmem-http-loop")
+        thread.start()
+        return thread
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until ``stop()``."""
+        with self._wake_lock:
+            if self.stopping:  # stop() came first: it closed the socket
+                return
+            self._serving = True
+        self._loop()
+
+    def _loop(self) -> None:
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._listen(True)
+        grace_until = math.inf
+        next_scan = 0.0
+        try:
+            while True:
+                timeout = SCAN_S if self._conns or not self._accepting else 1.0
+                for key, mask in self._selector.select(timeout):
+                    if key.fileobj is self.socket:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        self._take_returned()
+                    elif mask & selectors.EVENT_WRITE:
+                        self._send(key.data)
+                    else:
+                        self._read(key.data)
+                now = time.monotonic()
+                if self.stopping and grace_until == math.inf:
+                    grace_until = now + self.config.shutdown_grace_s
+                    self._begin_stop()
+                if self.stopping and (now >= grace_until or all(
+                        c.phase == LINGER for c in self._conns.values())):
+                    return
+                if not self.stopping and not self._accepting and now >= self._accept_at \
+                        and len(self._conns) < self.max_connections:
+                    self._listen(True)
+                if now >= next_scan:
+                    next_scan = now + SCAN_S
+                    self._expire(now)
+        finally:
+            for conn in list(self._conns.values()):
+                if conn.phase == WORK:  # its worker may be sending: stop() closes it
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                else:
+                    self._close(conn)
+            self._selector.close()
+            self.socket.close()
+            self._done.set()
+
+    def _listen(self, on: bool) -> None:
+        if on != self._accepting:
+            if on:
+                self._selector.register(self.socket, selectors.EVENT_READ)
+            else:
+                self._selector.unregister(self.socket)
+            self._accepting = on
+
+    def _accept(self) -> None:
+        now = time.monotonic()
+        while self._accepting:
+            full = len(self._conns) >= self.max_connections
+            if full and self._longest_idle() is None:
+                self.stats["refused_at_cap"] += 1
+                self._listen(False)  # new connections wait in the backlog, no spinning
+                return
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept a connection (%s); pausing for %.1f s",
+                                exc.strerror, ACCEPT_RETRY_S)
+                    self._listen(False)
+                    self._accept_at = now + ACCEPT_RETRY_S
+                return  # ECONNABORTED and the like: that client is gone
+            if full and (oldest := self._longest_idle()) is not None:
+                self.stats["evicted"] += 1  # room for the new one, as nginx reuses idle ones
+                self._close(oldest)
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, address, now)
+            conn.deadline = now + self.config.http_idle_timeout_s
+            self._conns[sock.fileno()] = conn
+            self.stats["accepted"] += 1
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _longest_idle(self) -> Connection | None:
+        """The connection waiting longest for its next request (none half-sent)."""
+        idle = [c for c in self._conns.values()
+                if c.phase == LINGER or (c.phase == IDLE and not c.buf)]
+        return min(idle, key=lambda c: c.since, default=None)
+
+    def _watch(self, conn: Connection, events: int) -> None:
+        if events == conn.events:
             return
-        log.exception("unexpected error serving %s", client_address)
+        if not events:
+            self._selector.unregister(conn.sock)
+        elif not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if conn.phase == LINGER:  # dropped, until the client's EOF
+            if not data:
+                self._close(conn)
+            return
+        if not data:  # the client closed (or reset) its side
+            if conn.phase in (HEAD, BODY):  # answer what came, as if it were whole
+                if conn.phase == HEAD:
+                    conn.head_end = len(conn.buf)
+                conn.need, conn.close_after = len(conn.buf), True
+                self._dispatch(conn)
+            else:
+                self._close(conn)
+            return
+        conn.buf += data
+        self._advance(conn, time.monotonic())
+
+    def _advance(self, conn: Connection, now: float) -> None:
+        """Move a connection on with what its buffer holds: to the next phase, to a worker,
+        or to a refusal of its own."""
+        if conn.phase in (IDLE, HEAD):
+            if not conn.buf:
+                conn.phase, conn.since = IDLE, now
+                conn.deadline = now + self.config.http_idle_timeout_s
+                return
+            if conn.phase == IDLE:
+                conn.phase, conn.since = HEAD, now
+                conn.deadline = now + self.config.http_header_timeout_s
+            end = head_end(conn.buf)
+            if end < 0 or end > MAX_HEAD_BYTES:
+                if len(conn.buf) > MAX_HEAD_BYTES or end > MAX_HEAD_BYTES:
+                    long_line = conn.buf.find(b"\n", 0, 65537) < 0
+                    self._refuse(conn, 414 if long_line else 431, "invalid_request",
+                                 "the request line is too long" if long_line else
+                                 f"the request's headers pass {MAX_HEAD_BYTES} bytes")
+                return
+            length, continues = framing(bytes(conn.buf[:end]))
+            conn.head_end, conn.need = end, end + (length or 0)
+            conn.close_after = length is None
+            if length:
+                if not self._room(length):
+                    conn.phase = WAIT
+                    conn.deadline = now + self.config.http_body_timeout_s
+                    self._watch(conn, 0)  # its body stays in the kernel's buffers
+                    self._waiting.append(conn)
+                    return
+                self._buffered += length
+                conn.reserved = length
+                if continues and len(conn.buf) < conn.need:
+                    with contextlib.suppress(OSError):
+                        conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.phase = BODY
+            conn.deadline = now + self.config.http_body_timeout_s
+        if conn.phase == BODY and len(conn.buf) >= conn.need:
+            self._dispatch(conn)
+
+    def _dispatch(self, conn: Connection) -> None:
+        """Hand the request at the front of the buffer to a worker."""
+        conn.head = bytes(conn.buf[:conn.head_end])
+        if len(conn.buf) == conn.need:  # the usual case: hand the body over, no copy
+            del conn.buf[:conn.head_end]  # (a bytearray drops its front in place)
+            conn.body, conn.buf = conn.buf, bytearray()
+        else:  # the client sent more (pipelining): keep that for later
+            conn.body = bytes(conn.buf[conn.head_end:conn.need])
+            del conn.buf[:conn.need]
+        conn.phase, conn.deadline = WORK, math.inf
+        self._watch(conn, 0)
+        self._jobs.put(conn)
+
+    def _refuse(self, conn: Connection, status: int, code: str, message: str,
+                headers: Mapping[str, str] | None = None) -> None:
+        """Answer a request the loop refuses itself, then close."""
+        conn.out, conn.close_after = plain_response(status, code, message, headers), True
+        conn.buf.clear()
+        self._send(conn)
+
+    def _send(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        now = time.monotonic()
+        if conn.out:
+            if conn.phase != SEND:
+                conn.phase, conn.deadline = SEND, now + self.config.http_body_timeout_s
+            self._watch(conn, selectors.EVENT_WRITE)
+        elif conn.close_after or self.stopping:
+            self._linger(conn, now)
+        else:
+            conn.phase = IDLE
+            self._watch(conn, selectors.EVENT_READ)
+            self._advance(conn, now)  # a request the client sent meanwhile
+
+    def _linger(self, conn: Connection, now: float) -> None:
+        """End a connection after its last answer: send FIN, then read and drop what the
+        client still sends, for LINGER_S at most; closing at once with its bytes unread
+        would reset the connection, and a reset can destroy the answer before the client
+        reads it (nginx's lingering close)."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.phase, conn.deadline = LINGER, now + LINGER_S
+        conn.buf.clear()
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _take_returned(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while self._wake_r.recv(4096):
+                pass
+        with self._wake_lock:
+            self._woken = False
+        while self._returned:
+            conn = self._returned.popleft()
+            self._release(conn)
+            conn.phase = SEND  # the worker sent what the socket took; the loop sends the rest
+            conn.deadline = time.monotonic() + self.config.http_body_timeout_s
+            self._send(conn)
+
+    def _room(self, length: int) -> bool:
+        """Whether a body of ``length`` bytes may be read now (one always may, alone)."""
+        return not self._buffered or self._buffered + length <= self.config.http_buffer_bytes
+
+    def _release(self, conn: Connection) -> None:
+        """Give back the buffer room a request held; let waiting requests in."""
+        self._buffered -= conn.reserved
+        conn.reserved = 0
+        now = time.monotonic()
+        while self._waiting and not self.stopping:
+            head = self._waiting[0]
+            if not self._room(head.need - head.head_end):
+                return
+            self._waiting.popleft()
+            if head.sock.fileno() < 0:
+                continue
+            head.phase = HEAD  # admitted now: framing again is cheap and keeps one path
+            self._watch(head, selectors.EVENT_READ)
+            self._advance(head, now)
+
+    def _expire(self, now: float) -> None:
+        for conn in [c for c in self._conns.values() if c.deadline <= now]:
+            self.stats["timed_out"] += conn.phase in (HEAD, BODY, WAIT, SEND)
+            if conn.phase in (HEAD, BODY):
+                self._refuse(conn, 408, "request_timeout", f"the request did not arrive "
+                             f"within its {conn.phase} timeout")
+            elif conn.phase == WAIT:
+                self._refuse(conn, 503, "busy", "the server holds as many request bodies "
+                             "as it may; retry in a moment", {"Retry-After": "1"})
+            else:  # idle, lingering, or an answer the client does not take
+                self._close(conn)
+
+    def _begin_stop(self) -> None:
+        """Take what clients sent before the stop (connections in the backlog, bytes in
+        the sockets); then close the connections whose request has not started (no whole
+        head yet, or waiting for buffer room)."""
+        self._accept()
+        self._listen(False)
+        for conn in list(self._conns.values()):
+            if conn.phase in (IDLE, HEAD):
+                self._read(conn)
+        for conn in list(self._conns.values()):
+            if conn.phase in (IDLE, HEAD, WAIT):
+                self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        if conn.events:
+            self._selector.unregister(conn.sock)
+            conn.events = 0
+        if conn in self._waiting:
+            self._waiting.remove(conn)
+        if conn.phase != WORK:  # a worker's request keeps its room until it returns
+            self._buffered -= conn.reserved
+            conn.reserved = 0
+        self._conns.pop(conn.sock.fileno(), None)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    # -- the workers ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (conn := self._jobs.get()) is not None:
+            try:
+                handler = Handler(self, conn.head, conn.body, conn.address)
+                out = handler.run()
+                conn.close_after = conn.close_after or handler.close_connection
+                try:
+                    sent = conn.sock.send(out)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                conn.out = out[sent:]
+            except OSError:
+                conn.out, conn.close_after = b"", True  # the client went away
+            except Exception:
+                log.exception("serving %s failed", conn.address)
+                conn.out, conn.close_after = b"", True
+            conn.head, conn.body = b"", b""
+            self._returned.append(conn)
+            with self._wake_lock:
+                wake, self._woken = not self._woken, True
+            if wake:
+                with contextlib.suppress(OSError):
+                    self._wake_w.send(b"\0")
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
 
     def stop(self) -> None:
-        """Stop accepting, close idle keep-alive connections, wait for in-flight requests."""
-        self.shutdown()  # serve_forever returns: no new connections are accepted
-        with self.lock:
-            self.stopping = True  # before the idle ones are picked: see parse_request()
-            idle = [h for h in self.handlers if not h.in_request]
-            self.woken.update(idle)
-        for handler in idle:  # a handler waiting for its next request sees EOF and ends
+        """Stop serving (see the class); returns once the loop and the workers ended."""
+        with self._wake_lock:
+            self.stopping, serving = True, self._serving
+        self._wake()
+        if not serving:
+            self.socket.close()
+        elif not self._done.wait(self.config.shutdown_grace_s + 30):
+            log.error("the event loop did not end")
+        for _ in self._workers:
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join(self.config.busy_timeout_ms / 1000 + 10)
+        for conn in list(self._conns.values()):
             with contextlib.suppress(OSError):
-                handler.connection.shutdown(socket.SHUT_RD)
-        self.server_close()  # joins every handler thread
+                conn.sock.close()
+        self._conns.clear()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class _Answer(io.BufferedIOBase):
+    """The handler's ``wfile``: keeps what is written, for the worker to send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def write(self, data: Any) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    server: Server
+    """One request, from the bytes the loop read, answered into bytes (``run``): the
+    parsing and error shapes of ``http.server``, the routes of kvmem."""
+
+    server: Server  # type: ignore[assignment]
     protocol_version = "HTTP/1.1"
     # Answer even an unparsable request line with a status line and headers, not the
     # bare body of HTTP/0.9.
     default_request_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # else each response waits ~40 ms for a delayed ACK
     server_version = "kvmem"
-    in_request = False
-    body_consumed = False
     _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's, filled by send_header()
 
-    def setup(self) -> None:
-        super().setup()
-        with self.server.lock:
-            self.server.handlers.add(self)
+    def __init__(self, server: Server, head: bytes, body: bytes | bytearray,
+                 address: Any) -> None:
+        # Not BaseRequestHandler's __init__: there is no socket here, only the request.
+        self.server = server
+        self.client_address = address
+        self.rfile = io.BytesIO(head)
+        self.body = body
+        self.answer = self.wfile = _Answer()
+        self.close_connection = True
+        self.body_consumed = False
 
-    def finish(self) -> None:
-        with self.server.lock:
-            self.server.handlers.discard(self)
-        super().finish()
+    def run(self) -> bytes:
+        """Handle the request; the answer's bytes (``close_connection`` says whether the
+        connection must end after it)."""
+        self.handle_one_request()
+        return b"".join(self.answer.parts)  # one part: no copy
+
+    def handle_expect_100(self) -> bool:
+        return True  # the loop sent 100 Continue when it took the body
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+    def address_string(self) -> str:
+        return str(self.client_address[0]) if self.client_address else "-"
 
     def do_GET(self) -> None:
         self.dispatch()
@@ -452,25 +938,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.respond(status, error_body(code_name, message or "bad request",
                                         new_request_id()), {})
 
-    def parse_request(self) -> bool:
-        # A request line has arrived: busy from here on, before its headers are read.
-        # stop() sets stopping before it picks the idle handlers, so one that still reads
-        # False here is not among them.  One that reads True and was picked may find its
-        # reads cut short: it answers nothing (the client sees the connection close, as
-        # for any request the server did not take) rather than a 400 for a cut body.
-        self.in_request = True
-        if self.server.stopping:
-            with self.server.lock:
-                if self in self.server.woken:
-                    self.close_connection = True
-                    return False
-        return super().parse_request()
-
     def dispatch(self) -> None:
-        # Plain attribute writes, atomic under the GIL, in the order stop() relies on:
-        # no lock on the hot path (16 threads contending for one costs a futex each).
-        self.in_request = True
-        self.body_consumed = False
         request_id = new_request_id()
         started = time.monotonic()
         try:
@@ -494,15 +962,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = error_body("internal", "internal error; see the server log for request "
                                           f"id {request_id}", request_id)
         if not self.body_consumed and self.headers.get("Content-Length", "0").strip() != "0":
-            # Answered before reading the body (no route, no auth...): the unread bytes
-            # would be taken for the next request, so this connection ends here.
+            # Answered before reading the body (no route, no auth...): end the connection,
+            # as a server that did not read it must.
+            self.close_connection = True
+        if self.server.stopping:
             self.close_connection = True
         self.respond(status, body, {"X-Request-Id": request_id, **headers})
         log.debug("%s %s %s -> %d in %.1f ms", request_id, self.command, self.path[:200],
                   status, (time.monotonic() - started) * 1000)
-        self.in_request = False
-        if self.server.stopping:  # read after in_request is cleared: see stop()
-            self.close_connection = True
 
     def handle_api(self, request_id: str) -> tuple[int, Any, dict[str, str]]:
         raw_path, _, raw_query = self.path.partition("?")
@@ -547,7 +1014,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # not reading it: the connection can't be reused
             raise HTTPError(413, "payload_too_large",
                             f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = self.rfile.read(length) if length else b""
+        raw = self.body  # the loop read exactly Content-Length bytes, or none
         if len(raw) != length:
             self.close_connection = True
             raise HTTPError(400, "invalid_request", "the body ended early")
@@ -563,7 +1030,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if content_type not in JSON_TYPES:
             raise HTTPError(415, "unsupported_media_type", "the body must be application/json")
         try:
-            text = raw.decode("utf-8")
+            text = str(raw, "utf-8")
             return json.loads(text, parse_constant=_refuse_constant)
         except UnicodeDecodeError:
             raise HTTPError(400, "invalid_request", "the body is not valid UTF-8") from None
@@ -573,22 +1040,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def respond(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
         data = json.dumps(body, ensure_ascii=False, allow_nan=False,
                           default=str).encode("utf-8")
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            # Head and body in one write (end_headers() would send the head alone): one
-            # system call, one segment.
-            self._headers_buffer.append(b"\r\n")
-            if self.command != "HEAD":
-                self._headers_buffer.append(data)
-            self.flush_headers()
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        # Head and body in one write (end_headers() would write the head alone): one part
+        # to send, one system call, one segment.
+        self._headers_buffer.append(b"\r\n")
+        if self.command != "HEAD":
+            self._headers_buffer.append(data)
+        self.flush_headers()
 
 
 def new_request_id() -> str:
@@ -629,13 +1093,13 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     host, port = str(server.server_address[0]), int(server.server_address[1])
-    log.info("kvmem-http listening on http://%s:%d pid=%d db=%s settings=%s recovery=%s",
-             host, port, os.getpid(), store.path, json.dumps(store.settings()),
+    log.info("kvmem-http listening on http://%s:%d pid=%d db=%s max_connections=%d "
+             "settings=%s recovery=%s", host, port, os.getpid(), store.path,
+             server.max_connections, json.dumps(store.settings()),
              json.dumps(dataclasses.asdict(kvmem.recovery_record(store.path) or
                                            _no_record(store.path))))
     print(f"listening on http://{host}:{port}", flush=True)
-    serving = threading.Thread(target=server.serve_forever, name="kvmem-http-accept")
-    serving.start()
+    serving = server.start()
     while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
         pass
     log.info("stopping: finishing in-flight requests")

@@ -4,16 +4,24 @@ misbehave.  Real processes, real sockets, real files; every wait is on a conditi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
+import io
 import json
 import os
 import shutil
 import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import http_server
 import kvmem
 from testutil import Child, check_acknowledged, child_env
 
@@ -99,3 +107,291 @@ def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sideca
     assert server.wait() == 0, server.stderr
     assert "Traceback" not in server.stderr + writer.stderr + late.stderr
     check_acknowledged(db, acked, config=CONFIG)
+
+
+# ----------------------------------------------------------- the HTTP server's bounds ----
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, **flags: str) -> Iterator[tuple[http_server.Server, int]]:
+    """kvmem-http in this process with ``flags`` (settings), on a free port."""
+    config = kvmem.Config.build(environ={}, flags=flags)
+    store = kvmem.Store.open(tmp_path / "kv.db", config=config, role="http")
+    server = http_server.build_server(store, "127.0.0.1", 0, "")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield server, int(server.server_address[1])
+    finally:
+        server.stop()
+        thread.join()
+        store.close()
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+REQUEST = b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def put_request(key: str, value: Any) -> bytes:
+    body = json.dumps({"value": value}).encode()
+    return (f"PUT /v1/memories/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def read_response(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dict[str, str], Any]:
+    """One whole response from ``sock``: status, headers (lower-case names), JSON body."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response head: {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":")
+                                                             for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of a response body"
+        body += chunk
+    return int(lines[0].split()[1]), headers, json.loads(body) if body else None
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 30.0) -> bool:
+    """Wait for the server to close ``sock`` (EOF or reset); False if it stays open."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``condition`` (a state of the server) until it holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.005)
+
+
+def test_idle_connections_cost_no_thread(tmp_path: Path) -> None:
+    """500 idle connections are held open, the process's threads do not grow (they grew
+    by one per connection), and a normal request is answered meanwhile."""
+    with serving(tmp_path, http_max_connections="600", http_workers="4") as (server, port):
+        threads_before = threading.active_count()
+        idle = [connect(port) for _ in range(500)]
+        try:
+            wait_for(lambda: server.stats["accepted"] >= 500)
+            assert threading.active_count() == threads_before
+            workers = [t for t in threading.enumerate() if t.name.startswith("kvmem-http-worker")]
+            assert len(workers) == 4
+            with connect(port) as sock:
+                sock.sendall(REQUEST)
+                assert read_response(sock)[0] == 200
+            assert len(server._conns) >= 500  # none of them was closed for it
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_at_the_connection_cap_the_longest_idle_one_is_closed(tmp_path: Path) -> None:
+    with serving(tmp_path, http_max_connections="4") as (server, port):
+        idle = []
+        for n in range(1, 5):
+            idle.append(connect(port))
+            wait_for(functools.partial(lambda n: server.stats["accepted"] >= n, n))  # in order
+        try:
+            with connect(port) as sock:
+                sock.sendall(REQUEST)
+                assert read_response(sock)[0] == 200
+            assert closed_by_server(idle[0])  # the oldest idle one made room
+            assert server.stats["evicted"] == 1
+            idle[1].sendall(REQUEST)  # the others still work
+            assert read_response(idle[1])[0] == 200
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def _cpu_ticks(thread: threading.Thread) -> int:
+    fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1]
+    utime, stime = fields.split()[11:13]
+    return int(utime) + int(stime)
+
+
+def test_at_the_cap_with_no_idle_connection_new_ones_wait_without_spinning(
+        tmp_path: Path) -> None:
+    """Three connections in the middle of a request (not idle, so not closed for room);
+    a fourth waits in the listen backlog, the loop does not spin, and it is answered
+    once one of the three goes."""
+    with serving(tmp_path, http_max_connections="3") as (server, port):
+        loop = next(t for t in threading.enumerate() if t.name != "MainThread"
+                    and getattr(t, "_target", None) == server.serve_forever)
+        busy = [connect(port) for _ in range(3)]
+        for sock in busy:
+            sock.sendall(b"GET /v1/stats HTTP/1.1\r\n")  # a head, not yet whole
+        wait_for(lambda: sum(c.phase == http_server.HEAD for c in server._conns.values()) == 3)
+        late = connect(port)  # the kernel accepts it into the backlog
+        late.sendall(REQUEST)
+        wait_for(lambda: server.stats["refused_at_cap"] >= 1)
+        ticks = _cpu_ticks(loop)
+        time.sleep(1.0)  # a window to measure the loop's CPU in, not a wait for something
+        spent = _cpu_ticks(loop) - ticks
+        assert spent < 30, f"the loop used {spent} of 100 ticks in one second"
+        busy.pop().close()
+        assert read_response(late)[0] == 200
+        for sock in [*busy, late]:
+            sock.close()
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_partial_headers_and_slowloris_get_408_at_the_header_timeout(
+        tmp_path: Path, slow: bool) -> None:
+    """A head that never ends is answered 408 once header_timeout has passed since its
+    first byte, whether the client goes silent or trickles a byte at a time."""
+    with serving(tmp_path, http_header_timeout_s="0.5") as (_, port), connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        if slow:
+            sock.settimeout(0.1)
+            answer = b""
+            while not answer:  # a byte every 0.1 s: the attack itself
+                with contextlib.suppress(TimeoutError):
+                    sock.sendall(b"a")
+                    answer = sock.recv(65536)
+                assert time.monotonic() - started < 10, "no answer while trickling"
+            sock.settimeout(30)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        else:
+            status, headers, body = read_response(sock)
+            assert status == 408 and body["error"]["code"] == "request_timeout", body
+            assert headers["connection"] == "close"
+        assert 0.5 <= time.monotonic() - started < 5
+        assert closed_by_server(sock)
+
+
+def test_a_lying_content_length_gets_408_at_the_body_timeout(tmp_path: Path) -> None:
+    with serving(tmp_path, http_body_timeout_s="0.5", http_workers="1") as (_, port), \
+            connect(port) as liar, connect(port) as other:
+        liar.sendall(put_request("k", "x" * 100)[:-50])  # 50 bytes short, then silence
+        started = time.monotonic()
+        other.sendall(REQUEST)  # the one worker is free: the liar holds no thread
+        assert read_response(other)[0] == 200
+        status, _, body = read_response(liar)
+        assert status == 408 and body["error"]["code"] == "request_timeout", body
+        assert 0.5 <= time.monotonic() - started < 5
+        assert closed_by_server(liar)
+
+
+def test_the_idle_timeout_closes_a_keep_alive_connection(tmp_path: Path) -> None:
+    with serving(tmp_path, http_idle_timeout_s="0.5") as (_, port), connect(port) as sock:
+        sock.sendall(REQUEST)
+        assert read_response(sock)[0] == 200
+        answered = time.monotonic()
+        assert closed_by_server(sock, timeout=10)
+        assert 0.5 <= time.monotonic() - answered < 5
+
+
+def test_request_bodies_held_in_memory_are_bounded(tmp_path: Path) -> None:
+    """With room for 100 KB of bodies, a 90 KB request being read keeps a 60 KB one
+    waiting, unread, until it is done; one that waits past body_timeout gets 503."""
+    with serving(tmp_path, http_buffer_bytes="100000", http_body_timeout_s="2") as (server,
+                                                                                    port):
+        big = put_request("big", "b" * 90_000)
+        with connect(port) as first, connect(port) as second:
+            first.sendall(big[:-1000])
+            wait_for(lambda: any(c.phase == http_server.BODY for c in server._conns.values()))
+            second.sendall(put_request("next", "n" * 60_000))
+            wait_for(lambda: len(server._waiting) == 1)
+            first.sendall(big[-1000:])
+            assert read_response(first)[0] == 201
+            assert read_response(second)[0] == 201
+        with connect(port) as first, connect(port) as second:
+            first.sendall(big[:-1000])
+            wait_for(lambda: any(c.phase == http_server.BODY for c in server._conns.values()))
+            second.sendall(put_request("late", "n" * 60_000))
+            status, headers, body = read_response(second)
+            assert status == 503 and body["error"]["code"] == "busy", body
+            assert headers["retry-after"] == "1"
+            assert read_response(first)[0] == 408
+
+
+def test_sigterm_ends_within_the_grace_whatever_clients_do(tmp_path: Path) -> None:
+    """Idle connections, partial heads and a body that never ends do not hold up a
+    SIGTERM past shutdown_grace_s, and a request whose body arrives within it is answered."""
+    db = str(tmp_path / "kv.db")
+    child = Child("serve_http", "--db", db, "--port", "0", "--shutdown-grace-s", "2",
+                  "--http-body-timeout-s", "60", "--http-header-timeout-s", "60")
+    port = int(child.expect("listening on").rsplit(":", 1)[1])
+    socks = [connect(port) for _ in range(20)]
+    try:
+        for sock in socks[:5]:
+            sock.sendall(b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        stalled, finishing = socks[5], socks[6]
+        body = put_request("finished", "f" * 1000)
+        stalled.sendall(put_request("never", "n" * 1000)[:-10])
+        finishing.sendall(body[:-10])
+        sent = time.monotonic()
+        child.proc.send_signal(signal.SIGTERM)
+        while "stopping" not in child.stderr:
+            assert time.monotonic() - sent < 10, child.stderr
+            time.sleep(0.01)
+        finishing.sendall(body[-10:])
+        status, headers, _ = read_response(finishing)
+        assert status == 201 and headers["connection"] == "close"
+        assert child.wait(timeout=30) == 0, child.stderr
+        assert time.monotonic() - sent < 2 + 3, "the grace did not bound the stop"
+        assert all(closed_by_server(sock, timeout=1) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert "Traceback" not in child.stderr
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        assert store.get("finished") is not None and store.get("never") is None
+
+
+def test_a_list_of_large_values_comes_in_pages_of_bounded_size(tmp_path: Path) -> None:
+    with serving(tmp_path) as (_, port), connect(port) as sock:
+        for i in range(5):
+            sock.sendall(put_request(f"big-{i}", "x" * (1024 * 1024 - 10)))
+            assert read_response(sock)[0] == 201
+        keys, cursor, largest = [], "", 0
+        while True:
+            path = "/v1/memories?limit=1000" + (f"&cursor={cursor}" if cursor else "")
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            status, headers, page = read_response(sock)
+            assert status == 200
+            largest = max(largest, int(headers["content-length"]))
+            keys += [m["key"] for m in page["items"]]
+            if page["next_cursor"] is None:
+                break
+            cursor = page["next_cursor"]
+        assert keys == [f"big-{i}" for i in range(5)]
+        assert largest < 1.1 * 1024 * 1024  # one memory a page: 1 MiB each
+
+
+def test_an_out_of_range_import_is_refused_and_reads_keep_working(tmp_path: Path) -> None:
+    """Once, ``created_at=1e18`` imported fine and then every read of its namespace was
+    a 500 (no RFC 3339 time can show it)."""
+    with serving(tmp_path) as (server, port), connect(port) as sock:
+        store = server.api.store
+        good = {"namespace": "default", "key": "k", "value": 1, "tags": [], "version": 1,
+                "created_at": 1e9, "updated_at": 1e9, "expires_at": None, "strength": 1.0,
+                "half_life_seconds": None, "last_reinforced_at": 1e9, "archived": False}
+        for change in ({"created_at": 1e18}, {"updated_at": -1e13}, {"strength": 7.0},
+                       {"last_reinforced_at": 1e18}, {"expires_at": 1e30}):
+            with pytest.raises(kvmem.InvalidInputError):
+                store.import_(io.StringIO(json.dumps({**good, **change}) + "\n"))
+        for path in ("/v1/memories/k", "/v1/memories", "/v1/search?q=k"):
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            status, _, body = read_response(sock)
+            assert status in (200, 404), body
