@@ -574,8 +574,14 @@ def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> N
     host = sock.getsockname()[0]
     url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}{HTTP_PATH}"
     log.info("streamable HTTP at %s (token %s)", url, "required" if config.token else "off")
+    # Uvicorn's own bounds, from the same settings as kvmem-http's: past
+    # limit_concurrency connections and requests it answers 503; idle keep-alive
+    # connections close after the idle timeout; h11 caps a request's head at 16 KiB.
     _Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=10), url).run(sockets=[sock])
+                            limit_concurrency=config.http_max_connections,
+                            timeout_keep_alive=max(1, round(config.http_idle_timeout_s)),
+                            timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s))),
+             url).run(sockets=[sock])
 
 
 # ------------------------------------------------------------------------------- main ----
@@ -587,8 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         "starts it) or over streamable HTTP at http://HOST:PORT/mcp (default "
         "http://127.0.0.1:8766/mcp; a token is required off loopback)")
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
-    args = kvmem_cli.parse_server_args(parser, argv, exclude=("port",),
-                                       aliases={"mcp_port": "--port"})
+    args = kvmem_cli.parse_server_args(parser, argv, exclude=(
+        "port", "http_workers", "http_header_timeout_s", "http_body_timeout_s",
+        "http_buffer_bytes"), aliases={"mcp_port": "--port"})  # kvmem-http's own bounds
     sock = None
     try:
         config = kvmem_cli.server_config(args)
