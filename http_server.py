@@ -34,6 +34,7 @@ import os
 import queue
 import random
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -400,6 +401,7 @@ SCAN_S = 0.1  # how often the loop looks for connections past their deadline
 ACCEPT_RETRY_S = 0.1  # after the process ran out of descriptors (EMFILE), try again then
 RESERVED_FDS = 64  # descriptors kept for the database, logs and the loop itself
 
+WORKER_WAIT_S = 0.002  # after an answer, how long a worker waits for the client's next request
 LINGER_S = 2.0  # after a last answer, how long to read and drop what the client still sends
 
 IDLE, HEAD, BODY, WAIT, WORK, SEND, LINGER = (
@@ -427,23 +429,31 @@ class Connection:
 def framing(head: bytes) -> tuple[int | None, bool]:
     """From a request's line and headers: the body's length, or None when the head must go
     on alone (the handler refuses it and the connection closes: a length that is not one
-    plain number, two of them, Transfer-Encoding, one over MAX_BODY_BYTES, headers that do
-    not parse); and whether the client waits for ``100 Continue``.  The headers are parsed
-    as the handler parses them, so the two never disagree on where a request ends."""
-    try:
-        headers = http.client.parse_headers(io.BytesIO(head.partition(b"\n")[2]))
-    except (http.client.HTTPException, ValueError):
+    plain number, two of them, Transfer-Encoding, one over MAX_BODY_BYTES); and whether
+    the client waits for ``100 Continue``.  A quick look, not the handler's full parse:
+    where the two could differ (odd headers), the handler finds its body's length wrong
+    and answers 400 with the connection closed, so no request can run into the next."""
+    lines = head.split(b"\n")
+    lengths: list[bytes] = []
+    continues = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.lower()
+        if name == b"content-length":
+            lengths.append(value.strip())
+        elif name == b"transfer-encoding":
+            return None, False
+        elif name == b"expect":
+            continues = value.strip().lower() == b"100-continue"
+    if len(lengths) > 1:
         return None, False
-    lengths = headers.get_all("Content-Length") or []
-    if headers.get("Transfer-Encoding") is not None or len(lengths) > 1:
-        return None, False
-    text = lengths[0].strip() if lengths else "0"
+    text = lengths[0] if lengths else b"0"
     if not text.isdigit() or len(text) > 12 or int(text) > MAX_BODY_BYTES:
         return None, False
-    line = head.partition(b"\n")[0].split()
-    continues = headers.get("Expect", "").lower() == "100-continue" and len(line) == 3 \
-        and line[2] >= b"HTTP/1.1"
-    return int(text), continues
+    words = lines[0].split()
+    return int(text), continues and len(words) == 3 and words[2] >= b"HTTP/1.1"
 
 
 def head_end(buf: bytearray) -> int:
@@ -508,6 +518,7 @@ class Server:
         self._conns: dict[int, Connection] = {}  # by file descriptor
         self._waiting: collections.deque[Connection] = collections.deque()  # for buffer room
         self._buffered = 0  # body bytes reserved by requests being read or run
+        self._budget_lock = threading.Lock()  # for the two above (workers give room back)
         self._accepting = False
         self._accept_at = 0.0  # when to accept again after EMFILE
         self._done = threading.Event()
@@ -680,14 +691,18 @@ class Server:
             conn.head_end, conn.need = end, end + (length or 0)
             conn.close_after = length is None
             if length:
-                if not self._room(length):
+                with self._budget_lock:
+                    admitted = self._room(length)
+                    if admitted:
+                        self._buffered += length
+                        conn.reserved = length
+                    else:
+                        self._waiting.append(conn)
+                if not admitted:
                     conn.phase = WAIT
                     conn.deadline = now + self.config.http_body_timeout_s
                     self._watch(conn, 0)  # its body stays in the kernel's buffers
-                    self._waiting.append(conn)
                     return
-                self._buffered += length
-                conn.reserved = length
                 if continues and len(conn.buf) < conn.need:
                     with contextlib.suppress(OSError):
                         conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -698,6 +713,14 @@ class Server:
 
     def _dispatch(self, conn: Connection) -> None:
         """Hand the request at the front of the buffer to a worker."""
+        self._take_request(conn)
+        conn.phase, conn.deadline = WORK, math.inf
+        self._watch(conn, 0)
+        self._jobs.put(conn)
+
+    @staticmethod
+    def _take_request(conn: Connection) -> None:
+        """Move the request at the front of the buffer to ``head`` and ``body``."""
         conn.head = bytes(conn.buf[:conn.head_end])
         if len(conn.buf) == conn.need:  # the usual case: hand the body over, no copy
             del conn.buf[:conn.head_end]  # (a bytearray drops its front in place)
@@ -705,9 +728,6 @@ class Server:
         else:  # the client sent more (pipelining): keep that for later
             conn.body = bytes(conn.buf[conn.head_end:conn.need])
             del conn.buf[:conn.need]
-        conn.phase, conn.deadline = WORK, math.inf
-        self._watch(conn, 0)
-        self._jobs.put(conn)
 
     def _refuse(self, conn: Connection, status: int, code: str, message: str,
                 headers: Mapping[str, str] | None = None) -> None:
@@ -718,7 +738,7 @@ class Server:
 
     def _send(self, conn: Connection) -> None:
         try:
-            sent = conn.sock.send(conn.out)
+            sent = conn.sock.send(conn.out) if conn.out else 0
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -770,16 +790,16 @@ class Server:
 
     def _release(self, conn: Connection) -> None:
         """Give back the buffer room a request held; let waiting requests in."""
-        self._buffered -= conn.reserved
-        conn.reserved = 0
         now = time.monotonic()
-        while self._waiting and not self.stopping:
-            head = self._waiting[0]
-            if not self._room(head.need - head.head_end):
-                return
-            self._waiting.popleft()
-            if head.sock.fileno() < 0:
-                continue
+        with self._budget_lock:
+            self._buffered -= conn.reserved
+            conn.reserved = 0
+        while not self.stopping:
+            with self._budget_lock:
+                if not self._waiting or not self._room(
+                        self._waiting[0].need - self._waiting[0].head_end):
+                    return
+                head = self._waiting.popleft()
             head.phase = HEAD  # admitted now: framing again is cheap and keeps one path
             self._watch(head, selectors.EVENT_READ)
             self._advance(head, now)
@@ -813,11 +833,12 @@ class Server:
         if conn.events:
             self._selector.unregister(conn.sock)
             conn.events = 0
-        if conn in self._waiting:
-            self._waiting.remove(conn)
-        if conn.phase != WORK:  # a worker's request keeps its room until it returns
-            self._buffered -= conn.reserved
-            conn.reserved = 0
+        with self._budget_lock:
+            if conn in self._waiting:
+                self._waiting.remove(conn)
+            if conn.phase != WORK:  # a worker's request keeps its room until it returns
+                self._buffered -= conn.reserved
+                conn.reserved = 0
         self._conns.pop(conn.sock.fileno(), None)
         with contextlib.suppress(OSError):
             conn.sock.close()
@@ -826,27 +847,90 @@ class Server:
 
     def _work(self) -> None:
         while (conn := self._jobs.get()) is not None:
-            try:
-                handler = Handler(self, conn.head, conn.body, conn.address)
-                out = handler.run()
-                conn.close_after = conn.close_after or handler.close_connection
-                try:
-                    sent = conn.sock.send(out)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                conn.out = out[sent:]
-            except OSError:
-                conn.out, conn.close_after = b"", True  # the client went away
-            except Exception:
-                log.exception("serving %s failed", conn.address)
-                conn.out, conn.close_after = b"", True
-            conn.head, conn.body = b"", b""
-            self._returned.append(conn)
+            while self._answer(conn) and self._next_request(conn):
+                pass  # the same client's next request, come while this worker waited
+            if self._rearm(conn):
+                continue
+            self._returned.append(conn)  # the loop finishes it
             with self._wake_lock:
                 wake, self._woken = not self._woken, True
             if wake:
                 with contextlib.suppress(OSError):
                     self._wake_w.send(b"\0")
+
+    def _answer(self, conn: Connection) -> bool:
+        """Run the request handed over and send what the socket takes of its answer;
+        then give back the buffer room it held unless requests wait for it (the loop
+        lets them in).  True when the connection may go on with its next request here."""
+        try:
+            handler = Handler(self, conn.head, conn.body, conn.address)
+            out = handler.run()
+            conn.close_after = conn.close_after or handler.close_connection
+            try:
+                sent = conn.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            conn.out = out[sent:]
+        except OSError:
+            conn.out, conn.close_after = b"", True  # the client went away
+        except Exception:
+            log.exception("serving %s failed", conn.address)
+            conn.out, conn.close_after = b"", True
+        conn.head, conn.body = b"", b""
+        with self._budget_lock:
+            if conn.reserved and not self._waiting:
+                self._buffered -= conn.reserved
+                conn.reserved = 0
+            return not (conn.out or conn.close_after or conn.reserved or self.stopping)
+
+    def _next_request(self, conn: Connection) -> bool:
+        """Wait up to WORKER_WAIT_S for the client's next request and take it if it comes
+        whole (a keep-alive client usually sends it at once: waiting costs less than two
+        thread hand-offs through the loop).  False: the loop reads what came, if anything."""
+        poll = select.poll()
+        poll.register(conn.sock, select.POLLIN)
+        if not poll.poll(WORKER_WAIT_S * 1000):
+            return False
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            conn.close_after = True  # the client is gone: the loop closes
+            return False
+        conn.buf += data
+        end = head_end(conn.buf)
+        if not 0 <= end <= MAX_HEAD_BYTES:
+            return False
+        length, continues = framing(bytes(conn.buf[:end]))
+        if length is None or continues or len(conn.buf) < end + length:
+            return False  # to be refused, or a body still coming: the loop's part
+        with self._budget_lock:
+            if length and not self._room(length):
+                return False
+            self._buffered += length
+            conn.reserved = length
+        conn.head_end, conn.need = end, end + length
+        self._take_request(conn)
+        return True
+
+    def _rearm(self, conn: Connection) -> bool:
+        """End a request the usual way, in its worker: the answer went out whole, the
+        connection stays open, holds no more bytes and no buffer room; so it waits for
+        its next request, watched by the loop again.  (A selector may be given a socket
+        from another thread: epoll is.)  False: the loop must finish it."""
+        if conn.out or conn.close_after or conn.buf or conn.reserved or self.stopping:
+            return False
+        now = time.monotonic()
+        conn.since, conn.deadline = now, now + self.config.http_idle_timeout_s
+        conn.phase, conn.events = IDLE, selectors.EVENT_READ
+        try:
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        except (ValueError, KeyError, OSError):  # the loop has ended: stop() closes it
+            conn.events = 0
+        return True
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):
