@@ -38,7 +38,7 @@ CHECKPOINTS = {"KVMEM_CHECKPOINT_PAGES": "16", "KVMEM_CHECKPOINT_POLL_S": "0.01"
 class Recorded(NamedTuple):
     events: list[Event]
     settings: dict[str, str]
-    kind: str  # the workload
+    kind: str  # the workload (crashsim.workload_writes says what it acknowledges)
 
 
 class Record(Protocol):
@@ -83,8 +83,11 @@ def check(recorded: Recorded, label: str, tmp_path: Path, model: Model,
     crashsim.replay(events, model, crashsim.Checker(recorded.settings, scratch), report,
                     torn=torn, seed=1, head=0 if torn == 0 else 80)
     testutil.POWERLOSS_REPORTS.append(report)
-    acks = sum(1 for e in recorded.events if e.kind == "ack")
-    assert acks >= COUNT // crashsim.BATCH_SIZE and report.ack_checks > acks, report
+    # Every write of the workload acknowledged, each once (a replay checks only those),
+    # and a crash after every event.
+    shortfall = crashsim.ack_shortfall(events, recorded.kind, COUNT)
+    assert not shortfall, shortfall
+    assert report.crash_points == len(events), report
     if recorded[1]["KVMEM_JOURNAL_MODE"] == "wal":  # the replay covers rewound WALs too
         assert crashsim.wal_restarts(recorded[0]) >= 3, label
     return report
@@ -212,6 +215,31 @@ def test_checker_catches_deliberately_broken_disks(
     early = check(delete, "DELETE extra, acks one event early", tmp_path,
                   Model(strict=True), events=crashsim.acks_moved_earlier(delete[0]), torn=0)
     assert early.lost > 0 and early.max_lost_at_one_point == 1, early
+
+
+@pytest.mark.parametrize("kind", ["single", "batch"])
+def test_acknowledgement_check_catches_a_short_recording(record: Record, kind: str) -> None:
+    """A recording with a fifth of its acknowledgements -- a recorder that misses four
+    in five (``single``), or a batch acknowledging only its first key -- replays without
+    a loss, because only acknowledged writes are checked.  The old count check
+    (``acks >= COUNT // BATCH_SIZE``) let 32 of 160 through; the exact one refuses it."""
+    recorded = record(kind, "extra", "wal")
+    assert crashsim.ack_shortfall(recorded.events, kind, COUNT) == ""
+    acks = [i for i, e in enumerate(recorded.events) if e.kind == "ack"]
+    short = list(recorded.events)
+    if kind == "single":
+        dropped = set(acks) - set(acks[::5])
+        short = [e for i, e in enumerate(short) if i not in dropped]
+    else:
+        for i in acks:
+            ack = short[i].ack
+            assert ack is not None
+            short[i] = dataclasses.replace(short[i], ack={**ack, "keys": ack["keys"][:1]})
+    problem = crashsim.ack_shortfall(short, kind, COUNT)
+    assert problem.startswith(f"{kind}: {COUNT // 5} of the {COUNT} acknowledgements"), problem
+    again = crashsim.ack_shortfall([*recorded.events, recorded.events[acks[0]]], kind, COUNT)
+    assert again.startswith(f"{kind}: {crashsim.BATCH_SIZE if kind == 'batch' else 1} "
+                            "unexpected"), again  # acknowledged twice
 
 
 def test_replay_self_check_catches_a_wrong_write(
@@ -364,16 +392,25 @@ def test_parser_takes_server_acks_only_for_writes_a_client_acknowledged(tmp_path
     def memory(key: str) -> str:
         return json.dumps({"namespace": "default", "key": key, "version": 1})
 
-    client_ack = _hex('KVMEM-ACK {"key": "put", "n": 1}\n')
+    def client_ack(key: str) -> str:
+        text = f'KVMEM-ACK {{"key": "{key}", "n": 1}}\n'
+        return f'30 write(5<{_hex("/dev/null")}>, "{_hex(text)}", {len(text)}) = {len(text)}'
+
     lines = [
         send(20, "HTTP/1.1 201 Created\r\n\r\n"), send(20, memory("put")),
         send(21, "HTTP/1.1 200 OK\r\n\r\n"), send(21, memory("got")),
         '22 sendto(3<socket:[2]>, [{nlmsg_len=20, nlmsg_type=RTM_GETADDR}], 20, 0, NULL, 0) = 20',
-        f'30 write(5<{_hex("/dev/null")}>, "{client_ack}", 31) = 31',
+        client_ack("put"),
+        send(23, "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n\r\n"
+             + memory("one")),  # head and body in one send
+        send(24, "HTTP/1.1 200 OK\r\n\r\n" + memory("read")),  # a GET: no client ack
+        client_ack("one"),
     ]
     events = crashsim.parse(iter(lines), directory)
     assert [e.ack for e in events] == [{"key": "put", "n": 1, "by": "server"},
-                                       {"key": "put", "n": 1}]
+                                       {"key": "put", "n": 1},
+                                       {"key": "one", "n": 1, "by": "server"},
+                                       {"key": "one", "n": 1}]
 
 
 def test_parser_follows_new_directories(tmp_path: Path) -> None:
