@@ -1,27 +1,32 @@
 """Power loss, simulated by replaying a writer's own system calls (stdlib only).
 
-The method of ALICE (OSDI'14) and CrashMonkey (OSDI'18), at the size of one directory:
+The method of ALICE (OSDI'14) and CrashMonkey (OSDI'18), at the size of one directory tree:
 
 1. **Record.**  A writer (a workload below, running kvmem's real code) runs under
    ``strace -f``, which logs every open, write (with all its bytes), truncate,
-   fsync/fdatasync, rename and unlink.  After each call that returned, the writer
-   writes ``KVMEM-ACK {...}`` to ``/dev/null`` (kvmem-http's are its 2xx responses):
-   the same trace orders acknowledgements against disk operations.
+   fsync/fdatasync, rename, unlink and mkdir under a root directory that exists
+   before.  After each call that returned, the writer writes ``KVMEM-ACK {...}`` to
+   ``/dev/null`` (kvmem-http's are its 2xx responses): the same trace orders
+   acknowledgements against disk operations.
 2. **Replay.**  A model disk: each file (inode) has a *durable* image and a list of
    *pending* (unsynced) operations; fsync/fdatasync folds in those done before it
-   started.  Directory entries (creates, unlinks, renames) are durable at once in the
-   *lenient* model and only after an fsync of the directory in the *strict* (POSIX) one.
+   started.  Directory entries (creates, unlinks, renames, and new directories) are
+   durable at once in the *lenient* model and only after an fsync of the directory that
+   holds them in the *strict* (POSIX) one.  A file is in a crash image only if its own
+   entry and the entry of every directory created above it are durable: a directory
+   lost with its parent's unsynced entry takes its files with it.
    ``-shm`` is never part of a crash image: SQLite does not need it to recover.
 3. **Crash.**  After every event, the disk a power cut would leave is the durable
    state (one image per distinct durable state, cached).  Torn images add a seeded
-   random subset of the pending writes, 512-byte sector by sector, and a random prefix
-   of the pending directory operations.
+   random subset of the pending writes, 512-byte sector by sector, and for each
+   directory a random prefix of its pending operations.
 4. **Check.**  Each image is opened with kvmem (``open_db``), must pass
    ``integrity_check``, and must hold every write acknowledged before the crash point
    with its exact value and version.
 
-Self-check: replaying every event must reproduce the writer's final files byte for byte
-(a missed system call -- mmap stores, io_uring, sendfile -- would show here).
+Self-check: replaying every event must reproduce the writer's final files byte for byte,
+and its directories (a missed system call -- mmap stores, io_uring, sendfile -- would
+show here).
 
 Usage: ``python crashsim.py write KIND DIR N`` runs a workload (what the tests record);
 settings come from ``KVMEM_*`` as for every kvmem process.
@@ -29,6 +34,7 @@ settings come from ``KVMEM_*`` as for every kvmem process.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -57,7 +63,8 @@ TRACED = ("openat", "?open", "?creat", "openat2", "write", "pwrite64", "writev",
           "pwritev2", "ftruncate", "?truncate", "fsync", "fdatasync", "sync_file_range",
           "?rename", "renameat", "renameat2", "?unlink", "unlinkat", "sendfile",
           "copy_file_range", "splice", "fallocate", "io_uring_setup", "sync", "syncfs",
-          "?link", "linkat", "?symlink", "symlinkat", "?mknod", "mknodat",
+          "?link", "linkat", "?symlink", "symlinkat", "?mknod", "mknodat", "?mkdir",
+          "mkdirat", "?rmdir",
           "sendto")  # sendto: kvmem-http's responses, the earliest acknowledgement
 
 
@@ -71,7 +78,7 @@ class TraceError(Exception):
 @dataclasses.dataclass(frozen=True, slots=True)
 class Event:
     """One disk-relevant step, in trace order.  ``kind``: open, write, truncate, unlink,
-    rename, syncstart/sync and dirsyncstart/dirsync (a sync covers only what was written
+    rename, mkdir, syncstart/sync and dirsyncstart/dirsync (a sync covers only what was written
     before it *started*: ``tid`` pairs the two), or ack.  ``path`` names the file the way
     the kernel did at the time; ``deleted`` marks a descriptor whose file was unlinked."""
 
@@ -166,10 +173,13 @@ def _http_ack(answered_2xx: dict[str, bool], tid: str, data: bytes) -> dict[str,
     """A memory sent by a server thread after a 2xx status line: the moment the server
     acknowledged that write (the client's ack comes later, when it has read it).  Kept by
     ``parse`` only when a client acknowledged the same write: a 2xx ``GET`` also sends a
-    memory, and reading a value is no acknowledgement of its durability."""
+    memory, and reading a value is no acknowledgement of its durability.  The head and
+    the body may come in one send (kvmem-http's way) or in two."""
     if data.startswith(b"HTTP/1."):
         answered_2xx[tid] = data[9:10] == b"2"
-        return None
+        data = data.partition(b"\r\n\r\n")[2]
+        if not data:
+            return None  # the body, if any, comes in the next send
     if not answered_2xx.pop(tid, False) or not data.startswith(b"{"):
         return None
     try:
@@ -196,15 +206,18 @@ def _touches(args: Sequence[str], tracked: Callable[[str], bool]) -> str:
     return ""
 
 
-def parse(lines: Iterator[str], directory: str) -> list[Event]:
-    """The events of ``directory`` (and acknowledgements) in a ``strace -f -xx -y`` log."""
-    directory = os.path.realpath(directory)
-
-    def tracked(path: str) -> bool:
-        return os.path.dirname(path) == directory and not path.endswith("-shm")
+def parse(lines: Iterator[str], root: str) -> list[Event]:
+    """The events under ``root`` (a directory that exists before the trace starts: the
+    directories created in it, at any depth, and their files), and the acknowledgements,
+    in a ``strace -f -xx -y`` log."""
+    root = os.path.realpath(root)
+    dirs = {root}  # root and the directories created under it so far
 
     def tracked_or_dir(path: str) -> bool:
-        return path == directory or tracked(path)
+        return (path == root or path.startswith(root + os.sep)) and not path.endswith("-shm")
+
+    def tracked(path: str) -> bool:  # a file
+        return tracked_or_dir(path) and path not in dirs
 
     events: list[Event] = []
     answered_2xx: dict[str, bool] = {}  # thread -> its last response head was 2xx
@@ -225,7 +238,7 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
             continue
         if name in ("fsync", "fdatasync") and phase in ("entry", "whole"):
             path, deleted = _fd(args[0])
-            if path == directory:
+            if path in dirs:
                 events.append(Event("dirsyncstart", path, tid))
             elif tracked(path):
                 events.append(Event("syncstart", path, tid, deleted=deleted))
@@ -240,11 +253,13 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
         if name in ("openat", "open", "creat", "openat2"):
             path, _ = _fd(result.split(" ", 1)[0])
             if not tracked(path):
-                continue
+                continue  # elsewhere, or a directory (opened to be synced)
             flags = args[2] if name in ("openat", "openat2") else (
                 args[1] if name == "open" else "O_CREAT|O_WRONLY|O_TRUNC")
             if name == "openat2":
                 raise TraceError("openat2 on a tracked file: not modelled")
+            if "O_DIRECTORY" in flags or os.path.dirname(path) not in dirs:
+                raise TraceError(f"open of {path}: a directory not seen created")
             events.append(Event("open", path, data=flags.encode()))
         elif name in ("pwrite64", "write"):
             path, deleted = _fd(args[0])
@@ -263,20 +278,31 @@ def parse(lines: Iterator[str], directory: str) -> list[Event]:
                 events.append(Event("truncate", path, offset=int(args[1]), deleted=deleted))
         elif name in ("fsync", "fdatasync"):
             path, deleted = _fd(args[0])
-            if path == directory:
+            if path in dirs:
                 events.append(Event("dirsync", path, tid))
             elif tracked(path):
                 events.append(Event("sync", path, tid, deleted=deleted))
         elif name in ("unlink", "unlinkat"):
             path = _path_arg(None, args[0]) if name == "unlink" else _path_arg(*args[:2])
+            if path in dirs:
+                raise TraceError(f"removal of the directory {path}: not modelled")
             if tracked(path):
                 events.append(Event("unlink", path))
+        elif name in ("mkdir", "mkdirat"):
+            path = _path_arg(None, args[0]) if name == "mkdir" else _path_arg(*args[:2])
+            if tracked_or_dir(path):
+                if os.path.dirname(path) not in dirs:
+                    raise TraceError(f"mkdir of {path}: its parent was not seen created")
+                dirs.add(path)
+                events.append(Event("mkdir", path))
         elif name in ("rename", "renameat", "renameat2"):
             old = _path_arg(None, args[0]) if name == "rename" else _path_arg(args[0], args[1])
             new = _path_arg(None, args[1]) if name == "rename" else _path_arg(args[2], args[3])
-            if tracked(old) or tracked(new):
-                if not (tracked(old) and tracked(new)):
-                    raise TraceError(f"rename across the tracked directory: {old} -> {new}")
+            if tracked_or_dir(old) or tracked_or_dir(new):
+                if not (tracked(old) and tracked(new)) or \
+                        os.path.dirname(old) != os.path.dirname(new):
+                    raise TraceError(f"rename out of its directory, or of a directory: "
+                                     f"{old} -> {new}")
                 if name == "renameat2" and "RENAME_EXCHANGE" in args[4]:
                     raise TraceError("renameat2(RENAME_EXCHANGE): not modelled")
                 events.append(Event("rename", old, new_path=new))
@@ -332,20 +358,26 @@ class Model:
 
 
 class Disk:
-    """The model disk for one directory, advanced one event at a time."""
+    """The model disk for one directory tree, advanced one event at a time.  Paths the
+    trace never created (the root and above) are there before and durable; a directory
+    the trace created is an entry of its parent, like a file."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
         self.live: dict[str, Inode] = {}  # the writer starts in an empty directory
         self.durable: dict[str, Inode] = {}
-        # (sequence number, op, path, inode) of creates, unlinks, renames ("old\0new")
-        self.pending_dir: list[tuple[int, str, str, Inode | None]] = []
+        self.directories: set[str] = set()  # the entries of ``live`` that are directories
+        # (sequence number, parent directory, op, path, inode) of creates (of files and
+        # directories), unlinks, renames ("old\0new")
+        self.pending_dir: list[tuple[int, str, str, str, Inode | None]] = []
         self.unlinked: dict[str, list[Inode]] = {}  # files unlinked from each name
         self.sync_started: dict[str, int] = {}  # thread -> sequence number at its sync's start
         self.seq = 0
         self.generation = 0  # changes whenever the durable state does
 
     def _inode(self, event: Event) -> Inode:
+        if event.path in self.directories:
+            raise TraceError(f"{event.kind} on the directory {event.path}: not modelled")
         if not event.deleted:
             ino = self.live.get(event.path)
             if ino is None:
@@ -365,8 +397,8 @@ class Disk:
     def _dir_op(self, op: str, path: str, ino: Inode | None, new: str = "") -> None:
         self.seq += 1
         if self.model.strict:
-            self.pending_dir.append(
-                (self.seq, op, path if op != "rename" else path + "\0" + new, ino))
+            self.pending_dir.append((self.seq, os.path.dirname(path), op,
+                                     path if op != "rename" else path + "\0" + new, ino))
         else:
             _dir_apply(self.durable, op, path if op != "rename" else path + "\0" + new, ino)
             self.generation += 1
@@ -392,15 +424,23 @@ class Disk:
                 ino.durable = bytes(buf)
                 del ino.pending[:count]
                 self.generation += 1
-        elif kind == "dirsync":
+        elif kind == "dirsync":  # this directory's own entries, not its entry in its parent
             done = self._synced_upto(event)
-            count = sum(1 for seq, _, _, _ in self.pending_dir if seq <= done)
-            for _, op, path, target in self.pending_dir[:count]:
+            synced = [op for op in self.pending_dir if op[0] <= done and op[1] == event.path]
+            for _, _, op, path, target in synced:
                 _dir_apply(self.durable, op, path, target)
-            if count:
-                del self.pending_dir[:count]
+            if synced:
+                self.pending_dir = [op for op in self.pending_dir if op not in synced]
                 self.generation += 1
+        elif kind == "mkdir":
+            if event.path in self.live:
+                raise TraceError(f"mkdir of {event.path}, present in the model")
+            self.live[event.path] = made = Inode()
+            self.directories.add(event.path)
+            self._dir_op("link", event.path, made)
         elif kind == "open":
+            if event.path in self.directories:
+                raise TraceError(f"open of the directory {event.path}: not modelled")
             flags = event.data.decode()
             opened = self.live.get(event.path)
             if opened is None:
@@ -413,11 +453,13 @@ class Disk:
                 self.seq += 1
                 opened.pending.append((self.seq, 0, None))
         elif kind == "unlink":
-            if event.path not in self.live:
+            if event.path not in self.live or event.path in self.directories:
                 raise TraceError(f"unlink of {event.path}, absent in the model")
             self._forget(event.path)
             self._dir_op("unlink", event.path, None)
         elif kind == "rename":
+            if {event.path, event.new_path} & self.directories:
+                raise TraceError(f"rename of the directory {event.path}: not modelled")
             ino = self.live.pop(event.path)
             self._forget(event.new_path)
             self.live[event.new_path] = ino
@@ -430,18 +472,35 @@ class Disk:
             raise TraceError(f"{event.kind} of {event.path} without its start")
         return self.sync_started.pop(event.tid)
 
+    def _files(self, entries: Mapping[str, Inode]) -> Iterator[tuple[str, Inode]]:
+        """The files among durable ``entries`` that a power cut leaves reachable: each
+        directory created above one must have a durable entry too."""
+        for path, ino in entries.items():
+            if path in self.directories:
+                continue
+            parent = os.path.dirname(path)
+            while parent in self.directories and parent in entries:
+                parent = os.path.dirname(parent)
+            if parent not in self.directories:
+                yield path, ino
+
     def image(self) -> dict[str, bytes]:
         """The files a power cut now leaves: durable entries, durable contents."""
-        return {path: ino.durable for path, ino in self.durable.items()}
+        return {path: ino.durable for path, ino in self._files(self.durable)}
 
     def torn_image(self, rng: random.Random) -> dict[str, bytes]:
-        """A power cut that also persisted some of what was pending: a random prefix of
-        the directory operations and a random subset of the written sectors."""
+        """A power cut that also persisted some of what was pending: for each directory a
+        random prefix of its pending operations, and a random subset of the written
+        sectors."""
         entries = dict(self.durable)
-        for _, op, path, ino in self.pending_dir[: rng.randint(0, len(self.pending_dir))]:
-            _dir_apply(entries, op, path, ino)
+        pending = collections.Counter(parent for _, parent, _, _, _ in self.pending_dir)
+        keep = {parent: rng.randint(0, count) for parent, count in pending.items()}
+        for _, parent, op, path, ino in self.pending_dir:
+            if keep[parent]:
+                keep[parent] -= 1
+                _dir_apply(entries, op, path, ino)
         image = {}
-        for path, ino in entries.items():
+        for path, ino in self._files(entries):
             buf = bytearray(ino.durable)
             for _, offset, data in ino.pending:
                 if rng.random() < 0.5:
@@ -502,25 +561,34 @@ def wal_restarts(events: Sequence[Event]) -> int:
     return restarts
 
 
-def final_files(events: Sequence[Event]) -> dict[str, bytes]:
-    """Every event replayed: what the writer's directory should hold at the end."""
+def final_tree(events: Sequence[Event]) -> tuple[dict[str, bytes], set[str]]:
+    """Every event replayed: the files (path: contents) and the directories the writer's
+    root should hold at the end."""
     disk = Disk(Model(strict=False))
     for event in events:
         disk.apply(event)
-    return {path: bytes(ino.live) for path, ino in disk.live.items()}
+    files = {path: bytes(ino.live) for path, ino in disk.live.items()
+             if path not in disk.directories}
+    return files, disk.directories
 
 
-def verify_replay(events: Sequence[Event], directory: str) -> int:
-    """Self-check: the replay reproduces the directory byte for byte (``-shm`` aside).
-    Returns the number of bytes compared.  Call only when no process has the database
-    open."""
-    expected = final_files(events)
-    actual = {}
-    for name in os.listdir(directory):
-        path = os.path.join(os.path.realpath(directory), name)
-        if os.path.isfile(path) and not name.endswith("-shm"):
-            with open(path, "rb") as fp:
-                actual[path] = fp.read()
+def verify_replay(events: Sequence[Event], root: str) -> int:
+    """Self-check: the replay reproduces the tree under ``root`` byte for byte (``-shm``
+    aside).  Returns the number of bytes compared.  Call only when no process has the
+    database open."""
+    expected, expected_dirs = final_tree(events)
+    actual: dict[str, bytes] = {}
+    actual_dirs: set[str] = set()
+    for where, subdirs, names in os.walk(os.path.realpath(root)):
+        actual_dirs.update(os.path.join(where, name) for name in subdirs)
+        for name in names:
+            path = os.path.join(where, name)
+            if os.path.isfile(path) and not name.endswith("-shm"):
+                with open(path, "rb") as fp:
+                    actual[path] = fp.read()
+    if sorted(expected_dirs) != sorted(actual_dirs):
+        raise TraceError(f"replay has directories {sorted(expected_dirs)}, "
+                         f"the disk {sorted(actual_dirs)}")
     if sorted(expected) != sorted(actual):
         raise TraceError(f"replay has files {sorted(expected)}, the disk {sorted(actual)}")
     for path, data in actual.items():
@@ -557,21 +625,63 @@ def _sequential(keys: int, n_writes: int, prefix: str) -> list[tuple[str, int]]:
     return [(f"{prefix}{i % keys}", i // keys + 1) for i in range(n_writes)]
 
 
+def workload_writes(kind: str, count: int) -> list[list[tuple[str, int]]]:
+    """The writes ``(key, n)`` workload ``kind`` makes of ``count``: one list per writer
+    thread (``batch``: per batch, one commit).  The workloads run exactly these."""
+    if kind == "single":
+        return [_sequential(max(1, count // 2), count, "k")]
+    if kind in ("group", "http"):
+        prefix = "t" if kind == "group" else "h"
+        return [_sequential(max(1, count // THREADS // 2), count // THREADS, f"{prefix}{t}-")
+                for t in range(THREADS)]
+    if kind == "batch":
+        return [[(f"b{b}-{i}", 1) for i in range(BATCH_SIZE)] for b in range(count // BATCH_SIZE)]
+    raise SystemExit(f"unknown workload {kind!r}")
+
+
+def acknowledgements(events: Sequence[Event]) -> collections.Counter[tuple[str, int, str]]:
+    """How often each ``(key, n, by)`` was acknowledged in ``events``; ``by`` is
+    ``server`` for kvmem-http's response, ``writer`` for the workload's own."""
+    return collections.Counter((key, int(e.ack["n"]), e.ack.get("by", "writer"))
+                               for e in events if e.ack is not None
+                               for key in e.ack.get("keys") or [e.ack["key"]])
+
+
+def ack_shortfall(events: Sequence[Event], kind: str, count: int) -> str:
+    """Why ``events`` do not acknowledge every write of workload ``kind`` exactly once
+    (and once more by the server, for ``http``), or ''.  A replay checks only what was
+    acknowledged, so a recording short of acknowledgements proves less than it seems."""
+    by = ("writer", "server") if kind == "http" else ("writer",)
+    expected = collections.Counter((key, n, who) for writes in workload_writes(kind, count)
+                                   for key, n in writes for who in by)
+    seen = acknowledgements(events)
+    missing, extra = expected - seen, seen - expected
+    problems = []
+    if missing:
+        problems.append(f"{expected.total() - missing.total()} of the {expected.total()} "
+                        f"acknowledgements expected, missing e.g. {sorted(missing)[:3]}")
+    if extra:
+        problems.append(f"{extra.total()} unexpected, e.g. {sorted(extra)[:3]}")
+    return f"{kind}: {'; '.join(problems)}" if problems else ""
+
+
 def write_workload(kind: str, directory: str, count: int) -> None:
-    """Run one workload on ``directory/memory.db`` with the settings in ``KVMEM_*``."""
+    """Run one workload on ``directory/memory.db`` with the settings in ``KVMEM_*``
+    (kvmem creates ``directory`` if it does not exist)."""
     import kvmem
 
     db = os.path.join(directory, "memory.db")
     ack = _Acks()
+    writes = workload_writes(kind, count)
     if kind == "http":
-        _http_workload(db, count, ack)
+        _http_workload(db, writes, ack)
         return
     config = kvmem.Config.build()
     if kind == "single":
         # Ends like a killed process (no final checkpoint), so that whatever the WAL
         # holds is part of the byte-for-byte self-check; the other workloads close cleanly.
         store = kvmem.Store.open(db, config=config)
-        for key, n in _sequential(max(1, count // 2), count, "k"):
+        for key, n in writes[0]:
             memory = store.set(key, value_for(key, n), namespace=NAMESPACE)
             ack(key=key, n=memory.version)
         store._stop_background()  # no checkpoint in flight from here on (no final one)
@@ -579,19 +689,16 @@ def write_workload(kind: str, directory: str, count: int) -> None:
     with kvmem.Store.open(db, config=config) as store:
         if kind == "group":
             def run(t: int) -> None:
-                for key, n in _sequential(max(1, count // THREADS // 2), count // THREADS,
-                                          f"t{t}-"):
+                for key, n in writes[t]:
                     memory = store.set(key, value_for(key, n), namespace=NAMESPACE)
                     ack(key=key, n=memory.version)
             _threads(run)
         elif kind == "batch":
-            for b in range(count // BATCH_SIZE):
-                keys = [f"b{b}-{i}" for i in range(BATCH_SIZE)]
-                store.batch([{"op": "set", "key": k, "value": value_for(k, 1)} for k in keys],
+            for batch in writes:
+                keys = [key for key, _ in batch]
+                store.batch([{"op": "set", "key": k, "value": value_for(k, n)} for k, n in batch],
                             namespace=NAMESPACE)
                 ack(keys=keys, n=1)
-        else:
-            raise SystemExit(f"unknown workload {kind!r}")
 
 
 def _threads(run: Callable[[int], None]) -> None:
@@ -612,7 +719,7 @@ def _threads(run: Callable[[int], None]) -> None:
         raise errors[0]
 
 
-def _http_workload(db: str, count: int, ack: _Acks) -> None:
+def _http_workload(db: str, writes: list[list[tuple[str, int]]], ack: _Acks) -> None:
     """A real ``kvmem-http`` process (traced too: strace -f follows it) under concurrent
     PUTs from this process.  Acknowledged twice in the trace: when the server sends the
     2xx response (``sendto``, see ``_http_ack``) and when this client has read it."""
@@ -630,7 +737,7 @@ def _http_workload(db: str, count: int, ack: _Acks) -> None:
 
     def run(t: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for key, n in _sequential(max(1, count // THREADS // 2), count // THREADS, f"h{t}-"):
+        for key, n in writes[t]:
             body = json.dumps({"value": value_for(key, n)})
             conn.request("PUT", f"/v1/memories/{key}", body,
                          {"Content-Type": "application/json"})
@@ -738,7 +845,9 @@ class Checker:
         where = os.path.join(self.scratch, str(self.opened))
         os.mkdir(where)
         try:
-            for path, data in image.items():
+            if len({os.path.basename(path) for path in image}) != len(image):
+                raise TraceError(f"one image, files of one name in two directories: {image}")
+            for path, data in image.items():  # kvmem's files share the database's directory
                 with open(os.path.join(where, os.path.basename(path)), "wb") as fp:
                     fp.write(data)
             db = os.path.join(where, "memory.db")
@@ -826,21 +935,22 @@ def _score(report: Report, verdict: Verdict, acked: Mapping[str, int], where: st
             report.failures.append(f"{where}: {lost} acknowledged writes lost")
 
 
-def load_trace(trace_path: str, directory: str) -> list[Event]:
+def load_trace(trace_path: str, root: str) -> list[Event]:
     with open(trace_path, encoding="utf-8", errors="surrogateescape") as fp:
-        return parse(iter(fp), directory)
+        return parse(iter(fp), root)
 
 
-def record_events(kind: str, settings: Mapping[str, str], workdir: str, count: int
-                  ) -> list[Event]:
-    """Record workload ``kind`` in ``workdir/disk``, parse it and self-check the replay
-    against the files it left; the trace (tens of MB) is deleted, the events returned."""
-    directory = os.path.join(workdir, "disk")
-    os.makedirs(directory)
+def record_events(kind: str, settings: Mapping[str, str], workdir: str, count: int, *,
+                  subdir: str = "") -> list[Event]:
+    """Record workload ``kind`` with its database in ``workdir/disk/subdir`` (``subdir``
+    does not exist yet: the writer creates it), parse it and self-check the replay
+    against the tree it left; the trace (tens of MB) is deleted, the events returned."""
+    root = os.path.join(workdir, "disk")
+    os.makedirs(root)
     trace = os.path.join(workdir, "trace.txt")
-    record(kind, directory, count, settings, trace)
-    events = load_trace(trace, directory)
-    verify_replay(events, directory)
+    record(kind, os.path.join(root, subdir), count, settings, trace)
+    events = load_trace(trace, root)
+    verify_replay(events, root)
     os.remove(trace)
     return events
 

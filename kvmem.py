@@ -1346,6 +1346,40 @@ def _backoff(attempt: int, remaining: float, *, first: float, cap: float) -> Non
     time.sleep(max(0.0, min(delay, remaining)))
 
 
+def make_dirs_durable(directory: str) -> None:
+    """Create ``directory`` and its missing parents, as ``os.makedirs(exist_ok=True)``
+    does, so that a power cut cannot lose them.
+
+    A new directory entry is durable only once the directory holding it is fsynced
+    (fsync(2): "an explicit fsync() on a file descriptor for the directory is also
+    needed"), and SQLite syncs only the database's own directory.  So each directory made
+    here is fsynced, and so is its parent.  One ``stat`` when ``directory`` exists.
+    Another process may be making the same directories: one it made first is synced here
+    too (it may not have got there yet).
+
+    Raises:
+        OSError: as ``os.makedirs`` does (e.g. PermissionError; NotADirectoryError or
+            FileExistsError for a file in the way), or from opening a new directory or
+            its parent to sync it.
+    """
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    if parent != directory and not os.path.exists(parent):
+        make_dirs_durable(parent)
+    try:
+        os.mkdir(directory)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise
+    for synced in (directory, parent):
+        fd = os.open(synced, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # never a file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None = None,
             readonly: bool = False, create: bool = True,
             check_same_thread: bool = True) -> KvmemConnection:
@@ -1375,7 +1409,7 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
     conn: KvmemConnection | None = None
     try:
         if not readonly and create:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs_durable(os.path.dirname(path))
         mode = "ro" if readonly else "rwc" if create else "rw"
         conn = _connect(path, config, mode=mode, check_same_thread=check_same_thread)
         wal_bytes_found = wal_size(path)

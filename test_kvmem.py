@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,6 +196,28 @@ def test_not_a_database_refused_and_unchanged(tmp_path: Path, make: object,
     # The registration was given back: a later open checks the header again.
     with pytest.raises(error):
         kvmem.open_db(path, config=cfg())
+
+
+def _mkdir_error(make: Callable[[str], None], directory: str) -> tuple[object, ...]:
+    with pytest.raises(OSError) as info:
+        make(directory)
+    return type(info.value), info.value.errno, info.value.filename
+
+
+@pytest.mark.parametrize("below", ["", "sub", "sub/deeper"])
+def test_new_directories_fail_as_makedirs_fails(tmp_path: Path, below: str) -> None:
+    """open_db makes the database's missing directories with ``make_dirs_durable`` (which
+    also syncs them: test_powerloss.py); a file in the way fails exactly as
+    ``os.makedirs`` fails, naming the path, and is left unchanged (a permission error
+    comes from the same ``os.mkdir``)."""
+    (tmp_path / "file").write_bytes(b"x")
+    target = str(tmp_path / "file" / below)
+    mine = _mkdir_error(kvmem.make_dirs_durable, target)
+    assert mine == _mkdir_error(lambda d: os.makedirs(d, exist_ok=True), target)
+    assert mine[0] is (NotADirectoryError if below else FileExistsError), mine
+    assert (tmp_path / "file").read_bytes() == b"x"
+    kvmem.make_dirs_durable(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir()
 
 
 @pytest.mark.parametrize("journal", [True, False], ids=["hot-journal", "no-journal"])
@@ -416,8 +438,8 @@ def test_sigkill_loses_no_acknowledged_commit(db: str) -> None:
 
 
 def test_cold_start_race_eight_processes(tmp_path: Path) -> None:
-    for trial in range(20):
-        path = str(tmp_path / f"race{trial}.db")
+    for trial in range(20):  # in new directories, which all eight make at once
+        path = str(tmp_path / f"race{trial}" / "a" / "b" / "kv.db")
         children = [Child("opener", path, stdin=True) for _ in range(8)]
         for child in children:
             child.expect("ready")

@@ -9,13 +9,16 @@ these tests skip, unless ``KVMEM_TEST_REQUIRE_STRACE=1`` (CI) makes that a failu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import pytest
 
@@ -31,28 +34,42 @@ MODELS = (Model(strict=True), Model(strict=False))
 CHECKPOINTS = {"KVMEM_CHECKPOINT_PAGES": "16", "KVMEM_CHECKPOINT_POLL_S": "0.01",
                "KVMEM_WAL_CAP_BYTES": "131072"}
 
-Recorded = tuple[list[Event], dict[str, str]]
+
+class Recorded(NamedTuple):
+    events: list[Event]
+    settings: dict[str, str]
+    kind: str  # the workload (crashsim.workload_writes says what it acknowledges)
+
+
+class Record(Protocol):
+    def __call__(self, kind: str, synchronous: str, journal_mode: str, *,
+                 subdir: str = "") -> Recorded: ...
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str, str], Recorded]:
-    """Record a workload once per module (``kind, synchronous, journal_mode``); the
-    replay self-check (the trace rebuilds the final files byte for byte) runs on each."""
+def strace() -> None:
     problem = crashsim.strace_problem()
     if problem:
         if os.environ.get("KVMEM_TEST_REQUIRE_STRACE") == "1":
             pytest.fail(f"{problem}; KVMEM_TEST_REQUIRE_STRACE=1 requires the power-loss proof")
         pytest.skip(problem)
-    cache: dict[tuple[str, str, str], Recorded] = {}
 
-    def get(kind: str, synchronous: str, journal_mode: str) -> Recorded:
-        if (kind, synchronous, journal_mode) not in cache:
+
+@pytest.fixture(scope="module")
+def record(strace: None, tmp_path_factory: pytest.TempPathFactory) -> Record:
+    """Record a workload once per module (``kind, synchronous, journal_mode``, and the
+    ``subdir`` of the database: directories kvmem creates); the replay self-check (the
+    trace rebuilds the final tree byte for byte) runs on each."""
+    cache: dict[tuple[str, str, str, str], Recorded] = {}
+
+    def get(kind: str, synchronous: str, journal_mode: str, *, subdir: str = "") -> Recorded:
+        if (kind, synchronous, journal_mode, subdir) not in cache:
             settings = {"KVMEM_SYNCHRONOUS": synchronous, "KVMEM_JOURNAL_MODE": journal_mode,
                         **CHECKPOINTS}
             work = tmp_path_factory.mktemp(f"{kind}-{journal_mode}-{synchronous}")
-            events = crashsim.record_events(kind, settings, str(work), COUNT)
-            cache[(kind, synchronous, journal_mode)] = events, settings
-        return cache[(kind, synchronous, journal_mode)]
+            events = crashsim.record_events(kind, settings, str(work), COUNT, subdir=subdir)
+            cache[(kind, synchronous, journal_mode, subdir)] = Recorded(events, settings, kind)
+        return cache[(kind, synchronous, journal_mode, subdir)]
 
     return get
 
@@ -62,19 +79,22 @@ def check(recorded: Recorded, label: str, tmp_path: Path, model: Model,
     """Replay under ``model`` and add the row to the run's power-loss table."""
     scratch = tempfile.mkdtemp(prefix=f"images-{model.name}-", dir=tmp_path)
     report = Report(label, model.name)
-    crashsim.replay(events if events is not None else recorded[0], model,
-                    crashsim.Checker(recorded[1], scratch), report, torn=torn, seed=1,
-                    head=0 if torn == 0 else 80)
+    events = events if events is not None else recorded.events
+    crashsim.replay(events, model, crashsim.Checker(recorded.settings, scratch), report,
+                    torn=torn, seed=1, head=0 if torn == 0 else 80)
     testutil.POWERLOSS_REPORTS.append(report)
-    acks = sum(1 for e in recorded[0] if e.kind == "ack")
-    assert acks >= COUNT // crashsim.BATCH_SIZE and report.ack_checks > acks, report
+    # Every write of the workload acknowledged, each once (a replay checks only those),
+    # and a crash after every event.
+    shortfall = crashsim.ack_shortfall(events, recorded.kind, COUNT)
+    assert not shortfall, shortfall
+    assert report.crash_points == len(events), report
     if recorded[1]["KVMEM_JOURNAL_MODE"] == "wal":  # the replay covers rewound WALs too
         assert crashsim.wal_restarts(recorded[0]) >= 3, label
     return report
 
 
 @pytest.mark.parametrize("synchronous", ["full", "extra"])
-def test_wal_full_and_extra_lose_nothing(record: Callable[[str, str, str], Recorded],
+def test_wal_full_and_extra_lose_nothing(record: Record,
                                          tmp_path: Path, synchronous: str) -> None:
     recorded = record("single", synchronous, "wal")
     for model in MODELS:
@@ -84,7 +104,7 @@ def test_wal_full_and_extra_lose_nothing(record: Callable[[str, str, str], Recor
 
 
 def test_wal_normal_loses_the_last_commits_but_stays_consistent(
-        record: Callable[[str, str, str], Recorded], tmp_path: Path) -> None:
+        record: Record, tmp_path: Path) -> None:
     recorded = record("single", "normal", "wal")
     for model in MODELS:
         report = check(recorded, "WAL normal, Store.set", tmp_path, model)
@@ -92,7 +112,7 @@ def test_wal_normal_loses_the_last_commits_but_stays_consistent(
         assert report.integrity_failures == 0, report.failures
 
 
-def test_wal_off_loses_acknowledged_writes(record: Callable[[str, str, str], Recorded],
+def test_wal_off_loses_acknowledged_writes(record: Record,
                                            tmp_path: Path) -> None:
     recorded = record("single", "off", "wal")
     for model in MODELS:
@@ -103,7 +123,7 @@ def test_wal_off_loses_acknowledged_writes(record: Callable[[str, str, str], Rec
 
 
 def test_delete_mode_full_loses_the_last_commit_extra_nothing(
-        record: Callable[[str, str, str], Recorded], tmp_path: Path) -> None:
+        record: Record, tmp_path: Path) -> None:
     full = record("single", "full", "delete")
     strict, lenient = (check(full, "DELETE full, Store.set", tmp_path, m) for m in MODELS)
     # The unlinked journal survives the cut (no directory fsync) and rolls back the last
@@ -123,7 +143,7 @@ def test_delete_mode_full_loses_the_last_commit_extra_nothing(
     ("http", f"WAL extra, kvmem-http, {crashsim.THREADS} clients"),
 ])
 def test_default_settings_lose_nothing_from_any_writer(
-        record: Callable[[str, str, str], Recorded], tmp_path: Path, kind: str,
+        record: Record, tmp_path: Path, kind: str,
         label: str) -> None:
     recorded = record(kind, "extra", "wal")
     for model in MODELS:
@@ -132,8 +152,59 @@ def test_default_settings_lose_nothing_from_any_writer(
             report.failures
 
 
+NESTED = ("a", "b", "c")  # directories that do not exist before the first write
+
+
+def test_new_directories_are_durable_before_the_first_acknowledgement(
+        record: Record, tmp_path: Path) -> None:
+    """The database in directories kvmem creates on first use.  SQLite fsyncs only the
+    database's own directory, and a new directory's entry is durable only once its parent
+    is fsynced: without kvmem syncing each new directory and its parent, the strict model
+    loses the directories, and with them every acknowledged write."""
+    recorded = record("single", "extra", "wal", subdir=os.path.join(*NESTED))
+    for model in MODELS:
+        report = check(recorded, f"WAL extra, Store.set, in new directories {'/'.join(NESTED)}",
+                       tmp_path, model)
+        assert (report.lost, report.integrity_failures) == (0, 0), report.failures
+    made = [e.path for e in recorded.events if e.kind == "mkdir"]
+    root = os.path.dirname(made[0])
+    assert made == [os.path.join(root, *NESTED[:depth]) for depth in (1, 2, 3)]
+    # Each synced when made, and its parent (the database's directory by SQLite too,
+    # for each new -wal).
+    synced = collections.Counter(e.path for e in recorded.events if e.kind == "dirsync")
+    assert (synced[root], synced[made[0]], synced[made[1]]) == (1, 2, 2), synced
+    assert synced[made[2]] > 1, synced
+
+
+def test_directories_are_synced_when_made_and_only_then(strace: None, tmp_path: Path
+                                                         ) -> None:
+    """``make_dirs_durable`` alone, traced: each new directory synced after its mkdir,
+    with its parent; a second call, on directories that exist, makes no traced call on
+    them (it is one ``stat``, which runs on every ``open_db``)."""
+    root = os.path.realpath(tmp_path / "root")
+    os.mkdir(root)
+    x, y = os.path.join(root, "x"), os.path.join(root, "x", "y")
+    trace = str(tmp_path / "trace.txt")
+
+    def traced() -> None:
+        subprocess.run(["strace", "-f", "-qq", "-o", trace, "-xx", "-y",
+                        "-e", "trace=" + ",".join(crashsim.TRACED), sys.executable, "-c",
+                        f"import kvmem; kvmem.make_dirs_durable({y!r})"],
+                       check=True, cwd=testutil.HERE, capture_output=True)
+
+    def synced(path: str) -> list[tuple[str, str]]:
+        return [("dirsyncstart", path), ("dirsync", path)]
+
+    traced()
+    assert [(e.kind, e.path) for e in crashsim.load_trace(trace, root)] == [
+        ("mkdir", x), *synced(x), *synced(root), ("mkdir", y), *synced(y), *synced(x)]
+    traced()
+    with open(trace, encoding="ascii") as fp:  # -xx: every path in hex
+        assert [line for line in fp if _hex(root) in line] == []
+
+
 def test_checker_catches_deliberately_broken_disks(
-        record: Callable[[str, str, str], Recorded], tmp_path: Path) -> None:
+        record: Record, tmp_path: Path) -> None:
     """A disk that ignores fsync, and acknowledgements moved one event earlier, must show
     up as losses: the instrument is sensitive to one missing sync."""
     wal = record("single", "full", "wal")
@@ -146,8 +217,33 @@ def test_checker_catches_deliberately_broken_disks(
     assert early.lost > 0 and early.max_lost_at_one_point == 1, early
 
 
+@pytest.mark.parametrize("kind", ["single", "batch"])
+def test_acknowledgement_check_catches_a_short_recording(record: Record, kind: str) -> None:
+    """A recording with a fifth of its acknowledgements -- a recorder that misses four
+    in five (``single``), or a batch acknowledging only its first key -- replays without
+    a loss, because only acknowledged writes are checked.  The old count check
+    (``acks >= COUNT // BATCH_SIZE``) let 32 of 160 through; the exact one refuses it."""
+    recorded = record(kind, "extra", "wal")
+    assert crashsim.ack_shortfall(recorded.events, kind, COUNT) == ""
+    acks = [i for i, e in enumerate(recorded.events) if e.kind == "ack"]
+    short = list(recorded.events)
+    if kind == "single":
+        dropped = set(acks) - set(acks[::5])
+        short = [e for i, e in enumerate(short) if i not in dropped]
+    else:
+        for i in acks:
+            ack = short[i].ack
+            assert ack is not None
+            short[i] = dataclasses.replace(short[i], ack={**ack, "keys": ack["keys"][:1]})
+    problem = crashsim.ack_shortfall(short, kind, COUNT)
+    assert problem.startswith(f"{kind}: {COUNT // 5} of the {COUNT} acknowledgements"), problem
+    again = crashsim.ack_shortfall([*recorded.events, recorded.events[acks[0]]], kind, COUNT)
+    assert again.startswith(f"{kind}: {crashsim.BATCH_SIZE if kind == 'batch' else 1} "
+                            "unexpected"), again  # acknowledged twice
+
+
 def test_replay_self_check_catches_a_wrong_write(
-        record: Callable[[str, str, str], Recorded], tmp_path: Path) -> None:
+        record: Record, tmp_path: Path) -> None:
     """The self-check is what makes a trace trustworthy: one write whose bytes the final
     database still shows, replayed with one byte wrong (as a mis-captured or missed
     system call would leave it), and ``verify_replay`` refuses the trace."""
@@ -204,6 +300,30 @@ def test_directory_models() -> None:
     assert strict.image() == {}
 
 
+def test_a_new_directory_needs_its_parent_synced() -> None:
+    """Strict: a file in new directories is in a crash image only once its entry, and the
+    entry of each directory made above it, are synced in their parents (a directory's
+    sync covers its own entries, not its entry in its parent); lenient: at once."""
+    a, b = "/r/a", "/r/a/b"
+    f = f"{b}/memory.db"
+    made = [Event("mkdir", a), Event("mkdir", b), Event("open", f, data=b"O_RDWR|O_CREAT"),
+            Event("write", f, data=b"D" * 512), Event("syncstart", f, "1"),
+            Event("sync", f, "1"), Event("dirsyncstart", b, "1"), Event("dirsync", b, "1")]
+    strict, lenient = (_disk_after(Model(strict=s), made) for s in (True, False))
+    assert strict.image() == {} and lenient.image() == {f: b"D" * 512}
+    for directory in ("/r", a):  # a's entry in /r, then b's in a
+        assert strict.image() == {}
+        strict.apply(Event("dirsyncstart", directory, "1"))
+        strict.apply(Event("dirsync", directory, "1"))
+    assert strict.image() == {f: b"D" * 512}
+    # Torn: f's own entry is durable, a's and b's each kept or not (a prefix of the one
+    # pending operation of /r, and of a): f in about a quarter of the images.
+    torn = _disk_after(Model(strict=True), made)
+    rng = random.Random(3)
+    hits = sum(f in torn.torn_image(rng) for _ in range(400))
+    assert 60 < hits < 140, hits
+
+
 def test_torn_images_are_sector_subsets_of_pending_writes() -> None:
     f = "/d/memory.db"
     disk = _disk_after(Model(strict=False), [
@@ -214,7 +334,7 @@ def test_torn_images_are_sector_subsets_of_pending_writes() -> None:
     new = old[:100] + b"n" * 1500 + old[1600:]
     rng = random.Random(7)
     seen = set()
-    for _ in range(200):
+    for _ in range(400):
         image = disk.torn_image(rng)[f]
         sectors = tuple(image[s:s + 512] for s in range(0, 2048, 512))
         for s, sector in zip(range(0, 2048, 512), sectors, strict=True):
@@ -272,16 +392,43 @@ def test_parser_takes_server_acks_only_for_writes_a_client_acknowledged(tmp_path
     def memory(key: str) -> str:
         return json.dumps({"namespace": "default", "key": key, "version": 1})
 
-    client_ack = _hex('KVMEM-ACK {"key": "put", "n": 1}\n')
+    def client_ack(key: str) -> str:
+        text = f'KVMEM-ACK {{"key": "{key}", "n": 1}}\n'
+        return f'30 write(5<{_hex("/dev/null")}>, "{_hex(text)}", {len(text)}) = {len(text)}'
+
     lines = [
         send(20, "HTTP/1.1 201 Created\r\n\r\n"), send(20, memory("put")),
         send(21, "HTTP/1.1 200 OK\r\n\r\n"), send(21, memory("got")),
         '22 sendto(3<socket:[2]>, [{nlmsg_len=20, nlmsg_type=RTM_GETADDR}], 20, 0, NULL, 0) = 20',
-        f'30 write(5<{_hex("/dev/null")}>, "{client_ack}", 31) = 31',
+        client_ack("put"),
+        send(23, "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n\r\n"
+             + memory("one")),  # head and body in one send
+        send(24, "HTTP/1.1 200 OK\r\n\r\n" + memory("read")),  # a GET: no client ack
+        client_ack("one"),
     ]
     events = crashsim.parse(iter(lines), directory)
     assert [e.ack for e in events] == [{"key": "put", "n": 1, "by": "server"},
-                                       {"key": "put", "n": 1}]
+                                       {"key": "put", "n": 1},
+                                       {"key": "one", "n": 1, "by": "server"},
+                                       {"key": "one", "n": 1}]
+
+
+def test_parser_follows_new_directories(tmp_path: Path) -> None:
+    root = os.path.realpath(tmp_path)
+    a, b = f"{root}/a", f"{root}/a/b"
+    db = f"{b}/memory.db"
+    lines = [
+        f'10 mkdir("{_hex(a)}", 0777) = 0',
+        f'10 mkdirat(AT_FDCWD<{_hex("/")}>, "{_hex(b)}", 0777) = 0',
+        f'11 mkdir("{_hex(b)}", 0777) = -1 EEXIST (File exists)',
+        f'10 openat(AT_FDCWD, "{_hex(a)}", O_RDONLY|O_CLOEXEC|O_DIRECTORY) = 3<{_hex(a)}>',
+        f'10 fsync(3<{_hex(a)}>) = 0',
+        f'10 openat(AT_FDCWD, "{_hex(db)}", O_RDWR|O_CREAT|O_CLOEXEC, 0644) = 4<{_hex(db)}>',
+        f'10 mkdir("{_hex("/elsewhere")}", 0777) = 0',
+    ]
+    events = crashsim.parse(iter(lines), root)
+    assert [(e.kind, e.path) for e in events] == [
+        ("mkdir", a), ("mkdir", b), ("dirsyncstart", a), ("dirsync", a), ("open", db)]
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -296,11 +443,16 @@ def test_parser_takes_server_acks_only_for_writes_a_client_acknowledged(tmp_path
     ('10 unlinkat(AT_FDCWD<\\x2f>, "{db}", 0 <unfinished ...>', "never returned"),
     ('10 renameat2(AT_FDCWD, "{db}", AT_FDCWD, "{db}", RENAME_EXCHANGE) = 0',
      "RENAME_EXCHANGE"),
+    ('10 mkdir("{sub}\\x2f\\x78", 0777) = 0', "parent was not seen created"),
+    ('10 openat(AT_FDCWD, "{sub}", O_RDONLY|O_DIRECTORY) = 7<{sub}>', "not seen created"),
+    ('10 rmdir("{dir}") = 0', "not modelled"),
+    ('10 unlinkat(AT_FDCWD, "{dir}", AT_REMOVEDIR) = 0', "removal of the directory"),
+    ('10 rename("{db}", "{sub}\\x2f\\x78") = 0', "out of its directory"),
 ])
 def test_parser_refuses_what_it_cannot_replay(tmp_path: Path, bad: str,
                                              message: str) -> None:
     directory = os.path.realpath(tmp_path)
     db = _hex(f"{directory}/memory.db")
-    line = bad.format(db=db)
+    line = bad.format(db=db, dir=_hex(directory), sub=_hex(f"{directory}/sub"))
     with pytest.raises(crashsim.TraceError, match=message):
         crashsim.parse(iter([*_lines(directory)[:1], line]), directory)
