@@ -13,6 +13,7 @@ server with group commit off, peers), so that the ratios hold on a noisy machine
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import http.client
 import json
@@ -63,6 +64,7 @@ def config(**flags: str) -> kvmem.Config:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick = args.quick
+        self.sections = set(args.section or ())
         self.runs = 1 if args.quick else 3
         self.seconds = 0.25 if args.quick else 1.0
         self.million = args.million
@@ -256,20 +258,24 @@ class Bench:
             proc.terminate()
             proc.wait()
 
-    def load(self, port: int, method: str, connections: int, seconds: float) -> dict[str, Any]:
+    def load(self, port: int, method: str, connections: int, seconds: float, *,
+             timeout_s: float = 2.0) -> dict[str, Any]:
         """Requests/s, p50/p99 (ms) and errors of ``connections`` keep-alive clients: wrk
-        when it is installed, else the built-in multi-process client."""
+        when it is installed (a request slower than ``timeout_s`` counts as an error),
+        else the built-in multi-process client."""
         if shutil.which("wrk"):
-            return self.wrk(port, method, connections, seconds)
+            return self.wrk(port, method, connections, seconds, timeout_s)
         return self.builtin_load(port, method, connections, seconds)
 
-    def wrk(self, port: int, method: str, connections: int, seconds: float) -> dict[str, Any]:
+    def wrk(self, port: int, method: str, connections: int, seconds: float,
+            timeout_s: float = 2.0) -> dict[str, Any]:
         script = os.path.join(self.root, f"wrk-{method}.lua")
         with open(script, "w", encoding="utf-8") as fp:
             fp.write(WRK_SCRIPT.replace("METHOD", method))
         done = subprocess.run(
             ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
-             f"{max(1, round(seconds))}s", "--latency", "-s", script,
+             f"{max(1, round(seconds))}s", "--timeout", f"{timeout_s:g}s", "--latency", "-s",
+             script,
              f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True)
         return parse_wrk(done.stdout)
 
@@ -487,6 +493,63 @@ class Bench:
                                                       "met": kv["rps"] >= redis["rps"]}
         return {"redis_set_rps": redis["rps"], "kvmem_http_put_rps": kv["rps"]}
 
+    # -- 10. hostile clients --------------------------------------------------------------
+
+    def hostile(self) -> None:
+        say("10. hostile clients (soak): kvmem-http at its defaults; normal clients (16 "
+            "keep-alive connections of wrk) beside them; the server's memory sampled "
+            "every 20 ms")
+        seconds = 2.0 if self.quick else 8.0
+        db = self.path("hostile")
+        with kvmem.Store.open(db, config=config()) as store:
+            for start in range(0, 2_000 if self.quick else 20_000, 1000):
+                store.batch([{"op": "set", "key": f"t{i}", "value": {
+                    "text": f"a memory about word{i % 50} and the word that every memory has",
+                    "n": i}} for i in range(start, start + 1000)], namespace="text")
+            store.batch([{"op": "set", "key": f"big{i}", "value": "x" * (1024 * 1024 - 16)}
+                         for i in range(20)], namespace="big")
+        with self.http_server(db) as (proc, port):
+            for i in range(100):
+                self.request(port, "PUT", f"/v1/memories/get-{i}", {"value": {"text": "m"}})
+            memory = RssWatch(proc.pid)
+            rows: dict[str, Any] = {}
+            phases = (("baseline", ""),
+                      ("idle", "idle,slowloris,liars"),
+                      ("heavy", "idle,slowloris,liars,bursts,batches,lists,searches"))
+            for name, kinds in phases:
+                hostile = None
+                if kinds:
+                    hostile = subprocess.Popen(
+                        [sys.executable, __file__, "--hostile-worker", str(port),
+                         str(seconds + 2), kinds, "200" if self.quick else "800"],
+                        stdout=subprocess.PIPE, text=True)
+                    assert hostile.stdout is not None
+                    hostile.stdout.readline()  # "ready": its connections are open
+                memory.reset()
+                get = self.load(port, "GET", 16, seconds, timeout_s=30)
+                put = self.load(port, "PUT", 16, seconds, timeout_s=30)
+                peak_mib = memory.reset() / 2**20
+                counts = json.loads(hostile.communicate()[0]) if hostile else {}
+                rows[name] = {"get": get, "put": put, "peak_rss_mib": peak_mib,
+                              "hostile": counts}
+                say(f"   {name:8s} GET {get['rps']:6,.0f}/s p99 {get['p99_ms']:7.2f} ms | "
+                    f"PUT {put['rps']:6,.0f}/s p99 {put['p99_ms']:7.2f} ms | errors "
+                    f"{get['errors'] + put['errors']} | server RSS peak {peak_mib:5.1f} MiB")
+                if counts:
+                    say("            " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+            memory.stop()
+            rows["server_peak_rss_mib"] = memory.high_water() / 2**20
+        say(f"   server's own high-water RSS (VmHWM): {rows['server_peak_rss_mib']:.1f} MiB")
+        RESULTS["hostile"] = rows
+        targets = RESULTS["targets"]
+        for kind in ("get", "put"):
+            value = rows["idle"][kind]["p99_ms"]
+            bound = max(25.0, 2 * rows["baseline"][kind]["p99_ms"])
+            targets[f"hostile_idle_{kind}_p99_ms"] = {"value": value, "target": bound,
+                                                      "met": value <= bound}
+        peak = rows["server_peak_rss_mib"]
+        targets["hostile_peak_rss_mib"] = {"value": peak, "target": 300.0, "met": peak <= 300}
+
     def run(self) -> None:
         RESULTS["machine"] = {"cores": os.cpu_count(), "python": platform.python_version(),
                               "sqlite": sqlite3.sqlite_version, "platform": platform.platform(),
@@ -500,7 +563,9 @@ class Bench:
         try:
             for step in (self.fsync_limit, self.durability_levels, self.group_commit,
                          self.reads, self.http, self.two_processes, self.mcp, self.scale,
-                         self.peers):
+                         self.peers, self.hostile):
+                if self.sections and step.__name__ not in self.sections:
+                    continue
                 watch.reset()
                 step()
                 peaks[step.__name__] = peak = watch.reset()
@@ -509,12 +574,51 @@ class Bench:
             watch.stop()
             shutil.rmtree(self.root, ignore_errors=True)
         RESULTS["wal_peak_bytes"] = peaks
-        worst = max(peaks.values()) / 2**20
+        # The hostile section's 7 MB batches are 7 MB transactions: not normal operation.
+        worst = max((v for k, v in peaks.items() if k != "hostile"), default=0) / 2**20
         RESULTS["targets"]["wal_peak_mib"] = {"value": worst, "target": 8.0, "met": worst <= 8.0}
         say("targets:")
         for name, target in RESULTS["targets"].items():
             say(f"   {'met ' if target['met'] else 'MISS'} {name}: {target['value']:.2f} "
                 f"(target {target['target']})")
+
+
+class RssWatch:
+    """The largest resident set of process ``pid`` (``VmRSS``), sampled every 20 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _field(self, name: str) -> int:
+        with contextlib.suppress(OSError), open(f"/proc/{self.pid}/status") as fp:
+            for line in fp:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            rss = self._field("VmRSS")
+            with self._lock:
+                self.peak = max(self.peak, rss)
+
+    def reset(self) -> int:
+        with self._lock:
+            peak, self.peak = self.peak, 0
+        return peak
+
+    def high_water(self) -> int:
+        """The kernel's own record of the largest RSS the process ever had (VmHWM)."""
+        return self._field("VmHWM")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class WalWatch:
@@ -764,7 +868,144 @@ def redis_load(port: int, clients: int, seconds: float) -> None:
     print(json.dumps({"rps": sum(counts) / seconds}))
 
 
+def hostile_worker(port: int, seconds: float, kinds: str, idle_count: int) -> None:
+    """Misbehaving clients of kvmem-http for ``seconds``; ``kinds`` (comma-separated):
+    idle (``idle_count`` connections that never send), slowloris (50 connections each
+    trickling a header a byte per 0.5 s), liars (20 bodies shorter than their
+    Content-Length), bursts (200 connections at once, twice a second), batches (4 clients
+    posting 7.3 MB batches), lists (2 clients listing 1 MiB values, limit 1000), searches
+    (40 clients searching words every memory holds).  Prints ``ready`` once its
+    connections are open, and what happened as JSON at the end."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    wanted = set(kinds.split(","))
+    counts: dict[str, int] = collections.Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def count(name: str, n: int = 1) -> None:
+        with lock:
+            counts[name] += n
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+    idle = [connect() for _ in range(idle_count)] if "idle" in wanted else []
+    count("idle_connections_held", len(idle))
+
+    def slowloris() -> None:
+        socks: list[socket.socket] = []
+        while time.monotonic() < deadline:
+            while len(socks) < 50:
+                sock = connect()
+                sock.sendall(b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                socks.append(sock)
+            for sock in list(socks):
+                try:
+                    sock.sendall(b"a")
+                except OSError:  # answered 408 and closed: come back
+                    socks.remove(sock)
+                    sock.close()
+                    count("slowloris_closed_by_server")
+            time.sleep(0.5)
+        for sock in socks:
+            sock.close()
+
+    def liars() -> None:
+        body = json.dumps({"value": "v" * 1000}).encode()
+        head = (f"PUT /v1/memories/liar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        socks: list[socket.socket] = []
+        while time.monotonic() < deadline:
+            while len(socks) < 20:
+                sock = connect()
+                sock.sendall(head + body[:100])
+                sock.settimeout(0.05)
+                socks.append(sock)
+            for sock in list(socks):
+                with contextlib.suppress(TimeoutError):
+                    if sock.recv(65536).startswith(b"HTTP/1.1 408"):
+                        count("liars_answered_408")
+                    socks.remove(sock)
+                    sock.close()
+            time.sleep(0.2)
+        for sock in socks:
+            sock.close()
+
+    def bursts() -> None:
+        while time.monotonic() < deadline:
+            socks = []
+            for _ in range(200):
+                try:
+                    sock = connect()
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    socks.append(sock)
+                except OSError:
+                    count("burst_connect_failed")
+            for sock in socks:
+                try:
+                    answered = sock.recv(65536).startswith(b"HTTP/1.1 200")
+                except OSError:
+                    answered = False
+                count("burst_answered" if answered else "burst_failed")
+                sock.close()
+            time.sleep(0.5)
+
+    def requests(method: str, path: str, body: bytes | None, name: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while time.monotonic() < deadline:
+            try:
+                conn.request(method, path, body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                count(f"{name}_{response.status}")
+            except (OSError, http.client.HTTPException):
+                count(f"{name}_failed")
+                conn.close()
+        conn.close()
+
+    batch = json.dumps({"ops": [{"op": "set", "key": f"b{i}", "value": "v" * 7200}
+                                for i in range(1000)]}).encode()
+    threads = [threading.Thread(target=fn) for name, fn in (
+        ("slowloris", slowloris), ("liars", liars), ("bursts", bursts)) if name in wanted]
+    if "batches" in wanted:
+        threads += [threading.Thread(target=requests, args=(
+            "POST", "/v1/batch?namespace=hostile", batch, "batch")) for _ in range(4)]
+    if "lists" in wanted:
+        threads += [threading.Thread(target=requests, args=(
+            "GET", "/v1/memories?namespace=big&limit=1000", None, "list")) for _ in range(2)]
+    if "searches" in wanted:
+        threads += [threading.Thread(target=requests, args=(
+            "GET", "/v1/search?namespace=text&q=word+memory&limit=100", None, "search"))
+            for _ in range(40)]
+    print("ready", flush=True)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    count("idle_closed_by_server", sum(1 for sock in idle if _closed(sock)))
+    for sock in idle:
+        sock.close()
+    print(json.dumps(counts))
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--hostile-worker":
+        hostile_worker(int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
         load_worker(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
                     int(sys.argv[6]))
@@ -783,6 +1024,8 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--million", action="store_true", help="add the 1M-memory scale point")
     parser.add_argument("--dir", help="where to put the benchmark files (default: $TMPDIR)")
+    parser.add_argument("--section", action="append", help="run only this section (a method "
+                        "name such as http or hostile; may be repeated)")
     args = parser.parse_args()
     Bench(args).run()
     if args.json:

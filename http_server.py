@@ -864,6 +864,7 @@ class Server:
         lets them in).  True when the connection may go on with its next request here."""
         try:
             handler = Handler(self, conn.head, conn.body, conn.address)
+            conn.head, conn.body = b"", b""  # the handler's now: it lets go of it once read
             out = handler.run()
             conn.close_after = conn.close_after or handler.close_connection
             try:
@@ -1098,7 +1099,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # not reading it: the connection can't be reused
             raise HTTPError(413, "payload_too_large",
                             f"body is {length} bytes; the limit is {MAX_BODY_BYTES}")
-        raw = self.body  # the loop read exactly Content-Length bytes, or none
+        raw, self.body = self.body, b""  # the loop read exactly Content-Length bytes, or none
         if len(raw) != length:
             self.close_connection = True
             raise HTTPError(400, "invalid_request", "the body ended early")

@@ -262,7 +262,7 @@ class Config:
     read_connections: int = _setting(8, _INT(minimum=1), "most read connections a process "
                                      "has open at once; more readers wait for one (up to "
                                      "busy_timeout_ms, then busy)")
-    read_cache_kib: int = _setting(8000, _INT(minimum=1), "page cache of each read connection")
+    read_cache_kib: int = _setting(4000, _INT(minimum=1), "page cache of each read connection")
     quick_check: bool = _setting(True, _parse_bool, "PRAGMA quick_check on a process's first open")
     checkpoint_interval_s: float = _setting(
         30.0, _FLOAT(minimum=0.01), "how long health keeps reporting a failed checkpoint or "
@@ -317,7 +317,7 @@ class Config:
                                             "and headers must arrive within this")
     http_body_timeout_s: float = _setting(30.0, _FLOAT(minimum=0.01), "a request's body must "
                                           "arrive, and its response be taken, within this")
-    http_buffer_bytes: int = _setting(32 * 1024 * 1024, _INT(minimum=1), "request bodies "
+    http_buffer_bytes: int = _setting(16 * 1024 * 1024, _INT(minimum=1), "request bodies "
                                       "kvmem-http holds in memory at once; past it, requests "
                                       "wait their turn")
     shutdown_grace_s: float = _setting(10.0, _FLOAT(minimum=0.0), "on SIGINT/SIGTERM, how "

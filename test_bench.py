@@ -23,7 +23,7 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     assert set(results) >= {"machine", "targets", "fsync_per_s", "durability_levels",
                             "group_commit", "reads", "http", "two_processes", "mcp", "scale",
-                            "peers"}
+                            "peers", "hostile"}
     assert results["fsync_per_s"] > 0
     for level in ("off", "normal", "full", "extra"):
         row = results["durability_levels"][level]
@@ -46,13 +46,22 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     assert set(results["peers"]) >= {"redis"}
     assert set(results["wal_peak_bytes"]) == {
         "fsync_limit", "durability_levels", "group_commit", "reads", "http", "two_processes",
-        "mcp", "scale", "peers"}
+        "mcp", "scale", "peers", "hostile"}
     assert results["wal_peak_bytes"]["group_commit"] > 0  # the watch sees kvmem's WAL files
-    assert done.stdout.count("WAL: largest kvmem WAL file") == 9
+    assert done.stdout.count("WAL: largest kvmem WAL file") == 10
+    hostile = results["hostile"]
+    for phase in ("baseline", "idle", "heavy"):
+        for kind in ("get", "put"):
+            assert hostile[phase][kind]["rps"] > 0 and hostile[phase][kind]["errors"] == 0
+        assert hostile[phase]["peak_rss_mib"] > 0
+    assert hostile["idle"]["hostile"]["idle_connections_held"] == 200
+    assert hostile["idle"]["hostile"]["idle_closed_by_server"] == 0
+    assert hostile["heavy"]["hostile"]["batch_200"] > 0 and hostile["heavy"]["hostile"]["list_200"] > 0
     for name in ("store_set_extra_vs_raw_full", "store_set_off_per_s", "group_16_vs_1_thread",
                  "group_16_threads_per_s", "store_get_vs_raw_select", "http_put_vs_naive_16",
                  "http_put_vs_naive_1", "http_put_vs_get_16", "http_get_vs_naive_16",
-                 "http_put_p99_ms_16", "two_processes_p99_ms", "wal_peak_mib"):
+                 "http_put_p99_ms_16", "two_processes_p99_ms", "wal_peak_mib",
+                 "hostile_idle_get_p99_ms", "hostile_idle_put_p99_ms", "hostile_peak_rss_mib"):
         target = results["targets"][name]
         assert {"value", "target", "met"} <= set(target)
     assert "targets:" in done.stdout and "1. disk" in done.stdout
