@@ -10,9 +10,11 @@ import http.client
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ import pytest
 
 import http_server
 import kvmem
-from testutil import Child, check_acknowledged, child_env
+from testutil import HERE, Child, check_acknowledged, child_command, child_env
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -395,3 +397,43 @@ def test_an_out_of_range_import_is_refused_and_reads_keep_working(tmp_path: Path
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             status, _, body = read_response(sock)
             assert status in (200, 404), body
+
+
+def test_at_the_file_limit_the_server_neither_spins_nor_fails(tmp_path: Path) -> None:
+    """Under ``ulimit -n 128`` the cap comes down to what the process may open (64 here),
+    so the server never meets EMFILE in accept (at that limit the old accept loop spun at
+    100 % CPU): 150 connections sending half a request leave the process idle, and once
+    they go a new request is answered."""
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    db = str(tmp_path / "kv.db")
+    proc = subprocess.Popen(child_command("serve_http", "--db", db, "--port", "0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), cwd=HERE, preexec_fn=low_limit)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        half = [connect(port) for _ in range(150)]  # 64 accepted, the rest in the backlog
+        for sock in half:
+            sock.sendall(b"GET /v1/stats HTTP/1.1\r\n")
+        stat = Path(f"/proc/{proc.pid}/stat")
+
+        def ticks() -> int:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+
+        before = ticks()
+        time.sleep(1.0)  # a window to measure the process's CPU in, not a wait for something
+        spent = ticks() - before
+        assert spent < 30, f"the server used {spent} of 100 ticks in one second"
+        for sock in half:
+            sock.close()
+        with connect(port) as sock:
+            sock.sendall(REQUEST)
+            assert read_response(sock)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "cannot accept" not in err, err
