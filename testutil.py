@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -53,6 +54,7 @@ class Child:
             text=True, env=env or child_env(), cwd=HERE,
         )
         self.lines: list[str] = []
+        self.killed = False  # set by kill()
         self._finished = False
         LIVE_CHILDREN.append(self)
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -100,9 +102,16 @@ class Child:
         self.proc.stdin.flush()
 
     def kill(self) -> list[str]:
-        """SIGKILL, then return every line the child printed (all of them, read to EOF)."""
+        """SIGKILL, then return every line the child printed (all of them, read to EOF).
+
+        ``killed`` then says whether this kill ended the child: it was running just before
+        the signal and its status is -SIGKILL (a child that had exited on its own was
+        not killed, whatever its status)."""
+        running = self.proc.poll() is None
         self.proc.kill()
-        return self._finish()
+        lines = self._finish()
+        self.killed = running and self.proc.returncode == -signal.SIGKILL
+        return lines
 
     def _finish(self) -> list[str]:
         """After exit: collect the rest of stdout once (the reader's ``None`` ends it)."""
