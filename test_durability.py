@@ -42,6 +42,8 @@ from testutil import (
     check_acknowledged,
     child_env,
     file_digest,
+    lost_writes,
+    read_back,
     run_cli,
 )
 
@@ -460,27 +462,70 @@ def test_wal_fills_a_small_disk_then_restart_and_space_back(tmp_path: Path) -> N
     TOTALS["fault_cases"] += 1
 
 
-def test_read_only_filesystem(tmp_path: Path) -> None:
+@pytest.mark.parametrize("left", ["crashed", "closed"])
+def test_read_only_filesystem(tmp_path: Path, left: str) -> None:
+    """A database on a filesystem remounted read-only, as its last writer left it.
+
+    Left by a crash (its -wal and -shm still there), it reads: ``kvmem check`` exits 0 and
+    a read-only open reads every acknowledged memory.  Closed cleanly (no -wal, no -shm),
+    SQLite cannot read a WAL-mode file where it cannot create the -shm
+    (https://sqlite.org/wal.html#readonly): ``check`` exits 1 with storage_error
+    (SQLITE_CANTOPEN), and every open fails the same way, the server's with exit 2.
+    Either way nothing is written, and every memory reads once the mount is writable."""
     with small_filesystem(tmp_path / "ro", "4m") as mounted:
         if mounted is None:
             pytest.fail("cannot mount a tmpfs here (not root?)")
         db = str(mounted / "kv.db")
         with kvmem.Store.open(db, config=CONFIG) as store:
             store.set("kept", "value")
+        acked = {"kept": 1}
+        if left == "crashed":
+            writer = Child("crash_writer", "plain", db, "r0")
+            for _ in range(20):
+                writer.expect("set ")
+            for line in writer.kill():
+                fields = line.split()
+                if len(fields) == 4 and fields[-1] == "ok":
+                    acked[fields[1]] = int(fields[2])
+            assert writer.killed and len(acked) > 20, (writer.lines[-3:], writer.stderr)
+            assert os.path.exists(db + "-wal") and os.path.exists(db + "-shm")
         before = file_digest(db)
         subprocess.run(["mount", "-o", "remount,ro", str(mounted)], check=True)
-        with pytest.raises(kvmem.KvmemError) as info:
-            kvmem.Store.open(db, config=CONFIG)
-        assert info.value.code in ("read_only", "storage_error"), info.value
-        check = run_cli("check", db)  # reading still works where SQLite can
+        try:
+            check = run_cli("check", db)
+            report = json.loads(check.stdout)
+            if left == "crashed":
+                assert (check.returncode, report["ok"], report["integrity"]) == (0, True, ["ok"]), \
+                    (check.returncode, check.stdout)
+                conn = kvmem.open_db(db, config=CONFIG, readonly=True)
+                try:
+                    rows = read_back(conn).rows
+                finally:
+                    conn.close()
+                assert rows["kept"].value == "value"
+                assert lost_writes(rows, acked, value=_crash_or_kept) == []
+            else:
+                error = report.get("error", {})
+                assert (check.returncode, error.get("code")) == (1, "storage_error"), \
+                    (check.returncode, check.stdout)
+                assert "SQLITE_CANTOPEN" in error["message"], check.stdout
+                with pytest.raises(kvmem.StorageError, match="SQLITE_CANTOPEN"):
+                    kvmem.open_db(db, config=CONFIG, readonly=True)
+                with pytest.raises(kvmem.StorageError, match="SQLITE_CANTOPEN"):
+                    kvmem.Store.open(db, config=CONFIG)
+                child = Child("serve_http", "--db", db, "--port", "0")
+                assert child.wait() == 2 and "kvmem-http:" in child.stderr, child.stderr
+                assert "Traceback" not in child.stderr
+            assert file_digest(db) == before
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(mounted)], check=True)
         assert file_digest(db) == before
-        child = Child("serve_http", "--db", db, "--port", "0")
-        assert child.wait() == 2 and "kvmem-http:" in child.stderr
-        assert "Traceback" not in child.stderr
-        subprocess.run(["mount", "-o", "remount,rw", str(mounted)], check=True)
-        assert file_digest(db) == before
-        assert check.returncode in (0, 1)
+        check_acknowledged(db, acked, config=CONFIG, value=_crash_or_kept)
     TOTALS["fault_cases"] += 1
+
+
+def _crash_or_kept(key: str) -> Any:
+    return "value" if key == "kept" else crash_value(key)
 
 
 @pytest.mark.parametrize("content", ["text", "zeros", "truncated", "wal"])
