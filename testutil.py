@@ -90,6 +90,7 @@ class Child:
                 raise AssertionError(f"no line {prefix!r} within {timeout}s; got {self.lines[-5:]}"
                                      f"\nstderr: {self.drain_stderr()}") from None
             if line is None:
+                self._queue.put(None)  # the end stays in the queue for _finish()
                 raise AssertionError(f"child exited (rc={self.proc.wait()}) before {prefix!r}; "
                                      f"got {self.lines[-5:]}\nstderr: {self.drain_stderr()}")
             self.lines.append(line)
