@@ -104,12 +104,38 @@ def crash_writer(mode: str, db: str, run: str, *rest: str) -> None:
 
 
 def starter(db: str, tag: str) -> None:
-    """Open ``db`` (maybe creating it) and write one memory: ``set KEY VERSION ok``."""
+    """Open ``db`` (maybe creating it) and write one memory: ``set KEY VERSION ok``.
+
+    On the way it prints its start-up stages, each before the stage goes on, so a test
+    can kill it at one: ``up`` (before importing kvmem), ``imported``, ``connected`` after
+    each ``sqlite3.connect`` returned (the file exists from the first), and ``sql
+    STATEMENT`` as SQLite starts each statement (the WAL switch, the migration, the
+    checkpointer's election...), from any of its threads."""
+    import sqlite3
+
+    out = threading.Lock()
+
+    def say(*fields: object) -> None:  # one whole line at a time, from any thread
+        with out:
+            sys.stdout.write(" ".join(map(str, fields)) + "\n")
+            sys.stdout.flush()
+
+    say("up")
     import kvmem
 
+    say("imported")
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        say("connected")
+        conn.set_trace_callback(lambda sql: say("sql", " ".join(sql.split())[:60]))
+        return conn
+
+    sqlite3.connect = traced  # type: ignore[assignment]  # kvmem opens through this name
     store = kvmem.Store.open(db)
     m = store.set(f"start-{tag}", {"started": tag})
-    print("set", m.key, m.version, "ok", flush=True)
+    say("set", m.key, m.version, "ok")
 
 
 def library_process(db: str, seconds: str) -> None:
