@@ -11,6 +11,7 @@ and an exception ends it with status 1 and a traceback on stderr.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -48,7 +49,8 @@ def crash_writer(mode: str, db: str, run: str, *rest: str) -> None:
     """One writer of the crash matrix per ``mode``, writing until it is killed.  It prints
     ``<kind> <fields...> ok`` only after the write returned (the acknowledgement); a line
     cut by the kill has no ``ok`` and counts for nothing.  Mode ``import`` takes the
-    export file to import as ``rest[0]`` and prints ``importing`` before each import."""
+    export file to import as ``rest[0]``, prints ``importing`` before each import and
+    ``chunk K`` as it starts on chunk K (see ``ChunkReport``)."""
     import kvmem
 
     flags = {"prune_batch": "100" if mode == "import" else "10"}
@@ -95,12 +97,33 @@ def crash_writer(mode: str, db: str, run: str, *rest: str) -> None:
             store.prune()
             i += 1
     elif mode == "import":
-        path = rest[0]
+        with open(rest[0]) as fp:
+            text = fp.read()
         while True:
             print("importing", flush=True)
-            with open(path) as fp:
-                result = store.import_(fp)
+            result = store.import_(ChunkReport(text, store.config.prune_batch))
             ack("import", result["imported"])
+
+
+class ChunkReport(io.StringIO):
+    """An import file that prints ``chunk K`` as ``Store.import_``'s second pass (the
+    one that writes, after its ``seek(0)``) reads the first line of chunk K, of ``batch``
+    lines each: the import reads a chunk only once the one before it was committed."""
+
+    def __init__(self, text: str, batch: int) -> None:
+        super().__init__(text)
+        self.batch, self.passes, self.lines_read = batch, 0, 0
+
+    def seek(self, position: int, whence: int = 0) -> int:
+        self.passes, self.lines_read = self.passes + 1, 0
+        return super().seek(position, whence)
+
+    def __next__(self) -> str:  # type: ignore[override]  # typeshed: _IOBase yields bytes
+        line = super().__next__()
+        if self.passes == 1 and self.lines_read % self.batch == 0:
+            print("chunk", self.lines_read // self.batch, flush=True)
+        self.lines_read += 1
+        return line
 
 
 def starter(db: str, tag: str) -> None:

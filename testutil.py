@@ -185,10 +185,14 @@ def read_back(conn: sqlite3.Connection, *, namespace: str = "default") -> ReadBa
 
     Raises what ``conn.execute`` raises on a damaged file (``sqlite3.DatabaseError``)."""
     integrity = [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
-    rows = {key: Stored(version, value, created_at, updated_at)
+    return ReadBack(integrity, read_rows(conn, namespace=namespace))
+
+
+def read_rows(conn: sqlite3.Connection, *, namespace: str = "default") -> dict[str, Stored]:
+    """Every memory of ``namespace`` by key, as stored."""
+    return {key: Stored(version, value, created_at, updated_at)
             for key, version, value, created_at, updated_at
             in conn.execute(READ_ROWS, (namespace,))}
-    return ReadBack(integrity, rows)
 
 
 def lost_writes(rows: Mapping[str, Stored], acked: Mapping[str, int], *,
