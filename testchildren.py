@@ -164,14 +164,16 @@ def starter(db: str, tag: str) -> None:
 def library_process(db: str, seconds: str) -> None:
     """The library beside both servers for ``seconds``: compare-and-set increments of
     ``counter-0..3`` (``inc KEY ok``) and plain sets (``set KEY VERSION ok``); every 0.2 s
-    ``state HOLDER WAL_BYTES ok``; ``ready ok`` first and ``done ok`` last."""
+    ``state HOLDER WAL_BYTES ok``; ``ready ok`` first and ``done ok`` last.  A line
+    ``holder`` on stdin is answered at once, until stdin ends (then it exits):
+    ``holder PID HOLDER ok``, HOLDER being 1 if its checkpointer holds the election."""
     import kvmem
 
     store = kvmem.Store.open(db, role="library")
     stop = threading.Event()
     out = threading.Lock()
 
-    def say(*fields: object) -> None:  # one whole line at a time, from either thread
+    def say(*fields: object) -> None:  # one whole line at a time, from any thread
         with out:
             sys.stdout.write(" ".join(map(str, fields)) + "\n")
             sys.stdout.flush()
@@ -181,7 +183,15 @@ def library_process(db: str, seconds: str) -> None:
             state = store.stats()
             say("state", int(state["checkpointer"]["holder"]), state["wal_bytes"], "ok")
 
+    def answer() -> None:
+        for line in sys.stdin:
+            if line.strip() == "holder":
+                checkpointer = store.stats()["checkpointer"]
+                say("holder", os.getpid(), int(checkpointer["holder"]), "ok")
+
     threading.Thread(target=report, daemon=True).start()
+    answering = threading.Thread(target=answer, daemon=True)
+    answering.start()
     say("ready", "ok")
     deadline = time.monotonic() + float(seconds)
     i = 0
@@ -201,6 +211,8 @@ def library_process(db: str, seconds: str) -> None:
         i += 1
     stop.set()
     say("done", "ok")
+    answering.join()  # until stdin ends
+    store.close()
 
 
 def pinned_writer(db: str) -> None:
