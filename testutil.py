@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import queue
@@ -101,6 +102,14 @@ class Child:
         assert self.proc.stdin is not None
         self.proc.stdin.write(text)
         self.proc.stdin.flush()
+
+    def send_bytes(self, data: bytes) -> None:
+        """Write ``data`` to stdin as it is (any bytes, not only text)."""
+        stdin = self.proc.stdin
+        assert isinstance(stdin, io.TextIOWrapper)
+        stdin.flush()
+        stdin.buffer.write(data)
+        stdin.buffer.flush()
 
     def kill(self) -> list[str]:
         """SIGKILL, then return every line the child printed (all of them, read to EOF).
