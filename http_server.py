@@ -1091,7 +1091,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(411, "length_required", "send the body with Content-Length, "
                             "not Transfer-Encoding")
         length_text = self.headers.get("Content-Length", "0").strip()
-        if not length_text.isdigit() or len(length_text) > 12:
+        if not length_text.isascii() or not length_text.isdigit() or len(length_text) > 12:
             self.close_connection = True
             raise HTTPError(400, "invalid_request", "bad Content-Length")
         length = int(length_text)

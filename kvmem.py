@@ -594,7 +594,9 @@ def fts_query(text: object) -> str:
         raise InvalidInputError("query must be a string")
     if len(text) > MAX_QUERY_CHARS or _has_surrogates(text):
         raise InvalidInputError(f"query must be valid text of at most {MAX_QUERY_CHARS} characters")
-    words = [w for w in text.split() if any(ch.isalnum() for ch in w)]
+    # Control characters separate words: FTS5 reads a query as a C string, so a NUL
+    # inside a quoted word would end it ("unterminated string").
+    words = [w for w in CONTROL_CHARS.sub(" ", text).split() if any(ch.isalnum() for ch in w)]
     if not words:
         raise InvalidInputError("query must contain at least one word")
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)

@@ -274,6 +274,32 @@ def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> No
         kvmem.memory_from_record(record, CONFIG)
 
 
+# ---------------------------------------------------------------------- search query ----
+
+@pytest.mark.parametrize(("text", "query"), [
+    ("green tea", '"green" OR "tea"'),
+    ('say "hi" NEAR(x', '"say" OR """hi""" OR "NEAR(x"'),  # FTS syntax is only text
+    ("a\x00b", '"a" OR "b"'),  # NUL would end FTS5's C string inside the quotes
+    ("tab\tnew\nline\x7fdel\x85c1", '"tab" OR "new" OR "line" OR "del" OR "c1"'),
+    ("a\u2028b", '"a" OR "b"'),  # str.split() separators stay separators
+])
+def test_fts_query(text: str, query: str) -> None:
+    assert kvmem.fts_query(text) == query
+    fts = sqlite3.connect(":memory:")  # the query must be one FTS5 accepts
+    try:
+        fts.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        fts.execute("INSERT INTO t VALUES ('a b green tea')")
+        fts.execute("SELECT count(*) FROM t WHERE t MATCH ?", (query,)).fetchone()
+    finally:
+        fts.close()
+
+
+@pytest.mark.parametrize("text", ["", " \x00\x01 ", "***", "\ud800 word", 5, None])
+def test_fts_query_refuses(text: object) -> None:
+    with pytest.raises(kvmem.InvalidInputError):
+        kvmem.fts_query(text)
+
+
 # -------------------------------------------------------------- checkpoint decisions ----
 
 CAP = kvmem.Config.build(environ={}, flags={"wal_cap_bytes": str(64 * 1024 * 1024)})

@@ -11,6 +11,7 @@ and an exception ends it with status 1 and a traceback on stderr.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -49,7 +50,8 @@ def crash_writer(mode: str, db: str, run: str, *rest: str) -> None:
     """One writer of the crash matrix per ``mode``, writing until it is killed.  It prints
     ``<kind> <fields...> ok`` only after the write returned (the acknowledgement); a line
     cut by the kill has no ``ok`` and counts for nothing.  Mode ``import`` takes the
-    export file to import as ``rest[0]`` and prints ``importing`` before each import."""
+    export file to import as ``rest[0]``, prints ``importing`` before each import and
+    ``chunk K`` as it starts on chunk K (see ``ChunkReport``)."""
     import kvmem
 
     flags = {"prune_batch": "100" if mode == "import" else "10"}
@@ -96,34 +98,83 @@ def crash_writer(mode: str, db: str, run: str, *rest: str) -> None:
             store.prune()
             i += 1
     elif mode == "import":
-        path = rest[0]
+        with open(rest[0]) as fp:
+            text = fp.read()
         while True:
             print("importing", flush=True)
-            with open(path) as fp:
-                result = store.import_(fp)
+            result = store.import_(ChunkReport(text, store.config.prune_batch))
             ack("import", result["imported"])
 
 
+class ChunkReport(io.StringIO):
+    """An import file that prints ``chunk K`` as ``Store.import_``'s second pass (the
+    one that writes, after its ``seek(0)``) reads the first line of chunk K, of ``batch``
+    lines each: the import reads a chunk only once the one before it was committed."""
+
+    def __init__(self, text: str, batch: int) -> None:
+        super().__init__(text)
+        self.batch, self.passes, self.lines_read = batch, 0, 0
+
+    def seek(self, position: int, whence: int = 0) -> int:
+        self.passes, self.lines_read = self.passes + 1, 0
+        return super().seek(position, whence)
+
+    def __next__(self) -> str:  # type: ignore[override]  # typeshed: _IOBase yields bytes
+        line = super().__next__()
+        if self.passes == 1 and self.lines_read % self.batch == 0:
+            print("chunk", self.lines_read // self.batch, flush=True)
+        self.lines_read += 1
+        return line
+
+
 def starter(db: str, tag: str) -> None:
-    """Open ``db`` (maybe creating it) and write one memory: ``set KEY VERSION ok``."""
+    """Open ``db`` (maybe creating it) and write one memory: ``set KEY VERSION ok``.
+
+    On the way it prints its start-up stages, each before the stage goes on, so a test
+    can kill it at one: ``up`` (before importing kvmem), ``imported``, ``connected`` after
+    each ``sqlite3.connect`` returned (the file exists from the first), and ``sql
+    STATEMENT`` as SQLite starts each statement (the WAL switch, the migration, the
+    checkpointer's election...), from any of its threads."""
+    import sqlite3
+
+    out = threading.Lock()
+
+    def say(*fields: object) -> None:  # one whole line at a time, from any thread
+        with out:
+            sys.stdout.write(" ".join(map(str, fields)) + "\n")
+            sys.stdout.flush()
+
+    say("up")
     import kvmem
 
+    say("imported")
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        say("connected")
+        conn.set_trace_callback(lambda sql: say("sql", " ".join(sql.split())[:60]))
+        return conn
+
+    sqlite3.connect = traced  # type: ignore[assignment]  # kvmem opens through this name
     store = kvmem.Store.open(db)
     m = store.set(f"start-{tag}", {"started": tag})
-    print("set", m.key, m.version, "ok", flush=True)
+    say("set", m.key, m.version, "ok")
 
 
 def library_process(db: str, seconds: str) -> None:
     """The library beside both servers for ``seconds``: compare-and-set increments of
     ``counter-0..3`` (``inc KEY ok``) and plain sets (``set KEY VERSION ok``); every 0.2 s
-    ``state HOLDER WAL_BYTES ok``; ``ready ok`` first and ``done ok`` last."""
+    ``state HOLDER WAL_BYTES ok``; ``ready ok`` first and ``done ok`` last.  A line
+    ``holder`` on stdin is answered at once, until stdin ends (then it exits):
+    ``holder PID HOLDER ok``, HOLDER being 1 if its checkpointer holds the election."""
     import kvmem
 
     store = kvmem.Store.open(db, role="library")
     stop = threading.Event()
     out = threading.Lock()
 
-    def say(*fields: object) -> None:  # one whole line at a time, from either thread
+    def say(*fields: object) -> None:  # one whole line at a time, from any thread
         with out:
             sys.stdout.write(" ".join(map(str, fields)) + "\n")
             sys.stdout.flush()
@@ -133,7 +184,15 @@ def library_process(db: str, seconds: str) -> None:
             state = store.stats()
             say("state", int(state["checkpointer"]["holder"]), state["wal_bytes"], "ok")
 
+    def answer() -> None:
+        for line in sys.stdin:
+            if line.strip() == "holder":
+                checkpointer = store.stats()["checkpointer"]
+                say("holder", os.getpid(), int(checkpointer["holder"]), "ok")
+
     threading.Thread(target=report, daemon=True).start()
+    answering = threading.Thread(target=answer, daemon=True)
+    answering.start()
     say("ready", "ok")
     deadline = time.monotonic() + float(seconds)
     i = 0
@@ -153,6 +212,8 @@ def library_process(db: str, seconds: str) -> None:
         i += 1
     stop.set()
     say("done", "ok")
+    answering.join()  # until stdin ends
+    store.close()
 
 
 def pinned_writer(db: str) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import queue
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -53,6 +55,7 @@ class Child:
             text=True, env=env or child_env(), cwd=HERE,
         )
         self.lines: list[str] = []
+        self.killed = False  # set by kill()
         self._finished = False
         LIVE_CHILDREN.append(self)
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -88,6 +91,7 @@ class Child:
                 raise AssertionError(f"no line {prefix!r} within {timeout}s; got {self.lines[-5:]}"
                                      f"\nstderr: {self.drain_stderr()}") from None
             if line is None:
+                self._queue.put(None)  # the end stays in the queue for _finish()
                 raise AssertionError(f"child exited (rc={self.proc.wait()}) before {prefix!r}; "
                                      f"got {self.lines[-5:]}\nstderr: {self.drain_stderr()}")
             self.lines.append(line)
@@ -99,10 +103,25 @@ class Child:
         self.proc.stdin.write(text)
         self.proc.stdin.flush()
 
+    def send_bytes(self, data: bytes) -> None:
+        """Write ``data`` to stdin as it is (any bytes, not only text)."""
+        stdin = self.proc.stdin
+        assert isinstance(stdin, io.TextIOWrapper)
+        stdin.flush()
+        stdin.buffer.write(data)
+        stdin.buffer.flush()
+
     def kill(self) -> list[str]:
-        """SIGKILL, then return every line the child printed (all of them, read to EOF)."""
+        """SIGKILL, then return every line the child printed (all of them, read to EOF).
+
+        ``killed`` then says whether this kill ended the child: it was running just before
+        the signal and its status is -SIGKILL (a child that had exited on its own was
+        not killed, whatever its status)."""
+        running = self.proc.poll() is None
         self.proc.kill()
-        return self._finish()
+        lines = self._finish()
+        self.killed = running and self.proc.returncode == -signal.SIGKILL
+        return lines
 
     def _finish(self) -> list[str]:
         """After exit: collect the rest of stdout once (the reader's ``None`` ends it)."""
@@ -175,10 +194,14 @@ def read_back(conn: sqlite3.Connection, *, namespace: str = "default") -> ReadBa
 
     Raises what ``conn.execute`` raises on a damaged file (``sqlite3.DatabaseError``)."""
     integrity = [str(row[0]) for row in conn.execute("PRAGMA integrity_check")]
-    rows = {key: Stored(version, value, created_at, updated_at)
+    return ReadBack(integrity, read_rows(conn, namespace=namespace))
+
+
+def read_rows(conn: sqlite3.Connection, *, namespace: str = "default") -> dict[str, Stored]:
+    """Every memory of ``namespace`` by key, as stored."""
+    return {key: Stored(version, value, created_at, updated_at)
             for key, version, value, created_at, updated_at
             in conn.execute(READ_ROWS, (namespace,))}
-    return ReadBack(integrity, rows)
 
 
 def lost_writes(rows: Mapping[str, Stored], acked: Mapping[str, int], *,
