@@ -457,8 +457,9 @@ def framing(head: bytes) -> tuple[int | None, bool]:
 
 
 def head_end(buf: bytearray) -> int:
-    """Where the first request's head ends (after its blank line), or -1."""
-    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := buf.find(sep)) >= 0]
+    """Where the first request's head ends, after its first empty line (CRLF or a bare LF,
+    as ``http.client`` reads lines: ``\n\r\n`` also ends a CRLF head), or -1."""
+    ends = [i + len(sep) for sep in (b"\n\r\n", b"\n\n") if (i := buf.find(sep)) >= 0]
     return min(ends, default=-1)
 
 
@@ -672,6 +673,8 @@ class Server:
         """Move a connection on with what its buffer holds: to the next phase, to a worker,
         or to a refusal of its own."""
         if conn.phase in (IDLE, HEAD):
+            if conn.phase == IDLE and conn.buf.startswith((b"\r", b"\n")):
+                del conn.buf[:len(conn.buf) - len(conn.buf.lstrip(b"\r\n"))]  # RFC 9112 2.2
             if not conn.buf:
                 conn.phase, conn.since = IDLE, now
                 conn.deadline = now + self.config.http_idle_timeout_s

@@ -437,3 +437,14 @@ def test_at_the_file_limit_the_server_neither_spins_nor_fails(tmp_path: Path) ->
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "cannot accept" not in err, err
+
+
+@pytest.mark.parametrize("data", [
+    b"\r\n\r\nGET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # empty lines first (RFC 9112)
+    b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\r\n",  # bare LF lines, a CRLF to end
+    b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n",
+])
+def test_heads_http_client_would_read_are_read(tmp_path: Path, data: bytes) -> None:
+    with serving(tmp_path) as (_, port), connect(port) as sock:
+        sock.sendall(data)
+        assert read_response(sock)[0] == 200
