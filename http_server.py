@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 import kvmem
@@ -403,6 +403,7 @@ RESERVED_FDS = 64  # descriptors kept for the database, logs and the loop itself
 
 WORKER_WAIT_S = 0.002  # after an answer, how long a worker waits for the client's next request
 LINGER_S = 2.0  # after a last answer, how long to read and drop what the client still sends
+SMALL_BODY_BYTES = 16 * 1024  # a body this small is read at once, whatever the buffer holds
 
 IDLE, HEAD, BODY, WAIT, WORK, SEND, LINGER = (
     "idle", "head", "body", "wait", "work", "send", "linger")
@@ -411,7 +412,7 @@ IDLE, HEAD, BODY, WAIT, WORK, SEND, LINGER = (
 class Connection:
     """A client connection: owned by the loop, or by one worker while its request runs."""
 
-    __slots__ = ("address", "body", "buf", "close_after", "deadline", "events", "head",
+    __slots__ = ("address", "body", "buf", "close_after", "deadline", "eof", "events", "head",
                  "head_end", "need", "out", "phase", "reserved", "since", "sock")
 
     def __init__(self, sock: socket.socket, address: Any, now: float) -> None:
@@ -424,18 +425,28 @@ class Connection:
         self.body: bytes | bytearray = b""
         self.out = b""  # the answer's bytes the socket has not taken yet
         self.close_after = False
+        self.eof = False  # the client has ended its side: answer what it sent whole, then close
 
 
-def framing(head: bytes) -> tuple[int | None, bool]:
+class Framing(NamedTuple):
+    """What the loop needs of a request's head (``framing``)."""
+    length: int | None  # of the body; None: the head goes on alone, to be refused
+    continues: bool  # the client waits for 100 Continue before its body
+    authorization: str | None  # the header, as the handler will see it (Latin-1)
+
+
+def framing(head: bytes) -> Framing:
     """From a request's line and headers: the body's length, or None when the head must go
     on alone (the handler refuses it and the connection closes: a length that is not one
-    plain number, two of them, Transfer-Encoding, one over MAX_BODY_BYTES); and whether
-    the client waits for ``100 Continue``.  A quick look, not the handler's full parse:
-    where the two could differ (odd headers), the handler finds its body's length wrong
-    and answers 400 with the connection closed, so no request can run into the next."""
+    plain number, two of them, Transfer-Encoding, one over MAX_BODY_BYTES); whether the
+    client waits for ``100 Continue``; its Authorization.  A quick look, not the handler's
+    full parse: where the two could differ (odd headers), the handler finds its body's
+    length wrong and answers 400 with the connection closed, so no request can run into
+    the next."""
     lines = head.split(b"\n")
     lengths: list[bytes] = []
     continues = False
+    authorization: str | None = None
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon:
@@ -444,16 +455,19 @@ def framing(head: bytes) -> tuple[int | None, bool]:
         if name == b"content-length":
             lengths.append(value.strip())
         elif name == b"transfer-encoding":
-            return None, False
+            return Framing(None, False, authorization)
         elif name == b"expect":
             continues = value.strip().lower() == b"100-continue"
+        elif name == b"authorization" and authorization is None:
+            authorization = value.strip().decode("latin-1")
     if len(lengths) > 1:
-        return None, False
+        return Framing(None, False, authorization)
     text = lengths[0] if lengths else b"0"
     if not text.isdigit() or len(text) > 12 or int(text) > MAX_BODY_BYTES:
-        return None, False
+        return Framing(None, False, authorization)
     words = lines[0].split()
-    return int(text), continues and len(words) == 3 and words[2] >= b"HTTP/1.1"
+    return Framing(int(text), continues and len(words) == 3 and words[2] >= b"HTTP/1.1",
+                   authorization)
 
 
 def head_end(buf: bytearray) -> int:
@@ -520,6 +534,8 @@ class Server:
         self._waiting: collections.deque[Connection] = collections.deque()  # for buffer room
         self._buffered = 0  # body bytes reserved by requests being read or run
         self._budget_lock = threading.Lock()  # for the two above (workers give room back)
+        self._admitting = False
+        self._handover = threading.Lock()  # a worker re-registering a socket vs. _close
         self._accepting = False
         self._accept_at = 0.0  # when to accept again after EMFILE
         self._done = threading.Event()
@@ -579,6 +595,9 @@ class Server:
                 if now >= next_scan:
                     next_scan = now + SCAN_S
                     self._expire(now)
+                    if not self.stopping and not self._accepting and now >= self._accept_at \
+                            and self._longest_idle() is not None:
+                        self._listen(True)  # at the cap, but one can be closed for room
         finally:
             for conn in list(self._conns.values()):
                 if conn.phase == WORK:  # its worker may be sending: stop() closes it
@@ -657,17 +676,22 @@ class Server:
             if not data:
                 self._close(conn)
             return
-        if not data:  # the client closed (or reset) its side
-            if conn.phase in (HEAD, BODY):  # answer what came, as if it were whole
-                if conn.phase == HEAD:
-                    conn.head_end = len(conn.buf)
-                conn.need, conn.close_after = len(conn.buf), True
-                self._dispatch(conn)
-            else:
-                self._close(conn)
+        if not data:  # the client ended its side (or reset it)
+            conn.eof = True
+            self._watch(conn, 0)
+            self._end_of_input(conn)
             return
         conn.buf += data
         self._advance(conn, time.monotonic())
+
+    def _end_of_input(self, conn: Connection) -> None:
+        """The client sent all it will: what is whole was answered or is being; a request
+        cut short is refused, never run (a head without its empty line could be a DELETE
+        that lost its headers)."""
+        if conn.phase == IDLE and not conn.buf:
+            self._close(conn)
+        elif conn.phase in (IDLE, HEAD, BODY):
+            self._refuse(conn, 400, "invalid_request", "the request was cut short")
 
     def _advance(self, conn: Connection, now: float) -> None:
         """Move a connection on with what its buffer holds: to the next phase, to a worker,
@@ -690,7 +714,9 @@ class Server:
                                  "the request line is too long" if long_line else
                                  f"the request's headers pass {MAX_HEAD_BYTES} bytes")
                 return
-            length, continues = framing(bytes(conn.buf[:end]))
+            length, continues, authorization = framing(bytes(conn.buf[:end]))
+            if length and self.token and not kvmem_cli.bearer_ok(authorization, self.token):
+                length = None  # no token, no room: its head goes on alone, to get a 401
             conn.head_end, conn.need = end, end + (length or 0)
             conn.close_after = length is None
             if length:
@@ -734,10 +760,18 @@ class Server:
 
     def _refuse(self, conn: Connection, status: int, code: str, message: str,
                 headers: Mapping[str, str] | None = None) -> None:
-        """Answer a request the loop refuses itself, then close."""
+        """Answer a request the loop refuses itself, then close; the room its body held is
+        free at once."""
+        with self._budget_lock:
+            if conn in self._waiting:
+                self._waiting.remove(conn)
+            freed, conn.reserved = conn.reserved, 0
+            self._buffered -= freed
         conn.out, conn.close_after = plain_response(status, code, message, headers), True
         conn.buf.clear()
         self._send(conn)
+        if freed:
+            self._admit(time.monotonic())
 
     def _send(self, conn: Connection) -> None:
         try:
@@ -757,8 +791,11 @@ class Server:
             self._linger(conn, now)
         else:
             conn.phase = IDLE
-            self._watch(conn, selectors.EVENT_READ)
+            if not conn.eof:
+                self._watch(conn, selectors.EVENT_READ)
             self._advance(conn, now)  # a request the client sent meanwhile
+            if conn.eof and conn.phase in (IDLE, HEAD, BODY):
+                self._end_of_input(conn)
 
     def _linger(self, conn: Connection, now: float) -> None:
         """End a connection after its last answer: send FIN, then read and drop what the
@@ -788,15 +825,30 @@ class Server:
             self._send(conn)
 
     def _room(self, length: int) -> bool:
-        """Whether a body of ``length`` bytes may be read now (one always may, alone)."""
-        return not self._buffered or self._buffered + length <= self.config.http_buffer_bytes
+        """Whether a body of ``length`` bytes may be read now: one always may, alone, and
+        a small one always may (so big bodies declared and never sent cannot hold up the
+        small writes of other clients; small ones are bounded by the connection cap)."""
+        return length <= SMALL_BODY_BYTES or not self._buffered \
+            or self._buffered + length <= self.config.http_buffer_bytes
 
     def _release(self, conn: Connection) -> None:
         """Give back the buffer room a request held; let waiting requests in."""
-        now = time.monotonic()
         with self._budget_lock:
             self._buffered -= conn.reserved
             conn.reserved = 0
+        self._admit(time.monotonic())
+
+    def _admit(self, now: float) -> None:
+        """Let waiting requests in, first come first, while there is room."""
+        if self._admitting:  # called again from inside (a refusal closing): the outer goes on
+            return
+        self._admitting = True
+        try:
+            self._admit_waiting(now)
+        finally:
+            self._admitting = False
+
+    def _admit_waiting(self, now: float) -> None:
         while not self.stopping:
             with self._budget_lock:
                 if not self._waiting or not self._room(
@@ -809,6 +861,8 @@ class Server:
 
     def _expire(self, now: float) -> None:
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
+            if conn.deadline > now or conn.phase == WORK:  # moved on meanwhile (let in
+                continue  # by the room an earlier one in this list freed)
             self.stats["timed_out"] += conn.phase in (HEAD, BODY, WAIT, SEND)
             if conn.phase in (HEAD, BODY):
                 self._refuse(conn, 408, "request_timeout", f"the request did not arrive "
@@ -833,18 +887,21 @@ class Server:
                 self._close(conn)
 
     def _close(self, conn: Connection) -> None:
-        if conn.events:
-            self._selector.unregister(conn.sock)
-            conn.events = 0
-        with self._budget_lock:
-            if conn in self._waiting:
-                self._waiting.remove(conn)
-            if conn.phase != WORK:  # a worker's request keeps its room until it returns
-                self._buffered -= conn.reserved
-                conn.reserved = 0
-        self._conns.pop(conn.sock.fileno(), None)
-        with contextlib.suppress(OSError):
-            conn.sock.close()
+        with self._handover:  # a worker may be handing it back (``_rearm``)
+            if conn.events:
+                self._selector.unregister(conn.sock)
+                conn.events = 0
+            with self._budget_lock:
+                if conn in self._waiting:
+                    self._waiting.remove(conn)
+                freed = conn.reserved if conn.phase != WORK else 0  # a worker's request
+                self._buffered -= freed  # keeps its room until the worker is done
+                conn.reserved -= freed
+            self._conns.pop(conn.sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+        if freed:
+            self._admit(time.monotonic())
 
     # -- the workers ---------------------------------------------------------------------
 
@@ -902,13 +959,13 @@ class Server:
         except OSError:
             data = b""
         if not data:
-            conn.close_after = True  # the client is gone: the loop closes
+            conn.eof = True  # the loop answers what is whole in the buffer, then closes
             return False
         conn.buf += data
         end = head_end(conn.buf)
         if not 0 <= end <= MAX_HEAD_BYTES:
             return False
-        length, continues = framing(bytes(conn.buf[:end]))
+        length, continues, _ = framing(bytes(conn.buf[:end]))
         if length is None or continues or len(conn.buf) < end + length:
             return False  # to be refused, or a body still coming: the loop's part
         with self._budget_lock:
@@ -925,15 +982,17 @@ class Server:
         connection stays open, holds no more bytes and no buffer room; so it waits for
         its next request, watched by the loop again.  (A selector may be given a socket
         from another thread: epoll is.)  False: the loop must finish it."""
-        if conn.out or conn.close_after or conn.buf or conn.reserved or self.stopping:
+        if conn.out or conn.close_after or conn.eof or conn.buf or conn.reserved \
+                or self.stopping:
             return False
         now = time.monotonic()
-        conn.since, conn.deadline = now, now + self.config.http_idle_timeout_s
-        conn.phase, conn.events = IDLE, selectors.EVENT_READ
-        try:
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        except (ValueError, KeyError, OSError):  # the loop has ended: stop() closes it
-            conn.events = 0
+        with self._handover:  # the loop may not close it half registered
+            conn.since, conn.deadline = now, now + self.config.http_idle_timeout_s
+            conn.phase, conn.events = IDLE, selectors.EVENT_READ
+            try:
+                self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+            except (ValueError, KeyError, OSError):  # the loop has ended: stop() closes it
+                conn.events = 0
         return True
 
     def _wake(self) -> None:
@@ -1061,6 +1120,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_api(self, request_id: str) -> tuple[int, Any, dict[str, str]]:
         raw_path, _, raw_query = self.path.partition("?")
+        if any(len(self.headers.get_all(name) or ()) > 1 for name in ("Host", "Origin")):
+            self.close_connection = True  # which one would a proxy have checked?
+            raise HTTPError(400, "invalid_request", "more than one Host or Origin header")
         refusal = kvmem_cli.request_refusal(self.headers.get("Host", ""),
                                             self.headers.get("Origin"), self.server.bind_host,
                                             self.server.allowed_hosts)
