@@ -1811,9 +1811,11 @@ class FileWatch:
     ``-shm`` even lets two writers in at once), and the writes of one side are lost.  So
     ``problem()`` is checked before every COMMIT and by health: a file gone or replaced
     since it was opened.  A process that opens after the deletion sees consistent files
-    of its own; it finds the split by comparing them with what the checkpointer (another
-    process) wrote in its lock file (``check_holder``).  A split found that way is kept
-    (``split``) until the process ends: its view of the WAL may be one no writer can use.
+    of its own; it finds the split by comparing them with those of the other processes
+    (``check_others``): with what the checkpointer wrote in its lock file, and, where
+    ``/proc`` shows it (Linux), with what each process holding a lock on the database has
+    open.  A split found that way is kept (``split``) until the process ends: its view of
+    the WAL may be one no writer can use.
     """
 
     def __init__(self, path: str, journal_mode: str) -> None:
@@ -1825,11 +1827,13 @@ class FileWatch:
             self.identities[suffix] = (st.st_dev, st.st_ino)
         self.split: str | None = None
 
-    def problem(self) -> str | None:
-        """Why this process must not write, if it must not (one stat a file)."""
-        if self.split:
+    def problem(self, *, names: Sequence[str] | None = None) -> str | None:
+        """Why this process must not write, if it must not (one stat a file); with
+        ``names`` (suffixes), whether those files are still the ones it opened."""
+        if self.split and names is None:
             return self.split
-        for suffix, identity in self.identities.items():
+        for suffix in self.names if names is None else names:
+            identity = self.identities[suffix]
             name = self.path + suffix
             try:
                 st = os.stat(name)
@@ -1862,17 +1866,69 @@ class FileWatch:
                         f"process ran; {RESTART_ADVICE}")
         return None
 
-    def check_holder(self, *, confirm_s: float = 0.2) -> None:
-        """Compare with the checkpointer's record; keep a mismatch that lasts ``confirm_s``
-        (a holder elected a moment ago may not have written its record yet)."""
+    def others_mismatch(self, *, holder: bool) -> str | None:
+        """How the files this process opened differ from another process's: the
+        checkpointer's record (if ``holder``: the lock is held by someone else, so its
+        record is not a dead process's), or what a process holding a lock on the database
+        file has open (Linux; a process this one may not look at is skipped)."""
+        if holder and (found := self.mismatch(read_lock_record(self.path))):
+            return found
+        if len(self.names) == 1:
+            return None
+        for pid in _lock_holders(self.path, self.identities[""]):
+            files = _open_files(pid)
+            missing = [s for s in self.names[1:] if files is not None
+                       and self.identities[s] not in files]
+            if missing:
+                return (f"process {pid} has {self.path} open but not the {missing[0]} this "
+                        f"process has: one of them was deleted or replaced while the other ran;"
+                        f" {RESTART_ADVICE}")
+        return None
+
+    def check_others(self, *, holder: bool, confirm_s: float = 0.2) -> None:
+        """``others_mismatch``, kept as ``split`` once it has lasted ``confirm_s`` (a
+        process opening or closing holds the database a moment before or after its
+        sidecars; a checkpointer elected a moment ago may not have written its record)."""
         deadline = time.monotonic() + confirm_s
-        while (found := self.mismatch(read_lock_record(self.path))) is not None:
+        while (found := self.others_mismatch(holder=holder)) is not None:
             if time.monotonic() >= deadline:
                 if self.split is None:
                     log.error("%s", found)
                 self.split = found
                 return
             time.sleep(0.02)
+
+
+def _lock_holders(path: str, identity: tuple[int, int]) -> set[int]:
+    """Other processes holding a POSIX lock on the file ``identity`` (device, inode), from
+    ``/proc/locks`` (Linux; none elsewhere).  In WAL mode every open SQLite connection
+    holds a read lock on its database file."""
+    dev, ino = identity
+    key = f"{os.major(dev):02x}:{os.minor(dev):02x}:{ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fp:
+            lines = fp.read().splitlines()
+    except OSError:
+        return set()
+    pids = {int(f[4]) for f in (line.split() for line in lines)
+            if len(f) >= 6 and f[1] == "POSIX" and f[5] == key and f[4].isdigit()}
+    pids.discard(os.getpid())
+    return pids
+
+
+def _open_files(pid: int) -> set[tuple[int, int]] | None:
+    """(device, inode) of every file process ``pid`` has open, or None if it cannot be
+    seen (gone, another user's, no ``/proc``).  Only ``stat``: nothing is opened."""
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    found = set()
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 # ---------------------------------------------------------------------- group commit ----
@@ -2357,8 +2413,8 @@ class Store:
         self._decay: DecayScheduler | None = None
         try:
             self.files = self._reads.files = FileWatch(path, config.journal_mode)
-            if not checkpoint_lock_free(path):
-                self.files.check_holder()  # before this process writes anything
+            # Before this process writes anything.
+            self.files.check_others(holder=not checkpoint_lock_free(path))
             self._cursor_secret = bytes(conn.execute(GET_CURSOR_SECRET).fetchone()[0])
             self._writer = GroupCommitter(path, config, precommit=self.files.problem,
                                           conditions=self.conditions)
@@ -2914,6 +2970,14 @@ class Checkpointer(_Background):
         writer, poll = self.writer, self.config.checkpoint_poll_s
         if self.reads is not None:
             self._watch_readers(self.reads)
+        if self.files is not None and self.files.problem(names=("",)):
+            # This process's database file is gone (moved, deleted, replaced): it may not
+            # hold the election of the file now at the path, whose WAL it cannot see.
+            if self._lock.held:
+                writer.set_elected(False)
+                self._lock.release()
+                self._update(holder=False)
+            return poll
         if self._lock.held and not self._lock.still_ours():
             # The lock file was deleted or replaced: another process may hold a lock on
             # the new file, so this one is not the checkpointer any more.
@@ -2926,7 +2990,7 @@ class Checkpointer(_Background):
             if not self._lock.acquire() or not self._lock.still_ours():
                 self._lock.release()
                 if self.files is not None and self.files.split is None:
-                    self.files.check_holder()
+                    self.files.check_others(holder=True)
                 self._update(holder=False, wal_bytes=wal_size(self.path))
                 return poll
             self.log.info("[%s] pid %d is now the checkpointer of %s", self.role, os.getpid(),

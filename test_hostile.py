@@ -49,7 +49,7 @@ def _acks(lines: list[str]) -> dict[str, int]:
             if len(f) == 4 and f[0] == "set" and f[3] == "ok"}
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
+@pytest.mark.parametrize("how", ["deleted", "replaced", "deleted with the lock file"])
 @pytest.mark.parametrize("sidecar", ["-wal", "-shm"])
 def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sidecar: str,
                                                           how: str) -> None:
@@ -60,7 +60,10 @@ def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sideca
     gracefully, the last process folds what it wrote back into the database: nothing
     acknowledged is lost."""
     db = str(tmp_path / "kv.db")
-    env = child_env(KVMEM_CHECKPOINT_POLL_S="0.05")
+    # With the lock file gone too, the one that starts afterwards finds the election free
+    # and no checkpointer's record to compare with (the server's polls, 30 s apart here,
+    # do not take the new lock file first): it must find the split by itself.
+    env = child_env(KVMEM_CHECKPOINT_POLL_S="30" if "lock" in how else "0.05")
     server = Child("serve_http", "--db", db, "--port", "0", "--log-level", "WARNING", env=env)
     port = int(server.expect("listening on").rsplit(":", 1)[1])
     acked: dict[str, int] = {}
@@ -74,11 +77,14 @@ def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sideca
         writer.expect("set lib-")  # writing, acknowledged
 
     path = db + sidecar
-    if how == "deleted":
-        os.unlink(path)
-    else:  # a copy put in its place, as a restore or a sync tool would
+    if how == "replaced":  # a copy put in its place, as a restore or a sync tool would
         shutil.copyfile(path, path + ".copy")
         os.replace(path + ".copy", path)
+    else:
+        os.unlink(path)
+    if "lock" in how:
+        os.unlink(db + ".checkpoint.lock")
+        late = Child("sidecar_writer", db, "late", env=env)  # at once, before any poll
 
     status, health = _http(port, "GET", "/healthz")
     assert status == 503 and not health["ok"], health
@@ -90,7 +96,8 @@ def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sideca
     assert refused.split()[2:] == ["storage_error", "False"], refused
     writer.expect("refused")  # and the next one too
 
-    late = Child("sidecar_writer", db, "late", env=env)  # opens after the deletion
+    if "lock" not in how:
+        late = Child("sidecar_writer", db, "late", env=env)  # opens after the deletion
     first = late.expect("")
     if first == "ready":  # it opened: then its first write is refused, never acknowledged
         first = late.expect("refused")
@@ -109,6 +116,67 @@ def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sideca
     assert server.wait() == 0, server.stderr
     assert "Traceback" not in server.stderr + writer.stderr + late.stderr
     check_acknowledged(db, acked, config=CONFIG)
+
+
+@pytest.mark.parametrize("sidecars", [("-wal",), ("-wal", "-shm")])
+def test_library_processes_without_a_checkpointer_find_the_split(tmp_path: Path,
+                                                                 sidecars: tuple[str, ...]) -> None:
+    """No process runs a Checkpointer, so no lock file holds a record to compare with:
+    a process opened after the deletion finds the split by what the first one has open
+    (or cannot open at all), writes nothing, and the first one, closed, loses nothing."""
+    db = str(tmp_path / "kv.db")
+    first = Child("sidecar_writer", db, "first", "no-checkpointer", "stdin", stdin=True)
+    first.expect("ready")
+    for _ in range(100):
+        first.expect("set first-")
+    for sidecar in sidecars:
+        os.unlink(db + sidecar)
+    late = Child("sidecar_writer", db, "late", "no-checkpointer")
+    line = late.expect("")
+    if line == "ready":
+        line = late.expect("refused")
+        assert line.split()[2:] == ["storage_error", "False"], line
+    else:
+        assert line.startswith("open-failed"), line
+    late_lines = late.kill()
+    assert _acks(late.lines + late_lines) == {}
+    refused = first.expect("refused")
+    first.send("stop\n")
+    first.expect("closed")
+    assert first.wait() == 0, first.stderr
+    after = first.lines[first.lines.index(refused):]
+    assert _acks(after) == {}, after[:5]
+    assert "Traceback" not in first.stderr + late.stderr
+    check_acknowledged(db, _acks(first.lines), config=CONFIG)
+
+
+def test_a_process_whose_database_went_away_leaves_the_election(tmp_path: Path) -> None:
+    """The data directory is deleted and made again under a server, and a second server
+    starts on the new database at the same path: the second becomes its checkpointer
+    (the first took the new lock file and kept the new database from being checkpointed
+    by anyone)."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    db = str(directory / "kv.db")
+    env = child_env(KVMEM_CHECKPOINT_POLL_S="0.05")
+    old = Child("serve_http", "--db", db, "--port", "0", "--log-level", "INFO", env=env)
+    old_port = int(old.expect("listening on").rsplit(":", 1)[1])
+    shutil.rmtree(directory)
+    directory.mkdir()
+    new = Child("serve_http", "--db", db, "--port", "0", "--log-level", "INFO", env=env)
+    new_port = int(new.expect("listening on").rsplit(":", 1)[1])
+    deadline = time.monotonic() + 10
+    while True:  # the election settles within a few polls
+        holders = [_http(port, "GET", "/v1/stats")[1]["checkpointer"]["holder"]
+                   for port in (old_port, new_port)]
+        if holders == [False, True] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert holders == [False, True]
+    assert (kvmem.read_lock_record(db) or {}).get("pid") == new.proc.pid
+    for child in (old, new):
+        child.proc.send_signal(signal.SIGTERM)
+        assert child.wait() == 0, child.stderr
 
 
 # ----------------------------------------------------------- the HTTP server's bounds ----

@@ -420,19 +420,31 @@ def pruner(db: str) -> None:
     store.close()
 
 
-def sidecar_writer(db: str, prefix: str) -> None:
+def sidecar_writer(db: str, prefix: str, *options: str) -> None:
     """Set ``PREFIX-0``, ``PREFIX-1``... until killed: ``set KEY VERSION ok`` after each set
     returned, ``refused KEY CODE HEALTH_OK`` for one refused (then a 10 ms pause);
-    ``ready`` once open, or ``open-failed CODE`` if the store does not open."""
+    ``ready`` once open, or ``open-failed CODE`` if the store does not open.  Options:
+    ``no-checkpointer`` (a Store without its Checkpointer thread), ``stdin`` (a line on
+    stdin stops the writes, closes the store and prints ``closed``)."""
     import kvmem
 
     try:
-        store = kvmem.Store.open(db, role="library")
+        store = kvmem.Store.open(db, role="library", checkpointer="no-checkpointer" not in options)
     except kvmem.KvmemError as exc:
         print("open-failed", exc.code, flush=True)
         return
+    stop = threading.Event()
+
+    def wait_for_a_line() -> None:
+        sys.stdin.readline()
+        stop.set()
+
+    if "stdin" in options:
+        threading.Thread(target=wait_for_a_line, daemon=True).start()
     print("ready", flush=True)
     for i in itertools.count():
+        if stop.is_set():
+            break
         key = f"{prefix}-{i}"
         try:
             m = store.set(key, i)
@@ -440,6 +452,8 @@ def sidecar_writer(db: str, prefix: str) -> None:
         except kvmem.KvmemError as exc:
             print("refused", key, exc.code, store.health()["ok"], flush=True)
             time.sleep(0.01)
+    store.close()
+    print("closed", flush=True)
 
 
 # ---------------------------------------------------------------------------- main ----
