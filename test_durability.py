@@ -43,6 +43,7 @@ from testutil import (
     check_acknowledged,
     child_env,
     file_digest,
+    http_json,
     lost_writes,
     read_back,
     read_rows,
@@ -269,18 +270,7 @@ def test_kill_during_open_db_of_eight_processes(tmp_path: Path, soak: bool) -> N
 # --------------------------------------------------------- two servers under load ----
 
 
-def _http(port: int, method: str, path: str, body: Any = None,
-          conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, None if body is None else json.dumps(body), headers)
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        if own:
-            conn.close()
+_http = http_json
 
 
 def _mcp_params(db: str, env: dict[str, str]) -> StdioServerParameters:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import http.client
 import io
 import json
 import os
@@ -26,19 +25,9 @@ import pytest
 import http_server
 import kvmem
 from testutil import HERE, Child, check_acknowledged, child_command, child_env
+from testutil import http_json as _http
 
 CONFIG = kvmem.Config.build(environ={})
-
-
-def _http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        conn.request(method, path, None if body is None else json.dumps(body), headers)
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------- sidecars deleted or replaced ----

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -273,3 +274,19 @@ def forged_cursor(last_key: str, namespace: str = "default") -> str:
                       separators=(",", ":")).encode()  # ASCII: a lone surrogate as \\ud800
     check = hashlib.sha256(body).digest()[:8]
     return base64.urlsafe_b64encode(check + body).decode().rstrip("=")
+
+
+def http_json(port: int, method: str, path: str, body: Any = None,
+              conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
+    """One request to a server on ``port`` (over ``conn`` if given, else a new
+    connection): its status and JSON body."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, None if body is None else json.dumps(body), headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        if own:
+            conn.close()
