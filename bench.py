@@ -583,16 +583,46 @@ class Bench:
                 f"(target {target['target']})")
 
 
-class RssWatch:
-    """The largest resident set of process ``pid`` (``VmRSS``), sampled every 20 ms."""
+class PeakWatch:
+    """The largest value ``sample()`` returns, sampled every ``interval`` seconds by a
+    thread; ``reset()`` returns it and starts again."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    interval = 0.01
+
+    def __init__(self) -> None:
         self.peak = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def sample(self) -> int:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            value = self.sample()
+            with self._lock:
+                self.peak = max(self.peak, value)
+
+    def reset(self) -> int:
+        with self._lock:
+            peak, self.peak = self.peak, 0
+        return peak
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class RssWatch(PeakWatch):
+    """The largest resident set of process ``pid`` (``VmRSS``), sampled every 20 ms."""
+
+    interval = 0.02
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        super().__init__()
 
     def _field(self, name: str) -> int:
         with contextlib.suppress(OSError), open(f"/proc/{self.pid}/status") as fp:
@@ -601,56 +631,30 @@ class RssWatch:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            rss = self._field("VmRSS")
-            with self._lock:
-                self.peak = max(self.peak, rss)
-
-    def reset(self) -> int:
-        with self._lock:
-            peak, self.peak = self.peak, 0
-        return peak
+    def sample(self) -> int:
+        return self._field("VmRSS")
 
     def high_water(self) -> int:
         """The kernel's own record of the largest RSS the process ever had (VmHWM)."""
         return self._field("VmHWM")
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
-
-class WalWatch:
+class WalWatch(PeakWatch):
     """The largest ``-wal`` file of kvmem's own databases under ``root`` (not the raw
     sqlite3 and naive-server baselines), sampled by ``os.stat`` every 10 ms."""
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.peak = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            for dirpath, _, names in os.walk(self.root):
-                for name in names:
-                    if name.endswith("-wal") and "raw-" not in name and "naive" not in name:
-                        with contextlib.suppress(OSError):
-                            size = os.stat(os.path.join(dirpath, name)).st_size
-                            with self._lock:
-                                self.peak = max(self.peak, size)
-
-    def reset(self) -> int:
-        with self._lock:
-            peak, self.peak = self.peak, 0
-        return peak
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> int:
+        largest = 0
+        for dirpath, _, names in os.walk(self.root):
+            for name in names:
+                if name.endswith("-wal") and "raw-" not in name and "naive" not in name:
+                    with contextlib.suppress(OSError):
+                        largest = max(largest, os.stat(os.path.join(dirpath, name)).st_size)
+        return largest
 
 
 # ------------------------------------------------------------------ helper processes ----

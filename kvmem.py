@@ -318,7 +318,7 @@ class Config:
                                             "and headers must arrive within this")
     http_body_timeout_s: float = _setting(30.0, _FLOAT(minimum=0.01), "a request's body must "
                                           "arrive, and its response be taken, within this")
-    http_buffer_bytes: int = _setting(16 * 1024 * 1024, _INT(minimum=1), "request bodies "
+    http_buffer_bytes: int = _setting(8 * 1024 * 1024, _INT(minimum=1), "request bodies "
                                       "kvmem-http holds in memory at once; past it, requests "
                                       "wait their turn")
     shutdown_grace_s: float = _setting(10.0, _FLOAT(minimum=0.0), "on SIGINT/SIGTERM, how "
