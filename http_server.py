@@ -413,7 +413,7 @@ class Connection:
     """A client connection: owned by the loop, or by one worker while its request runs."""
 
     __slots__ = ("address", "body", "buf", "close_after", "deadline", "eof", "events", "head",
-                 "head_end", "need", "out", "phase", "reserved", "since", "sock")
+                 "head_end", "need", "out", "phase", "reserved", "since", "sock", "withheld")
 
     def __init__(self, sock: socket.socket, address: Any, now: float) -> None:
         self.sock, self.address = sock, address
@@ -426,6 +426,7 @@ class Connection:
         self.out = b""  # the answer's bytes the socket has not taken yet
         self.close_after = False
         self.eof = False  # the client has ended its side: answer what it sent whole, then close
+        self.withheld = False  # its body was not read: the request lacks the token
 
 
 class Framing(NamedTuple):
@@ -715,7 +716,9 @@ class Server:
                                  f"the request's headers pass {MAX_HEAD_BYTES} bytes")
                 return
             length, continues, authorization = framing(bytes(conn.buf[:end]))
-            if length and self.token and not kvmem_cli.bearer_ok(authorization, self.token):
+            conn.withheld = bool(length) and bool(self.token) and not kvmem_cli.bearer_ok(
+                authorization, self.token)
+            if conn.withheld:
                 length = None  # no token, no room: its head goes on alone, to get a 401
             conn.head_end, conn.need = end, end + (length or 0)
             conn.close_after = length is None
@@ -849,7 +852,7 @@ class Server:
             self._admitting = False
 
     def _admit_waiting(self, now: float) -> None:
-        while not self.stopping:
+        while True:
             with self._budget_lock:
                 if not self._waiting or not self._room(
                         self._waiting[0].need - self._waiting[0].head_end):
@@ -875,15 +878,16 @@ class Server:
 
     def _begin_stop(self) -> None:
         """Take what clients sent before the stop (connections in the backlog, bytes in
-        the sockets); then close the connections whose request has not started (no whole
-        head yet, or waiting for buffer room)."""
+        the sockets); then close the connections with no whole request head: the others
+        (their body coming, waiting for buffer room, running, being answered) have the
+        grace to finish."""
         self._accept()
         self._listen(False)
         for conn in list(self._conns.values()):
             if conn.phase in (IDLE, HEAD):
                 self._read(conn)
         for conn in list(self._conns.values()):
-            if conn.phase in (IDLE, HEAD, WAIT):
+            if conn.phase in (IDLE, HEAD):
                 self._close(conn)
 
     def _close(self, conn: Connection) -> None:
@@ -923,7 +927,7 @@ class Server:
         then give back the buffer room it held unless requests wait for it (the loop
         lets them in).  True when the connection may go on with its next request here."""
         try:
-            handler = Handler(self, conn.head, conn.body, conn.address)
+            handler = Handler(self, conn.head, conn.body, conn.address, withheld=conn.withheld)
             conn.head, conn.body = b"", b""  # the handler's now: it lets go of it once read
             out = handler.run()
             conn.close_after = conn.close_after or handler.close_connection
@@ -947,7 +951,10 @@ class Server:
     def _next_request(self, conn: Connection) -> bool:
         """Wait up to WORKER_WAIT_S for the client's next request and take it if it comes
         whole (a keep-alive client usually sends it at once: waiting costs less than two
-        thread hand-offs through the loop).  False: the loop reads what came, if anything."""
+        thread hand-offs through the loop), unless other requests wait for a worker (then
+        this client's next one queues behind theirs).  False: the loop reads what came."""
+        if not self._jobs.empty():  # others wait for a worker: this client queues behind them
+            return False
         poll = select.poll()
         poll.register(conn.sock, select.POLLIN)
         if not poll.poll(WORKER_WAIT_S * 1000):
@@ -1044,9 +1051,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "kvmem"
     _headers_buffer: list[bytes]  # BaseHTTPRequestHandler's, filled by send_header()
 
-    def __init__(self, server: Server, head: bytes, body: bytes | bytearray,
-                 address: Any) -> None:
+    def __init__(self, server: Server, head: bytes, body: bytes | bytearray, address: Any, *,
+                 withheld: bool = False) -> None:
         # Not BaseRequestHandler's __init__: there is no socket here, only the request.
+        self.withheld = withheld  # the loop did not read the body: no token came with it
         self.server = server
         self.client_address = address
         self.rfile = io.BytesIO(head)
@@ -1160,6 +1168,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise HTTPError(400, "invalid_request", "bad Content-Length")
         length = int(length_text)
+        if self.withheld:
+            self.close_connection = True
+            raise HTTPError(401, "unauthorized", kvmem_cli.UNAUTHORIZED,
+                            headers={"WWW-Authenticate": "Bearer"})
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # not reading it: the connection can't be reused
             raise HTTPError(413, "payload_too_large",

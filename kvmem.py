@@ -1871,7 +1871,8 @@ class FileWatch:
         """How the files this process opened differ from another process's: the
         checkpointer's record (if ``holder``: the lock is held by someone else, so its
         record is not a dead process's), or what a process holding a lock on the database
-        file has open (Linux; a process this one may not look at is skipped)."""
+        file has open (Linux; a process of another user, or one in another PID namespace,
+        which ``/proc`` does not show, is not compared)."""
         if holder and (found := self.mismatch(read_lock_record(self.path))):
             return found
         if len(self.names) == 1:
@@ -1911,9 +1912,12 @@ def _lock_holders(identity: tuple[int, int]) -> set[int]:
             lines = fp.read().splitlines()
     except OSError:
         return set()
+    # "1: POSIX  ADVISORY  READ 1234 fe:00:2162785 1073741826 1073742335"; a waiter's line
+    # has "->" after the number, so its fields do not match.
     pids = {int(f[4]) for f in (line.split() for line in lines)
             if len(f) >= 6 and f[1] == "POSIX" and f[5] == key and f[4].isdigit()}
     pids.discard(os.getpid())
+    pids.discard(0)  # a process /proc does not show
     return pids
 
 
@@ -2325,11 +2329,14 @@ class _ReadPool:
         self.path = path
         self.config = dataclasses.replace(config, cache_size_kib=config.read_cache_kib)
         self._idle: list[KvmemConnection] = []
-        # One token a connection that may be open: a C queue, cheaper than a Semaphore on
-        # the hot path (a get is a few microseconds).
+        # One token a connection that may be open (a C queue: cheap when one is free).  A
+        # reader that finds none waits in line (``_waiters``), and a slot given back goes
+        # to the first in line: first come, first served, so no reader starves.
         self._slots: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(config.read_connections):
             self._slots.put(None)
+        self._line = threading.Lock()
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
         self._busy: dict[int, tuple[float, str]] = {}  # id(conn) -> (since, what)
         self.failure: str | None = None  # the last corruption seen, for health
         self.files: FileWatch | None = None  # the Store's, once it has one
@@ -2339,12 +2346,7 @@ class _ReadPool:
         return _Borrowed(self, what)
 
     def take(self, what: str = "read") -> KvmemConnection:
-        try:
-            self._slots.get(timeout=self.config.busy_timeout_ms / 1000)
-        except queue.Empty:
-            raise BusyError(f"{self.path}: all {self.config.read_connections} read connections "
-                            f"stayed in use for {self.config.busy_timeout_ms} ms; retry later"
-                            ) from None
+        self._wait_for_slot()
         try:
             conn = self._idle.pop()  # atomic under the GIL
         except IndexError:
@@ -2356,7 +2358,7 @@ class _ReadPool:
                 conn = open_db(self.path, config=self.config, create=False,
                                check_same_thread=False)
             except BaseException:
-                self._slots.put(None)
+                self._give_slot()
                 raise
         self._busy[id(conn)] = (time.monotonic(), what)  # one thread per conn: no lock
         return conn
@@ -2371,7 +2373,36 @@ class _ReadPool:
             _rollback(conn)
         self._idle.append(conn)
         if borrowed:
-            self._slots.put(None)
+            self._give_slot()
+
+    def _wait_for_slot(self) -> None:
+        try:
+            return self._slots.get_nowait()
+        except queue.Empty:
+            pass
+        with self._line:
+            try:
+                return self._slots.get_nowait()
+            except queue.Empty:
+                turn = threading.Lock()
+                turn.acquire()
+                self._waiters.append(turn)
+        if turn.acquire(timeout=self.config.busy_timeout_ms / 1000):
+            return None  # a slot was handed over
+        with self._line:
+            if turn in self._waiters:
+                self._waiters.remove(turn)
+                raise BusyError(f"{self.path}: all {self.config.read_connections} read "
+                                f"connections stayed in use for {self.config.busy_timeout_ms} "
+                                "ms; retry later")
+        return None  # handed over just as the wait ran out
+
+    def _give_slot(self) -> None:
+        with self._line:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._slots.put(None)
 
     def long_readers(self, limit_s: float) -> list[tuple[float, str]]:
         """``(seconds, what)`` of the reads that have run longer than ``limit_s``."""

@@ -107,7 +107,7 @@ def test_a_deleted_or_replaced_sidecar_stops_every_writer(tmp_path: Path, sideca
     check_acknowledged(db, acked, config=CONFIG)
 
 
-@pytest.mark.parametrize("sidecars", [("-wal",), ("-wal", "-shm")])
+@pytest.mark.parametrize("sidecars", [("-wal",), ("-shm",), ("-wal", "-shm")])
 def test_library_processes_without_a_checkpointer_find_the_split(tmp_path: Path,
                                                                  sidecars: tuple[str, ...]) -> None:
     """No process runs a Checkpointer, so no lock file holds a record to compare with:
@@ -540,11 +540,12 @@ def test_without_the_token_a_body_is_neither_read_nor_given_room(tmp_path: Path)
     thread = server.start()
     port = int(server.server_address[1])
     try:
-        with connect(port) as sock:
-            sock.sendall(b"PUT /v1/memories/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                         b"application/json\r\nContent-Length: 8388608\r\n\r\n{")
-            status, headers, _ = read_response(sock)
-            assert status == 401 and headers["connection"] == "close"
+        for line in (b"PUT /v1/memories/x", b"GET /healthz"):  # (/healthz takes no token:
+            with connect(port) as sock:  # a body it was not sent is not "cut short")
+                sock.sendall(line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 8388608\r\n\r\n{")
+                status, headers, _ = read_response(sock)
+                assert status == 401 and headers["connection"] == "close"
         assert server._buffered == 0
     finally:
         server.stop()
@@ -655,3 +656,52 @@ def test_two_host_or_origin_headers_are_a_400(tmp_path: Path, twice: bytes) -> N
         sock.sendall(b"GET /v1/stats HTTP/1.1\r\n" + twice + b"\r\n")
         status, _, body = read_response(sock)
         assert status == 400 and "more than one" in body["error"]["message"], body
+
+
+def test_clients_that_keep_a_worker_busy_do_not_starve_another(tmp_path: Path) -> None:
+    """Two client processes send request after request, each the moment its answer comes,
+    to a server of two workers: a third client is answered while they go on (a worker used
+    to keep serving the client it had, for as long as it kept sending)."""
+    with serving(tmp_path, http_workers="2") as (_, port):
+        hoarders = [Child("hoarder", str(port)) for _ in range(2)]
+        for child in hoarders:
+            child.expect("going")
+        with connect(port) as victim:
+            victim.sendall(REQUEST)
+            assert read_response(victim, timeout=10)[0] == 200
+        assert all(child.proc.poll() is None for child in hoarders)  # still at it
+        for child in hoarders:
+            child.kill()
+
+
+def test_a_request_waiting_for_room_is_answered_during_the_stop(tmp_path: Path) -> None:
+    """A stop closes connections with no whole request; one whose request came whole and
+    waits for buffer room gets its answer when the room comes, within the grace."""
+    config = kvmem.Config.build(environ={}, flags={"http_buffer_bytes": "100000"})
+    store = kvmem.Store.open(tmp_path / "kv.db", config=config, role="http")
+    server = http_server.build_server(store, "127.0.0.1", 0, "")
+    thread = server.start()
+    port = int(server.server_address[1])
+    holder = kvmem.open_db(tmp_path / "kv.db", config=CONFIG)
+    holder.execute("BEGIN IMMEDIATE")  # the first request runs, and waits for the write lock
+    stopping = threading.Thread(target=server.stop)
+    try:
+        with connect(port) as first, connect(port) as second:
+            first.sendall(put_request("first", "a" * 90_000))
+            wait_for(lambda: any(c.phase == http_server.WORK for c in server._conns.values()))
+            second.sendall(put_request("second", "b" * 60_000))
+            wait_for(lambda: len(server._waiting) == 1)
+            stopping.start()
+            wait_for(lambda: server.stopping)
+            holder.execute("ROLLBACK")
+            assert read_response(first)[0] == 201
+            status, headers, _ = read_response(second)
+            assert status == 201 and headers["connection"] == "close"
+    finally:
+        holder.close()
+        if stopping.ident is None:  # the test failed before the stop began
+            server.stop()
+        else:
+            stopping.join()
+        thread.join()
+        store.close()

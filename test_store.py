@@ -845,3 +845,30 @@ def test_read_connections_are_bounded(tmp_path: Path) -> None:
         store._reads.give(held.pop(), None)
         cache = store.stats()["settings"]["cache_size"]
         assert cache == -config.read_cache_kib  # the smaller cache of read connections
+
+
+def test_readers_waiting_for_a_read_connection_are_served_in_turn(tmp_path: Path) -> None:
+    """16 threads read through 2 connections: each gets its turn (a reader that gave its
+    connection back used to take it again at once, so some threads never read and got
+    BusyError after busy_timeout_ms)."""
+    config = kvmem.Config.build(environ={}, flags={"read_connections": "2",
+                                                   "busy_timeout_ms": "2000"})
+    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+        store.set("k", 1)
+        errors: list[BaseException] = []
+        done = [0] * 16
+
+        def reader(n: int) -> None:
+            try:
+                for _ in range(300):
+                    store.get("k")
+                    done[n] += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and done == [300] * 16

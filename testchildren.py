@@ -456,12 +456,27 @@ def sidecar_writer(db: str, prefix: str, *options: str) -> None:
     print("closed", flush=True)
 
 
+def hoarder(port: str) -> None:
+    """One keep-alive connection to kvmem-http on ``port``, sending ``GET /healthz`` again
+    the moment each answer is read, until killed; ``going`` after 20 answers."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=30) as sock:
+        for n in itertools.count():
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            data = b""
+            while not data.endswith(b"}"):  # the body is one JSON object
+                data += sock.recv(65536)
+            if n == 20:
+                print("going", flush=True)
+
+
 # ---------------------------------------------------------------------------- main ----
 
 CHILDREN: dict[str, Callable[..., Any]] = {child.__name__: child for child in (
     serve_http, serve_mcp, crash_writer, starter, library_process, pinned_writer, restarted,
     wal_left_behind, first_transaction, raw_writer, opener, checkpointer, traced_writer,
-    under_strace, group_writer, pruner, sidecar_writer)}
+    under_strace, group_writer, pruner, sidecar_writer, hoarder)}
 
 
 def main(argv: list[str]) -> int:
