@@ -537,6 +537,8 @@ class Server:
         self._budget_lock = threading.Lock()  # for the two above (workers give room back)
         self._admitting = False
         self._handover = threading.Lock()  # a worker re-registering a socket vs. _close
+        self._idle_workers = 0  # workers waiting for a request
+        self._idle_lock = threading.Lock()
         self._accepting = False
         self._accept_at = 0.0  # when to accept again after EMFILE
         self._done = threading.Event()
@@ -909,8 +911,17 @@ class Server:
 
     # -- the workers ---------------------------------------------------------------------
 
+    def _get_job(self) -> Connection | None:
+        with self._idle_lock:
+            self._idle_workers += 1
+        try:
+            return self._jobs.get()
+        finally:
+            with self._idle_lock:
+                self._idle_workers -= 1
+
     def _work(self) -> None:
-        while (conn := self._jobs.get()) is not None:
+        while (conn := self._get_job()) is not None:
             while self._answer(conn) and self._next_request(conn):
                 pass  # the same client's next request, come while this worker waited
             if self._rearm(conn):
@@ -951,10 +962,11 @@ class Server:
     def _next_request(self, conn: Connection) -> bool:
         """Wait up to WORKER_WAIT_S for the client's next request and take it if it comes
         whole (a keep-alive client usually sends it at once: waiting costs less than two
-        thread hand-offs through the loop), unless other requests wait for a worker (then
-        this client's next one queues behind theirs).  False: the loop reads what came."""
-        if not self._jobs.empty():  # others wait for a worker: this client queues behind them
-            return False
+        thread hand-offs through the loop), unless a request waits with no worker free to
+        take it (then this client's next one queues behind it).  False: the loop reads what
+        came."""
+        if not self._idle_workers and not self._jobs.empty():  # a request waits for a worker:
+            return False  # this client's next one queues behind it
         poll = select.poll()
         poll.register(conn.sock, select.POLLIN)
         if not poll.poll(WORKER_WAIT_S * 1000):
