@@ -53,6 +53,7 @@ import datetime
 import fcntl
 import functools
 import hashlib
+import heapq
 import hmac
 import itertools
 import json
@@ -128,6 +129,11 @@ class VersionConflictError(KvmemError):
 class BusyError(KvmemError):
     """The database stayed locked by another writer past the deadline.  Retry later."""
     code = "busy"
+
+
+class IndexRebuildingError(BusyError):
+    """Search is not available yet: the search index is being rebuilt after an upgrade
+    (``IndexBuilder``).  Retry in a moment; every other operation works meanwhile."""
 
 
 class StorageFullError(KvmemError):
@@ -294,6 +300,9 @@ class Config:
     max_page_bytes: int = _setting(1024 * 1024, _INT(minimum=1), "a list page or a search "
                                    "answer stops once its memories (values, keys and tags "
                                    "as stored) pass this many bytes; it holds at least one")
+    search_timeout_ms: int = _setting(2000, _INT(minimum=1), "a search still running after "
+                                      "this long is stopped (invalid_request) and its read "
+                                      "ended")
     group_commit_max: int = _setting(256, _INT(minimum=1), "most writes the group committer "
                                      "puts in one transaction")
     token: str = _setting("", str, "bearer token that kvmem-http and kvmem-mcp's "
@@ -558,6 +567,112 @@ def validate_limit(value: object, maximum: int) -> int:
     return limit
 
 
+ALL_NAMESPACES = "*"
+MAX_SEARCH_NAMESPACES = 100
+
+
+def validate_time_bound(name: str, value: object) -> float | None:
+    """A time filter: Unix seconds, or an RFC 3339 time with a zone; ``None`` = none."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise InvalidInputError(f"{name} must be Unix seconds or an RFC 3339 time with a "
+                                    f"zone, such as 2026-01-31T12:00:00Z (got {value[:40]!r})")
+        value = moment.timestamp()
+    result: float | None = _number(name, low=0, high=MAX_TIME, optional=True)(value)
+    return result
+
+
+def validate_prefix(prefix: object, config: Config) -> str | None:
+    if prefix is None or prefix == "":
+        return None
+    if (not isinstance(prefix, str) or _has_control_chars(prefix)
+            or len(prefix) > config.max_key_chars):
+        raise InvalidInputError(f"prefix must be a string of at most {config.max_key_chars} "
+                                "characters with no control characters")
+    return prefix
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    """What ``list`` and ``search`` narrow to within their namespaces: memories holding
+    every one of ``tags``, whose key starts with ``prefix``, updated after
+    ``updated_after`` and before ``updated_before`` (Unix seconds, both exclusive)."""
+
+    tags: tuple[str, ...] = ()
+    prefix: str | None = None
+    updated_after: float | None = None
+    updated_before: float | None = None
+
+    @classmethod
+    def parse(cls, config: Config, *, tags: object = (), prefix: object = None,
+              updated_after: object = None, updated_before: object = None) -> Filters:
+        return cls(tuple(validate_tags(tags, config)),
+                   validate_prefix(prefix, config),
+                   validate_time_bound("updated_after", updated_after),
+                   validate_time_bound("updated_before", updated_before))
+
+    def sql(self, table: str) -> tuple[str, list[Any]]:
+        """`` AND ...`` conditions on ``table`` (a memories alias), with their parameters."""
+        sql, params = "", []
+        if self.prefix:  # the key index serves the range; substr() makes it exact
+            sql += f" AND {table}.key >= ? AND substr({table}.key, 1, ?) = ?"
+            params += [self.prefix, len(self.prefix), self.prefix]
+        for tag in self.tags:
+            sql += f" AND EXISTS (SELECT 1 FROM json_each({table}.tags) WHERE value = ?)"
+            params.append(tag)
+        if self.updated_after is not None:
+            sql += f" AND {table}.updated_at > ?"
+            params.append(self.updated_after)
+        if self.updated_before is not None:
+            sql += f" AND {table}.updated_at < ?"
+            params.append(self.updated_before)
+        return sql, params
+
+    def key(self) -> list[Any]:
+        """The filters as JSON, for a list cursor (which is only good for the same ones)."""
+        return [list(self.tags), self.prefix, self.updated_after, self.updated_before]
+
+
+def filter_schemas(config: Config) -> dict[str, dict[str, Any]]:
+    """The filters' JSON schemas (the HTTP query parameters and MCP arguments)."""
+    when = ("Unix seconds, or an RFC 3339 time with a zone (2026-01-31T12:00:00Z); "
+            "exclusive")
+    time_bound = {"type": ["number", "string"]}
+    return {
+        "tags": {"type": "array", "items": tag_schema(config), "maxItems": config.max_tags,
+                 "description": "only memories holding every one of these tags"},
+        "prefix": {"type": "string", "maxLength": config.max_key_chars, **TEXT,
+                   "description": "only keys that start with this"},
+        "updated_after": {**time_bound, "description": f"only memories updated after this: {when}"},
+        "updated_before": {**time_bound,
+                           "description": f"only memories updated before this: {when}"},
+    }
+
+
+def search_namespaces_schema(config: Config) -> dict[str, Any]:
+    one = namespace_schema(config)
+    return {"anyOf": [{**one, "description": "one namespace"},
+                      {"const": ALL_NAMESPACES, "description": "every namespace"},
+                      {"type": "array", "items": one, "minItems": 1,
+                       "maxItems": MAX_SEARCH_NAMESPACES, "description": "these namespaces"}],
+            "default": "default",
+            "description": 'where to search: a namespace, a list of them, or "*" for all'}
+
+
+def validate_search_namespaces(value: object, config: Config) -> tuple[str, ...] | None:
+    """A search's namespaces: one, a list, or ALL_NAMESPACES (``None``: no restriction)."""
+    if isinstance(value, str):
+        return None if value == ALL_NAMESPACES else (validate_namespace(value, config),)
+    if not isinstance(value, list | tuple) or not 1 <= len(value) <= MAX_SEARCH_NAMESPACES:
+        raise InvalidInputError(f'namespace must be a namespace, "{ALL_NAMESPACES}" (all), or a '
+                                f"list of 1 to {MAX_SEARCH_NAMESPACES} namespaces")
+    return tuple(dict.fromkeys(validate_namespace(n, config) for n in value))
+
+
 def strength_at(strength: float, last_reinforced_at: float, half_life_seconds: float | None,
                 now: float) -> float:
     """Current strength, ``strength × 2^(−(now − last_reinforced_at) / half_life)`` (none:
@@ -587,23 +702,118 @@ def search_score(bm25: float, current_strength: float) -> float:
     return -bm25 * current_strength
 
 
-def fts_query(text: object) -> str:
-    """A user's search text as a safe FTS5 query: each whitespace-separated word becomes
-    a quoted string (FTS syntax characters lose their meaning), joined with OR so that
-    memories matching more words rank higher without requiring all of them."""
+# -- search text: what is indexed and what is asked -----------------------------------------
+#
+# FTS5 (tokenizer INDEX_TOKENIZER) splits text into words at anything that is not a letter
+# or digit, and stems English words (porter).  Chinese, Japanese and Korean are written
+# without spaces, so a run of those characters would be one "word": before indexing, such a
+# run becomes its overlapping pairs of characters plus its last character alone
+# ("喜欢喝绿茶" -> "喜欢 欢喝 喝绿 绿茶 茶"), as Lucene's CJK analyzer does, and a query's
+# CJK run becomes the same pairs.  Full-width forms (Ａ１！) count as their ASCII letters.
+#
+# index_text() must give the same text for the same input forever: the index is
+# contentless, so a memory is removed from it by repeating what was indexed.  A change
+# here is a new migration that rebuilds the index.
+INDEX_TOKENIZER = "porter unicode61 remove_diacritics 2"
+CJK_RUN = re.compile("[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf"
+                     "\u4e00-\u9fff\ua960-\ua97f\uac00-\ud7af\ud7b0-\ud7ff\uf900-\ufaff"
+                     "\uff66-\uff9f\U00020000-\U0003134f]+")
+_FULL_WIDTH = {**{code: code - 0xFEE0 for code in range(0xFF01, 0xFF5F)}, 0x3000: 0x20}
+
+
+def _cjk_grams(run: str) -> str:
+    if len(run) == 1:
+        return f" {run} "
+    return " " + " ".join(run[i:i + 2] for i in range(len(run) - 1)) + f" {run[-1]} "
+
+
+def index_text(text: str) -> str:
+    """``text`` as the index takes it: full-width forms as ASCII, CJK runs as pairs."""
+    return CJK_RUN.sub(lambda m: _cjk_grams(m.group()), text.translate(_FULL_WIDTH))
+
+
+def value_text(value_json: str) -> str:
+    """What of a stored JSON value is searchable: its strings, object keys and numbers, in
+    document order, as ``index_text``."""
+    try:
+        stack: list[Any] = [json.loads(value_json)]
+    except ValueError:  # never stored (values are checked), but a trigger must not fail
+        return index_text(value_json)
+    words: list[str] = []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            words.append(item)
+        elif isinstance(item, dict):
+            for name, inner in reversed(item.items()):
+                stack.append(inner)
+                stack.append(name)
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            words.append(str(item))
+    return index_text(" ".join(words))
+
+
+def tags_text(tags_json: str) -> str:
+    try:
+        tags = json.loads(tags_json)
+    except ValueError:
+        return index_text(tags_json)
+    return index_text(" ".join(t for t in tags if isinstance(t, str)))
+
+
+# Words that say nothing about a memory: a query leaves them out unless it has no other.
+# Lucene's English stop set plus a few question words an agent's queries are full of.
+_STOPWORDS = """a an and are as at be but by for if in into is it no not of on or such that
+    the their then there these they this to was will with what when where which who whom
+    whose why how do does did i me my you your we our he she his her its"""
+STOPWORDS = frozenset(_STOPWORDS.split())
+MAX_QUERY_TERMS = 32
+MIN_PREFIX_CHARS = 3  # a shorter last word would match too many words as a prefix
+_WORD = re.compile(r"[^\W_]+")
+
+
+def fts_terms(text: object) -> list[str]:
+    """A user's search text as FTS5 terms, each a quoted string, so FTS syntax in the text
+    is only text: its words (runs of letters and digits, as the tokenizer splits them)
+    without stopwords, CJK runs as pairs of characters (a lone CJK character as a prefix),
+    and the last word (of at least MIN_PREFIX_CHARS) as a prefix.  Deduplicated, at most
+    MAX_QUERY_TERMS, in the order given."""
     if not isinstance(text, str):
         raise InvalidInputError("query must be a string")
     if len(text) > MAX_QUERY_CHARS or _has_surrogates(text):
-        raise InvalidInputError(f"query must be valid text of at most {MAX_QUERY_CHARS} characters")
-    # Control characters separate words: FTS5 reads a query as a C string, so a NUL
-    # inside a quoted word would end it ("unterminated string").
-    words = [w for w in CONTROL_CHARS.sub(" ", text).split() if any(ch.isalnum() for ch in w)]
+        raise InvalidInputError(f"query must be valid text of at most {MAX_QUERY_CHARS} "
+                                "characters")
+    text = text.translate(_FULL_WIDTH)
+    words = _WORD.findall(text)
     if not words:
         raise InvalidInputError("query must contain at least one word")
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+    words = list(dict.fromkeys(w.lower() for w in words))
+    kept = [w for w in words if w not in STOPWORDS] or words
+    terms: list[str] = []
+    for n, word in enumerate(kept):
+        last = n == len(kept) - 1
+        pieces = CJK_RUN.split(word)
+        runs = CJK_RUN.findall(word)
+        for i, piece in enumerate(pieces):
+            if piece:
+                prefix = last and i == len(pieces) - 1 and len(piece) >= MIN_PREFIX_CHARS
+                terms.append(f'"{piece}"' + ("*" if prefix else ""))
+            if i < len(runs):
+                run = runs[i]
+                terms.extend([f'"{run}"*'] if len(run) == 1 else
+                             [f'"{run[j:j + 2]}"' for j in range(len(run) - 1)])
+    return list(dict.fromkeys(terms))[:MAX_QUERY_TERMS]
 
 
-def _cursor_filter(namespace: str, prefix: str | None, tag: str | None, archived: bool) -> str:
+def fts_query(text: object) -> str:
+    """``fts_terms`` joined with OR: memories that hold more of the words rank higher,
+    without all of them being required."""
+    return " OR ".join(fts_terms(text))
+
+
+def _cursor_filter(namespace: str, prefix: str | None, tag: object, archived: bool) -> str:
     blob = json.dumps([namespace, prefix, tag, archived], ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
@@ -612,7 +822,7 @@ def _cursor_mac(secret: bytes, body: bytes) -> bytes:
     return hmac.new(secret, body, hashlib.sha256).digest()[:16]
 
 
-def encode_cursor(last_key: str, namespace: str, prefix: str | None, tag: str | None,
+def encode_cursor(last_key: str, namespace: str, prefix: str | None, tag: object,
                   archived: bool, *, secret: bytes) -> str:
     """An opaque cursor: the last key returned, bound to the query it came from, signed
     with the database's ``secret`` (an HMAC): a client can neither edit nor forge one."""
@@ -622,7 +832,7 @@ def encode_cursor(last_key: str, namespace: str, prefix: str | None, tag: str | 
     return base64.urlsafe_b64encode(_cursor_mac(secret, body) + body).decode("ascii").rstrip("=")
 
 
-def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: str | None,
+def decode_cursor(cursor: object, namespace: str, prefix: str | None, tag: object,
                   archived: bool, *, secret: bytes) -> str:
     """The last key of a cursor made by ``encode_cursor`` with the same ``secret`` for the
     same query; InvalidInputError for anything else."""
@@ -1029,14 +1239,26 @@ def _check_version(expected: int | None, current: int, key: str) -> None:
 
 # Contentless full-text index: the text lives once, in memories.  A contentless row is
 # deleted by repeating the exact values it was indexed with, which the triggers recompute
-# from the old row.  Body = the string leaves of the JSON value.  Migration 1 is built from
-# these: a later change of the index is a new migration that recreates the triggers.
+# from the old row.  Migration 1's index (memories_fts: unicode61, the value's strings) was
+# replaced by migration 3's (memory_index: INDEX_TOKENIZER, and index_text() in Python).
 _FTS_ROW = ("{0}.id, {0}.key,"
             " (SELECT group_concat(value, ' ') FROM json_tree({0}.value) WHERE type = 'text'),"
             " (SELECT group_concat(value, ' ') FROM json_each({0}.tags))")
 _FTS_ADD = f"INSERT INTO memories_fts (rowid, key, body, tags) VALUES ({_FTS_ROW.format('new')});"
 _FTS_REMOVE = ("INSERT INTO memories_fts (memories_fts, rowid, key, body, tags)"
                f" VALUES ('delete', {_FTS_ROW.format('old')});")
+# Migration 3 indexes the memories that exist then in the background, highest id first
+# (IndexBuilder, in batches of about INDEX_BATCH_S): those with an id up to
+# 'index_pending_through' are not indexed yet, and the triggers leave them to it.
+INDEX_FUNCTIONS = {"kvmem_index_text": index_text, "kvmem_value_text": value_text,
+                   "kvmem_tags_text": tags_text}
+_INDEX_ROW = ("{0}.id, kvmem_index_text({0}.key), kvmem_value_text({0}.value),"
+              " kvmem_tags_text({0}.tags)")
+_INDEX_ADD = ("INSERT INTO memory_index (rowid, key, body, tags)"
+              f" VALUES ({_INDEX_ROW.format('new')});")
+_INDEX_REMOVE = ("INSERT INTO memory_index (memory_index, rowid, key, body, tags)"
+                 f" VALUES ('delete', {_INDEX_ROW.format('old')});")
+PENDING_THROUGH = "(SELECT value FROM kvmem_meta WHERE name = 'index_pending_through')"
 
 # Each entry brings user_version from its index to index + 1, in one transaction; a new
 # column of memories (a new Memory field) is a new entry: ALTER TABLE memories ADD COLUMN.
@@ -1070,6 +1292,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE kvmem_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
         "INSERT INTO kvmem_meta (name, value) VALUES ('cursor_secret', :secret)",
     ),
+    (  # #16: stemming, CJK pairs, object keys and numbers; filled by IndexBuilder
+        "DROP TRIGGER memories_fts_insert",
+        "DROP TRIGGER memories_fts_delete",
+        "DROP TRIGGER memories_fts_update",
+        "DROP TABLE memories_fts",
+        "CREATE VIRTUAL TABLE memory_index USING fts5(key, body, tags, content='',"
+        f" tokenize='{INDEX_TOKENIZER}')",
+        "INSERT INTO kvmem_meta (name, value)"
+        " VALUES ('index_pending_through', (SELECT coalesce(max(id), 0) FROM memories))",
+        f"CREATE TRIGGER memory_index_insert AFTER INSERT ON memories"
+        f" WHEN new.id > {PENDING_THROUGH} BEGIN {_INDEX_ADD} END",
+        f"CREATE TRIGGER memory_index_delete AFTER DELETE ON memories"
+        f" WHEN old.id > {PENDING_THROUGH} BEGIN {_INDEX_REMOVE} END",
+        "CREATE TRIGGER memory_index_update AFTER UPDATE OF key, value, tags ON memories"
+        f" WHEN old.id > {PENDING_THROUGH} BEGIN {_INDEX_REMOVE} {_INDEX_ADD} END",
+        "INSERT INTO memory_index (memory_index, rank)"
+        f" VALUES ('rank', 'bm25({', '.join(str(w) for w in BM25_WEIGHTS)})')",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # what user_version says once every step ran
 
@@ -1088,16 +1328,15 @@ GET_LIVE = GET_ROW + " AND " + LIVE
 GET_CURSOR_SECRET = "SELECT value FROM kvmem_meta WHERE name = 'cursor_secret'"
 INSERT_MEMORY = (f"INSERT INTO memories ({', '.join(MEMORY_COLUMNS)})"
                  f" VALUES ({', '.join('?' * len(MEMORY_COLUMNS))})")
-# Ranked by search_score(): -bm25 x current strength, computed in SQL so that LIMIT
-# keeps the best ones.  Parameters: query, namespace, now, now, limit.
-SEARCH_MEMORIES = (
-    f"SELECT {', '.join('m.' + c for c in ('id', *MEMORY_COLUMNS))},"
-    f" bm25(memories_fts, {', '.join(str(w) for w in BM25_WEIGHTS)}) AS rank"
-    " FROM memories_fts JOIN memories AS m ON m.id = memories_fts.rowid"
-    f" WHERE memories_fts MATCH ? AND m.namespace = ? AND {LIVE}"
-    " ORDER BY -rank * kvmem_strength(m.strength, m.last_reinforced_at, m.half_life_seconds, ?)"
-    " DESC, m.key LIMIT ?"
-)
+# A search reads matches best BM25 first (FTS5's rank: bm25() with BM25_WEIGHTS, set by
+# migration 3) and only the few columns the score needs; Store.search fetches the whole
+# rows of the hits it keeps.  Parameters: query, now, then the filters'.
+SEARCH_SCAN = ("SELECT m.id, memory_index.rank, m.strength, m.last_reinforced_at,"
+               " m.half_life_seconds FROM memory_index JOIN memories AS m"
+               " ON m.id = memory_index.rowid"
+               " WHERE memory_index MATCH ? AND m.archived = 0"
+               " AND NOT (m.expires_at IS NOT NULL AND m.expires_at <= ?)")
+GET_PENDING_THROUGH = f"SELECT {PENDING_THROUGH}"
 _LOADS = [(i, f.metadata["load"]) for i, f in enumerate(MEMORY_FIELDS) if f.metadata["load"]]
 _DUMPS = [(i, f.metadata["dump"]) for i, f in enumerate(MEMORY_FIELDS) if f.metadata["dump"]]
 _VALUE, _KEY, _TAGS = (MEMORY_COLUMNS.index(name) for name in ("value", "key", "tags"))
@@ -1438,6 +1677,8 @@ def _connect(path: str, config: Config, *, mode: str, check_same_thread: bool) -
         )
         # Decay maths in SQL (prune, search ranking) calls the pure strength_at().
         raw.create_function("kvmem_strength", 4, strength_at, deterministic=True)
+        for name, function in INDEX_FUNCTIONS.items():  # the index triggers call them
+            raw.create_function(name, 1, function, deterministic=True)
     except sqlite3.Error as exc:
         raise _db_error(exc, path) from exc
     assert isinstance(raw, KvmemConnection)
@@ -2450,6 +2691,7 @@ class Store:
         self.conditions = Conditions()
         self._checkpointer: Checkpointer | None = None
         self._decay: DecayScheduler | None = None
+        self._indexer: IndexBuilder | None = None
         try:
             self.files = self._reads.files = FileWatch(path, config.journal_mode)
             # Before this process writes anything.
@@ -2463,6 +2705,8 @@ class Store:
                     conditions=self.conditions, files=self.files).start()
             if decay:
                 self._decay = DecayScheduler(self, role=role).start()
+            if conn.execute(GET_PENDING_THROUGH).fetchone()[0]:
+                self._indexer = IndexBuilder(self, role=role).start()
         except BaseException:
             self._stop_background()
             if hasattr(self, "_writer"):
@@ -2494,15 +2738,17 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        if self._decay is not None:
-            self._decay.stop()
+        for background in (self._decay, self._indexer):
+            if background is not None:
+                background.stop()
         self._writer.close()  # the elected writer's final checkpoint happens here
         self._stop_background()  # then the checkpoint lock is let go
         self._reads.close()
 
     def _stop_background(self) -> None:
-        if self._decay is not None:
-            self._decay.stop()
+        for background in (self._decay, self._indexer):
+            if background is not None:
+                background.stop()
         if self._checkpointer is not None:
             self._checkpointer.stop()
 
@@ -2671,9 +2917,12 @@ class Store:
         return None if row is None else _row_memory(row)
 
     def list(self, *, namespace: str = "default", prefix: str | None = None,
-             tag: str | None = None, archived: bool = False, limit: int = 100,
-             cursor: str | None = None) -> Page:
-        """Memories in key order, live ones (or, with ``archived=True``, archived ones).
+             tag: str | None = None, tags: Sequence[str] = (),
+             updated_after: float | str | None = None,
+             updated_before: float | str | None = None, archived: bool = False,
+             limit: int = 100, cursor: str | None = None) -> Page:
+        """Memories in key order, live ones (or, with ``archived=True``, archived ones),
+        narrowed by ``Filters`` (``tag`` is one more of ``tags``).
 
         Pagination is by key: ``next_cursor`` resumes after the last key returned, so a
         scan never repeats a key and never skips one that existed when it started and
@@ -2682,34 +2931,40 @@ class Store:
         keys and tags as stored; at least one memory a page).
         """
         namespace = validate_namespace(namespace, self.config)
-        if prefix is not None and (not isinstance(prefix, str) or _has_control_chars(prefix)
-                                   or len(prefix) > self.config.max_key_chars):
-            raise InvalidInputError("prefix must be a key-like string")
         if tag is not None:
-            tag = validate_tags([tag], self.config)[0]
+            tags = [*validate_tags([tag], self.config), *(tags or ())]
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
         if not isinstance(archived, bool):
             raise InvalidInputError("archived must be true or false")
         limit = validate_limit(limit, MAX_LIST_LIMIT)
-        after = None if cursor is None else decode_cursor(cursor, namespace, prefix, tag, archived,
-                                                          secret=self._cursor_secret)
+        scope = filters.key()
+        after = None if cursor is None else decode_cursor(cursor, namespace, None, scope,
+                                                          archived, secret=self._cursor_secret)
         sql = SELECT_MEMORY + f" WHERE namespace = ? AND archived = ? AND NOT {EXPIRED}"
         params: list[Any] = [namespace, int(archived), self.clock()]
         if after is not None:
             sql += " AND key > ?"
             params.append(after)
-        if prefix:
-            sql += " AND key >= ? AND substr(key, 1, ?) = ?"
-            params += [prefix, len(prefix), prefix]
-        if tag is not None:
-            sql += " AND EXISTS (SELECT 1 FROM json_each(memories.tags) WHERE value = ?)"
-            params.append(tag)
-        sql += " ORDER BY key LIMIT ?"
-        params.append(limit + 1)
+        where, more_params = filters.sql("memories")
+        sql += where + " ORDER BY key LIMIT ?"
+        params += [*more_params, limit + 1]
         with self._reads.borrow(f"list {namespace}") as conn:
             rows, more = self._page_rows(conn, sql, params, limit)
         items = [_row_memory(r) for r in rows]
-        return Page(items, encode_cursor(items[-1].key, namespace, prefix, tag, archived,
+        return Page(items, encode_cursor(items[-1].key, namespace, None, scope, archived,
                                          secret=self._cursor_secret) if more else None)
+
+    def namespaces(self) -> builtins.list[dict[str, Any]]:
+        """Every namespace that holds a memory, in name order, with how many of its
+        memories are live and archived (expired ones not yet pruned are not counted)."""
+        now = self.clock()
+        with self._reads.borrow("namespaces") as conn:
+            rows = conn.execute(
+                f"SELECT namespace, sum({LIVE}), sum(archived = 1 AND NOT {EXPIRED})"
+                " FROM memories GROUP BY namespace ORDER BY namespace", (now, now)).fetchall()
+        return [{"namespace": name, "live": live, "archived": archived}
+                for name, live, archived in rows if live or archived]
 
     def _page_rows(self, conn: KvmemConnection, sql: str, params: Sequence[Any],
                    limit: int) -> tuple[builtins.list[Any], bool]:
@@ -2728,21 +2983,99 @@ class Store:
         finally:
             cursor.close()  # ends the read (an unfinished statement keeps its snapshot)
 
-    def search(self, query: str, *, namespace: str = "default",
+    def search(self, query: str, *, namespace: str | Sequence[str] = "default",
+               tags: Sequence[str] = (), prefix: str | None = None,
+               updated_after: float | str | None = None,
+               updated_before: float | str | None = None,
                limit: int = 20) -> builtins.list[Hit]:
-        """Full-text search over key, the strings in the value, and tags, of live
-        memories; best first by ``search_score`` (BM25 × current strength).  The query is
-        plain words (``fts_query``): FTS syntax in it is treated as text.  At most ``limit``
-        hits, fewer once their memories pass ``max_page_bytes`` (at least one)."""
-        namespace = validate_namespace(namespace, self.config)
+        """Full-text search over the key, the value's strings, object keys and numbers, and
+        the tags of live memories in ``namespace`` (a name, a list of names, or
+        ALL_NAMESPACES), narrowed by ``Filters``; best first by ``search_score``: BM25 ×
+        current strength.  The query is plain words (``fts_terms``: FTS syntax in it is only
+        text).  At most ``limit`` hits, fewer once their memories pass ``max_page_bytes`` (at
+        least one).
+
+        Matches are read best BM25 first, and reading stops once no later one can reach the
+        ``limit`` best scores: a strength is at most 1, so a match scores at most its BM25.
+        The answer is the one that scoring every match gives (``test_search_stops_early...``).
+
+        Raises InvalidInputError for bad arguments and for a search still running after
+        ``search_timeout_ms``; IndexRebuildingError while an upgrade's rebuild runs.
+        """
+        namespaces = validate_search_namespaces(namespace, self.config)
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
         match = fts_query(query)
         limit = validate_limit(limit, MAX_SEARCH_LIMIT)
         now = self.clock()
-        with self._reads.borrow(f"search {query!r} in {namespace}") as conn:
-            rows, _ = self._page_rows(conn, SEARCH_MEMORIES, (match, namespace, now, now, limit),
-                                      limit)
-        found = [(_row_memory(row), row[-1]) for row in rows]
-        return [Hit(m, search_score(bm25, m.current_strength(now))) for m, bm25 in found]
+        sql, params = SEARCH_SCAN, [match, now]
+        if namespaces is not None:
+            sql += f" AND m.namespace IN ({', '.join('?' * len(namespaces))})"
+            params += namespaces
+        where, more_params = filters.sql("m")
+        sql += where + " ORDER BY memory_index.rank"
+        params += more_params
+        deadline = time.monotonic() + self.config.search_timeout_ms / 1000
+        with self._reads.borrow(f"search {query[:100]!r}") as conn:
+            conn.set_progress_handler(lambda: time.monotonic() > deadline, 2000)
+            try:
+                pending = conn.execute(GET_PENDING_THROUGH).fetchone()[0]
+                if pending:
+                    raise IndexRebuildingError(
+                        f"{self.path}: the search index is being rebuilt after an upgrade "
+                        f"(memories up to id {pending} still to index); search works again "
+                        "when it is done, retry in a moment")
+                best = self._best_matches(conn, sql, params, limit, now)
+                rows = self._hit_rows(conn, [row_id for _, row_id in best])
+            except KvmemError as exc:
+                if time.monotonic() > deadline and not isinstance(exc, IndexRebuildingError):
+                    raise InvalidInputError(
+                        f"search stopped after {self.config.search_timeout_ms} ms "
+                        "(search_timeout_ms): use fewer or rarer words, or narrow it with "
+                        "namespace, tags, prefix or time filters") from exc
+                raise
+            finally:
+                conn.set_progress_handler(None, 0)
+        scores = {row_id: score for score, row_id in best}
+        return [Hit(_row_memory(row), scores[row[0]]) for row in rows]
+
+    @staticmethod
+    def _best_matches(conn: KvmemConnection, sql: str, params: Sequence[Any], limit: int,
+                      now: float) -> builtins.list[tuple[float, int]]:
+        """``(score, id)`` of the ``limit`` best-scoring matches of SEARCH_SCAN ``sql``, best
+        first (ties: lower id first)."""
+        heap: builtins.list[tuple[float, int]] = []  # the best so far, worst at heap[0]
+        cursor = conn.execute(sql, params)
+        try:
+            for row_id, rank, strength, last, half_life in cursor:
+                bm25 = -rank
+                if len(heap) == limit and bm25 < heap[0][0]:
+                    break  # this match and every later one score at most their BM25
+                score = bm25 * strength_at(strength, last, half_life, now)
+                item = (score, -row_id)
+                if len(heap) < limit:
+                    heapq.heappush(heap, item)
+                elif item > heap[0]:
+                    heapq.heapreplace(heap, item)
+        finally:
+            cursor.close()  # ends the read (an unfinished statement keeps its snapshot)
+        return [(score, -neg_id) for score, neg_id in sorted(heap, reverse=True)]
+
+    def _hit_rows(self, conn: KvmemConnection,
+                  ids: builtins.list[int]) -> builtins.list[Any]:
+        """The rows of ``ids``, in that order, stopping once they pass ``max_page_bytes``
+        (at least one)."""
+        rows: builtins.list[Any] = []
+        size = 0
+        for row_id in ids:
+            row = conn.execute(SELECT_MEMORY + " WHERE id = ?", (row_id,)).fetchone()
+            if row is None:
+                continue
+            size += _stored_bytes(row)
+            if rows and size > self.config.max_page_bytes:
+                break
+            rows.append(row)
+        return rows
 
     def export(self, fp: IO[str], *, namespace: str | None = None) -> int:
         """Stream every memory (all namespaces, or one; archived and expired included) as JSON
@@ -2779,11 +3112,14 @@ class Store:
             live, archived, expired = conn.execute(
                 f"SELECT sum({LIVE}), sum(archived = 1 AND NOT {EXPIRED}), sum({EXPIRED})"
                 " FROM memories", (now, now, now)).fetchone()
+            pending = int(conn.execute(GET_PENDING_THROUGH).fetchone()[0] or 0)
         out["counts"] = {"live": live or 0, "archived": archived or 0,
                          "expired_pending": expired or 0}
         out["group_commit"] = self._writer.stats()
         out["checkpointer"] = self._checkpointer.state() if self._checkpointer else None
         out["decay"] = self._decay.state() if self._decay else None
+        out["search_index"] = {"rebuilding": bool(pending), "pending_through": pending,
+                               "builder": self._indexer.state() if self._indexer else None}
         out["last_prune"] = dataclasses.asdict(self._last_prune) if self._last_prune else None
         out["health"] = self.health()
         out["config"] = self.config.public()
@@ -3078,6 +3414,71 @@ class Checkpointer(_Background):
         self.conditions.set("long_reader", f"{len(long)} read(s) have held a snapshot past "
                             f"{self.config.reader_warn_s:g} s; the longest, {seconds:.0f} s: "
                             f"{what}")
+
+
+INDEX_BATCH_S = 0.2  # about how long one batch of the index rebuild holds the write lock
+INDEX_BATCH_BYTES = 8 * 1024 * 1024  # and at most this much text in one batch
+
+
+def index_batch(conn: KvmemConnection, rows: int) -> tuple[int, int]:
+    """Index up to ``rows`` of the memories migration 3 left to IndexBuilder (the highest
+    ids still pending, at most INDEX_BATCH_BYTES of them), in the caller's transaction;
+    ``(indexed, still_pending_through)``."""
+    pending = int(conn.execute(GET_PENDING_THROUGH).fetchone()[0] or 0)
+    if not pending:
+        return 0, 0
+    ids = conn.execute("SELECT id, length(value) + length(key) + length(tags) FROM memories"
+                       " WHERE id <= ? ORDER BY id DESC LIMIT ?", (pending, rows)).fetchall()
+    taken, size = 0, 0
+    for _, length in ids:
+        if taken and size + length > INDEX_BATCH_BYTES:
+            break
+        taken, size = taken + 1, size + length
+    # Below the lowest id taken, unless every memory left was taken.
+    below = 0 if taken == len(ids) < rows else ids[taken - 1][0] - 1 if ids else 0
+    conn.execute("INSERT INTO memory_index (rowid, key, body, tags)"
+                 " SELECT id, kvmem_index_text(key), kvmem_value_text(value),"
+                 " kvmem_tags_text(tags) FROM memories WHERE id > ? AND id <= ?",
+                 (below, pending))
+    conn.execute("UPDATE kvmem_meta SET value = ? WHERE name = 'index_pending_through'",
+                 (below,))
+    return taken, below
+
+
+class IndexBuilder(_Background):
+    """Daemon thread that indexes the memories an upgrade left unindexed (migration 3),
+    in batches through the store's writer, each holding the write lock about
+    INDEX_BATCH_S; every process that opens the file takes part, until none is left.
+    Search refuses with IndexRebuildingError meanwhile."""
+
+    name = "index"
+    what = "index batch"
+
+    def __init__(self, store: Store, *, role: str = "library") -> None:
+        self.store = store
+        self._rows = 64  # rows a batch, adjusted to take about INDEX_BATCH_S
+        super().__init__(role, {"batches": 0, "indexed": 0, "pending_through": None})
+
+    def _retry_delay(self, failures: int) -> float:
+        return min(5.0, 0.05 * 2.0 ** min(failures, 10))
+
+    def _step(self) -> float:
+        started = time.monotonic()
+        indexed, pending = self.store._writer.submit(
+            functools.partial(index_batch, rows=self._rows))
+        took = time.monotonic() - started
+        with self._state_lock:
+            self._state["batches"] += 1
+            self._state["indexed"] += indexed
+            self._state["pending_through"] = pending
+        if not pending:
+            self.log.info("[%s] search index rebuilt", self.role)
+            self._stop.set()
+            return 0.0
+        if indexed == self._rows:  # aim the next batch at INDEX_BATCH_S
+            scale = INDEX_BATCH_S / max(took, 0.001)
+            self._rows = max(16, min(50_000, int(self._rows * min(4.0, max(0.25, scale)))))
+        return 0.01  # let other writers in between batches
 
 
 class DecayScheduler(_Background):

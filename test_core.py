@@ -277,11 +277,18 @@ def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> No
 # ---------------------------------------------------------------------- search query ----
 
 @pytest.mark.parametrize(("text", "query"), [
-    ("green tea", '"green" OR "tea"'),
-    ('say "hi" NEAR(x', '"say" OR """hi""" OR "NEAR(x"'),  # FTS syntax is only text
-    ("a\x00b", '"a" OR "b"'),  # NUL would end FTS5's C string inside the quotes
+    ("green tea", '"green" OR "tea"*'),  # the last word is also a prefix
+    ('say "hi" NEAR(x', '"say" OR "hi" OR "near" OR "x"'),  # FTS syntax is only text
+    ("x\x00y", '"x" OR "y"'),  # NUL would end FTS5's C string inside the quotes
     ("tab\tnew\nline\x7fdel\x85c1", '"tab" OR "new" OR "line" OR "del" OR "c1"'),
-    ("a\u2028b", '"a" OR "b"'),  # str.split() separators stay separators
+    ("x\u2028y", '"x" OR "y"'),
+    ("the cat is on the mat", '"cat" OR "mat"*'),  # stopwords go...
+    ("the who", '"the" OR "who"*'),  # ...unless nothing else is left
+    ("tea tea TEA", '"tea"*'),  # one term a word
+    ("上海浦东", '"上海" OR "海浦" OR "浦东"'),  # CJK as pairs
+    ("茶", '"茶"*'),  # a lone CJK character as a prefix
+    ("用Python写", '"用"* OR "python" OR "写"*'),
+    ("ＡＢＣ１２３", '"abc123"*'),  # full-width as ASCII
 ])
 def test_fts_query(text: str, query: str) -> None:
     assert kvmem.fts_query(text) == query

@@ -147,18 +147,6 @@ def test_ttl_and_score() -> None:
     assert kvmem.search_score(-2.0, 1.0) > kvmem.search_score(-2.0, 0.25)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("fox", '"fox"'),
-    ("quick fox", '"quick" OR "fox"'),
-    ('say "hi"', '"say" OR """hi"""'),
-    ("NEAR(a b)", '"NEAR(a" OR "b)"'),
-    ("prefix* -not ^start col:x", '"prefix*" OR "-not" OR "^start" OR "col:x"'),
-    ("AND OR NOT", '"AND" OR "OR" OR "NOT"'),
-])
-def test_fts_query_quotes_everything(text: str, expected: str) -> None:
-    assert kvmem.fts_query(text) == expected
-
-
 @pytest.mark.parametrize("text", ["", "   ", "*** ---", 5, "x" * 1001])
 def test_fts_query_refuses_empty_or_bad(text: object) -> None:
     with pytest.raises(kvmem.InvalidInputError, match="query"):
