@@ -53,7 +53,6 @@ import datetime
 import fcntl
 import functools
 import hashlib
-import heapq
 import hmac
 import itertools
 import json
@@ -776,30 +775,31 @@ _WORD = re.compile(r"[^\W_]+")
 
 def fts_terms(text: object) -> list[str]:
     """A user's search text as FTS5 terms, each a quoted string, so FTS syntax in the text
-    is only text: its words (runs of letters and digits, as the tokenizer splits them)
-    without stopwords, CJK runs as pairs of characters (a lone CJK character as a prefix),
-    and the last word (of at least MIN_PREFIX_CHARS) as a prefix.  Deduplicated, at most
+    is only text and FTS5 splits each term into words exactly as it split the memories:
+    the text's whitespace-separated chunks without stopwords, their CJK runs as pairs of
+    characters (a lone CJK character as a prefix), and the last chunk (if it holds at least
+    MIN_PREFIX_CHARS letters or digits) as a prefix.  Control characters separate chunks
+    (FTS5 reads a query as a C string: a NUL would end it).  Deduplicated, at most
     MAX_QUERY_TERMS, in the order given."""
     if not isinstance(text, str):
         raise InvalidInputError("query must be a string")
     if len(text) > MAX_QUERY_CHARS or _has_surrogates(text):
         raise InvalidInputError(f"query must be valid text of at most {MAX_QUERY_CHARS} "
                                 "characters")
-    text = text.translate(_FULL_WIDTH)
-    words = _WORD.findall(text)
+    chunks = CONTROL_CHARS.sub(" ", text.translate(_FULL_WIDTH).lower()).split()
+    words = list(dict.fromkeys(c for c in chunks if any(ch.isalnum() for ch in c)))
     if not words:
         raise InvalidInputError("query must contain at least one word")
-    words = list(dict.fromkeys(w.lower() for w in words))
-    kept = [w for w in words if w not in STOPWORDS] or words
+    kept = [w for w in words if "".join(_WORD.findall(w)) not in STOPWORDS] or words
     terms: list[str] = []
-    for n, word in enumerate(kept):
-        last = n == len(kept) - 1
-        pieces = CJK_RUN.split(word)
-        runs = CJK_RUN.findall(word)
+    for n, chunk in enumerate(kept):
+        pieces, runs = CJK_RUN.split(chunk), CJK_RUN.findall(chunk)
         for i, piece in enumerate(pieces):
-            if piece:
-                prefix = last and i == len(pieces) - 1 and len(piece) >= MIN_PREFIX_CHARS
-                terms.append(f'"{piece}"' + ("*" if prefix else ""))
+            letters = sum(ch.isalnum() for ch in piece)
+            if letters:
+                last = n == len(kept) - 1 and i == len(pieces) - 1
+                star = "*" if last and letters >= MIN_PREFIX_CHARS else ""
+                terms.append('"' + piece.replace('"', '""') + '"' + star)
             if i < len(runs):
                 run = runs[i]
                 terms.extend([f'"{run}"*'] if len(run) == 1 else
@@ -1328,11 +1328,14 @@ GET_LIVE = GET_ROW + " AND " + LIVE
 GET_CURSOR_SECRET = "SELECT value FROM kvmem_meta WHERE name = 'cursor_secret'"
 INSERT_MEMORY = (f"INSERT INTO memories ({', '.join(MEMORY_COLUMNS)})"
                  f" VALUES ({', '.join('?' * len(MEMORY_COLUMNS))})")
-# A search reads matches best BM25 first (FTS5's rank: bm25() with BM25_WEIGHTS, set by
-# migration 3) and only the few columns the score needs; Store.search fetches the whole
-# rows of the hits it keeps.  Parameters: query, now, then the filters'.
-SEARCH_SCAN = ("SELECT m.id, memory_index.rank, m.strength, m.last_reinforced_at,"
-               " m.half_life_seconds FROM memory_index JOIN memories AS m"
+# search_score() in SQL, so that the sorter keeps only the LIMIT best: -bm25 (FTS5's rank,
+# bm25() with BM25_WEIGHTS, set by migration 3) × strength_at().  Only ids and scores are
+# sorted; Store.search then reads the rows of the hits.  Parameters: query, now, now, then
+# the filters', then the limit.
+SEARCH_SCORE = ("-memory_index.rank * CASE WHEN m.half_life_seconds IS NULL THEN m.strength"
+                " ELSE m.strength * pow(2.0, -max(0.0, ? - m.last_reinforced_at)"
+                " / m.half_life_seconds) END")
+SEARCH_SCAN = (f"SELECT m.id, {SEARCH_SCORE} AS score FROM memory_index JOIN memories AS m"
                " ON m.id = memory_index.rowid"
                " WHERE memory_index MATCH ? AND m.archived = 0"
                " AND NOT (m.expires_at IS NOT NULL AND m.expires_at <= ?)")
@@ -1677,6 +1680,10 @@ def _connect(path: str, config: Config, *, mode: str, check_same_thread: bool) -
         )
         # Decay maths in SQL (prune, search ranking) calls the pure strength_at().
         raw.create_function("kvmem_strength", 4, strength_at, deterministic=True)
+        try:  # SEARCH_SCORE's pow(): built in when SQLite has its math functions
+            raw.execute("SELECT pow(2.0, 1.0)")
+        except sqlite3.OperationalError:
+            raw.create_function("pow", 2, math.pow, deterministic=True)
         for name, function in INDEX_FUNCTIONS.items():  # the index triggers call them
             raw.create_function(name, 1, function, deterministic=True)
     except sqlite3.Error as exc:
@@ -2995,9 +3002,8 @@ class Store:
         text).  At most ``limit`` hits, fewer once their memories pass ``max_page_bytes`` (at
         least one).
 
-        Matches are read best BM25 first, and reading stops once no later one can reach the
-        ``limit`` best scores: a strength is at most 1, so a match scores at most its BM25.
-        The answer is the one that scoring every match gives (``test_search_stops_early...``).
+        Words in at least half of all memories are left out of the match when the query has
+        other words (``_informative_terms``); every other match is scored in SQL.
 
         Raises InvalidInputError for bad arguments and for a search still running after
         ``search_timeout_ms``; IndexRebuildingError while an upgrade's rebuild runs.
@@ -3005,16 +3011,16 @@ class Store:
         namespaces = validate_search_namespaces(namespace, self.config)
         filters = Filters.parse(self.config, tags=tags, prefix=prefix,
                                 updated_after=updated_after, updated_before=updated_before)
-        match = fts_query(query)
+        terms = fts_terms(query)
         limit = validate_limit(limit, MAX_SEARCH_LIMIT)
         now = self.clock()
-        sql, params = SEARCH_SCAN, [match, now]
+        sql, params = SEARCH_SCAN, list[Any]([now])
         if namespaces is not None:
             sql += f" AND m.namespace IN ({', '.join('?' * len(namespaces))})"
-            params += namespaces
+            params += list(namespaces)
         where, more_params = filters.sql("m")
-        sql += where + " ORDER BY memory_index.rank"
-        params += more_params
+        sql += where + " ORDER BY score DESC, m.id LIMIT ?"
+        params += [*more_params, limit]
         deadline = time.monotonic() + self.config.search_timeout_ms / 1000
         with self._reads.borrow(f"search {query[:100]!r}") as conn:
             conn.set_progress_handler(lambda: time.monotonic() > deadline, 2000)
@@ -3025,8 +3031,11 @@ class Store:
                         f"{self.path}: the search index is being rebuilt after an upgrade "
                         f"(memories up to id {pending} still to index); search works again "
                         "when it is done, retry in a moment")
-                best = self._best_matches(conn, sql, params, limit, now)
-                rows = self._hit_rows(conn, [row_id for _, row_id in best])
+                informative = _informative_terms(conn, terms)
+                best = conn.execute(sql, [now, " OR ".join(informative), *params]).fetchall()
+                if len(best) < limit and len(informative) < len(terms):
+                    best = conn.execute(sql, [now, " OR ".join(terms), *params]).fetchall()
+                rows = self._hit_rows(conn, [row_id for row_id, _ in best])
             except KvmemError as exc:
                 if time.monotonic() > deadline and not isinstance(exc, IndexRebuildingError):
                     raise InvalidInputError(
@@ -3036,30 +3045,8 @@ class Store:
                 raise
             finally:
                 conn.set_progress_handler(None, 0)
-        scores = {row_id: score for score, row_id in best}
+        scores = dict(best)
         return [Hit(_row_memory(row), scores[row[0]]) for row in rows]
-
-    @staticmethod
-    def _best_matches(conn: KvmemConnection, sql: str, params: Sequence[Any], limit: int,
-                      now: float) -> builtins.list[tuple[float, int]]:
-        """``(score, id)`` of the ``limit`` best-scoring matches of SEARCH_SCAN ``sql``, best
-        first (ties: lower id first)."""
-        heap: builtins.list[tuple[float, int]] = []  # the best so far, worst at heap[0]
-        cursor = conn.execute(sql, params)
-        try:
-            for row_id, rank, strength, last, half_life in cursor:
-                bm25 = -rank
-                if len(heap) == limit and bm25 < heap[0][0]:
-                    break  # this match and every later one score at most their BM25
-                score = bm25 * strength_at(strength, last, half_life, now)
-                item = (score, -row_id)
-                if len(heap) < limit:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
-        finally:
-            cursor.close()  # ends the read (an unfinished statement keeps its snapshot)
-        return [(score, -neg_id) for score, neg_id in sorted(heap, reverse=True)]
 
     def _hit_rows(self, conn: KvmemConnection,
                   ids: builtins.list[int]) -> builtins.list[Any]:
@@ -3414,6 +3401,36 @@ class Checkpointer(_Background):
         self.conditions.set("long_reader", f"{len(long)} read(s) have held a snapshot past "
                             f"{self.config.reader_warn_s:g} s; the longest, {seconds:.0f} s: "
                             f"{what}")
+
+
+def indexed_rows(conn: KvmemConnection) -> int | None:
+    """How many memories the search index holds, as bm25() counts them: the first varint
+    of FTS5's "averages" record (row 1 of memory_index_data); None if it cannot be read."""
+    row = conn.execute("SELECT block FROM memory_index_data WHERE id = 1").fetchone()
+    if row is None or not isinstance(row[0], bytes):
+        return None
+    value = 0
+    for n, byte in enumerate(row[0][:9]):  # an SQLite varint: 7 bits a byte, big-endian
+        if n == 8:
+            return (value << 8) | byte
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value
+    return None
+
+
+def _informative_terms(conn: KvmemConnection, terms: list[str]) -> list[str]:
+    """``terms`` without those in at least half of the indexed memories, unless that
+    leaves none.  FTS5's bm25() gives such a term an IDF of 1e-6 (log((N - n + 0.5) / (n +
+    0.5)) is not positive; FTS5 clamps it), so it moves no score by more than about 3e-6,
+    yet matching it means reading (and ranking) most of the index."""
+    if len(terms) < 2 or (total := indexed_rows(conn)) is None:
+        return terms
+    half = total // 2 + total % 2  # n >= half  <=>  2n >= total
+    kept = [term for term in terms if conn.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM memory_index WHERE memory_index MATCH ? LIMIT ?)",
+        (term, half)).fetchone()[0] < half]
+    return kept or terms
 
 
 INDEX_BATCH_S = 0.2  # about how long one batch of the index rebuild holds the write lock

@@ -224,6 +224,10 @@ STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
                "properties": {"live": _COUNT, "archived": _COUNT, "expired_pending": _COUNT}},
     "group_commit": {"type": "object"}, "checkpointer": _NULLABLE_OBJECT,
     "decay": _NULLABLE_OBJECT, "last_prune": _NULLABLE_OBJECT,
+    "search_index": {"type": "object", "required": ["rebuilding", "pending_through", "builder"],
+                     "properties": {"rebuilding": {"type": "boolean"},
+                                    "pending_through": {"type": "integer"},
+                                    "builder": _NULLABLE_OBJECT}},
     "health": {"type": "object", "required": ["ok", "problems", "past"], "properties": {
         "ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "string"}},
         "past": {"type": "object"}}},

@@ -278,7 +278,7 @@ def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> No
 
 @pytest.mark.parametrize(("text", "query"), [
     ("green tea", '"green" OR "tea"*'),  # the last word is also a prefix
-    ('say "hi" NEAR(x', '"say" OR "hi" OR "near" OR "x"'),  # FTS syntax is only text
+    ('say "hi" NEAR(x', '"say" OR """hi""" OR "near(x"*'),  # FTS syntax is only text
     ("x\x00y", '"x" OR "y"'),  # NUL would end FTS5's C string inside the quotes
     ("tab\tnew\nline\x7fdel\x85c1", '"tab" OR "new" OR "line" OR "del" OR "c1"'),
     ("x\u2028y", '"x" OR "y"'),
