@@ -224,6 +224,11 @@ STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
                "properties": {"live": _COUNT, "archived": _COUNT, "expired_pending": _COUNT}},
     "group_commit": {"type": "object"}, "checkpointer": _NULLABLE_OBJECT,
     "decay": _NULLABLE_OBJECT, "last_prune": _NULLABLE_OBJECT,
+    "search_index": {"type": "object", "required": ["rebuilding", "pending_through", "builder"],
+                     "properties": {"rebuilding": {"type": "boolean"},
+                                    "pending_through": _COUNT, "builder": _NULLABLE_OBJECT},
+                     "description": "an upgrade's rebuild of the search index (search waits "
+                                    "for it)"},
     "health": {"type": "object", "required": ["ok", "problems", "past"], "properties": {
         "ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "string"}},
         "past": {"type": "object"}}},
