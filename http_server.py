@@ -33,6 +33,7 @@ import math
 import os
 import queue
 import random
+import re
 import resource
 import select
 import selectors
@@ -89,7 +90,7 @@ class Api:
         self.store = store
         self.batch_body = batch_body(store.config)  # built once, not per request
 
-    def put_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def put_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
         if not isinstance(body, dict):
             raise HTTPError(400, "invalid_request", "the body must be a JSON object")
         op = kvmem.SetOp.parse(body, self.store.config, key=key,
@@ -97,54 +98,59 @@ class Api:
         memory: kvmem.Memory = self.store.apply(op)
         return (201 if memory.version == 1 else 200), memory.render(self.store.clock())
 
-    def get_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def get_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
         memory = self.store.get(key, namespace=query.get("namespace", "default"))
         if memory is None:
             raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
         return 200, memory.render(self.store.clock())
 
-    def delete_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def delete_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
         deleted = self.store.delete(key, namespace=query.get("namespace", "default"),
                                     if_version=int_param(query, "if_version", None))
         if not deleted:
             raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
         return 200, {"deleted": True}
 
-    def reinforce_memory(self, key: str, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def reinforce_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
         memory = self.store.reinforce(key, namespace=query.get("namespace", "default"))
         return 200, memory.render(self.store.clock())
 
-    def list_memories(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def list_memories(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
         page = self.store.list(
-            namespace=query.get("namespace", "default"), prefix=query.get("prefix"),
-            tag=query.get("tag"), archived=bool_param(query, "archived"),
+            namespace=query.get("namespace", "default"), **filter_args(query),
+            archived=bool_param(query, "archived"),
             limit=int_param(query, "limit", 100) or 0, cursor=query.get("cursor"),
         )
         now = self.store.clock()
         return 200, {"items": [m.render(now) for m in page.items],
                      "next_cursor": page.next_cursor}
 
-    def search(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
-        hits = self.store.search(query["q"], namespace=query.get("namespace", "default"),
+    def search(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+        namespaces = query.getall("namespace")  # one is a name or "*", several a list
+        hits = self.store.search(query["q"], namespace=namespaces[0] if len(namespaces) == 1
+                                 else namespaces or "default", **filter_args(query),
                                  limit=int_param(query, "limit", 20) or 0)
         now = self.store.clock()
         return 200, {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
 
-    def batch(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def batch(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
         fields = check_body(body, self.batch_body)
         results = self.store.batch(fields["ops"], namespace=query.get("namespace", "default"))
         now = self.store.clock()
         return 200, {"results": [{**r, "memory": r["memory"].render(now)} if "memory" in r
                                  else r for r in results]}
 
-    def stats(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def namespaces(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+        return 200, {"items": self.store.namespaces()}
+
+    def stats(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
         return 200, self.store.stats()
 
-    def healthz(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def healthz(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
         health = self.store.health()
         return (200 if health["ok"] else 503), health
 
-    def openapi(self, key: None, query: Mapping[str, str], body: Any) -> tuple[int, Any]:
+    def openapi(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
         return 200, openapi_document(self.store.config)
 
 
@@ -164,9 +170,49 @@ def check_body(body: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- route table ----
 
+# A query parameter is its OpenAPI description; its "schema" may be a function of the
+# Config (kvmem's own definitions, with the store's limits).  One with "explode" may be
+# repeated (name=a&name=b: every value counts); any other may be given once.
 NAMESPACE_PARAM = {"name": "namespace", "schema": {"type": "string", "default": "default"},
                    "description": "1-64 of A-Z a-z 0-9 . _ -"}
-RouteHandler = Callable[[Api, Any, Mapping[str, str], Any], tuple[int, Any]]
+SEARCH_NAMESPACE_PARAM = {
+    "name": "namespace", "schema": kvmem.search_namespaces_schema, "style": "form",
+    "explode": True, "description": "where to search: a namespace, several "
+    "(namespace=a&namespace=b), or * for all; default \"default\""}
+
+
+def _filter_param(name: str, filter_name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "schema": lambda config: kvmem.filter_schemas(config)[filter_name],
+            **extra}
+
+
+_TIME_TEXT = ("Unix seconds (a decimal number) or an RFC 3339 time with a zone, "
+              "percent-encoded (a '+' is %2B)")
+FILTER_PARAMS = (
+    _filter_param("tag", "tags", style="form", explode=True,
+                  description="repeat for several (tag=a&tag=b): only memories holding all "
+                              "of them"),
+    _filter_param("prefix", "prefix"),
+    _filter_param("updated_after", "updated_after",
+                  description=f"only memories updated after this (exclusive): {_TIME_TEXT}"),
+    _filter_param("updated_before", "updated_before",
+                  description=f"only memories updated before this (exclusive): {_TIME_TEXT}"),
+)
+
+
+class Query(dict[str, str]):
+    """A request's query parameters (``parse_query``): the value of each name given once,
+    and every value of a repeatable one (``getall``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeated: dict[str, list[str]] = {}
+
+    def getall(self, name: str) -> list[str]:
+        return self.repeated.get(name, [])
+
+
+RouteHandler = Callable[[Api, Any, Query, Any], tuple[int, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,18 +258,21 @@ ROUTES: tuple[Route, ...] = (
           query=(NAMESPACE_PARAM,),
           responses={200: "Memory", 404: "Error", 507: "Error", **COMMON_ERRORS}),
     Route("GET", "/v1/memories", Api.list_memories, "List memories in key order",
-          query=(NAMESPACE_PARAM, {"name": "prefix", "schema": {"type": "string"}},
-                 {"name": "tag", "schema": {"type": "string"}},
+          query=(NAMESPACE_PARAM, *FILTER_PARAMS,
                  {"name": "archived", "schema": {"type": "boolean", "default": False}},
                  {"name": "limit", "schema": {"type": "integer", "minimum": 1,
                                               "maximum": kvmem.MAX_LIST_LIMIT, "default": 100}},
                  {"name": "cursor", "schema": {"type": "string"}}),
           responses={200: "MemoryList", **COMMON_ERRORS}),
     Route("GET", "/v1/search", Api.search, "Full-text search, ranked by BM25 x current strength",
-          query=(NAMESPACE_PARAM, {"name": "q", "required": True, "schema": {"type": "string"}},
+          query=(SEARCH_NAMESPACE_PARAM,
+                 {"name": "q", "required": True, "schema": {"type": "string"}}, *FILTER_PARAMS,
                  {"name": "limit", "schema": {"type": "integer", "minimum": 1,
                                               "maximum": kvmem.MAX_SEARCH_LIMIT, "default": 20}}),
           responses={200: "SearchResults", **COMMON_ERRORS}),
+    Route("GET", "/v1/namespaces", Api.namespaces,
+          "The namespaces that hold memories, in name order, with live and archived counts",
+          responses={200: "NamespaceList", **COMMON_ERRORS}),
     Route("POST", "/v1/batch", Api.batch, "Apply set/delete ops atomically: all or none",
           query=(NAMESPACE_PARAM,), body=batch_body,
           responses={200: "BatchResults", 409: "Error", 413: "Error", 415: "Error",
@@ -251,6 +300,7 @@ SCHEMAS: dict[str, Any] = {
             {"$ref": "#/components/schemas/Memory"},
             {"type": "object", "required": ["score"], "properties": {"score": {"type": "number"}}},
         ]}}}},
+    "NamespaceList": kvmem_cli.NAMESPACE_LIST_SCHEMA,
     "Deleted": {"type": "object", "required": ["deleted"],
                 "properties": {"deleted": {"const": True}}},
     "BatchResults": {"type": "object", "required": ["results"], "properties": {
@@ -276,7 +326,9 @@ def openapi_document(config: kvmem.Config | None = None) -> dict[str, Any]:
                        "description": "percent-encoded; '/' as %2F"}]
         if "{key}" not in route.path:
             parameters = []
-        parameters += [{"in": "query", "required": False, **p} for p in route.query]
+        parameters += [{"in": "query", "required": False, **p,
+                        "schema": p["schema"](config) if callable(p["schema"]) else p["schema"]}
+                       for p in route.query]
         operation: dict[str, Any] = {
             "operationId": route.handler.__name__, "summary": route.summary,
             "parameters": parameters,
@@ -344,26 +396,52 @@ def decode_segment(segment: str) -> str:
         raise HTTPError(400, "invalid_request", "the key is not valid UTF-8") from None
 
 
-def parse_query(raw: str, route: Route) -> dict[str, str]:
-    """Strictly parsed query parameters: known names only, each at most once."""
-    known = {p["name"] for p in route.query}
-    out: dict[str, str] = {}
+def parse_query(raw: str, route: Route) -> Query:
+    """Strictly parsed query parameters: known names only; a repeatable one (``explode``)
+    as often as given, every value kept in order; any other at most once (a second value
+    is refused, never dropped)."""
+    params = {p["name"]: p for p in route.query}
+    out = Query()
     for part in raw.split("&") if raw else ():
         if not part:
             continue
         name_raw, _, value_raw = part.partition("=")
         name = decode_segment(name_raw.replace("+", " "))
         value = decode_segment(value_raw.replace("+", " "))
-        if name not in known:
+        param = params.get(name)
+        if param is None:
             raise HTTPError(400, "invalid_request", f"unknown query parameter {name[:100]!r}")
-        if name in out:
+        if param.get("explode"):
+            out.repeated.setdefault(name, []).append(value)
+        elif name in out:
             raise HTTPError(400, "invalid_request", f"query parameter {name!r} given twice")
-        out[name] = value
+        else:
+            out[name] = value
     for param in route.query:
-        if param.get("required") and param["name"] not in out:
+        if param.get("required") and param["name"] not in out \
+                and not out.getall(param["name"]):
             raise HTTPError(400, "invalid_request",
                             f"query parameter {param['name']!r} is required")
     return out
+
+
+UNIX_SECONDS = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
+def time_param(query: Query, name: str) -> float | str | None:
+    """A time filter: a decimal number is Unix seconds; anything else goes to kvmem as an
+    RFC 3339 time, and kvmem checks both."""
+    text = query.get(name)
+    if text is None:
+        return None
+    return float(text) if UNIX_SECONDS.fullmatch(text) else text
+
+
+def filter_args(query: Query) -> dict[str, Any]:
+    """The filters of ``list`` and ``search`` (``kvmem.Filters``) from FILTER_PARAMS."""
+    return {"tags": query.getall("tag"), "prefix": query.get("prefix"),
+            "updated_after": time_param(query, "updated_after"),
+            "updated_before": time_param(query, "updated_before")}
 
 
 def int_param(query: Mapping[str, str], name: str, default: int | None) -> int | None:

@@ -640,7 +640,8 @@ def filter_schemas(config: Config) -> dict[str, dict[str, Any]]:
     """The filters' JSON schemas (the HTTP query parameters and MCP arguments)."""
     when = ("Unix seconds, or an RFC 3339 time with a zone (2026-01-31T12:00:00Z); "
             "exclusive")
-    time_bound = {"type": ["number", "string"]}
+    time_bound = {"anyOf": [{"type": "number", "minimum": 0, "maximum": MAX_TIME},
+                            {"type": "string", "format": "date-time"}]}
     return {
         "tags": {"type": "array", "items": tag_schema(config), "maxItems": config.max_tags,
                  "description": "only memories holding every one of these tags"},
@@ -3038,7 +3039,7 @@ class Store:
                 pending = conn.execute(GET_PENDING_THROUGH).fetchone()[0]
                 if pending:
                     raise IndexRebuildingError(
-                        f"{self.path}: the search index is being rebuilt after an upgrade "
+                        "the search index is being rebuilt after an upgrade "
                         f"(memories up to id {pending} still to index); search works again "
                         "when it is done, retry in a moment")
                 informative = _informative_terms(conn, terms)

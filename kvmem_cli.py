@@ -1,6 +1,7 @@
 """kvmem's command-line edge: a flag for every setting, and what both servers share (the
-token and exposure checks, the shape of the stats); and the ``kvmem`` command, which
-checks, checkpoints, backs up and reports on a database file.
+token and exposure checks, the shapes of the stats and of the namespace list); and the
+``kvmem`` command, which checks, checkpoints, backs up and reports on a database file and
+lists its namespaces.
 
 Every command prints JSON on stdout and exits 1 on a problem.  The library is ``kvmem.py``
 (one stdlib-only file); errors become JSON here, at the edge.
@@ -28,6 +29,7 @@ from kvmem import (
     InvalidInputError,
     KvmemError,
     NotFoundError,
+    Store,
     checkpoint_elected,
     checkpoint_lock_free,
     database_stats,
@@ -226,8 +228,9 @@ STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "decay": _NULLABLE_OBJECT, "last_prune": _NULLABLE_OBJECT,
     "search_index": {"type": "object", "required": ["rebuilding", "pending_through", "builder"],
                      "properties": {"rebuilding": {"type": "boolean"},
-                                    "pending_through": {"type": "integer"},
-                                    "builder": _NULLABLE_OBJECT}},
+                                    "pending_through": _COUNT, "builder": _NULLABLE_OBJECT},
+                     "description": "an upgrade's rebuild of the search index (search waits "
+                                    "for it)"},
     "health": {"type": "object", "required": ["ok", "problems", "past"], "properties": {
         "ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "string"}},
         "past": {"type": "object"}}},
@@ -236,6 +239,18 @@ STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "pid": {"type": "integer"},
 }}
 STATS_SCHEMA["required"] = list(STATS_SCHEMA["properties"])
+
+# The shape of Store.namespaces() as every interface answers it: GET /v1/namespaces,
+# memory_namespaces and ``kvmem namespaces``.
+NAMESPACE_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["items"], "additionalProperties": False, "properties": {
+        "items": {"type": "array", "description": "in name order", "items": {
+            "type": "object", "required": ["namespace", "live", "archived"],
+            "additionalProperties": False, "properties": {
+                "namespace": {"type": "string"},
+                "live": {**_COUNT, "description": "memories that are neither expired nor "
+                                                  "archived"},
+                "archived": {**_COUNT, "description": "archived (faded) memories"}}}}}}
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:
@@ -293,14 +308,26 @@ def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, A
         conn.close()
 
 
+def list_namespaces(path: str, config: Config) -> dict[str, Any]:
+    """The namespaces of the database ``path`` with their counts (``Store.namespaces``),
+    shaped as NAMESPACE_LIST_SCHEMA; a missing file is a NotFoundError, never created."""
+    if not os.path.exists(path):
+        raise NotFoundError(f"{path}: no such file")
+    with Store.open(path, config=config, role="cli", checkpointer=False) as store:
+        return {"items": store.namespaces()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``kvmem check|stats|checkpoint|backup``: JSON on stdout, exit 1 on a problem."""
+    """``kvmem check|stats|checkpoint|backup|namespaces``: JSON on stdout, exit 1 on a
+    problem."""
     parser = argparse.ArgumentParser(prog="kvmem", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help in (("check", "header, schema version and integrity_check; exit 1 on a problem"),
                        ("stats", "settings read back from a live connection, sizes, state"),
                        ("checkpoint", "one checkpoint, unless another process is the checkpointer"),
-                       ("backup", "online backup to a new file, then check the copy")):
+                       ("backup", "online backup to a new file, then check the copy"),
+                       ("namespaces", "the namespaces that hold memories, with live and "
+                                      "archived counts")):
         sub = commands.add_parser(name, help=help)
         sub.add_argument("path", nargs="?", help="database file (default: --db / KVMEM_DB)")
         if name == "backup":
@@ -325,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 conn.close()
         elif args.command == "checkpoint":
             result = _cli_checkpoint(path, config, truncate=args.truncate)
+        elif args.command == "namespaces":
+            result = list_namespaces(path, config)
         else:
             result = backup_database(path, args.dest, config)
     except KvmemError as exc:

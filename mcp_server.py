@@ -70,7 +70,10 @@ kvmem is a durable key-value memory. Use it to remember facts, preferences and n
 conversations, and to look them up later.
 - memory_search first when you do not know the exact key: it ranks by text relevance and by
   how strong (recently reinforced) a memory is.
-- memory_get when you know the key; memory_list to browse keys by prefix or tag.
+  Narrow it with tags (all of them), a key prefix, updated_after/updated_before, and
+  search several namespaces (a list) or all of them ("*").
+- memory_get when you know the key; memory_list to browse keys by prefix, tags or time.
+- memory_namespaces to see which namespaces hold memories, and how many.
 - memory_set to save or replace; use if_version for safe read-modify-write (0 = only if new).
 - memory_reinforce when a memory proved useful, so it stays strong and is not archived.
 - Namespaces keep separate agents, users or projects apart (default "default"); tags group
@@ -113,6 +116,11 @@ def _limit(maximum: int, default: int) -> dict[str, Any]:
 MEMORY_REF = {"$ref": "#/$defs/Memory"}
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` or null (which kvmem takes as "not given"), described as ``schema``."""
+    return {"anyOf": [schema, {"type": "null"}], "description": schema["description"]}
+
+
 def _result(properties: dict[str, Any]) -> dict[str, Any]:
     hit = {**kvmem.MEMORY_SCHEMA, "required": [*kvmem.MEMORY_SCHEMA["required"], "score"],
            "properties": {**kvmem.MEMORY_SCHEMA["properties"], "score": {"type": "number"}}}
@@ -123,6 +131,7 @@ def tools(store: kvmem.Store) -> list[Tool]:
     """The tools over ``store``, with its limits in their schemas."""
     config = store.config
     namespace = {"namespace": kvmem.namespace_schema(config)}
+    filters = {name: _nullable(schema) for name, schema in kvmem.filter_schemas(config).items()}
 
     def out(memory: kvmem.Memory) -> dict[str, Any]:
         return memory.render(store.clock())
@@ -171,13 +180,13 @@ def tools(store: kvmem.Store) -> list[Tool]:
              _hints("Delete a memory", destructive=True, idempotent=True),
              op(kvmem.DeleteOp, lambda deleted: {"deleted": deleted})),
         Tool("memory_list", """\
-            List memories in key order, optionally only keys starting with `prefix` or
-            having `tag`. `archived=true` lists faded (archived) memories instead. Pass
-            `next_cursor` back as `cursor` for the next page (null = no more).""",
-             _object({**namespace,
-                      "prefix": {"type": ["string", "null"], "maxLength": config.max_key_chars,
-                                 **kvmem.TEXT,
-                                 "description": "only keys that start with this"},
+            List memories in key order, optionally only keys starting with `prefix`, having
+            `tag` and every one of `tags`, or updated after `updated_after` / before
+            `updated_before` (Unix seconds or an RFC 3339 time with a zone, such as
+            "2026-01-31T12:00:00Z"). `archived=true` lists faded (archived) memories
+            instead. Pass `next_cursor` back as `cursor` for the next page (null = no
+            more), with the same filters.""",
+             _object({**namespace, **filters,
                       "tag": {"anyOf": [kvmem.tag_schema(config), {"type": "null"}],
                               "description": "only memories with this tag"},
                       "archived": {"type": "boolean", "default": False,
@@ -192,15 +201,26 @@ def tools(store: kvmem.Store) -> list[Tool]:
         Tool("memory_search", """\
             Find memories by words in their key, value or tags, best first. Ranked by text
             relevance (BM25) times current strength. `query` is plain words; quotes and
-            operators are treated as text.""",
+            operators are treated as text. `namespace` is one namespace, a list of them, or
+            "*" for all (each hit says its namespace). Narrow it with `tags` (memories
+            holding all of them), a key `prefix`, and `updated_after` / `updated_before`
+            (Unix seconds or an RFC 3339 time with a zone, such as
+            "2026-01-31T12:00:00Z").""",
              _object({"query": {"type": "string", "minLength": 1,
                                 "maxLength": kvmem.MAX_QUERY_CHARS,
                                 "description": "plain words to look for (at least one)"},
-                      **namespace, "limit": _limit(kvmem.MAX_SEARCH_LIMIT, 20)}, ["query"]),
+                      "namespace": kvmem.search_namespaces_schema(config), **filters,
+                      "limit": _limit(kvmem.MAX_SEARCH_LIMIT, 20)}, ["query"]),
              _result({"items": {"type": "array", "items": {"$ref": "#/$defs/Hit"}}}),
              _hints("Search memories", read_only=True),
              lambda arguments: {"items": [{**out(hit.memory), "score": hit.score}
                                           for hit in store.search(**arguments)]}),
+        Tool("memory_namespaces", """\
+            The namespaces that hold memories, in name order, with how many of their
+            memories are live and how many archived.""",
+             _object({}), kvmem_cli.NAMESPACE_LIST_SCHEMA,
+             _hints("List namespaces", read_only=True),
+             lambda arguments: {"items": store.namespaces()}),
         Tool("memory_reinforce", """\
             Mark a memory as useful: raises its strength and restarts its fading, and
             brings back an archived one.""",
@@ -254,7 +274,8 @@ def error_text(exc: kvmem.KvmemError) -> str:
     if isinstance(exc, kvmem.VersionConflictError):
         text += f" (current_version={exc.current_version}"
         text += f", op_index={exc.op_index})" if exc.op_index is not None else ")"
-    elif isinstance(exc, kvmem.BusyError):
+    # (an index rebuild is no busy database: its message says what happens and to retry)
+    elif isinstance(exc, kvmem.BusyError) and not isinstance(exc, kvmem.IndexRebuildingError):
         text += " - the database is busy; retry in a moment"
     elif isinstance(exc, kvmem.StorageFullError):
         text += " - the disk is full; reads still work, writes fail until space is freed"

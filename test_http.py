@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jsonschema
 import pytest
@@ -25,7 +25,20 @@ from hypothesis import strategies as st
 import http_server
 import kvmem
 import kvmem_cli
-from testutil import DURABILITY_TOTALS, SOAK, Child, check_acknowledged, forged_cursor
+from testutil import (
+    DURABILITY_TOTALS,
+    FILTER_CASES,
+    FILTER_NAMESPACES,
+    FILTER_QUERY,
+    LIST_CASES,
+    SOAK,
+    Child,
+    check_acknowledged,
+    fill_filter_store,
+    filter_query,
+    forged_cursor,
+    found_keys,
+)
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -197,7 +210,169 @@ def test_stats_health_openapi(client: Client, served: tuple[http_server.Server, 
     assert status == 200 and spec["openapi"].startswith("3.1")
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
     assert documented == {(r.method, r.path) for r in http_server.ROUTES}
-    assert len(documented) == 10
+    assert len(documented) == 11
+
+
+# ------------------------------------------------ search and list filters, namespaces ----
+
+
+@pytest.fixture
+def filtered(tmp_path: Path) -> Iterator[tuple[Client, kvmem.Store]]:
+    """A server over a store holding testutil's FILTER_MEMORIES, written at their times."""
+    clock = [0.0]
+    store = kvmem.Store.open(tmp_path / "filtered.db", config=CONFIG, role="http",
+                             clock=lambda: clock[0])
+    fill_filter_store(store, clock)
+    server = http_server.build_server(store, "127.0.0.1", 0, "")
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    c = Client(server.server_address[1])
+    try:
+        yield c, store
+    finally:
+        c.close()
+        server.stop()
+        thread.join()
+        store.close()
+
+
+def documented_ok(client: Client, path: str) -> Any:
+    """GET ``path``: a 200 whose body is what the OpenAPI document says it is."""
+    status, _, body = client.request("GET", path)
+    assert status == 200, (path, body)
+    operation = SPEC["paths"][path.partition("?")[0]]["get"]
+    jsonschema.validate(body, {**operation["responses"]["200"]["content"]["application/json"][
+        "schema"], "components": SPEC["components"]})
+    return body
+
+
+def test_search_filters_and_namespaces(filtered: tuple[Client, kvmem.Store]) -> None:
+    client, _ = filtered
+    for filters, expected in FILTER_CASES:
+        query = urlencode([("q", FILTER_QUERY), *filter_query(filters)])
+        body = documented_ok(client, f"/v1/search?{query}")
+        assert found_keys(body["items"]) == expected, query
+
+
+def test_list_filters(filtered: tuple[Client, kvmem.Store]) -> None:
+    client, _ = filtered
+    for filters, expected in LIST_CASES:
+        query = urlencode(filter_query(filters))
+        body = documented_ok(client, f"/v1/memories?{query}")
+        assert found_keys(body["items"]) == expected, query
+        assert body["next_cursor"] is None
+    # A cursor goes on with the same filters, and only with them.
+    body = documented_ok(client, "/v1/memories?namespace=alpha&tag=hot&limit=1")
+    assert found_keys(body["items"]) == {"alpha/food/rice"}
+    cursor = quote(body["next_cursor"], safe="")
+    rest = documented_ok(client, f"/v1/memories?namespace=alpha&tag=hot&limit=1&cursor={cursor}")
+    assert found_keys(rest["items"]) == {"alpha/tea/green"}
+    assert_error(client.request("GET", f"/v1/memories?namespace=alpha&tag=drink&cursor={cursor}"),
+                 400, "invalid_request")
+
+
+def test_namespaces(filtered: tuple[Client, kvmem.Store], client: Client) -> None:
+    assert documented_ok(filtered[0], "/v1/namespaces") == {"items": FILTER_NAMESPACES}
+    assert documented_ok(client, "/v1/namespaces") == {"items": []}  # an empty store
+    assert_error(client.request("GET", "/v1/namespaces?namespace=default"), 400,
+                 "invalid_request")
+    assert_error(client.request("POST", "/v1/namespaces"), 405, "method_not_allowed")
+
+
+BAD_FILTERS = [
+    "tag=", "tag=a%00b", "&".join(f"tag=t{i}" for i in range(CONFIG.max_tags + 1)),
+    "prefix=a%00b", "prefix=" + "p" * (CONFIG.max_key_chars + 1),
+    "updated_after=yesterday", "updated_after=2023-01-01T00:00:00",  # no zone
+    "updated_after=2023-01-01T01:00:00+01:00",  # the '+' not encoded: a space
+    "updated_before=-5", "updated_before=1e3", "updated_before=", "updated_after=nan",
+    "updated_before=" + "9" * 40,
+]
+BAD_SEARCH_NAMESPACES = [
+    "namespace=", "namespace=bad%20ns", "namespace=alpha&namespace=bad%20ns",
+    "namespace=*&namespace=alpha", "&".join(f"namespace=n{i}" for i in range(101)),
+]
+
+
+def test_bad_filters_are_400_and_change_nothing(filtered: tuple[Client, kvmem.Store]) -> None:
+    client, store = filtered
+    before = store.namespaces(), [m.to_record() for m in store.list(namespace="alpha").items]
+    for bad in BAD_FILTERS:
+        for path in (f"/v1/search?q=tea&namespace=*&{bad}", f"/v1/memories?namespace=alpha&{bad}"):
+            assert_error(client.request("GET", path), 400, "invalid_request")
+    for bad in BAD_SEARCH_NAMESPACES:
+        assert_error(client.request("GET", f"/v1/search?q=tea&{bad}"), 400, "invalid_request")
+    # list takes one namespace, never several or all
+    for bad in ("namespace=alpha&namespace=beta", "namespace=*"):
+        assert_error(client.request("GET", f"/v1/memories?{bad}"), 400, "invalid_request")
+    after = store.namespaces(), [m.to_record() for m in store.list(namespace="alpha").items]
+    assert after == before
+
+
+# A valid value of each query parameter of search and list.
+VALID_PARAMS = {"q": "tea", "namespace": "alpha", "tag": "hot", "prefix": "tea/",
+                "updated_after": "1", "updated_before": "2023-01-01T00:05:00Z", "limit": "5",
+                "archived": "false", "cursor": "x"}
+
+
+@pytest.mark.parametrize("path", ["/v1/search", "/v1/memories"])
+def test_a_repeated_parameter_counts_every_value_or_is_refused(
+        filtered: tuple[Client, kvmem.Store], path: str) -> None:
+    """Parameters documented with explode (namespace for search, tag) take every value;
+    any other given twice is a 400, never one value silently dropped."""
+    client, _ = filtered
+    route = next(r for r in http_server.ROUTES if r.path == path and r.method == "GET")
+    repeatable = {p["name"] for p in route.query if p.get("explode")}
+    assert repeatable == ({"namespace", "tag"} if path == "/v1/search" else {"tag"})
+    base = [("q", "tea")] if path == "/v1/search" else []
+    for param in route.query:
+        name = param["name"]
+        twice = [*base, (name, VALID_PARAMS[name]), (name, VALID_PARAMS[name])]
+        if name == "q":
+            twice = twice[1:]
+        result = client.request("GET", f"{path}?{urlencode(twice)}")
+        if name in repeatable:
+            assert result[0] == 200, (name, result)
+        else:
+            message = assert_error(result, 400, "invalid_request")
+            assert f"{name!r} given twice" in message, message
+
+
+def test_openapi_parameters_are_kvmem_definitions() -> None:
+    config = kvmem.Config.build(environ={}, flags={"max_tags": "2", "max_key_chars": "7"})
+    spec = http_server.openapi_document(config)
+    filters = kvmem.filter_schemas(config)
+    for path in ("/v1/search", "/v1/memories"):
+        params = {p["name"]: p for p in spec["paths"][path]["get"]["parameters"]}
+        assert params["tag"]["schema"] == filters["tags"] and params["tag"]["schema"][
+            "maxItems"] == 2
+        assert (params["tag"]["style"], params["tag"]["explode"]) == ("form", True)
+        assert params["prefix"]["schema"] == filters["prefix"]
+        assert params["prefix"]["schema"]["maxLength"] == 7
+        for name in ("updated_after", "updated_before"):
+            assert params[name]["schema"] == filters[name] and "explode" not in params[name]
+    search = {p["name"]: p for p in spec["paths"]["/v1/search"]["get"]["parameters"]}
+    assert search["namespace"]["schema"] == kvmem.search_namespaces_schema(config)
+    assert (search["namespace"]["style"], search["namespace"]["explode"]) == ("form", True)
+    assert spec["components"]["schemas"]["NamespaceList"] == kvmem_cli.NAMESPACE_LIST_SCHEMA
+
+
+def test_search_during_an_index_rebuild_is_503_busy(filtered: tuple[Client, kvmem.Store]
+                                                    ) -> None:
+    """An upgraded file whose search index is still being rebuilt (as migration 3 leaves
+    it): search answers busy with Retry-After, like any busy database; the rest works."""
+    client, store = filtered
+    conn = kvmem.open_db(store.path, config=CONFIG)
+    try:
+        with kvmem.transaction(conn):
+            conn.execute("UPDATE kvmem_meta SET value = 1 WHERE name = 'index_pending_through'")
+    finally:
+        conn.close()
+    result = client.request("GET", "/v1/search?q=tea&namespace=*&tag=hot")
+    message = assert_error(result, 503, "busy")
+    assert "rebuilt" in message and result[1]["Retry-After"] == "1"
+    assert documented_ok(client, "/v1/namespaces") == {"items": FILTER_NAMESPACES}
+    assert found_keys(documented_ok(client, "/v1/memories?namespace=alpha&tag=drink")[
+        "items"]) == {"alpha/tea/black", "alpha/tea/green"}
 
 
 def test_healthz_503_when_file_replaced(client: Client, tmp_path: Path) -> None:

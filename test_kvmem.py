@@ -21,11 +21,23 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 import kvmem
+import kvmem_cli
 from testchildren import RAW_INSERT as INSERT  # the raw_writer child's too
-from testutil import HERE, Child, check_acknowledged, child_command, child_env, file_digest, run_cli
+from testutil import (
+    FILTER_NAMESPACES,
+    HERE,
+    Child,
+    check_acknowledged,
+    child_command,
+    child_env,
+    file_digest,
+    fill_filter_store,
+    run_cli,
+)
 
 
 def cfg(**settings: str) -> kvmem.Config:
@@ -956,6 +968,25 @@ def test_cli_check_reports_not_a_database(tmp_path: Path, content: bytes) -> Non
 def test_cli_check_missing_file_is_not_created(tmp_path: Path) -> None:
     result = run_cli("check", str(tmp_path / "nope.db"))
     assert result.returncode == 1 and not (tmp_path / "nope.db").exists()
+
+
+def test_cli_namespaces(tmp_path: Path) -> None:
+    db = str(tmp_path / "kv.db")
+    clock = [0.0]
+    with kvmem.Store.open(db, config=cfg(), clock=lambda: clock[0]) as store:
+        fill_filter_store(store, clock)
+    for args in (("namespaces", db), ("namespaces", "--db", db)):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        listed = json.loads(result.stdout)
+        assert listed == {"items": FILTER_NAMESPACES}, args
+        jsonschema.validate(listed, kvmem_cli.NAMESPACE_LIST_SCHEMA)
+    empty = str(tmp_path / "empty.db")
+    kvmem.Store.open(empty, config=cfg()).close()
+    assert json.loads(run_cli("namespaces", empty).stdout) == {"items": []}
+    missing = run_cli("namespaces", str(tmp_path / "nope.db"))  # never created
+    assert missing.returncode == 1 and not (tmp_path / "nope.db").exists()
+    assert json.loads(missing.stdout)["error"]["code"] == "not_found"
 
 
 def test_cli_bad_setting(tmp_path: Path) -> None:

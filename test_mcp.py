@@ -22,7 +22,19 @@ import http_server
 import kvmem
 import kvmem_cli
 import mcp_server
-from testutil import HERE, Child, check_acknowledged, child_env, forged_cursor
+from testutil import (
+    FILTER_CASES,
+    FILTER_NAMESPACES,
+    FILTER_QUERY,
+    HERE,
+    LIST_CASES,
+    Child,
+    check_acknowledged,
+    child_env,
+    fill_filter_store,
+    forged_cursor,
+    found_keys,
+)
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -69,9 +81,11 @@ EXPECTED_TOOLS = {
                     "if_version"}, ["key", "value"], {"created", "memory"}),
     "memory_get": ({"key", "namespace"}, ["key"], {"found", "memory"}),
     "memory_delete": ({"key", "namespace", "if_version"}, ["key"], {"deleted"}),
-    "memory_list": ({"namespace", "prefix", "tag", "archived", "limit", "cursor"}, [],
-                    {"items", "next_cursor"}),
-    "memory_search": ({"query", "namespace", "limit"}, ["query"], {"items"}),
+    "memory_list": ({"namespace", "prefix", "tag", "tags", "updated_after", "updated_before",
+                     "archived", "limit", "cursor"}, [], {"items", "next_cursor"}),
+    "memory_search": ({"query", "namespace", "tags", "prefix", "updated_after",
+                       "updated_before", "limit"}, ["query"], {"items"}),
+    "memory_namespaces": (set(), [], {"items"}),
     "memory_reinforce": ({"key", "namespace"}, ["key"], {"memory"}),
     "memory_batch": ({"ops", "namespace"}, ["ops"], {"results"}),
     "memory_stats": (set(), [], set(kvmem_cli.STATS_SCHEMA["properties"])),
@@ -80,7 +94,8 @@ EXPECTED_TOOLS = {
 EXPECTED_HINTS = {"memory_set": (False, True, False), "memory_get": (True, False, True),
                   "memory_delete": (False, True, True), "memory_list": (True, False, True),
                   "memory_search": (True, False, True), "memory_reinforce": (False, False, False),
-                  "memory_batch": (False, True, False), "memory_stats": (True, False, True)}
+                  "memory_batch": (False, True, False), "memory_stats": (True, False, True),
+                  "memory_namespaces": (True, False, True)}
 MEMORY_FIELDS = {"namespace", "key", "value", "tags", "version", "created_at", "updated_at",
                  "expires_at", "strength", "current_strength", "half_life_seconds",
                  "last_reinforced_at", "archived"}
@@ -113,6 +128,7 @@ async def test_tool_list_and_schemas(client: Client, store: kvmem.Store) -> None
     assert all(kind["additionalProperties"] is False for kind in kinds)
     assert set(kvmem_cli.STATS_SCHEMA["required"]) == set(store.stats())
     assert tools["memory_stats"].output_schema == kvmem_cli.STATS_SCHEMA
+    assert tools["memory_namespaces"].output_schema == kvmem_cli.NAMESPACE_LIST_SCHEMA
 
 
 @pytest.mark.anyio
@@ -369,7 +385,7 @@ VALID_CALLS: dict[str, dict[str, Any]] = {
     "memory_delete": {"key": "k"}, "memory_list": {}, "memory_search": {"query": "tea"},
     "memory_reinforce": {"key": "k"}, "memory_batch": {"ops": [{"op": "set", "key": "k",
                                                                 "value": 2}]},
-    "memory_stats": {},
+    "memory_stats": {}, "memory_namespaces": {},
 }
 
 
@@ -448,6 +464,30 @@ SCHEMA_CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("memory_list", {"prefix": "a\x7f"}, False),
     ("memory_list", {"limit": 2.0}, True),
     ("memory_list", {"tag": None, "prefix": None, "cursor": None}, True),
+    ("memory_list", {"tags": None, "updated_after": None, "updated_before": None}, True),
+    ("memory_list", {"tags": ["a", "b"], "updated_after": 1,
+                     "updated_before": "2023-01-01T00:00:00Z"}, True),
+    ("memory_list", {"tags": "a"}, False),
+    ("memory_list", {"tags": [""]}, False),
+    ("memory_list", {"updated_after": True}, False),
+    ("memory_list", {"namespace": ["a", "b"]}, False),
+    ("memory_list", {"namespace": "*"}, False),
+    ("memory_search", {"query": "tea", "namespace": "*"}, True),
+    ("memory_search", {"query": "tea", "namespace": ["a", "b"], "tags": ["x"], "prefix": "p",
+                       "updated_after": 1.5, "updated_before": "2023-01-01T00:00:00+01:00"},
+     True),
+    ("memory_search", {"query": "tea", "namespace": None, "tags": None, "prefix": None,
+                       "updated_after": None, "updated_before": None}, False),
+    ("memory_search", {"query": "tea", "tags": None, "prefix": None,
+                       "updated_after": None, "updated_before": None}, True),
+    ("memory_search", {"query": "tea", "namespace": []}, False),
+    ("memory_search", {"query": "tea", "namespace": ["*"]}, False),
+    ("memory_search", {"query": "tea", "namespace": ["a", "bad ns"]}, False),
+    ("memory_search", {"query": "tea", "namespace": [f"n{i}" for i in range(101)]}, False),
+    ("memory_search", {"query": "tea", "tags": [f"t{i}" for i in range(33)]}, False),
+    ("memory_search", {"query": "tea", "prefix": "a\x00"}, False),
+    ("memory_search", {"query": "tea", "updated_before": [1]}, False),
+    ("memory_namespaces", {}, True),
     ("memory_search", {"query": "x" * (kvmem.MAX_QUERY_CHARS + 1)}, False),
     ("memory_search", {"query": "tea", "limit": 101}, False),
     ("memory_batch", {"ops": [{"op": "delete", "key": "k", "value": 1}]}, False),
@@ -530,6 +570,117 @@ async def test_argument_schemas_carry_the_store_limits(tmp_path: Path) -> None:
             assert tools["memory_delete"].input_schema["properties"]["key"]["maxLength"] == 7
             await call_error(client, "memory_set", "invalid_request", key="eight..", value=1,
                              tags=["a", "b", "c"])
+            # The filters' and namespaces' schemas are kvmem's, with these limits.
+            filters = kvmem.filter_schemas(config)
+            assert filters["tags"]["maxItems"] == 2 and filters["prefix"]["maxLength"] == 7
+            for tool in ("memory_search", "memory_list"):
+                arguments = tools[tool].input_schema["properties"]
+                for name, schema in filters.items():
+                    assert arguments[name]["anyOf"] == [schema, {"type": "null"}], (tool, name)
+            assert tools["memory_search"].input_schema["properties"]["namespace"] \
+                == kvmem.search_namespaces_schema(config)
+            await call_error(client, "memory_search", "invalid_request", query="tea",
+                             tags=["a", "b", "c"])
+
+
+# ------------------------------------------------ search and list filters, namespaces ----
+
+
+@pytest.fixture
+async def filtered(tmp_path: Path) -> AsyncIterator[tuple[Client, kvmem.Store]]:
+    """A client of a server over a store holding testutil's FILTER_MEMORIES."""
+    clock = [0.0]
+    with kvmem.Store.open(tmp_path / "filtered.db", config=CONFIG, role="mcp",
+                          clock=lambda: clock[0]) as store:
+        fill_filter_store(store, clock)
+        async with Client(mcp_server.build_server(store)) as c:
+            yield c, store
+
+
+@pytest.mark.anyio
+async def test_search_filters(filtered: tuple[Client, kvmem.Store]) -> None:
+    client, _ = filtered
+    for filters, expected in FILTER_CASES:
+        out = await call(client, "memory_search", query=FILTER_QUERY, **filters)
+        assert found_keys(out["items"]) == expected, filters
+        assert all(hit["score"] > 0 for hit in out["items"])
+
+
+@pytest.mark.anyio
+async def test_list_filters(filtered: tuple[Client, kvmem.Store]) -> None:
+    client, _ = filtered
+    for filters, expected in LIST_CASES:
+        out = await call(client, "memory_list", **filters)
+        assert found_keys(out["items"]) == expected, filters
+        assert out["next_cursor"] is None
+    first = await call(client, "memory_list", namespace="alpha", tags=["hot"], limit=1)
+    assert found_keys(first["items"]) == {"alpha/food/rice"}
+    rest = await call(client, "memory_list", namespace="alpha", tags=["hot"], limit=1,
+                      cursor=first["next_cursor"])
+    assert found_keys(rest["items"]) == {"alpha/tea/green"}
+    both = await call(client, "memory_list", namespace="alpha", tag="drink", tags=["hot"])
+    assert found_keys(both["items"]) == {"alpha/tea/green"}  # tag is one more of tags
+
+
+@pytest.mark.anyio
+async def test_namespaces(filtered: tuple[Client, kvmem.Store], client: Client) -> None:
+    result = await filtered[0].call_tool("memory_namespaces", {})
+    assert not result.is_error and result.structured_content == {"items": FILTER_NAMESPACES}
+    assert json.loads(result.content[0].text) == {"items": FILTER_NAMESPACES}  # type: ignore[union-attr]
+    jsonschema.validate(result.structured_content, kvmem_cli.NAMESPACE_LIST_SCHEMA)
+    assert await call(client, "memory_namespaces") == {"items": []}  # an empty store
+
+
+BAD_FILTERS: list[dict[str, Any]] = [
+    {"tags": "hot"}, {"tags": [""]}, {"tags": ["a\x00"]}, {"tags": [1]},
+    {"tags": [f"t{i}" for i in range(CONFIG.max_tags + 1)]},
+    {"prefix": "a\x00b"}, {"prefix": 5}, {"prefix": "p" * (CONFIG.max_key_chars + 1)},
+    {"updated_after": "yesterday"}, {"updated_after": "2023-01-01T00:00:00"},  # no zone
+    {"updated_before": -5}, {"updated_before": True}, {"updated_after": 1e40},
+    {"updated_before": [1]},
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("tool", "arguments"), [
+    *[("memory_search", {"query": "tea", "namespace": "*", **bad}) for bad in BAD_FILTERS],
+    *[("memory_list", {"namespace": "alpha", **bad}) for bad in BAD_FILTERS],
+    ("memory_search", {"query": "tea", "namespace": []}),
+    ("memory_search", {"query": "tea", "namespace": ["*", "alpha"]}),
+    ("memory_search", {"query": "tea", "namespace": ["alpha", "bad ns"]}),
+    ("memory_search", {"query": "tea", "namespace": [f"n{i}" for i in range(101)]}),
+    ("memory_search", {"query": "tea", "namespace": 5}),
+    ("memory_search", {"query": "tea", "namespace": None}),
+    ("memory_list", {"namespace": ["alpha"]}),
+    ("memory_list", {"namespace": "*"}),
+    ("memory_namespaces", {"namespace": "alpha"}),
+])
+async def test_bad_filters_are_invalid_request_and_change_nothing(
+        filtered: tuple[Client, kvmem.Store], tool: str, arguments: dict[str, Any]) -> None:
+    client, store = filtered
+    before = store.namespaces(), snapshot(store)
+    await call_error(client, tool, "invalid_request", **arguments)
+    assert (store.namespaces(), snapshot(store)) == before
+
+
+@pytest.mark.anyio
+async def test_search_during_an_index_rebuild_is_a_busy_error(
+        filtered: tuple[Client, kvmem.Store]) -> None:
+    """An upgraded file whose search index is still being rebuilt (as migration 3 leaves
+    it): memory_search is a busy tool error that says so; the other tools work."""
+    client, store = filtered
+    conn = kvmem.open_db(store.path, config=CONFIG)
+    try:
+        with kvmem.transaction(conn):
+            conn.execute("UPDATE kvmem_meta SET value = 1 WHERE name = 'index_pending_through'")
+    finally:
+        conn.close()
+    text = await call_error(client, "memory_search", "busy", query="tea", namespace="*",
+                            tags=["hot"])
+    assert "rebuilt" in text and "retry" in text and "the database is busy" not in text
+    assert await call(client, "memory_namespaces") == {"items": FILTER_NAMESPACES}
+    listed = await call(client, "memory_list", namespace="alpha", tags=["drink"])
+    assert found_keys(listed["items"]) == {"alpha/tea/black", "alpha/tea/green"}
 
 
 # --------------------------------------------------------- one meaning on both interfaces ----

@@ -292,8 +292,8 @@ async def test_streamable_http_requires_the_token(http_server_with_token: HTTPSe
     statuses, outcome = await sdk_session(http_server_with_token.url, headers)
     if allowed:
         assert outcome == ["memory_batch", "memory_delete", "memory_get", "memory_list",
-                           "memory_reinforce", "memory_search", "memory_set",
-                           "memory_stats"], outcome
+                           "memory_namespaces", "memory_reinforce", "memory_search",
+                           "memory_set", "memory_stats"], outcome
         assert 401 not in statuses
     else:
         assert isinstance(outcome, Exception) and statuses and set(statuses) == {401}, statuses

@@ -290,3 +290,99 @@ def http_json(port: int, method: str, path: str, body: Any = None,
     finally:
         if own:
             conn.close()
+
+
+# ------------------------------------------------ search and list filters, namespaces ----
+#
+# One table for every interface: the same memories, the same filters and the same answers
+# through the library, HTTP, MCP and the command line.
+
+FILTER_T0 = 1_672_531_200.0  # 2023-01-01T00:00:00Z
+FILTER_QUERY = "tea"  # every memory below holds the word
+# (namespace, key, value, tags, seconds after FILTER_T0 it was written)
+FILTER_MEMORIES = [
+    ("alpha", "tea/green", "green tea leaves", ["drink", "hot"], 100),
+    ("alpha", "tea/black", "black tea leaves", ["drink"], 200),
+    ("alpha", "food/rice", "rice with tea sauce", ["hot"], 300),
+    ("beta", "tea/oolong", "oolong tea", ["drink", "hot"], 400),
+    ("gamma", "tea/mint", "mint tea", ["drink"], 500),
+    ("default", "tea/house", "house tea", [], 600),
+]
+# What Store.namespaces() says of them: beta also holds an archived memory; delta only an
+# expired one, so it is not listed.
+FILTER_NAMESPACES = [{"namespace": "alpha", "live": 3, "archived": 0},
+                     {"namespace": "beta", "live": 1, "archived": 1},
+                     {"namespace": "default", "live": 1, "archived": 0},
+                     {"namespace": "gamma", "live": 1, "archived": 0}]
+
+ALPHA = {"alpha/tea/green", "alpha/tea/black", "alpha/food/rice"}
+EVERY = ALPHA | {"beta/tea/oolong", "gamma/tea/mint", "default/tea/house"}
+# (filters as the library names them, the "namespace/key" of what search finds); where
+# the namespace is one name (or left out), list answers the same.
+FILTER_CASES: list[tuple[dict[str, Any], set[str]]] = [
+    ({}, {"default/tea/house"}),
+    ({"namespace": "alpha"}, ALPHA),
+    ({"namespace": ["alpha", "beta"]}, ALPHA | {"beta/tea/oolong"}),
+    ({"namespace": ["gamma"]}, {"gamma/tea/mint"}),
+    ({"namespace": "*"}, EVERY),
+    ({"namespace": "*", "tags": ["drink", "hot"]}, {"alpha/tea/green", "beta/tea/oolong"}),
+    ({"namespace": "*", "prefix": "tea/"}, EVERY - {"alpha/food/rice"}),
+    ({"namespace": "*", "tags": ["hot"], "prefix": "tea/"},
+     {"alpha/tea/green", "beta/tea/oolong"}),
+    ({"namespace": "*", "updated_after": int(FILTER_T0) + 250},
+     {"alpha/food/rice", "beta/tea/oolong", "gamma/tea/mint", "default/tea/house"}),
+    ({"namespace": "*", "updated_before": "2023-01-01T00:05:00Z"},  # T0 + 300, exclusive
+     {"alpha/tea/green", "alpha/tea/black"}),
+    ({"namespace": "*", "updated_after": "2023-01-01T01:05:00+01:00"},  # T0 + 300, exclusive
+     {"beta/tea/oolong", "gamma/tea/mint", "default/tea/house"}),
+    ({"namespace": ["alpha", "beta"], "updated_after": FILTER_T0 + 150.5,
+      "updated_before": FILTER_T0 + 450}, {"alpha/tea/black", "alpha/food/rice",
+                                           "beta/tea/oolong"}),
+    ({"namespace": "alpha", "tags": ["drink", "hot"]}, {"alpha/tea/green"}),
+    ({"namespace": "alpha", "tags": ["hot", "hot"]}, {"alpha/tea/green", "alpha/food/rice"}),
+    ({"namespace": "beta", "tags": ["hot"]}, {"beta/tea/oolong"}),  # not the archived one
+    ({"namespace": "alpha", "prefix": "tea/"}, {"alpha/tea/green", "alpha/tea/black"}),
+    ({"namespace": "alpha", "updated_before": "2023-01-01T00:03:20Z"}, {"alpha/tea/green"}),
+    ({"namespace": "alpha", "prefix": "tea/", "updated_after": "2023-01-01T00:01:40.000Z"},
+     {"alpha/tea/black"}),
+    ({"namespace": "alpha", "updated_after": FILTER_T0 + 150, "updated_before": FILTER_T0 + 250},
+     {"alpha/tea/black"}),
+    ({"namespace": "alpha", "updated_after": FILTER_T0 + 600}, set()),
+]
+LIST_CASES = [(filters, found) for filters, found in FILTER_CASES
+              if isinstance(filters.get("namespace", ""), str) and filters.get("namespace") != "*"]
+
+
+def fill_filter_store(store: kvmem.Store, clock: list[float]) -> None:
+    """Write FILTER_MEMORIES into ``store`` (whose clock reads ``clock[0]``), each at its
+    time, and in beta one more that fades and is archived, in delta one that expires."""
+    for namespace, key, value, tags, at in FILTER_MEMORIES:
+        clock[0] = FILTER_T0 + at
+        store.set(key, value, namespace=namespace, tags=tags, half_life_seconds=None)
+    clock[0] = FILTER_T0 + 700
+    store.set("tea/faded", "faded tea", namespace="beta", tags=["drink", "hot"],
+              half_life_seconds=1)
+    clock[0] = FILTER_T0 + 800
+    assert store.prune().archived == 1
+    store.set("tea/expired", "expired tea", namespace="delta", tags=["drink", "hot"],
+              ttl_seconds=1, half_life_seconds=None)
+    clock[0] = FILTER_T0 + 900
+    assert store.namespaces() == FILTER_NAMESPACES
+
+
+def found_keys(items: list[dict[str, Any]]) -> set[str]:
+    """Hits or listed memories as "namespace/key"; each one only once."""
+    keys = [f"{item['namespace']}/{item['key']}" for item in items]
+    assert len(keys) == len(set(keys)), keys
+    return set(keys)
+
+
+def filter_query(filters: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``filters`` as HTTP query parameters: a list of namespaces or tags as the name
+    repeated, times as they are (a number as its decimal text)."""
+    params: list[tuple[str, str]] = []
+    for name, value in filters.items():
+        http_name = {"tags": "tag"}.get(name, name)
+        for one in value if isinstance(value, list) else [value]:
+            params.append((http_name, str(one)))
+    return params
