@@ -3444,7 +3444,7 @@ def _informative_terms(conn: KvmemConnection, terms: list[str]) -> list[str]:
     return kept or terms
 
 
-INDEX_BATCH_S = 0.2  # about how long one batch of the index rebuild holds the write lock
+INDEX_BATCH_S = 0.05  # about how long one batch of the index rebuild holds the write lock
 INDEX_BATCH_BYTES = 8 * 1024 * 1024  # and at most this much text in one batch
 
 
@@ -3485,7 +3485,8 @@ class IndexBuilder(_Background):
     def __init__(self, store: Store, *, role: str = "library") -> None:
         self.store = store
         self._rows = 64  # rows a batch, adjusted to take about INDEX_BATCH_S
-        super().__init__(role, {"batches": 0, "indexed": 0, "pending_through": None})
+        super().__init__(role, {"batches": 0, "indexed": 0, "pending_through": None,
+                                "longest_batch_s": 0.0})
 
     def _retry_delay(self, failures: int) -> float:
         return min(5.0, 0.05 * 2.0 ** min(failures, 10))
@@ -3499,6 +3500,7 @@ class IndexBuilder(_Background):
             self._state["batches"] += 1
             self._state["indexed"] += indexed
             self._state["pending_through"] = pending
+            self._state["longest_batch_s"] = max(self._state["longest_batch_s"], took)
         if not pending:
             self.log.info("[%s] search index rebuilt", self.role)
             self._stop.set()

@@ -69,7 +69,7 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     results, stdout = run_bench(tmp_path)
     assert set(results) >= {"machine", "targets", "fsync_per_s", "durability_levels",
                             "group_commit", "reads", "http", "two_processes", "mcp", "scale",
-                            "peers", "hostile", "retrieval"}
+                            "peers", "hostile", "retrieval", "upgrade"}
     assert results["fsync_per_s"] > 0
     for level in ("off", "normal", "full", "extra"):
         row = results["durability_levels"][level]
@@ -95,9 +95,12 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     assert set(results["peers"]) >= {"redis"}
     assert set(results["wal_peak_bytes"]) == {
         "fsync_limit", "durability_levels", "group_commit", "reads", "http", "two_processes",
-        "mcp", "scale", "peers", "hostile", "retrieval"}
+        "mcp", "scale", "peers", "hostile", "retrieval", "upgrade"}
     assert results["wal_peak_bytes"]["group_commit"] > 0  # the watch sees kvmem's WAL files
-    assert stdout.count("WAL: largest kvmem WAL file") == 11
+    assert stdout.count("WAL: largest kvmem WAL file") == 12
+    upgrade = results["upgrade"]
+    assert upgrade["migration_ms"] > 0 and upgrade["rebuild_s"] > 0
+    assert upgrade["batches_here"] >= 1 and upgrade["writer"]["writes"] > 0
     hostile = results["hostile"]
     for phase in ("baseline", "idle"):  # (the heavy phase may starve them: CPU-bound work)
         for kind in ("get", "put"):
@@ -112,7 +115,8 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
                  "http_put_vs_naive_1", "http_put_vs_get_16", "http_get_vs_naive_16",
                  "http_put_p99_ms_16", "two_processes_p99_ms", "wal_peak_mib",
                  "hostile_idle_get_p99_ms", "hostile_idle_put_p99_ms", "hostile_peak_rss_mib",
-                 "search_common_p50_ms_10k", "search_rare_p50_ms_10k"):
+                 "search_common_p50_ms_10k", "search_rare_p50_ms_10k",
+                 "upgrade_longest_lock_ms"):
         target = results["targets"][name]
         assert {"value", "target", "met"} <= set(target)
     assert_retrieval(results["retrieval"], stdout, scifact=SCIFACT.is_dir(),

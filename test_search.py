@@ -4,7 +4,6 @@ the exhaustive computation, bounded work per query, and the index rebuild of an 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import sqlite3
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvmem
-from testutil import Child
+from testutil import Child, schema2_database
 
 CONFIG = kvmem.Config.build(environ={})
 NOW = 1_700_000_000.0
@@ -377,26 +376,6 @@ def test_five_hundred_words_are_one_term(store: kvmem.Store) -> None:
 # ---------------------------------------------------------- the index of an older file ----
 
 
-def old_database(path: Path, count: int) -> None:
-    """A file as the release before #16 wrote it: schema version 2 (its migrations are
-    kvmem.MIGRATIONS[:2], unchanged), memories indexed by migration 1's triggers."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode = wal")
-    conn.execute("BEGIN")
-    for step in kvmem.MIGRATIONS[:2]:
-        for statement in step:
-            conn.execute(statement, {"secret": bytes(32)})
-    conn.execute("PRAGMA user_version = 2")
-    conn.executemany(
-        "INSERT INTO memories (namespace, key, value, tags, version, created_at, updated_at,"
-        " strength, half_life_seconds, last_reinforced_at)"
-        " VALUES ('default', ?, ?, ?, 1, ?, ?, 1.0, NULL, ?)",
-        [(f"old-{i:06d}", json.dumps({"text": f"teas and coffees {i}", "n": f"w{i}"}),
-          json.dumps(["legacy"]), NOW, NOW, NOW) for i in range(count)])
-    conn.execute("COMMIT")
-    conn.close()
-
-
 def wait_rebuilt(store: kvmem.Store) -> dict[str, Any]:
     deadline = time.monotonic() + 120
     while True:
@@ -415,7 +394,7 @@ def index_integrity(path: str) -> None:
 
 def test_upgrade_rebuilds_the_index_while_another_process_writes(tmp_path: Path) -> None:
     db = tmp_path / "kv.db"
-    old_database(db, 20000)
+    schema2_database(str(db), 20000)
     kvmem.open_db(db, config=CONFIG).close()  # migration 3: a new, empty index
     lock = sqlite3.connect(db, isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")  # the rebuild cannot start yet
