@@ -1346,7 +1346,10 @@ INSERT_MEMORY = (f"INSERT INTO memories ({', '.join(MEMORY_COLUMNS)})"
 SEARCH_SCORE = ("-memory_index.rank * CASE WHEN m.half_life_seconds IS NULL THEN m.strength"
                 " ELSE m.strength * pow(2.0, -max(0.0, ? - m.last_reinforced_at)"
                 " / m.half_life_seconds) END")
-SEARCH_SCAN = (f"SELECT m.id, {SEARCH_SCORE} AS score FROM memory_index JOIN memories AS m"
+# CROSS JOIN keeps the index the outer loop: a plan that walks memories and asks the
+# index about each row took 3 s at 100,000 memories instead of 30 ms.
+SEARCH_SCAN = (f"SELECT m.id, {SEARCH_SCORE} AS score"
+               " FROM memory_index CROSS JOIN memories AS m"
                " ON m.id = memory_index.rowid"
                " WHERE memory_index MATCH ? AND m.archived = 0"
                " AND NOT (m.expires_at IS NOT NULL AND m.expires_at <= ?)")

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -201,10 +202,15 @@ def put_request(key: str, value: Any) -> bytes:
             ).encode() + body
 
 
+# Bytes read from a socket past the response read_response returned: with pipelining, one
+# recv() can hold the end of one response and the start of the next.
+_UNREAD: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dict[str, str], Any]:
     """One whole response from ``sock``: status, headers (lower-case names), JSON body."""
     sock.settimeout(timeout)
-    data = b""
+    data = _UNREAD.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, f"connection closed before a response head: {data[:200]!r}"
@@ -218,6 +224,7 @@ def read_response(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dict
         chunk = sock.recv(65536)
         assert chunk, "connection closed in the middle of a response body"
         body += chunk
+    body, _UNREAD[sock] = body[:length], body[length:]
     return int(lines[0].split()[1]), headers, json.loads(body) if body else None
 
 
