@@ -735,8 +735,9 @@ def index_text(text: str) -> str:
 def value_text(value_json: str) -> str:
     """What of a stored JSON value is searchable: its strings, object keys and numbers, in
     document order, as ``index_text``."""
-    try:
-        stack: list[Any] = [json.loads(value_json)]
+    try:  # numbers as their JSON text: the same in any process (int digit limits apart)
+        stack: list[Any] = [json.loads(value_json, parse_int=str, parse_float=str,
+                                       parse_constant=str)]
     except ValueError:  # never stored (values are checked), but a trigger must not fail
         return index_text(value_json)
     words: list[str] = []
@@ -750,8 +751,6 @@ def value_text(value_json: str) -> str:
                 stack.append(name)
         elif isinstance(item, list):
             stack.extend(reversed(item))
-        elif isinstance(item, int | float) and not isinstance(item, bool):
-            words.append(str(item))
     return index_text(" ".join(words))
 
 
@@ -3016,8 +3015,10 @@ class Store:
         text).  At most ``limit`` hits, fewer once their memories pass ``max_page_bytes`` (at
         least one).
 
-        Words in at least half of all memories are left out of the match when the query has
-        other words (``_informative_terms``); every other match is scored in SQL.
+        A word in at least half of all memories weighs nothing when the query has other
+        words (``_informative_terms``: BM25's IDF of such a word is not positive); memories
+        that hold only such words come after the others, if there is room.  Everything is
+        read in one snapshot.
 
         Raises InvalidInputError for bad arguments and for a search still running after
         ``search_timeout_ms``; IndexRebuildingError while an upgrade's rebuild runs.
@@ -3038,6 +3039,7 @@ class Store:
         deadline = time.monotonic() + self.config.search_timeout_ms / 1000
         with self._reads.borrow(f"search {query[:100]!r}") as conn:
             conn.set_progress_handler(lambda: time.monotonic() > deadline, 2000)
+            conn.execute("BEGIN")  # one snapshot: the ids found are the rows read
             try:
                 pending = conn.execute(GET_PENDING_THROUGH).fetchone()[0]
                 if pending:
@@ -3048,7 +3050,12 @@ class Store:
                 informative = _informative_terms(conn, terms)
                 best = conn.execute(sql, [now, " OR ".join(informative), *params]).fetchall()
                 if len(best) < limit and len(informative) < len(terms):
-                    best = conn.execute(sql, [now, " OR ".join(terms), *params]).fetchall()
+                    # Then memories that hold only common words, after the others.
+                    found = {row_id for row_id, _ in best}
+                    rest = conn.execute(sql, [now, " OR ".join(terms), *params[:-1],
+                                              limit + len(best)]).fetchall()
+                    best += [(row_id, 0.0) for row_id, _ in rest
+                             if row_id not in found][:limit - len(best)]
                 rows = self._hit_rows(conn, [row_id for row_id, _ in best])
             except KvmemError as exc:
                 if time.monotonic() > deadline and not isinstance(exc, IndexRebuildingError):
@@ -3059,6 +3066,8 @@ class Store:
                 raise
             finally:
                 conn.set_progress_handler(None, 0)
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
         scores = dict(best)
         return [Hit(_row_memory(row), scores[row[0]]) for row in rows]
 
@@ -3435,9 +3444,9 @@ def indexed_rows(conn: KvmemConnection) -> int | None:
 
 def _informative_terms(conn: KvmemConnection, terms: list[str]) -> list[str]:
     """``terms`` without those in at least half of the indexed memories, unless that
-    leaves none.  FTS5's bm25() gives such a term an IDF of 1e-6 (log((N - n + 0.5) / (n +
-    0.5)) is not positive; FTS5 clamps it), so it moves no score by more than about 3e-6,
-    yet matching it means reading (and ranking) most of the index."""
+    leaves none.  BM25's IDF of such a word, log((N - n + 0.5) / (n + 0.5)), is not
+    positive (FTS5 clamps it to 1e-6): kvmem gives it no weight at all, which also spares
+    reading (and ranking) most of the index to match it."""
     if len(terms) < 2 or (total := indexed_rows(conn)) is None:
         return terms
     half = total // 2 + total % 2  # n >= half  <=>  2n >= total
@@ -3448,32 +3457,36 @@ def _informative_terms(conn: KvmemConnection, terms: list[str]) -> list[str]:
 
 
 INDEX_BATCH_S = 0.05  # about how long one batch of the index rebuild holds the write lock
-INDEX_BATCH_BYTES = 8 * 1024 * 1024  # and at most this much text in one batch
+INDEX_STEP_BYTES = 64 * 1024  # a batch indexes memories in steps of about this much text
 
 
-def index_batch(conn: KvmemConnection, rows: int) -> tuple[int, int]:
-    """Index up to ``rows`` of the memories migration 3 left to IndexBuilder (the highest
-    ids still pending, at most INDEX_BATCH_BYTES of them), in the caller's transaction;
-    ``(indexed, still_pending_through)``."""
+def index_batch(conn: KvmemConnection, seconds: float = INDEX_BATCH_S) -> tuple[int, int]:
+    """Index the memories migration 3 left to IndexBuilder, highest id first, in the
+    caller's transaction, for about ``seconds`` (at least one step of at least one
+    memory; a step ends past INDEX_STEP_BYTES or 64 memories, so one huge value is a step
+    of its own); ``(indexed, still_pending_through)``."""
+    started = time.monotonic()
     pending = int(conn.execute(GET_PENDING_THROUGH).fetchone()[0] or 0)
-    if not pending:
-        return 0, 0
-    ids = conn.execute("SELECT id, length(value) + length(key) + length(tags) FROM memories"
-                       " WHERE id <= ? ORDER BY id DESC LIMIT ?", (pending, rows)).fetchall()
-    taken, size = 0, 0
-    for _, length in ids:
-        if taken and size + length > INDEX_BATCH_BYTES:
-            break
-        taken, size = taken + 1, size + length
-    # Below the lowest id taken, unless every memory left was taken.
-    below = 0 if taken == len(ids) < rows else ids[taken - 1][0] - 1 if ids else 0
-    conn.execute("INSERT INTO memory_index (rowid, key, body, tags)"
-                 " SELECT id, kvmem_index_text(key), kvmem_value_text(value),"
-                 " kvmem_tags_text(tags) FROM memories WHERE id > ? AND id <= ?",
-                 (below, pending))
+    indexed = 0
+    while pending and (not indexed or time.monotonic() - started < seconds):
+        ids = conn.execute("SELECT id, length(CAST(value AS BLOB)) FROM memories"
+                           " WHERE id <= ? ORDER BY id DESC LIMIT 64", (pending,)).fetchall()
+        size, taken = 0, 0
+        for _, length in ids:
+            if taken and size + length > INDEX_STEP_BYTES:
+                break
+            taken, size = taken + 1, size + length
+        # Below the lowest id taken, unless every memory left was taken.
+        below = 0 if taken == len(ids) < 64 else ids[taken - 1][0] - 1 if ids else 0
+        conn.execute("INSERT INTO memory_index (rowid, key, body, tags)"
+                     " SELECT id, kvmem_index_text(key), kvmem_value_text(value),"
+                     " kvmem_tags_text(tags) FROM memories WHERE id > ? AND id <= ?",
+                     (below, pending))
+        indexed += taken
+        pending = below
     conn.execute("UPDATE kvmem_meta SET value = ? WHERE name = 'index_pending_through'",
-                 (below,))
-    return taken, below
+                 (pending,))
+    return indexed, pending
 
 
 class IndexBuilder(_Background):
@@ -3487,7 +3500,6 @@ class IndexBuilder(_Background):
 
     def __init__(self, store: Store, *, role: str = "library") -> None:
         self.store = store
-        self._rows = 64  # rows a batch, adjusted to take about INDEX_BATCH_S
         super().__init__(role, {"batches": 0, "indexed": 0, "pending_through": None,
                                 "longest_batch_s": 0.0})
 
@@ -3496,8 +3508,7 @@ class IndexBuilder(_Background):
 
     def _step(self) -> float:
         started = time.monotonic()
-        indexed, pending = self.store._writer.submit(
-            functools.partial(index_batch, rows=self._rows))
+        indexed, pending = self.store._writer.submit(index_batch)
         took = time.monotonic() - started
         with self._state_lock:
             self._state["batches"] += 1
@@ -3508,9 +3519,6 @@ class IndexBuilder(_Background):
             self.log.info("[%s] search index rebuilt", self.role)
             self._stop.set()
             return 0.0
-        if indexed == self._rows:  # aim the next batch at INDEX_BATCH_S
-            scale = INDEX_BATCH_S / max(took, 0.001)
-            self._rows = max(16, min(50_000, int(self._rows * min(4.0, max(0.25, scale)))))
         return 0.01  # let other writers in between batches
 
 
