@@ -760,11 +760,11 @@ class Bench:
         """Migration 3 on a file of the release before #16, then the index rebuild while
         another process writes: how long each holds the write lock, and that writer's
         latencies meanwhile."""
-        count = 10_000 if self.quick else 100_000
-        say(f"12. upgrade: a schema-2 file of {count:,} memories, migration 3, then the index "
-            "rebuilt while another process writes")
+        count, big = (10_000, 2) if self.quick else (100_000, 20)
+        say(f"12. upgrade: a schema-2 file of {count:,} small memories and {big} of 1 MiB of "
+            "Chinese text, migration 3, then the index rebuilt while another process writes")
         db = self.path("upgrade")
-        testutil.schema2_database(db, count)
+        testutil.schema2_database(db, count, big=big)
         started = time.perf_counter()
         kvmem.open_db(db, config=config()).close()  # migration 3, one transaction
         migration_ms = (time.perf_counter() - started) * 1000
@@ -779,7 +779,8 @@ class Bench:
             builder = state["builder"] or {}
         out, _ = writer.communicate(timeout=seconds + 120)
         written = json.loads(out)
-        row = {"memories": count, "migration_ms": migration_ms, "rebuild_s": rebuild_s,
+        row = {"memories": count, "big_memories": big, "migration_ms": migration_ms,
+               "rebuild_s": rebuild_s,
                "batches_here": builder.get("batches"),
                "longest_batch_ms": 1000 * builder.get("longest_batch_s", 0.0),
                "writer": written}

@@ -388,10 +388,12 @@ def filter_query(filters: Mapping[str, Any]) -> list[tuple[str, str]]:
     return params
 
 
-def schema2_database(path: str, count: int, *, now: float = 1_700_000_000.0) -> None:
+def schema2_database(path: str, count: int, *, big: int = 0,
+                     now: float = 1_700_000_000.0) -> None:
     """A file as the release before #16 wrote it: schema version 2 (its migrations are
     kvmem.MIGRATIONS[:2], unchanged), ``count`` memories ``old-000000``... indexed by
-    migration 1's triggers, each holding the words ``teas and coffees N`` and ``wN``."""
+    migration 1's triggers, each holding the words ``teas and coffees N`` and ``wN``, then
+    ``big`` memories ``big-N`` of about 1 MiB of Chinese characters each."""
     conn = sqlite3.connect(path, isolation_level=None)  # rollback journal: no 20 MB WAL
     conn.execute("BEGIN")
     for step in kvmem.MIGRATIONS[:2]:
@@ -404,6 +406,13 @@ def schema2_database(path: str, count: int, *, now: float = 1_700_000_000.0) -> 
         " VALUES ('default', ?, ?, ?, 1, ?, ?, 1.0, NULL, ?)",
         [(f"old-{i:06d}", json.dumps({"text": f"teas and coffees {i}", "n": f"w{i}"}),
           json.dumps(["legacy"]), now, now, now) for i in range(count)])
+    text = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(340_000))
+    conn.executemany(
+        "INSERT INTO memories (namespace, key, value, tags, version, created_at, updated_at,"
+        " strength, half_life_seconds, last_reinforced_at)"
+        " VALUES ('default', ?, ?, '[]', 1, ?, ?, 1.0, NULL, ?)",
+        [(f"big-{n}", json.dumps(text[n:] + text[:n], ensure_ascii=False), now, now, now)
+         for n in range(big)])
     conn.execute("COMMIT")
     conn.execute("PRAGMA journal_mode = wal")  # as kvmem leaves its files
     conn.close()
