@@ -384,16 +384,17 @@ def match_route(method: str, raw_path: str) -> tuple[Route, str | None]:
                     headers={"Allow": allowed})
 
 
-def decode_segment(segment: str) -> str:
-    """Strict percent-decoding of one path segment to UTF-8 text (400 on garbage)."""
+def decode_segment(segment: str, what: str = "the key") -> str:
+    """Strict percent-decoding of one path segment (or query part: ``what`` names it in
+    the error) to UTF-8 text (400 on garbage)."""
     for i, ch in enumerate(segment):
         if ch == "%" and not (len(segment) >= i + 3 and all(
                 c in "0123456789abcdefABCDEF" for c in segment[i + 1:i + 3])):
-            raise HTTPError(400, "invalid_request", "bad percent-encoding in the path")
+            raise HTTPError(400, "invalid_request", f"bad percent-encoding in {what}")
     try:
         return unquote_to_bytes(segment).decode("utf-8")
     except UnicodeDecodeError:
-        raise HTTPError(400, "invalid_request", "the key is not valid UTF-8") from None
+        raise HTTPError(400, "invalid_request", f"{what} is not valid UTF-8") from None
 
 
 def parse_query(raw: str, route: Route) -> Query:
@@ -406,8 +407,8 @@ def parse_query(raw: str, route: Route) -> Query:
         if not part:
             continue
         name_raw, _, value_raw = part.partition("=")
-        name = decode_segment(name_raw.replace("+", " "))
-        value = decode_segment(value_raw.replace("+", " "))
+        name = decode_segment(name_raw.replace("+", " "), "a query parameter's name")
+        value = decode_segment(value_raw.replace("+", " "), f"query parameter {name[:100]!r}")
         param = params.get(name)
         if param is None:
             raise HTTPError(400, "invalid_request", f"unknown query parameter {name[:100]!r}")

@@ -570,18 +570,30 @@ ALL_NAMESPACES = "*"
 MAX_SEARCH_NAMESPACES = 100
 
 
+RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
+
+
 def validate_time_bound(name: str, value: object) -> float | None:
-    """A time filter: Unix seconds, or an RFC 3339 time with a zone; ``None`` = none."""
+    """A time filter: Unix seconds, or an RFC 3339 time with a zone (a leap second, :60,
+    is the second after :59); ``None`` = none."""
     if isinstance(value, str):
-        try:
-            moment = datetime.datetime.fromisoformat(value)
-        except ValueError:
-            moment = None
-        if moment is None or moment.tzinfo is None:
+        match = RFC3339.fullmatch(value)
+        moment = None
+        if match:
+            minute, second, fraction, zone = match.groups()
+            leap = second == "60"
+            try:
+                moment = datetime.datetime.fromisoformat(
+                    f"{minute}:{'59' if leap else second}{fraction or ''}"
+                    f"{'+00:00' if zone in 'Zz' else zone}")
+            except ValueError:
+                moment = None
+        if moment is None:
             raise InvalidInputError(f"{name} must be Unix seconds or an RFC 3339 time with a "
                                     f"zone, such as 2026-01-31T12:00:00Z (got {value[:40]!r})")
-        value = moment.timestamp()
-    result: float | None = _number(name, low=0, high=MAX_TIME, optional=True)(value)
+        value = moment.timestamp() + (1 if leap else 0)
+    result: float | None = _number(name, low=0, high=MAX_TIME, optional=True,
+                                   hint=" (1970 to 9999)")(value)
     return result
 
 

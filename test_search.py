@@ -232,6 +232,8 @@ def test_filters_and_namespaces(store: kvmem.Store, clock: Clock) -> None:
     assert keys(store.search("shared", prefix="a/2")) == ["a/2"]
     assert keys(store.search("shared", updated_after=NOW + 50)) == ["a/2"]
     assert keys(store.search("shared", updated_before=NOW + 50)) == ["a/1"]
+    assert kvmem.validate_time_bound("t", "2016-12-31T23:59:60Z") == 1483228800.0  # leap
+    assert kvmem.validate_time_bound("t", "2026-01-31T13:30:00+01:30") == 1769860800.0
     iso = kvmem.rfc3339(NOW + 50)
     assert keys(store.search("shared", updated_after=iso)) == ["a/2"]
     assert keys(store.search("shared", updated_before=iso)) == ["a/1"]
@@ -269,6 +271,10 @@ def test_filters_and_namespaces(store: kvmem.Store, clock: Clock) -> None:
     ({"prefix": "a\x00"}, "prefix"),
     ({"updated_after": "yesterday"}, "updated_after"),
     ({"updated_after": "2026-01-01T00:00:00"}, "zone"),  # no zone: ambiguous
+    ({"updated_after": "20260131T120000Z"}, "RFC 3339"),  # ISO 8601, not RFC 3339
+    ({"updated_after": "2026-W05-6T12:00Z"}, "RFC 3339"),
+    ({"updated_after": "2026-02-30T00:00:00Z"}, "RFC 3339"),
+    ({"updated_before": "1969-12-31T23:59:59Z"}, "1970 to 9999"),
     ({"updated_before": -1}, "updated_before"),
     ({"updated_before": math.inf}, "updated_before"),
     ({"updated_after": True}, "updated_after"),
