@@ -1350,13 +1350,15 @@ GET_LIVE = GET_ROW + " AND " + LIVE
 GET_CURSOR_SECRET = "SELECT value FROM kvmem_meta WHERE name = 'cursor_secret'"
 INSERT_MEMORY = (f"INSERT INTO memories ({', '.join(MEMORY_COLUMNS)})"
                  f" VALUES ({', '.join('?' * len(MEMORY_COLUMNS))})")
-# search_score() in SQL, so that the sorter keeps only the LIMIT best: -bm25 (FTS5's rank,
-# bm25() with BM25_WEIGHTS, set by migration 3) × strength_at().  Only ids and scores are
-# sorted; Store.search then reads the rows of the hits.  Parameters: query, now, now, then
-# the filters', then the limit.
-SEARCH_SCORE = ("-memory_index.rank * CASE WHEN m.half_life_seconds IS NULL THEN m.strength"
+# search_score() in SQL, so that the sorter keeps only the LIMIT best: -bm25() with
+# BM25_WEIGHTS × strength_at().  Only ids and scores are sorted; Store.search then reads
+# the rows of the hits.  Parameters: now, query, now, then the scope's, then the limit.
+# (_bounded_best answers most searches without it.)
+STRENGTH_SQL = ("CASE WHEN m.half_life_seconds IS NULL THEN m.strength"
                 " ELSE m.strength * pow(2.0, -max(0.0, ? - m.last_reinforced_at)"
-                " / m.half_life_seconds) END")
+                " / m.half_life_seconds) END")  # strength_at(); parameter: now
+BM25_ARGS = ", ".join(str(w) for w in BM25_WEIGHTS)
+SEARCH_SCORE = f"-bm25(memory_index, {BM25_ARGS}) * {STRENGTH_SQL}"
 # CROSS JOIN keeps the index the outer loop: a plan that walks memories and asks the
 # index about each row took 3 s at 100,000 memories instead of 30 ms.
 SEARCH_SCAN = (f"SELECT m.id, {SEARCH_SCORE} AS score"
@@ -3041,13 +3043,12 @@ class Store:
         terms = fts_terms(query)
         limit = validate_limit(limit, MAX_SEARCH_LIMIT)
         now = self.clock()
-        sql, params = SEARCH_SCAN, list[Any]([now])
+        scope, scope_params = filters.sql("m")
         if namespaces is not None:
-            sql += f" AND m.namespace IN ({', '.join('?' * len(namespaces))})"
-            params += list(namespaces)
-        where, more_params = filters.sql("m")
-        sql += where + " ORDER BY score DESC, m.id LIMIT ?"
-        params += [*more_params, limit]
+            scope += f" AND m.namespace IN ({', '.join('?' * len(namespaces))})"
+            scope_params += list(namespaces)
+        sql = SEARCH_SCAN + scope + " ORDER BY score DESC, m.id LIMIT ?"
+        params = [now, *scope_params, limit]
         deadline = time.monotonic() + self.config.search_timeout_ms / 1000
         with self._reads.borrow(f"search {query[:100]!r}") as conn:
             conn.set_progress_handler(lambda: time.monotonic() > deadline, 2000)
@@ -3060,7 +3061,10 @@ class Store:
                         f"(memories up to id {pending} still to index); search works again "
                         "when it is done, retry in a moment")
                 informative = _informative_terms(conn, terms)
-                best = conn.execute(sql, [now, " OR ".join(informative), *params]).fetchall()
+                best = _bounded_best(conn, " OR ".join(informative), now, scope,
+                                     scope_params, limit)
+                if best is None:
+                    best = conn.execute(sql, [now, " OR ".join(informative), *params]).fetchall()
                 if len(best) < limit and len(informative) < len(terms):
                     # Then memories that hold only common words, after the others.
                     found = {row_id for row_id, _ in best}
@@ -3436,6 +3440,41 @@ class Checkpointer(_Background):
         self.conditions.set("long_reader", f"{len(long)} read(s) have held a snapshot past "
                             f"{self.config.reader_warn_s:g} s; the longest, {seconds:.0f} s: "
                             f"{what}")
+
+
+BOUND_CANDIDATES = 1000  # matches _bounded_best reads best BM25 first
+
+
+def _bounded_best(conn: KvmemConnection, match: str, now: float, scope: str,
+                  scope_params: Sequence[Any], limit: int) -> list[tuple[int, float]] | None:
+    """``(id, score)`` of the ``limit`` best matches, best first, when the
+    BOUND_CANDIDATES best by BM25 alone prove it; None when they do not.
+
+    FTS5 ranks matches by bm25() without joining memories (in C, fast); only those
+    candidates are then joined, filtered and scored.  A strength is at most 1, so a match
+    that is not a candidate scores at most the BM25 of the last candidate: when the
+    ``limit``-th best candidate scores more (or the same, with a BM25 that is the last
+    candidate's, so that it also comes first in id order), no other match can be among the
+    ``limit`` best, which are then exactly what SEARCH_SCAN would return."""
+    top = conn.execute(f"SELECT rowid, -bm25(memory_index, {BM25_ARGS}) AS r FROM memory_index"
+                       " WHERE memory_index MATCH ? ORDER BY r DESC, rowid LIMIT ?",
+                       (match, BOUND_CANDIDATES)).fetchall()
+    bm25 = dict(top)
+    rows = conn.execute(
+        f"SELECT m.id, {STRENGTH_SQL} FROM json_each(?) AS c CROSS JOIN memories AS m"
+        " ON m.id = c.value WHERE m.archived = 0"
+        f" AND NOT (m.expires_at IS NOT NULL AND m.expires_at <= ?){scope}",
+        [now, json.dumps(list(bm25)), now, *scope_params]).fetchall()
+    scored = sorted(((bm25[i] * strength, i) for i, strength in rows),
+                    key=lambda item: (-item[0], item[1]))[:limit]
+    best = [(row_id, score) for score, row_id in scored]
+    if len(top) < BOUND_CANDIDATES:
+        return best  # every match was a candidate
+    if len(scored) < limit:
+        return None
+    last = top[-1][1]
+    score, row_id = scored[-1]
+    return best if score > last or (score == last and bm25[row_id] == last) else None
 
 
 def indexed_rows(conn: KvmemConnection) -> int | None:

@@ -337,12 +337,24 @@ def exhaustive(conn: sqlite3.Connection, query: str, namespace: str, now: float,
     return scored
 
 
-def test_ranking_is_the_exhaustive_one(tmp_path: Path, clock: Clock) -> None:
-    """Search scores in SQL, matches only the words that weigh and reads the best in
-    SQLite's sorter; the top 20 must be what scoring every match of every word apart in
-    Python gives (bench-like data with mixed strengths, half-lives, archived and expired
-    memories, two namespaces; words in every memory, in about half, in a quarter, in 5 %
-    and in one)."""
+@pytest.mark.parametrize("candidates", [kvmem.BOUND_CANDIDATES, 50])
+def test_ranking_is_the_exhaustive_one(tmp_path: Path, clock: Clock, candidates: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Search ranks the best BM25 matches first and stops when they prove the answer
+    (``_bounded_best``), else scores every match in SQL; it matches only the words that
+    weigh.  The top 20 must be what scoring every match of every word apart in Python
+    gives (bench-like data with mixed strengths, half-lives, archived and expired memories,
+    two namespaces; words in every memory, in about half, in a quarter, in 5 % and in
+    one).  Both ways of answering must have been taken."""
+    monkeypatch.setattr(kvmem, "BOUND_CANDIDATES", candidates)
+    answered: list[bool] = []
+    bounded = kvmem._bounded_best
+
+    def counted(*args: Any) -> list[tuple[int, float]] | None:
+        best = bounded(*args)
+        answered.append(best is not None)
+        return best
+    monkeypatch.setattr(kvmem, "_bounded_best", counted)
     rng = random.Random(16)
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
     with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, clock=clock) as store:
@@ -380,6 +392,9 @@ def test_ranking_is_the_exhaustive_one(tmp_path: Path, clock: Clock) -> None:
                                    for s, i in want), (query, key)
         conn.close()
         assert exact > 400  # nearly every position is the very same memory
+        assert answered.count(True) >= 5, answered  # the bound proved most answers...
+        if candidates == 50:
+            assert answered.count(False) >= 5, answered  # ...and fewer candidates fewer
 
 
 # --------------------------------------------------------------- bounded work per query ----
