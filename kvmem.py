@@ -3061,8 +3061,10 @@ class Store:
                         f"(memories up to id {pending} still to index); search works again "
                         "when it is done, retry in a moment")
                 informative = _informative_terms(conn, terms)
-                best = _bounded_best(conn, " OR ".join(informative), now, scope,
-                                     scope_params, limit)
+                best = None
+                if namespaces is None or _holds_half(conn, namespaces):
+                    best = _bounded_best(conn, " OR ".join(informative), now, scope,
+                                         scope_params, limit)
                 if best is None:
                     best = conn.execute(sql, [now, " OR ".join(informative), *params]).fetchall()
                 if len(best) < limit and len(informative) < len(terms):
@@ -3440,6 +3442,16 @@ class Checkpointer(_Background):
         self.conditions.set("long_reader", f"{len(long)} read(s) have held a snapshot past "
                             f"{self.config.reader_warn_s:g} s; the longest, {seconds:.0f} s: "
                             f"{what}")
+
+
+def _holds_half(conn: KvmemConnection, namespaces: Sequence[str]) -> bool:
+    """Whether ``namespaces`` hold at least half of the indexed memories: else the best
+    matches of the whole index are mostly elsewhere, and _bounded_best would not pay."""
+    total = indexed_rows(conn) or 0
+    held = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM memories WHERE namespace IN"
+                        f" ({', '.join('?' * len(namespaces))}) LIMIT ?)",
+                        [*namespaces, (total + 1) // 2]).fetchone()[0]
+    return bool(2 * held >= total)
 
 
 BOUND_CANDIDATES = 1000  # matches _bounded_best reads best BM25 first
