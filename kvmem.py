@@ -3060,9 +3060,9 @@ class Store:
                         "the search index is being rebuilt after an upgrade "
                         f"(memories up to id {pending} still to index); search works again "
                         "when it is done, retry in a moment")
-                informative = _informative_terms(conn, terms)
+                informative, few = _informative_terms(conn, terms)
                 best = None
-                if namespaces is None or _holds_half(conn, namespaces):
+                if not few and (namespaces is None or _holds_half(conn, namespaces)):
                     best = _bounded_best(conn, " OR ".join(informative), now, scope,
                                          scope_params, limit)
                 if best is None:
@@ -3505,18 +3505,19 @@ def indexed_rows(conn: KvmemConnection) -> int | None:
     return None
 
 
-def _informative_terms(conn: KvmemConnection, terms: list[str]) -> list[str]:
+def _informative_terms(conn: KvmemConnection, terms: list[str]) -> tuple[list[str], bool]:
     """``terms`` without those in at least half of the indexed memories, unless that
-    leaves none.  BM25's IDF of such a word, log((N - n + 0.5) / (n + 0.5)), is not
-    positive (FTS5 clamps it to 1e-6): kvmem gives it no weight at all, which also spares
-    reading (and ranking) most of the index to match it."""
-    if len(terms) < 2 or (total := indexed_rows(conn)) is None:
-        return terms
+    leaves none, and whether the terms kept match fewer than BOUND_CANDIDATES memories.
+    BM25's IDF of such a word, log((N - n + 0.5) / (n + 0.5)), is not positive (FTS5
+    clamps it to 1e-6): kvmem gives it no weight at all, which also spares reading (and
+    ranking) most of the index to match it."""
+    total = indexed_rows(conn) or 0
     half = total // 2 + total % 2  # n >= half  <=>  2n >= total
-    kept = [term for term in terms if conn.execute(
+    counts = {term: conn.execute(
         "SELECT count(*) FROM (SELECT 1 FROM memory_index WHERE memory_index MATCH ? LIMIT ?)",
-        (term, half)).fetchone()[0] < half]
-    return kept or terms
+        (term, max(half, BOUND_CANDIDATES))).fetchone()[0] for term in terms}
+    kept = [term for term in terms if counts[term] < half] or terms
+    return kept, sum(counts[term] for term in kept) < BOUND_CANDIDATES
 
 
 INDEX_BATCH_S = 0.05  # about how long one batch of the index rebuild holds the write lock
