@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import crashsim
+import kvmem
 import testutil
 
 
@@ -32,6 +34,20 @@ def _no_child_outlives_its_test() -> Iterator[None]:
         child = testutil.LIVE_CHILDREN.pop()
         if child.proc.poll() is None:
             child.kill()
+
+
+@pytest.fixture
+def clock() -> testutil.Clock:
+    """The clock of ``store``: a test moves time by hand."""
+    return testutil.Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: testutil.Clock) -> Iterator[kvmem.Store]:
+    """A Store on a new file in ``tmp_path``, default settings, on ``clock``."""
+    with kvmem.Store.open(tmp_path / "kv.db", config=kvmem.Config.build(environ={}),
+                          clock=clock) as opened:
+        yield opened
 
 
 @pytest.fixture

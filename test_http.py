@@ -38,6 +38,7 @@ from testutil import (
     filter_query,
     forged_cursor,
     found_keys,
+    mark_index_rebuilding,
 )
 
 CONFIG = kvmem.Config.build(environ={})
@@ -361,12 +362,7 @@ def test_search_during_an_index_rebuild_is_503_busy(filtered: tuple[Client, kvme
     """An upgraded file whose search index is still being rebuilt (as migration 3 leaves
     it): search answers busy with Retry-After, like any busy database; the rest works."""
     client, store = filtered
-    conn = kvmem.open_db(store.path, config=CONFIG)
-    try:
-        with kvmem.transaction(conn):
-            conn.execute("UPDATE kvmem_meta SET value = 1 WHERE name = 'index_pending_through'")
-    finally:
-        conn.close()
+    mark_index_rebuilding(store.path)
     result = client.request("GET", "/v1/search?q=tea&namespace=*&tag=hot")
     message = assert_error(result, 503, "busy")
     assert "rebuilt" in message and result[1]["Retry-After"] == "1"

@@ -34,6 +34,7 @@ from testutil import (
     fill_filter_store,
     forged_cursor,
     found_keys,
+    mark_index_rebuilding,
 )
 
 CONFIG = kvmem.Config.build(environ={})
@@ -669,12 +670,7 @@ async def test_search_during_an_index_rebuild_is_a_busy_error(
     """An upgraded file whose search index is still being rebuilt (as migration 3 leaves
     it): memory_search is a busy tool error that says so; the other tools work."""
     client, store = filtered
-    conn = kvmem.open_db(store.path, config=CONFIG)
-    try:
-        with kvmem.transaction(conn):
-            conn.execute("UPDATE kvmem_meta SET value = 1 WHERE name = 'index_pending_through'")
-    finally:
-        conn.close()
+    mark_index_rebuilding(store.path)
     text = await call_error(client, "memory_search", "busy", query="tea", namespace="*",
                             tags=["hot"])
     assert "rebuilt" in text and "retry" in text and "the database is busy" not in text

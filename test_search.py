@@ -19,29 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvmem
-from testutil import Child, schema2_database
+from testutil import Child, Clock, schema2_database
 
 CONFIG = kvmem.Config.build(environ={})
 NOW = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> Iterator[kvmem.Store]:
-    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, clock=clock) as opened:
-        yield opened
 
 
 def keys(hits: list[kvmem.Hit]) -> list[str]:

@@ -13,40 +13,16 @@ import random
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import kvmem
-from testutil import Child, check_acknowledged, child_env
+from testutil import Child, Clock, check_acknowledged, child_env
 
 CONFIG = kvmem.Config.build(environ={})
-
-
-class Clock:
-    """An injected clock: tests move time by hand."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> Iterator[kvmem.Store]:
-    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, clock=clock) as opened:
-        yield opened
 
 
 # ------------------------------------------------------------------------ pure core ----

@@ -416,3 +416,27 @@ def schema2_database(path: str, count: int, *, big: int = 0,
     conn.execute("COMMIT")
     conn.execute("PRAGMA journal_mode = wal")  # as kvmem leaves its files
     conn.close()
+
+
+class Clock:
+    """An injected clock: tests move time by hand."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def mark_index_rebuilding(path: str) -> None:
+    """Leave the file as migration 3 leaves an upgraded one: memory 1 not indexed yet, so
+    search answers that the index is being rebuilt."""
+    conn = kvmem.open_db(path)
+    try:
+        with kvmem.transaction(conn):
+            conn.execute("UPDATE kvmem_meta SET value = 1 WHERE name = 'index_pending_through'")
+    finally:
+        conn.close()
