@@ -808,11 +808,14 @@ def fts_terms(text: object) -> list[str]:
     if len(text) > MAX_QUERY_CHARS or _has_surrogates(text):
         raise InvalidInputError(f"query must be valid text of at most {MAX_QUERY_CHARS} "
                                 "characters")
-    chunks = CONTROL_CHARS.sub(" ", text.translate(_FULL_WIDTH).lower()).split()
-    words = list(dict.fromkeys(c for c in chunks if any(ch.isalnum() for ch in c)))
+    # Case is left to FTS5, which folds the query as it folded the memories: Python's
+    # lower() knows newer Unicode (Cherokee, Georgian Mtavruli) than unicode61 does.
+    chunks = CONTROL_CHARS.sub(" ", text.translate(_FULL_WIDTH)).split()
+    words = list({c.lower(): c for c in reversed(chunks)
+                  if any(ch.isalnum() for ch in c)}.values())[::-1]
     if not words:
         raise InvalidInputError("query must contain at least one word")
-    kept = [w for w in words if _EDGES.sub("", w) not in STOPWORDS] or words
+    kept = [w for w in words if _EDGES.sub("", w.lower()) not in STOPWORDS] or words
     terms: list[str] = []
     for n, chunk in enumerate(kept):
         pieces, runs = CJK_RUN.split(chunk), CJK_RUN.findall(chunk)
@@ -826,7 +829,8 @@ def fts_terms(text: object) -> list[str]:
                 run = runs[i]
                 terms.extend([f'"{run}"*'] if len(run) == 1 else
                              [f'"{run[j:j + 2]}"' for j in range(len(run) - 1)])
-    return list(dict.fromkeys(terms))[:MAX_QUERY_TERMS]
+    return list({term.lower(): term for term in reversed(terms)}.values())[::-1][
+        :MAX_QUERY_TERMS]
 
 
 def fts_query(text: object) -> str:

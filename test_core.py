@@ -278,7 +278,7 @@ def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> No
 
 @pytest.mark.parametrize(("text", "query"), [
     ("green tea", '"green" OR "tea"*'),  # the last word is also a prefix
-    ('say "hi" NEAR(x', '"say" OR """hi""" OR "near(x"*'),  # FTS syntax is only text
+    ('say "hi" NEAR(x', '"say" OR """hi""" OR "NEAR(x"*'),  # FTS syntax is only text
     ("p\x00q", '"p" OR "q"'),  # NUL would end FTS5's C string inside the quotes
     ("tab\tnew\nline\x7fdel\x85c1", '"tab" OR "new" OR "line" OR "del" OR "c1"'),
     ("p\u2028q", '"p" OR "q"'),
@@ -287,8 +287,8 @@ def test_memory_from_record_refuses(change: dict[str, Any], fragment: str) -> No
     ("tea tea TEA", '"tea"*'),  # one term a word
     ("上海浦东", '"上海" OR "海浦" OR "浦东"'),  # CJK as pairs
     ("茶", '"茶"*'),  # a lone CJK character as a prefix
-    ("用Python写", '"用"* OR "python" OR "写"*'),
-    ("ＡＢＣ１２３", '"abc123"*'),  # full-width as ASCII
+    ("用Python写", '"用"* OR "Python" OR "写"*'),
+    ("ＡＢＣ１２３", '"ABC123"*'),  # full-width as ASCII (FTS5 folds the case)
 ])
 def test_fts_query(text: str, query: str) -> None:
     assert kvmem.fts_query(text) == query
