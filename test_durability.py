@@ -285,9 +285,16 @@ def _flock_holders(path: str) -> list[int]:
     waiter's line has ``->`` and holds nothing)."""
     st = os.stat(path)
     ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    with open("/proc/locks") as fp:
-        return [int(fields[4]) for fields in map(str.split, fp)
-                if fields[1] == "FLOCK" and fields[5] == ident]
+    # One read() of /proc/locks is one consistent listing; a file object reads it in
+    # pieces, and lines that moved between two pieces came back twice (a CI run saw the
+    # holder listed twice under load).
+    fd = os.open("/proc/locks", os.O_RDONLY)
+    try:
+        text = os.read(fd, 1 << 22).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+    return [int(fields[4]) for fields in map(str.split, text.splitlines())
+            if fields[1] == "FLOCK" and fields[5] == ident]
 
 
 @pytest.mark.anyio
