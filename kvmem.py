@@ -2970,7 +2970,7 @@ class Store:
         """
         namespace = validate_namespace(namespace, self.config)
         if tag is not None:
-            tags = [*validate_tags([tag], self.config), *(tags or ())]
+            tags = [*validate_tags([tag], self.config), *validate_tags(tags, self.config)]
         filters = Filters.parse(self.config, tags=tags, prefix=prefix,
                                 updated_after=updated_after, updated_before=updated_before)
         if not isinstance(archived, bool):

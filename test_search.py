@@ -272,6 +272,8 @@ def test_bad_filters_are_refused(store: kvmem.Store, arguments: dict[str, Any],
     if "namespace" not in arguments:
         with pytest.raises(kvmem.InvalidInputError, match=message):
             store.list(**arguments)
+        with pytest.raises(kvmem.InvalidInputError, match=message):
+            store.list(tag="ok", **arguments)  # with the old single tag too
 
 
 # ------------------------------------------------------------------------ the ranking ----
