@@ -741,6 +741,8 @@ def _cjk_grams(run: str) -> str:
 
 def index_text(text: str) -> str:
     """``text`` as the index takes it: full-width forms as ASCII, CJK runs as pairs."""
+    if text.isascii():  # neither full-width forms nor CJK: unchanged (the common case)
+        return text
     return CJK_RUN.sub(lambda m: _cjk_grams(m.group()), text.translate(_FULL_WIDTH))
 
 
@@ -767,6 +769,8 @@ def value_text(value_json: str) -> str:
 
 
 def tags_text(tags_json: str) -> str:
+    if tags_json == "[]":
+        return ""
     try:
         tags = json.loads(tags_json)
     except ValueError:
