@@ -3521,9 +3521,16 @@ def _informative_terms(conn: KvmemConnection, terms: list[str]) -> tuple[list[st
     ranking) most of the index to match it."""
     total = indexed_rows(conn) or 0
     half = total // 2 + total % 2  # n >= half  <=>  2n >= total
-    counts = {term: conn.execute(
-        "SELECT count(*) FROM (SELECT 1 FROM memory_index WHERE memory_index MATCH ? LIMIT ?)",
-        (term, max(half, BOUND_CANDIDATES))).fetchone()[0] for term in terms}
+    cap = max(half, BOUND_CANDIDATES)
+
+    def count(term: str) -> int:
+        return int(conn.execute("SELECT count(*) FROM (SELECT 1 FROM memory_index"
+                                " WHERE memory_index MATCH ? LIMIT ?)", (term, cap)).fetchone()[0])
+
+    counts: dict[str, int] = {}
+    for term in terms:  # a prefix matches all its word does: count the (cheaper) word first
+        exact = count(term[:-1]) if term.endswith("*") else None
+        counts[term] = exact if exact is not None and exact >= half else count(term)
     kept = [term for term in terms if counts[term] < half] or terms
     return kept, sum(counts[term] for term in kept) < BOUND_CANDIDATES
 
