@@ -3462,7 +3462,7 @@ def _holds_half(conn: KvmemConnection, namespaces: Sequence[str]) -> bool:
     return bool(2 * held >= total)
 
 
-BOUND_CANDIDATES = 1000  # matches _bounded_best reads best BM25 first
+BOUND_CANDIDATES = 200  # matches _bounded_best reads best BM25 first
 
 
 def _bounded_best(conn: KvmemConnection, match: str, now: float, scope: str,
