@@ -1339,8 +1339,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f" WHEN old.id > {PENDING_THROUGH} BEGIN {_INDEX_REMOVE} END",
         "CREATE TRIGGER memory_index_update AFTER UPDATE OF key, value, tags ON memories"
         f" WHEN old.id > {PENDING_THROUGH} BEGIN {_INDEX_REMOVE} {_INDEX_ADD} END",
-        "INSERT INTO memory_index (memory_index, rank)"
-        f" VALUES ('rank', 'bm25({', '.join(str(w) for w in BM25_WEIGHTS)})')",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)  # what user_version says once every step ran
@@ -3487,7 +3485,7 @@ def _bounded_best(conn: KvmemConnection, match: str, now: float, scope: str,
         " ON m.id = c.value WHERE m.archived = 0"
         f" AND NOT (m.expires_at IS NOT NULL AND m.expires_at <= ?){scope}",
         [now, json.dumps(list(bm25)), now, *scope_params]).fetchall()
-    scored = sorted(((bm25[i] * strength, i) for i, strength in rows),
+    scored = sorted(((search_score(-bm25[i], strength), i) for i, strength in rows),
                     key=lambda item: (-item[0], item[1]))[:limit]
     best = [(row_id, score) for score, row_id in scored]
     if len(top) < BOUND_CANDIDATES:

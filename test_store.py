@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import kvmem
-from testutil import Child, Clock, check_acknowledged, child_env
+from testutil import Child, Clock, check_acknowledged, child_env, run_threads
 
 CONFIG = kvmem.Config.build(environ={})
 
@@ -467,24 +467,16 @@ def test_batch_is_atomic(store: kvmem.Store) -> None:
 
 
 def test_group_commit_many_threads(store: kvmem.Store) -> None:
-    errors: list[BaseException] = []
     acked: dict[str, int] = {}
     lock = threading.Lock()
 
     def writer(t: int) -> None:
-        try:
-            for i in range(200):
-                memory = store.set(f"t{t:02d}-{i:03d}", {"t": t, "i": i})
-                with lock:
-                    acked[memory.key] = memory.version
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(200):
+            memory = store.set(f"t{t:02d}-{i:03d}", {"t": t, "i": i})
+            with lock:
+                acked[memory.key] = memory.version
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_threads(writer, 16)
     assert errors == [] and len(acked) == 3200
     page = store.list(limit=1000)
     present = {m.key for m in page.items}
@@ -778,23 +770,14 @@ def test_read_connections_are_bounded(tmp_path: Path) -> None:
                                                    "busy_timeout_ms": "300"})
     with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
         store.set("k", 1)
-        errors: list[BaseException] = []
         go = threading.Barrier(16)
 
-        def reader() -> None:
-            try:
-                go.wait()
-                for _ in range(200):
-                    assert store.get("k") is not None
-            except BaseException as exc:
-                errors.append(exc)
+        def reader(n: int) -> None:
+            go.wait()
+            for _ in range(200):
+                assert store.get("k") is not None
 
-        threads = [threading.Thread(target=reader) for _ in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
+        assert run_threads(reader, 16) == []
         # Descriptors of the database file: the writer, its checkpoint gate, and at most
         # two read connections (16 readers used to open up to 16 and keep 8).
         db = os.path.realpath(tmp_path / "kv.db")
@@ -819,20 +802,12 @@ def test_readers_waiting_for_a_read_connection_are_served_in_turn(tmp_path: Path
                                                    "busy_timeout_ms": "2000"})
     with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
         store.set("k", 1)
-        errors: list[BaseException] = []
         done = [0] * 16
 
         def reader(n: int) -> None:
-            try:
-                for _ in range(300):
-                    store.get("k")
-                    done[n] += 1
-            except BaseException as exc:
-                errors.append(exc)
+            for _ in range(300):
+                store.get("k")
+                done[n] += 1
 
-        threads = [threading.Thread(target=reader, args=(n,)) for n in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = run_threads(reader, 16)
         assert errors == [] and done == [300] * 16

@@ -440,3 +440,21 @@ def mark_index_rebuilding(path: str) -> None:
             conn.execute("UPDATE kvmem_meta SET value = 1 WHERE name = 'index_pending_through'")
     finally:
         conn.close()
+
+
+def run_threads(target: Callable[[int], object], count: int) -> list[BaseException]:
+    """Run ``target(n)`` in ``count`` threads at once, n = 0..count-1; what they raised."""
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        try:
+            target(n)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
