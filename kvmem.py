@@ -50,6 +50,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -210,7 +211,8 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _parse_number(kind: type[int] | type[float], *, minimum: float) -> Callable[[str], Any]:
+def _parse_number(kind: type[int] | type[float], *, minimum: float,
+                  maximum: float = math.inf) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text.strip())
@@ -218,6 +220,8 @@ def _parse_number(kind: type[int] | type[float], *, minimum: float) -> Callable[
             raise ValueError(f"must be {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value) or value < minimum:
             raise ValueError(f"must be a finite number >= {minimum:g}")
+        if value > maximum:
+            raise ValueError(f"must be at most {maximum:g}")
         return value
     return parse
 
@@ -308,9 +312,10 @@ class Config:
                           "streamable HTTP require ('' = no auth; only on loopback)")
     host: str = _setting("127.0.0.1", str, "bind address of kvmem-http and of kvmem-mcp's "
                          "streamable HTTP")
-    port: int = _setting(8765, _INT(minimum=0), "kvmem-http's port (0 = any free port)")
-    mcp_port: int = _setting(8766, _INT(minimum=0), "port of kvmem-mcp's streamable HTTP "
-                             "(0 = any free port)")
+    port: int = _setting(8765, _INT(minimum=0, maximum=65535), "kvmem-http's port (0 = any "
+                         "free port)")
+    mcp_port: int = _setting(8766, _INT(minimum=0, maximum=65535), "port of kvmem-mcp's "
+                             "streamable HTTP (0 = any free port)")
     allowed_hosts: str = _setting("", str, "Host names, comma-separated, that the HTTP "
                                   "servers answer to besides loopback ones and the bound "
                                   "address (a reverse proxy's, say)", flag="--allowed-host")
@@ -364,6 +369,10 @@ class Config:
         collects them).  A ConfigError names a bad value's source."""
         environ = os.environ if environ is None else environ
         flags = flags or {}
+        for warning in unknown_variables(environ):
+            if warning not in _WARNED:  # once a process: Config.build runs more than once
+                _WARNED.add(warning)
+                log.warning("%s", warning)
         values: dict[str, Any] = {"db": default_db_path(environ)}
         for field in dataclasses.fields(cls):
             for source, raw in ((env_name(field), environ.get(env_name(field))),
@@ -379,6 +388,25 @@ class Config:
     def public(self) -> dict[str, Any]:
         """The settings as a dict, with the token hidden."""
         return {**dataclasses.asdict(self), "token": "set" if self.token else ""}
+
+
+# KVMEM_* variables that no setting reads but the test suite does.
+TEST_VARIABLES = ("KVMEM_TEST_REQUIRE_STRACE", "KVMEM_TEST_SOAK")
+_WARNED: set[str] = set()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``KVMEM_*`` variable that nothing reads (a misspelled
+    ``KVMEM_SYNCRONOUS`` would otherwise leave the setting at its default, silently), naming
+    the closest known one."""
+    known = [env_name(field) for field in dataclasses.fields(Config)] + list(TEST_VARIABLES)
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("KVMEM_") and name not in known:
+            close = difflib.get_close_matches(name[6:], [k[6:] for k in known], n=1)
+            warnings.append(f"{name} is not a kvmem setting and is ignored"
+                            + (f" (did you mean KVMEM_{close[0]}?)" if close else ""))
+    return warnings
 
 
 def env_name(field: dataclasses.Field[Any]) -> str:

@@ -115,6 +115,8 @@ def test_config_env_then_flags() -> None:
         ({"KVMEM_CHECKPOINT_INTERVAL_S": "nan"}, {}, "KVMEM_CHECKPOINT_INTERVAL_S"),
         ({"KVMEM_QUICK_CHECK": "maybe"}, {}, "KVMEM_QUICK_CHECK"),
         ({}, {"port": "http"}, "--port='http'"),
+        ({}, {"port": "99999"}, "--port='99999': must be at most 65535"),
+        ({"KVMEM_MCP_PORT": "65536"}, {}, "KVMEM_MCP_PORT='65536': must be at most 65535"),
         ({}, {"db": ""}, "--db"),
         ({}, {"decay_interval_s": "0"}, "--decay-interval-s"),
     ],
@@ -123,6 +125,30 @@ def test_config_bad_value_names_its_source(environ: dict[str, str], flags: dict[
                                             named: str) -> None:
     with pytest.raises(kvmem.ConfigError, match=named.replace("[", r"\[")):
         kvmem.Config.build(environ=environ, flags=flags)
+
+
+def test_unknown_variable_warns_once_naming_the_closest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    environ = {"KVMEM_SYNCRONOUS": "off", "KVMEM_ZZQ": "1", "KVMEM_TEST_SOAK": "1",
+               "KVMEM_DB": "/tmp/x.db"}
+    caplog.set_level(logging.WARNING, logger="kvmem")
+    kvmem._WARNED.clear()
+    config = kvmem.Config.build(environ=environ)
+    kvmem.Config.build(environ=environ)
+    assert config.synchronous == "extra"  # still ignored, but no longer silently
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kvmem"]
+    assert warnings == [
+        "KVMEM_SYNCRONOUS is not a kvmem setting and is ignored "
+        "(did you mean KVMEM_SYNCHRONOUS?)",
+        "KVMEM_ZZQ is not a kvmem setting and is ignored"]
+
+
+def test_unknown_variable_warning_reaches_a_server_log(tmp_path: Path) -> None:
+    env = {**os.environ, "KVMEM_DB": str(tmp_path / "kv.db"), "KVMEM_SYNCRONOUS": "off"}
+    out = subprocess.run([sys.executable, "-m", "kvmem_cli", "check"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert "KVMEM_SYNCRONOUS is not a kvmem setting" in out.stderr
+    assert "did you mean KVMEM_SYNCHRONOUS?" in out.stderr
 
 
 # ------------------------------------------------------------------------- open_db ----
