@@ -22,3 +22,10 @@ def test_ruff_clean() -> None:
 def test_mypy_strict_clean() -> None:
     result = _run("mypy")  # files and strictness come from pyproject.toml
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_license_file_matches_the_package_metadata() -> None:
+    with open(os.path.join(HERE, "pyproject.toml"), encoding="utf-8") as fp:
+        assert 'license = { text = "MIT" }' in fp.read()
+    with open(os.path.join(HERE, "LICENSE"), encoding="utf-8") as fp:
+        assert fp.readline().strip() == "MIT License"
