@@ -1608,8 +1608,10 @@ def _check_header(path: str) -> None:
     here would drop that connection's locks)."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # open_db says what is in the way
         return
+    except OSError as exc:
+        raise StorageError(f"{path}: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(st.st_mode):
         raise NotADatabaseError(f"{path}: not a regular file")
     if st.st_size == 0:
@@ -1717,7 +1719,11 @@ def open_db(path: str | os.PathLike[str] | None = None, *, config: Config | None
     conn: KvmemConnection | None = None
     try:
         if not readonly and create:
-            make_dirs_durable(os.path.dirname(path))
+            try:
+                make_dirs_durable(os.path.dirname(path))
+            except OSError as exc:
+                raise StorageError(f"{path}: cannot create its directory: "
+                                   f"{_blocked_directory(path, exc)}") from exc
         mode = "ro" if readonly else "rwc" if create else "rw"
         conn = _connect(path, config, mode=mode, check_same_thread=check_same_thread)
         wal_bytes_found = wal_size(path)
@@ -1750,10 +1756,42 @@ def _connect(path: str, config: Config, *, mode: str, check_same_thread: bool) -
         for name, function in INDEX_FUNCTIONS.items():  # the index triggers call them
             raw.create_function(name, 1, function, deterministic=True)
     except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_CANTOPEN:
+            raise StorageError(f"{path}: SQLITE_CANTOPEN: {_cantopen_reason(path, mode)}") from exc
         raise _db_error(exc, path) from exc
     assert isinstance(raw, KvmemConnection)
     raw.kv_path, raw.kv_config = path, config
     return raw
+
+
+def _blocked_directory(path: str, exc: OSError) -> str:
+    """What stopped ``make_dirs_durable`` for ``path``: the nearest existing ancestor that
+    is not a directory, or the error with the directory it names."""
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{ancestor} is not a directory"
+    return f"{exc.strerror or exc} ({exc.filename or ancestor})"
+
+
+def _cantopen_reason(path: str, mode: str) -> str:
+    """Why SQLite could not open ``path`` (it says only "unable to open database file"),
+    from stat() and access(); never by opening the file."""
+    directory = os.path.dirname(path)
+    if not os.path.exists(path) and mode != "rwc":
+        return "no database file there"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if not os.access(directory, os.W_OK | os.X_OK) and mode != "ro":
+        return (f"permission denied: cannot create files in {directory} (the database needs "
+                "its -wal and -shm files beside it)")
+    if os.path.exists(path) and not os.access(path, os.R_OK | (os.W_OK if mode != "ro" else 0)):
+        return f"permission denied on {path}"
+    return (f"unable to open database file (check that {directory} is a writable directory "
+            "on a local file system)")
 
 
 def _apply_settings(conn: KvmemConnection, path: str, config: Config, *, readonly: bool,

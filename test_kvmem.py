@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -283,6 +284,55 @@ def test_torn_first_transaction_rolled_back_not_refused(tmp_path: Path, journal:
     finally:
         conn.close()
     assert not os.path.exists(f"{path}-journal")
+
+
+def _open_error(path: Path, *, as_nobody: bool) -> str:
+    """The message of open_db(path)'s error, from this process or (as root, who may write
+    anywhere) from a forked child that became ``nobody``."""
+    if not as_nobody:
+        with pytest.raises(kvmem.StorageError) as caught:
+            kvmem.open_db(path, config=cfg())
+        return str(caught.value)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only kvmem code, then _exit
+        message = "opened"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            kvmem.open_db(path, config=cfg()).close()
+        except kvmem.StorageError as exc:
+            message = str(exc)
+        except BaseException as exc:
+            message = f"{type(exc).__name__}: {exc}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fp:
+        message = fp.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    return message
+
+
+def test_unusable_directory_is_named_and_nothing_is_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("in the way")
+    message = _open_error(tmp_path / "file" / "sub" / "kv.db", as_nobody=False)
+    assert f"cannot create its directory: {tmp_path / 'file'} is not a directory" in message
+    shared = Path(tempfile.mkdtemp(prefix="kvmem-perm-"))  # pytest's tmp_path is 0700
+    try:
+        shared.chmod(0o755)
+        (shared / "ro").mkdir(mode=0o555)
+        as_nobody = os.geteuid() == 0
+        message = _open_error(shared / "ro" / "kv.db", as_nobody=as_nobody)
+        assert (f"SQLITE_CANTOPEN: permission denied: cannot create files in {shared / 'ro'}"
+                in message), message
+        message = _open_error(shared / "ro" / "sub" / "kv.db", as_nobody=as_nobody)
+        assert f"cannot create its directory: Permission denied ({shared / 'ro' / 'sub'})" \
+            in message, message
+        assert os.listdir(shared / "ro") == []
+    finally:
+        shutil.rmtree(shared)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def test_header_check_pure() -> None:
