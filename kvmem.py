@@ -426,6 +426,7 @@ MAX_STRENGTH = 1.0
 REINFORCE_BOOST = 0.5
 MAX_TTL_SECONDS = 100 * 365 * 86400.0
 MAX_LIST_LIMIT = 1000
+FORGET_SAMPLE = 100  # keys that forget() reports
 MAX_SEARCH_LIMIT = 100
 MAX_QUERY_CHARS = 1000
 # bm25() column weights for (key, body, tags): a word in the key or a tag says more about
@@ -2981,6 +2982,62 @@ class Store:
         result = PruneResult(totals["archived"], totals["deleted"], totals["batches"], now)
         self._last_prune = result
         return result
+
+    def forget(self, *, namespace: str = "default", prefix: str | None = None,
+               tags: Sequence[str] = (), updated_after: float | str | None = None,
+               updated_before: float | str | None = None,
+               dry_run: bool = False) -> dict[str, Any]:
+        """Delete every memory of ``namespace`` (live, archived or expired) that the
+        ``Filters`` select; ``prefix`` or ``tags`` must be given (``prefix=""`` selects the
+        whole namespace).  It deletes in transactions of at most ``prune_batch`` memories, in
+        key order, so other writers wait one batch at most; only memories the filters
+        select when their batch runs are deleted (one written meanwhile with a key before
+        the batch that ran stays).  With ``dry_run`` nothing is deleted.
+
+        Returns ``{"dry_run", "matched", "deleted", "keys", "more"}``: how many memories
+        matched, how many were deleted, the first FORGET_SAMPLE of their keys in key order
+        and whether there were more."""
+        namespace = validate_namespace(namespace, self.config)
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        if filters.prefix is None and prefix != "" and not filters.tags:
+            raise InvalidInputError("forget needs a prefix or tags (prefix '' selects the "
+                                    "whole namespace)")
+        if not isinstance(dry_run, bool):
+            raise InvalidInputError("dry_run must be true or false")
+        where, params = filters.sql("memories")
+        select = f"SELECT id, key FROM memories WHERE namespace = ?{where} ORDER BY key"
+        if dry_run:
+            with self._reads.borrow(f"forget {namespace}") as conn:
+                matched = conn.execute(f"SELECT count(*) FROM memories WHERE namespace = ?"
+                                       f"{where}", (namespace, *params)).fetchone()[0]
+                sample = [r[1] for r in conn.execute(select + " LIMIT ?",
+                                                     (namespace, *params, FORGET_SAMPLE))]
+            return {"dry_run": True, "matched": matched, "deleted": 0, "keys": sample,
+                    "more": matched > len(sample)}
+        limit = self.config.prune_batch
+        after = select.replace(" ORDER BY", " AND key > ? ORDER BY")
+        keys: builtins.list[str] = []
+        deleted = 0
+
+        def step(conn: KvmemConnection, last: str | None) -> builtins.list[str]:
+            rows = (conn.execute(select + " LIMIT ?", (namespace, *params, limit))
+                    if last is None else conn.execute(after + " LIMIT ?",
+                                                      (namespace, *params, last, limit))
+                    ).fetchall()
+            conn.executemany("DELETE FROM memories WHERE id = ?", [(r[0],) for r in rows])
+            return [r[1] for r in rows]
+
+        last = None  # batches go on in key order, so none rescans what the last one passed
+        while True:
+            batch = self._writer.submit(functools.partial(step, last=last))
+            deleted += len(batch)
+            keys.extend(batch[:FORGET_SAMPLE - len(keys)])
+            if len(batch) < limit:
+                break
+            last = batch[-1]
+        return {"dry_run": False, "matched": deleted, "deleted": deleted, "keys": keys,
+                "more": deleted > len(keys)}
 
     def import_(self, fp: IO[str]) -> dict[str, int]:
         """Import JSON Lines written by ``export`` (one memory per line, every field) from

@@ -811,3 +811,75 @@ def test_readers_waiting_for_a_read_connection_are_served_in_turn(tmp_path: Path
 
         errors = run_threads(reader, 16)
         assert errors == [] and done == [300] * 16
+
+
+# ------------------------------------------------------------------------- forget ----
+
+
+def _forget_fixture(tmp_path: Path, clock: Clock) -> kvmem.Store:
+    """250 memories under u/ (odd ones tagged 'old', u/000 archived, u/002 expired), and
+    v/keep tagged 'old' in the same namespace, u/001 in another; batches of 7."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "7"})
+    store = kvmem.Store.open(tmp_path / "kv.db", config=config, clock=clock)
+    for i in range(250):
+        store.set(f"u/{i:03d}", {"n": i}, tags=["old"] if i % 2 else [],
+                  ttl_seconds=100 if i == 2 else None,
+                  half_life_seconds=1 if i == 0 else None)
+    store.set("v/keep", "stays", tags=["old"])
+    store.set("u/001", "other namespace", tags=["old"], namespace="elsewhere")
+    clock.advance(60)
+    assert store.prune().archived == 1  # u/000
+    clock.advance(60)  # u/002 expires, not yet pruned
+    assert store.get("u/002") is None
+    return store
+
+
+def test_forget_dry_run_reports_what_it_would_delete_and_changes_nothing(
+        tmp_path: Path, clock: Clock) -> None:
+    store = _forget_fixture(tmp_path, clock)
+    out = io.StringIO()
+    store.export(out)
+    report = store.forget(prefix="u/", dry_run=True)
+    assert report["dry_run"] and report["deleted"] == 0
+    assert report["matched"] == 250  # live, archived and expired ones alike
+    assert report["keys"] == [f"u/{i:03d}" for i in range(100)] and report["more"]
+    again = io.StringIO()
+    store.export(again)
+    assert again.getvalue() == out.getvalue()
+    tagged = store.forget(prefix="u/", tags=["old"], dry_run=True)
+    assert tagged["matched"] == 125 and tagged["keys"][:2] == ["u/001", "u/003"]
+    store.close()
+
+
+def test_forget_deletes_exactly_its_selection_in_batches(tmp_path: Path, clock: Clock) -> None:
+    store = _forget_fixture(tmp_path, clock)
+    report = store.forget(prefix="u/", tags=["old"])
+    assert report["deleted"] == report["matched"] == 125 and not report["dry_run"]
+    assert report["keys"] == [f"u/{i:03d}" for i in range(1, 200, 2)] and report["more"]
+    left = {m.key for m in store.list(prefix="u/", limit=1000).items}
+    assert left == {f"u/{i:03d}" for i in range(0, 250, 2)} - {"u/000", "u/002"}
+    assert [m.key for m in store.list(archived=True).items] == ["u/000"]
+    kept, other = store.get("v/keep"), store.get("u/001", namespace="elsewhere")
+    assert kept is not None and kept.value == "stays"  # tagged, outside the prefix
+    assert other is not None and other.value == "other namespace"
+    whole = store.forget(prefix="")  # the whole namespace, archived and expired included
+    assert whole["deleted"] == 126
+    assert store.namespaces() == [{"namespace": "elsewhere", "live": 1, "archived": 0}]
+    store.close()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({}, "forget needs a prefix or tags"),
+    ({"prefix": None, "tags": []}, "forget needs a prefix or tags"),
+    ({"prefix": "u/", "dry_run": "yes"}, "dry_run must be true or false"),
+    ({"prefix": "u/\x00"}, "prefix"),
+    ({"tags": ["a b c" * 40]}, "tag"),
+    ({"prefix": "u/", "namespace": "no/slash"}, "namespace"),
+])
+def test_forget_bad_input_is_refused_and_changes_nothing(
+        store: kvmem.Store, arguments: dict[str, Any], message: str) -> None:
+    store.set("u/1", 1)
+    with pytest.raises(kvmem.InvalidInputError, match=message):
+        store.forget(**arguments)
+    memory = store.get("u/1")
+    assert memory is not None and memory.value == 1
