@@ -1,0 +1,320 @@
+"""The memory browser in a real browser: Debian's chromium driven by selenium, against a
+real kvmem-http on 127.0.0.1:0 over a real database.
+
+Screenshots of the main views go to ``test-output/browser/`` (``$KVMEM_TEST_OUTPUT``
+overrides the folder).  Every wait is on a condition in the page, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+from testutil import HERE, Child, child_env, http_json
+
+OUTPUT = Path(os.environ.get("KVMEM_TEST_OUTPUT", os.path.join(HERE, "test-output")),
+              "browser")
+XSS = '<img src=x onerror="window.kvmemXss=1">'
+
+
+class Page:
+    """The browser on one kvmem-http, with the waits the tests share."""
+
+    def __init__(self, driver: webdriver.Chrome, port: int) -> None:
+        self.driver, self.port = driver, port
+
+    def open(self, path: str = "/") -> None:
+        self.driver.get(f"http://127.0.0.1:{self.port}{path}")
+
+    def until(self, condition: Callable[[], Any], what: str, timeout: float = 15) -> Any:
+        return WebDriverWait(self.driver, timeout).until(lambda _: condition(), what)
+
+    def by_id(self, element_id: str) -> WebElement:
+        return self.driver.find_element(By.ID, element_id)
+
+    def status(self) -> str:
+        return self.by_id("status").text
+
+    def wait_status(self, text: str) -> str:
+        return str(self.until(lambda: text in self.status() and self.status(),
+                              f"status containing {text!r}"))
+
+    def rows(self) -> list[str]:
+        return [row.get_attribute("data-key") or "" for row in
+                self.driver.find_elements(By.CSS_SELECTOR, "#list tbody tr")]
+
+    def wait_rows(self, keys: list[str]) -> None:
+        self.until(lambda: self.rows() == keys, f"rows {keys[:5]}...")
+
+    def type(self, element_id: str, text: str) -> None:
+        field = self.by_id(element_id)
+        field.clear()
+        field.send_keys(text)
+
+    def click(self, element_id: str) -> None:
+        self.by_id(element_id).click()
+
+    def accept_confirm(self) -> str:
+        alert = self.until(lambda: _alert(self.driver), "a confirm dialog")
+        text = str(alert.text)
+        alert.accept()
+        return text
+
+    def open_row(self, key: str) -> None:
+        self.until(lambda: key in self.rows(), f"a row for {key!r}")
+        row = self.driver.find_element(By.CSS_SELECTOR, f'#list tbody tr[data-key="{key}"]')
+        row.click()
+        self.until(lambda: self.by_id("d-key").text == key, f"the detail of {key!r}")
+
+    def screenshot(self, name: str) -> None:
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        assert self.driver.save_screenshot(str(OUTPUT / f"{name}.png"))
+
+    def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return http_json(self.port, method, path, body)
+
+
+def _alert(driver: webdriver.Chrome) -> Any:
+    try:
+        alert = driver.switch_to.alert
+        alert.text  # noqa: B018  (raises when there is none)
+        return alert
+    except NoAlertPresentException:
+        return None
+
+
+def _chrome() -> webdriver.Chrome:
+    binary = shutil.which("chromium")
+    driver_path = shutil.which("chromedriver")
+    assert binary and driver_path, "the browser tests need Debian's chromium and " \
+        "chromium-driver (.ci/run installs them)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1280,900", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options,
+                            service=webdriver.ChromeService(executable_path=driver_path))
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[webdriver.Chrome]:
+    chrome = _chrome()
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def _serve(tmp_path: Path, *flags: str, **env: str) -> int:
+    child = Child("serve_http", "--db", str(tmp_path / "kv.db"), "--port", "0", *flags,
+                  env=child_env(**env))
+    return int(child.expect("listening on http://127.0.0.1:").rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def page(tmp_path: Path, driver: webdriver.Chrome) -> Iterator[Page]:
+    driver.set_window_size(1280, 900)
+    result = Page(driver, _serve(tmp_path))
+    yield result
+    driver.execute_script("sessionStorage.clear()")
+
+
+def _key(key: str) -> str:
+    return urllib.parse.quote(key, safe="")
+
+
+# ------------------------------------------------------------------------------ tests ----
+
+
+def test_create_search_edit_with_conflict_reinforce_delete(page: Page) -> None:
+    page.open()
+    page.wait_status("")
+    page.click("show-new")
+    page.type("n-key", "user/tea")
+    page.type("n-value", '{"likes": "green tea"}')
+    page.type("n-tags", "prefs, drinks")
+    page.click("create")
+    page.wait_status("Created user/tea")
+    status, stored = page.api("GET", "/v1/memories/user%2Ftea")
+    assert status == 200 and stored["value"] == {"likes": "green tea"}
+    assert stored["tags"] == ["prefs", "drinks"] and stored["version"] == 1
+    page.screenshot("detail")
+
+    page.type("search", "green tea")
+    page.click("go")
+    page.wait_rows(["user/tea"])
+    assert page.by_id("score-head").is_displayed()
+    score = page.driver.find_element(By.CSS_SELECTOR, "#list tbody tr td:nth-child(5)").text
+    assert float(score) > 0
+    page.screenshot("search")
+
+    page.open_row("user/tea")
+    assert page.by_id("d-version").text == "1"
+    # A second writer changes it while the page shows version 1.
+    status, _ = page.api("PUT", "/v1/memories/user%2Ftea",
+                         {"value": {"likes": "oolong"}, "tags": ["prefs"]})
+    assert status == 200
+    page.type("d-value", '{"likes": "sencha"}')
+    page.click("save")
+    message = page.wait_status("Not saved")
+    assert "now at version 2" in message and "you edited version 1" in message
+    assert page.api("GET", "/v1/memories/user%2Ftea")[1]["value"] == {"likes": "oolong"}
+
+    page.open_row("user/tea")  # the list was not refreshed: reopen from a new search
+    page.click("go")
+    page.open_row("user/tea")
+    page.until(lambda: page.by_id("d-version").text == "2", "version 2 shown")
+    page.type("d-value", '{"likes": "sencha"}')
+    page.type("d-tags", "prefs")
+    page.click("save")
+    page.wait_status("Saved user/tea: version 3")
+    saved = page.api("GET", "/v1/memories/user%2Ftea")[1]
+    assert saved["value"] == {"likes": "sencha"} and saved["version"] == 3
+
+    page.click("reinforce")
+    page.wait_status("Reinforced user/tea")
+    page.click("delete")
+    assert "user/tea" in page.accept_confirm()
+    page.wait_status("Deleted user/tea")
+    assert page.api("GET", "/v1/memories/user%2Ftea")[0] == 404
+
+
+def test_archive_and_restore(tmp_path: Path, driver: webdriver.Chrome) -> None:
+    page = Page(driver, _serve(tmp_path, "--decay-interval-s", "0.05"))
+    status, _ = page.api("PUT", "/v1/memories/fading", {"value": "soon archived",
+                                                        "half_life_seconds": 0.01})
+    assert status == 201
+    deadline = time.monotonic() + 15  # the server's prune pass archives it
+    while page.api("GET", "/v1/memories?archived=true")[1]["items"] == []:
+        assert time.monotonic() < deadline, "never archived"
+        time.sleep(0.02)
+    page.open()
+    page.wait_status("")
+    page.click("archived")
+    page.click("go")
+    page.open_row("fading")
+    assert page.by_id("d-state").text == "archived" and page.by_id("restore").is_displayed()
+    page.screenshot("archived")
+    page.click("restore")
+    page.wait_status("Restored fading")
+    status, memory = page.api("GET", "/v1/memories/fading")
+    assert status == 200 and memory["archived"] is False
+
+
+def test_bulk_forget_dry_run_then_for_real(page: Page) -> None:
+    ops = [{"op": "set", "key": f"tmp/{i:02d}", "value": i} for i in range(30)]
+    ops += [{"op": "set", "key": "keep/one", "value": "stays"},
+            {"op": "set", "key": "tmpx", "value": "not under tmp/"}]
+    assert page.api("POST", "/v1/batch", {"ops": ops})[0] == 200
+    page.open()
+    page.wait_status("")
+    page.click("show-forget")
+    page.type("f-prefix", "tmp/")
+    page.click("dry-run")
+    page.until(lambda: page.by_id("f-summary").text.startswith("30 memories"), "dry run")
+    listed = [li.text for li in page.driver.find_elements(By.CSS_SELECTOR, "#f-keys li")]
+    assert listed == [f"tmp/{i:02d}" for i in range(30)]
+    page.screenshot("forget-dry-run")
+    assert len(page.api("GET", "/v1/memories?prefix=tmp%2F&limit=100")[1]["items"]) == 30
+    page.click("forget-now")
+    page.accept_confirm()
+    page.wait_status("Forgot 30 memories")
+    keys = {m["key"] for m in page.api("GET", "/v1/memories?limit=100")[1]["items"]}
+    assert keys == {"keep/one", "tmpx"}
+
+
+def test_pages_through_250_memories(page: Page) -> None:
+    for start in range(0, 250, 125):
+        ops = [{"op": "set", "key": f"m/{i:03d}", "value": i} for i in range(start, start + 125)]
+        assert page.api("POST", "/v1/batch", {"ops": ops})[0] == 200
+    page.open()
+    for n in range(5):
+        page.wait_rows([f"m/{i:03d}" for i in range(50 * n, 50 * n + 50)])
+        assert page.by_id("count").text == f"page {n + 1}: 50 memories"
+        if n < 4:
+            page.click("more")
+    assert not page.by_id("more").is_displayed()
+    page.click("prev")
+    page.wait_rows([f"m/{i:03d}" for i in range(150, 200)])
+    page.screenshot("list")
+
+
+def test_hostile_text_is_shown_as_text_and_runs_nothing(page: Page) -> None:
+    status, _ = page.api("PUT", f"/v1/memories/{_key(XSS)}",
+                         {"value": {XSS: XSS}, "tags": [XSS]})
+    assert status == 201
+    page.open()
+    page.open_row(XSS)
+    assert page.by_id("d-key").text == XSS
+    assert XSS in page.by_id("d-value").get_attribute("value")  # type: ignore[operator]
+    assert page.by_id("d-tags").get_attribute("value") == XSS
+    cells = page.driver.find_elements(By.CSS_SELECTOR, "#list tbody tr td")
+    assert [c.text for c in cells[:2]] == [XSS, XSS]
+    page.type("search", "img")
+    page.click("go")
+    page.wait_rows([XSS])
+    assert page.driver.find_elements(By.CSS_SELECTOR, "#list img, #detail img") == []
+    assert page.driver.execute_script("return window.kvmemXss") is None
+    assert _alert(page.driver) is None
+
+
+def test_token_is_asked_for_kept_in_the_tab_and_a_wrong_one_refused(
+        tmp_path: Path, driver: webdriver.Chrome) -> None:
+    page = Page(driver, _serve(tmp_path, KVMEM_TOKEN="s3cret-token"))
+    page.open()
+    page.until(lambda: page.by_id("token").is_displayed(), "the token form")
+    assert "401" in page.status()
+    page.type("t-token", "wrong")
+    page.click("token-save")
+    page.until(lambda: page.by_id("token").is_displayed() and "401" in page.status(),
+               "the wrong token refused")
+    page.type("t-token", "s3cret-token")
+    page.click("token-save")
+    page.until(lambda: "default (0 live" in page.by_id("namespace").text, "namespaces")
+    assert driver.execute_script("return sessionStorage.getItem('kvmem-token')") == \
+        "s3cret-token"
+    assert driver.execute_script("return localStorage.length") == 0
+    driver.execute_script("sessionStorage.clear()")
+
+
+def test_keyboard_and_a_narrow_window(page: Page) -> None:
+    assert page.api("PUT", "/v1/memories/k", {"value": "by keyboard"})[0] == 201
+    page.driver.set_window_size(420, 900)
+    page.open()
+    page.wait_rows(["k"])
+    row = page.driver.find_element(By.CSS_SELECTOR, "#list tbody tr")
+    row.send_keys(Keys.ENTER)  # rows take focus (tabindex) and open on Enter
+    page.until(lambda: page.by_id("d-key").text == "k", "the detail opened by Enter")
+    width = page.driver.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], width  # nothing wider than the window
+    page.screenshot("narrow")
+    page.by_id("d-value").send_keys(Keys.ESCAPE)
+    page.until(lambda: not page.by_id("detail").is_displayed(), "Escape closes the detail")
+
+
+def test_api_page_is_rendered_from_openapi(page: Page) -> None:
+    page.open("/docs")
+    page.until(lambda: page.driver.find_elements(By.CSS_SELECTOR, "section.operation h2"),
+               "operations")
+    titles = [h.text for h in page.driver.find_elements(By.CSS_SELECTOR, "section.operation h2")]
+    spec = page.api("GET", "/openapi.json")[1]
+    expected = [f"{method.upper()} {path}" for path, item in spec["paths"].items()
+                for method in item if method in ("get", "put", "post", "delete")]
+    assert [t for t in titles if not t.startswith(("HEAD", "OPTIONS"))] == expected
+    assert "DELETE /v1/memories" in titles
+    page.screenshot("docs")
