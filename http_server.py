@@ -344,8 +344,10 @@ def _filter_param(name: str, filter_name: str, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-# The words every boolean query parameter takes (``bool_param``: any case), and their values.
-BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+# The words every boolean query parameter takes (``bool_param``: any case), and their
+# values: the words of kvmem's boolean settings (KVMEM_QUICK_CHECK=off).
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
+                 "on": True, "off": False}
 BOOLEAN_TEXT = f"one of {', '.join(BOOLEAN_WORDS)} (any case)"
 _TIME_TEXT = ("Unix seconds (a decimal number) or an RFC 3339 time with a zone, "
               "percent-encoded (a '+' is %2B)")

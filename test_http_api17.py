@@ -400,6 +400,7 @@ def test_the_boolean_parameters_are_found() -> None:
 @pytest.mark.parametrize(("word", "value"), [
     ("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True), ("YES", True),
     ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False),
+    ("on", True), ("On", True), ("off", False), ("OFF", False),
 ])
 def test_every_boolean_parameter_takes_the_same_words(api: Served, word: str,
                                                       value: bool) -> None:
@@ -413,13 +414,27 @@ def test_every_boolean_parameter_takes_the_same_words(api: Served, word: str,
         assert [m["key"] for m in body["items"]] == (["faded"] if value else ["live"])
 
 
-@pytest.mark.parametrize("word", ["maybe", "", "2", "on", "tru", "y", "t", "%E2%9C%93"])
+BAD_WORDS = ["maybe", "", "2", "tru", "y", "t", "enabled", "%E2%9C%93"]
+
+
+@pytest.mark.parametrize("word", BAD_WORDS)
 def test_any_other_boolean_is_400_naming_the_parameter(api: Served, word: str) -> None:
     for route, name in BOOLEAN_PARAMS:
         message = assert_error(api.request("GET", f"{route.path}?{name}={word}"), 400,
                                "invalid_request")
-        assert f"query parameter {name!r} must be one of true, false, 1, 0, yes, no" \
-            in message, message
+        assert f"query parameter {name!r} must be one of true, false, 1, 0, yes, no, on, " \
+            "off (any case)" in message, message
+
+
+def test_the_boolean_words_are_those_of_the_settings() -> None:
+    """A boolean setting (KVMEM_QUICK_CHECK) and a boolean parameter take the same words."""
+    for word, value in http_server.BOOLEAN_WORDS.items():
+        for spelled in (word, word.upper(), word.title()):
+            flags = {"quick_check": spelled}
+            assert kvmem.Config.build(environ={}, flags=flags).quick_check is value
+    for word in BAD_WORDS[:-1]:
+        with pytest.raises(kvmem.ConfigError):
+            kvmem.Config.build(environ={}, flags={"quick_check": word})
 
 
 # ------------------------------------------------------------------- times ----
