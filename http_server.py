@@ -4,7 +4,9 @@ Thin by design: parse and validate the request, call the Store, render the resul
 route table (``ROUTES``) drives both dispatch and ``GET /openapi.json``, so the published
 description cannot drift from what the server does.  Errors are translated here and only
 here: a ``KvmemError``'s ``code`` picks the status, and every error body has one shape,
-``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
+``{"error": {"code": ..., "message": ..., "request_id": ...}}``.  A memory's answer carries
+its version as ``ETag``; If-Match is another spelling of ``if_version``.  Every answer,
+the loop's own refusals included, is one line of the access log (``log_access``).
 
 Threads: one event loop reads requests whole and a bounded pool of workers runs them
 (``Server``; parsing and error shapes are ``http.server``'s); so clients that hold
