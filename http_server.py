@@ -4,7 +4,9 @@ Thin by design: parse and validate the request, call the Store, render the resul
 route table (``ROUTES``) drives both dispatch and ``GET /openapi.json``, so the published
 description cannot drift from what the server does.  Errors are translated here and only
 here: a ``KvmemError``'s ``code`` picks the status, and every error body has one shape,
-``{"error": {"code": ..., "message": ..., "request_id": ...}}``.
+``{"error": {"code": ..., "message": ..., "request_id": ...}}``.  A memory's answer carries
+its version as ``ETag``; If-Match is another spelling of ``if_version``.  Every answer,
+the loop's own refusals included, is one line of the access log (``log_access``).
 
 Threads: one event loop reads requests whole and a bounded pool of workers runs them
 (``Server``; parsing and error shapes are ``http.server``'s); so clients that hold
@@ -44,12 +46,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 import kvmem
 import kvmem_cli
 
 log = logging.getLogger("kvmem.http")
+# One line per answer, at INFO (``log_access``); silenced with the logger's level (for
+# instance --log-level WARNING).
+access_log = logging.getLogger("kvmem.http.access")
 
 MAX_BODY_BYTES = kvmem_cli.MAX_BODY_BYTES
 JSON_TYPES = ("application/json",)
@@ -82,40 +87,72 @@ def error_body(code: str, message: str, request_id: str, **extra: Any) -> dict[s
 # ---------------------------------------------------------------------------- the API ----
 
 
+class Request(NamedTuple):
+    """What a route handler gets: the decoded key ("" on a route without ``{key}``), the
+    query, the JSON body (None when the route takes none) and the precondition of the
+    request's If-Match or If-None-Match header (``parse_preconditions``)."""
+
+    key: str
+    query: Query
+    body: Any
+    precondition: int | str | None = None  # a version (0: absent), ANY_VERSION, or none
+
+
 class Api:
-    """Route handlers: each takes (key, query, body) and returns (status, JSON body).
+    """Route handlers: each takes a ``Request`` and returns (status, JSON body).
     Requests become kvmem ops (``SetOp.parse`` and the rest), checked by kvmem itself."""
 
     def __init__(self, store: kvmem.Store) -> None:
         self.store = store
         self.batch_body = batch_body(store.config)  # built once, not per request
 
-    def put_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
+    def put_memory(self, request: Request) -> tuple[int, Any]:
+        key, query, body = request.key, request.query, request.body
         if not isinstance(body, dict):
             raise HTTPError(400, "invalid_request", "the body must be a JSON object")
-        op = kvmem.SetOp.parse(body, self.store.config, key=key,
-                               namespace=query.get("namespace", "default"))
-        memory: kvmem.Memory = self.store.apply(op)
+        namespace = query.get("namespace", "default")
+        given: dict[str, Any] = {"key": key, "namespace": namespace}
+        precondition = one_precondition(request.precondition, "if_version" in body,
+                                        body.get("if_version"), "the body's if_version")
+        if isinstance(precondition, int) and "if_version" not in body:
+            given["if_version"] = precondition
+        op_class = SetIfPresent if precondition == ANY_VERSION else kvmem.SetOp
+        memory: kvmem.Memory = self.store.apply(op_class.parse(body, self.store.config,
+                                                               **given))
         return (201 if memory.version == 1 else 200), memory.render(self.store.clock())
 
-    def get_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
-        memory = self.store.get(key, namespace=query.get("namespace", "default"))
+    def get_memory(self, request: Request) -> tuple[int, Any]:
+        namespace = request.query.get("namespace", "default")
+        memory = self.store.get(request.key, namespace=namespace)
         if memory is None:
-            raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
+            raise memory_not_found(request.key, namespace)
         return 200, memory.render(self.store.clock())
 
-    def delete_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
-        deleted = self.store.delete(key, namespace=query.get("namespace", "default"),
-                                    if_version=int_param(query, "if_version", None))
+    def delete_memory(self, request: Request) -> tuple[int, Any]:
+        namespace = request.query.get("namespace", "default")
+        if_version = int_param(request.query, "if_version", None)
+        precondition = one_precondition(request.precondition, if_version is not None,
+                                        if_version, "the query's if_version")
+        if isinstance(precondition, int):
+            if_version = precondition
+        op_class = DeleteIfPresent if precondition == ANY_VERSION else kvmem.DeleteOp
+        deleted = self.store.apply(op_class.parse({"if_version": if_version},
+                                                  self.store.config, key=request.key,
+                                                  namespace=namespace))
         if not deleted:
-            raise kvmem.NotFoundError(f"no memory {key[:200]!r}")
+            raise memory_not_found(request.key, namespace)
         return 200, {"deleted": True}
 
-    def reinforce_memory(self, key: str, query: Query, body: Any) -> tuple[int, Any]:
-        memory = self.store.reinforce(key, namespace=query.get("namespace", "default"))
+    def reinforce_memory(self, request: Request) -> tuple[int, Any]:
+        namespace = request.query.get("namespace", "default")
+        try:
+            memory = self.store.reinforce(request.key, namespace=namespace)
+        except kvmem.NotFoundError as exc:  # the library's words: this layer says it once
+            raise memory_not_found(request.key, namespace) from exc
         return 200, memory.render(self.store.clock())
 
-    def list_memories(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+    def list_memories(self, request: Request) -> tuple[int, Any]:
+        query = request.query
         page = self.store.list(
             namespace=query.get("namespace", "default"), **filter_args(query),
             archived=bool_param(query, "archived"),
@@ -125,7 +162,8 @@ class Api:
         return 200, {"items": [m.render(now) for m in page.items],
                      "next_cursor": page.next_cursor}
 
-    def search(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+    def search(self, request: Request) -> tuple[int, Any]:
+        query = request.query
         namespaces = query.getall("namespace")  # one is a name or "*", several a list
         hits = self.store.search(query["q"], namespace=namespaces[0] if len(namespaces) == 1
                                  else namespaces or "default", **filter_args(query),
@@ -133,25 +171,147 @@ class Api:
         now = self.store.clock()
         return 200, {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
 
-    def batch(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
-        fields = check_body(body, self.batch_body)
-        results = self.store.batch(fields["ops"], namespace=query.get("namespace", "default"))
+    def batch(self, request: Request) -> tuple[int, Any]:
+        fields = check_body(request.body, self.batch_body)
+        results = self.store.batch(fields["ops"],
+                                   namespace=request.query.get("namespace", "default"))
         now = self.store.clock()
         return 200, {"results": [{**r, "memory": r["memory"].render(now)} if "memory" in r
                                  else r for r in results]}
 
-    def namespaces(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+    def namespaces(self, request: Request) -> tuple[int, Any]:
         return 200, {"items": self.store.namespaces()}
 
-    def stats(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
-        return 200, self.store.stats()
+    def stats(self, request: Request) -> tuple[int, Any]:
+        return 200, render_stats(self.store.stats())
 
-    def healthz(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+    def healthz(self, request: Request) -> tuple[int, Any]:
         health = self.store.health()
         return (200 if health["ok"] else 503), health
 
-    def openapi(self, key: None, query: Query, body: Any) -> tuple[int, Any]:
+    def openapi(self, request: Request) -> tuple[int, Any]:
         return 200, openapi_document(self.store.config)
+
+
+def memory_not_found(key: str, namespace: str) -> kvmem.NotFoundError:
+    """The one 404 of a memory, whichever route looked for it."""
+    return kvmem.NotFoundError(f"no memory {key!r} in namespace {namespace!r}")
+
+
+# Stats fields that hold a time as Unix seconds (Store.stats); rendered as RFC 3339 UTC,
+# like every other time the API returns (the memories' times, group_commit's
+# last_checkpoint.at, health's last_seen).
+STATS_UNIX_TIMES = (("checkpointer", "last_time"), ("last_prune", "at"),
+                    ("decay", "last_result", "at"))
+
+
+def render_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """``Store.stats()`` with the times of STATS_UNIX_TIMES as RFC 3339 strings (a field
+    that is absent, null or already a string is left as it is)."""
+    for path in STATS_UNIX_TIMES:
+        parent: Any = stats
+        for name in path[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), int | float):
+            parent[path[-1]] = kvmem.rfc3339(parent[path[-1]])
+    return stats
+
+
+# -- preconditions: If-Match and If-None-Match, another spelling of if_version ------------
+
+ANY_VERSION = "*"  # If-Match: * -- the memory exists, at any version
+
+
+def etag(version: int) -> str:
+    """A memory's entity tag: its version, quoted (a strong validator: a version names
+    one content)."""
+    return f'"{version}"'
+
+
+ETAG_VALUE = re.compile(r'"([0-9]{1,18})"')
+
+
+def parse_preconditions(if_match: list[str], if_none_match: list[str],
+                        route: Route) -> int | str | None:
+    """The version a request's If-Match (``"N"``: version N; ``*``: it exists) or
+    If-None-Match (``*`` only: it is absent, version 0) requires, or None.  On a route that
+    does not honour them they are refused (a write must not drop its condition), except on
+    GET, where answering in full is always correct."""
+    if not if_match and not if_none_match:
+        return None
+    if route.method == "GET":
+        return None
+    for name, values in (("If-Match", if_match), ("If-None-Match", if_none_match)):
+        if values and name not in route.preconditions:
+            honoured = " and ".join(f"{r.method} {r.path}" for r in ROUTES
+                                    if name in r.preconditions)
+            raise HTTPError(400, "invalid_request", f"{name} is honoured on {honoured} only")
+    if if_match and if_none_match:
+        raise HTTPError(400, "invalid_request", "send If-Match or If-None-Match, not both")
+    if if_none_match:
+        if ",".join(if_none_match).strip() != "*":
+            raise HTTPError(400, "invalid_request", "If-None-Match takes only * here (write "
+                            "only if the memory is absent)")
+        return 0
+    text = ",".join(if_match).strip()
+    if text == "*":
+        return ANY_VERSION
+    if "," in text:
+        raise HTTPError(400, "invalid_request", "If-Match takes one ETag (a memory has one "
+                        "version) or *")
+    found = ETAG_VALUE.fullmatch(text)
+    if found is None:
+        raise HTTPError(400, "invalid_request", 'If-Match must be an ETag this server sent '
+                        '(the version in double quotes, such as "3") or *; weak ETags (W/) '
+                        f"never match: got {text[:50]!r}")
+    version = int(found[1])
+    if version == 0:
+        raise HTTPError(400, "invalid_request", 'If-Match "0" names no version (they start at '
+                        "1); to write only if the memory is absent, send If-None-Match: *")
+    return version
+
+
+def one_precondition(header: int | str | None, given: bool, field: Any,
+                     field_name: str) -> int | str | None:
+    """The precondition of a request that may carry both a header (``header``, from
+    ``parse_preconditions``) and an ``if_version`` field (``given``: present, with value
+    ``field``): either one, or both saying the same version; anything else is a 400."""
+    if header is None:
+        return None  # the field (if any) goes to kvmem, which checks it
+    if not given:
+        return header
+    if header == ANY_VERSION or not (type(field) is int and field == header):
+        shown = ("If-None-Match: *" if header == 0 else "If-Match: *" if header == ANY_VERSION
+                 else f"If-Match: {etag(int(header))}")
+        raise HTTPError(400, "invalid_request", f"{shown} and {field_name} "
+                        f"{json.dumps(field)[:50]} disagree; send one of them")
+    return header
+
+
+def _require_present(current: kvmem.Memory | None, now: float, key: str) -> None:
+    if current is None or current.is_expired(now):  # as for if_version: archived counts
+        raise kvmem.VersionConflictError(f"{key!r} is absent; If-Match: * needs it to exist",
+                                         current_version=0, key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class SetIfPresent(kvmem.SetOp):
+    """A set under ``If-Match: *``: only if the memory exists (an expired one does not, an
+    archived one does, as for ``if_version``); checked in the same transaction."""
+
+    def plan(self, current: kvmem.Memory | None, now: float) -> tuple[kvmem.Memory,
+                                                                      kvmem.Memory]:
+        _require_present(current, now, self.key)
+        return super().plan(current, now)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteIfPresent(kvmem.DeleteOp):
+    """A delete under ``If-Match: *``: a conflict, not a 404, when the memory is absent."""
+
+    def plan(self, current: kvmem.Memory | None, now: float) -> tuple[None, bool]:
+        _require_present(current, now, self.key)
+        return super().plan(current, now)
 
 
 def check_body(body: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,6 +346,11 @@ def _filter_param(name: str, filter_name: str, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
+# The words every boolean query parameter takes (``bool_param``: any case), and their
+# values: the words of kvmem's boolean settings (KVMEM_QUICK_CHECK=off).
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
+                 "on": True, "off": False}
+BOOLEAN_TEXT = f"one of {', '.join(BOOLEAN_WORDS)} (any case)"
 _TIME_TEXT = ("Unix seconds (a decimal number) or an RFC 3339 time with a zone, "
               "percent-encoded (a '+' is %2B)")
 FILTER_PARAMS = (
@@ -212,7 +377,7 @@ class Query(dict[str, str]):
         return self.repeated.get(name, [])
 
 
-RouteHandler = Callable[[Api, Any, Query, Any], tuple[int, Any]]
+RouteHandler = Callable[[Api, Request], tuple[int, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +390,7 @@ class Route:
     body: Callable[[kvmem.Config], dict[str, Any]] | None = None  # JSON schema of the body
     responses: Mapping[int, str] = dataclasses.field(default_factory=dict)  # status -> schema
     auth: bool = True
+    preconditions: tuple[str, ...] = ()  # the request headers of PRECONDITION_HEADERS it honours
 
 
 def set_body(config: kvmem.Config) -> dict[str, Any]:
@@ -238,6 +404,50 @@ def batch_body(config: kvmem.Config) -> dict[str, Any]:
                                    "items": kvmem.batch_op_schema(config)}}}
 
 
+# The request headers a route may honour (``Route.preconditions``), as OpenAPI parameters.
+PRECONDITION_HEADERS: dict[str, dict[str, Any]] = {
+    "If-Match": {"name": "If-Match", "in": "header", "schema": {"type": "string"},
+                 "description": "the ETag of a memory's response (\"3\"): only if it is at "
+                 "that version, as if_version=3; *: only if it exists (archived counts, "
+                 "expired does not).  A mismatch is 409 version_conflict, as for if_version. "
+                 "With if_version as well, both must say the same version"},
+    "If-None-Match": {"name": "If-None-Match", "in": "header", "schema": {"const": "*"},
+                      "description": "*: only if the memory is absent, as if_version=0"},
+}
+
+# Headers of a response whose body is a memory, as OpenAPI documents them.
+ETAG_HEADER = {"description": "the memory's version, quoted (\"3\"): send it back in "
+                              "If-Match to write only that version",
+               "schema": {"type": "string", "pattern": '^"[0-9]+"$'}}
+LOCATION_HEADER = {"description": "the created memory's path, its key percent-encoded "
+                                  "(with ?namespace= unless it is \"default\")",
+                   "schema": {"type": "string"}}
+
+
+def memory_path(key: str, namespace: str) -> str:
+    """The path (and query, outside the default namespace) that reads a memory."""
+    path = "/v1/memories/" + quote(key, safe="")
+    return path if namespace == "default" else f"{path}?namespace={quote(namespace, safe='')}"
+
+
+def response_headers(status: int, schema: str | None, body: Any) -> dict[str, str]:
+    """The headers a response of ``schema`` carries besides the usual ones: a memory's
+    ETag, and a created memory's Location (documented by ``documented_headers``)."""
+    if schema != "Memory":
+        return {}
+    headers = {"ETag": etag(body["version"])}
+    if status == 201:
+        headers["Location"] = memory_path(body["key"], body["namespace"])
+    return headers
+
+
+def documented_headers(status: int, schema: str) -> dict[str, Any]:
+    """OpenAPI's description of ``response_headers(status, schema, ...)``."""
+    if schema != "Memory":
+        return {}
+    return {"ETag": ETAG_HEADER, **({"Location": LOCATION_HEADER} if status == 201 else {})}
+
+
 # Any route can answer these: bad input, auth, wrong method, body rules, busy database.
 COMMON_ERRORS = {400: "Error", 401: "Error", 405: "Error", 411: "Error", 413: "Error",
                  415: "Error", 503: "Error"}
@@ -246,20 +456,24 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/v1/memories/{key}", Api.put_memory, "Create or replace a memory",
           query=(NAMESPACE_PARAM,), body=set_body,
           responses={200: "Memory", 201: "Memory", 409: "Error", 413: "Error", 415: "Error",
-                     507: "Error", **COMMON_ERRORS}),
+                     507: "Error", **COMMON_ERRORS},
+          preconditions=("If-Match", "If-None-Match")),
     Route("GET", "/v1/memories/{key}", Api.get_memory, "Read a live memory",
           query=(NAMESPACE_PARAM,), responses={200: "Memory", 404: "Error", **COMMON_ERRORS}),
     Route("DELETE", "/v1/memories/{key}", Api.delete_memory, "Delete a memory",
           query=(NAMESPACE_PARAM, {"name": "if_version", "schema": {"type": "integer",
                                                                     "minimum": 0}}),
-          responses={200: "Deleted", 404: "Error", 409: "Error", 507: "Error", **COMMON_ERRORS}),
+          responses={200: "Deleted", 404: "Error", 409: "Error", 507: "Error", **COMMON_ERRORS},
+          preconditions=("If-Match",)),
     Route("POST", "/v1/memories/{key}/reinforce", Api.reinforce_memory,
           "Strengthen a memory and restart its decay; restores an archived one",
           query=(NAMESPACE_PARAM,),
           responses={200: "Memory", 404: "Error", 507: "Error", **COMMON_ERRORS}),
     Route("GET", "/v1/memories", Api.list_memories, "List memories in key order",
           query=(NAMESPACE_PARAM, *FILTER_PARAMS,
-                 {"name": "archived", "schema": {"type": "boolean", "default": False}},
+                 {"name": "archived", "schema": {"type": "boolean", "default": False},
+                  "description": "archived (faded) memories instead of live ones; "
+                                 f"{BOOLEAN_TEXT}"},
                  {"name": "limit", "schema": {"type": "integer", "minimum": 1,
                                               "maximum": kvmem.MAX_LIST_LIMIT, "default": 100}},
                  {"name": "cursor", "schema": {"type": "string"}}),
@@ -329,11 +543,15 @@ def openapi_document(config: kvmem.Config | None = None) -> dict[str, Any]:
         parameters += [{"in": "query", "required": False, **p,
                         "schema": p["schema"](config) if callable(p["schema"]) else p["schema"]}
                        for p in route.query]
+        parameters += [{"required": False, **PRECONDITION_HEADERS[name]}
+                       for name in route.preconditions]
         operation: dict[str, Any] = {
             "operationId": route.handler.__name__, "summary": route.summary,
             "parameters": parameters,
             "responses": {str(status): {
                 "description": schema,
+                **({"headers": headers} if (headers := documented_headers(status, schema))
+                   else {}),
                 "content": {"application/json": {
                     "schema": {"$ref": f"#/components/schemas/{schema}"}}},
             } for status, schema in route.responses.items()},
@@ -375,13 +593,34 @@ def match_route(method: str, raw_path: str) -> tuple[Route, str | None]:
         else:
             candidates.append((route, key))
     if not candidates:
-        raise HTTPError(404, "not_found", f"no such path: {raw_path[:200]}")
+        raise HTTPError(404, "not_found", f"no such path: {raw_path[:200]}"
+                        + slash_hint(method, raw_path))
     for route, key in candidates:
         if route.method == method:
             return route, key
     allowed = ", ".join(sorted({r.method for r, _ in candidates}))
-    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}",
-                    headers={"Allow": allowed})
+    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}"
+                    + slash_hint(method, raw_path), headers={"Allow": allowed})
+
+
+MEMORY_PREFIX = "/v1/memories/"
+
+
+def slash_hint(method: str, raw_path: str) -> str:
+    """For a path under /v1/memories/ that would be a memory's had its key's '/' been sent
+    as %2F: a hint that says so, with that path (else "")."""
+    rest = raw_path[len(MEMORY_PREFIX):] if raw_path.startswith(MEMORY_PREFIX) else ""
+    parts = rest.split("/")
+    if method == "POST" and len(parts) > 2 and parts[-1] == "reinforce":
+        parts, suffix = parts[:-1], "/reinforce"
+    elif method in ("GET", "PUT", "DELETE") and len(parts) > 1:
+        suffix = ""
+    else:
+        return ""
+    if not any(parts):
+        return ""
+    path = MEMORY_PREFIX + "%2F".join(parts) + suffix
+    return f"; a key containing '/' must be sent as %2F: {path[:200]}"
 
 
 def decode_segment(segment: str, what: str = "the key") -> str:
@@ -411,7 +650,12 @@ def parse_query(raw: str, route: Route) -> Query:
         value = decode_segment(value_raw.replace("+", " "), f"query parameter {name[:100]!r}")
         param = params.get(name)
         if param is None:
-            raise HTTPError(400, "invalid_request", f"unknown query parameter {name[:100]!r}")
+            hint = ""
+            if name == "namespace":  # every other route takes one: say why this one does not
+                hint = (f": {route.method} {route.path} is not per namespace (GET "
+                        "/v1/namespaces counts the memories of each)")
+            raise HTTPError(400, "invalid_request",
+                            f"unknown query parameter {name[:100]!r}{hint}")
         if param.get("explode"):
             out.repeated.setdefault(name, []).append(value)
         elif name in out:
@@ -454,11 +698,15 @@ def int_param(query: Mapping[str, str], name: str, default: int | None) -> int |
     return int(text)
 
 
-def bool_param(query: Mapping[str, str], name: str) -> bool:
-    value = query.get(name, "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise HTTPError(400, "invalid_request", f"{name} must be true or false")
-    return value in ("true", "1")
+def bool_param(query: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """A boolean query parameter: one of BOOLEAN_WORDS in any case, else a 400 naming it."""
+    if name not in query:
+        return default
+    value = BOOLEAN_WORDS.get(query[name].lower())
+    if value is None:
+        raise HTTPError(400, "invalid_request", f"query parameter {name!r} must be "
+                        f"{BOOLEAN_TEXT}; got {query[name][:50]!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------- server ----
@@ -558,9 +806,10 @@ def head_end(buf: bytearray) -> int:
 
 
 def plain_response(status: int, code: str, message: str,
-                   headers: Mapping[str, str] | None = None) -> bytes:
+                   headers: Mapping[str, str] | None = None, *,
+                   request_id: str | None = None) -> bytes:
     """A whole error answer that closes the connection, for the loop's own refusals."""
-    body = json.dumps(error_body(code, message, new_request_id())).encode()
+    body = json.dumps(error_body(code, message, request_id or new_request_id())).encode()
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
              "Content-Type: application/json; charset=utf-8", f"Content-Length: {len(body)}",
              "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
@@ -851,7 +1100,13 @@ class Server:
                 self._waiting.remove(conn)
             freed, conn.reserved = conn.reserved, 0
             self._buffered -= freed
-        conn.out, conn.close_after = plain_response(status, code, message, headers), True
+        request_id = new_request_id()
+        method, _, target = bytes(conn.buf[:MAX_HEAD_BYTES]).partition(b"\n")[0].partition(b" ")
+        log_access(request_id, str(method, "latin-1").strip() or "-",
+                   str(target.rpartition(b" HTTP/")[0] or target, "latin-1").strip() or "-",
+                   status, conn.since)
+        conn.out, conn.close_after = plain_response(status, code, message, headers,
+                                                    request_id=request_id), True
         conn.buf.clear()
         self._send(conn)
         if freed:
@@ -1153,6 +1408,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer = self.wfile = _Answer()
         self.close_connection = True
         self.body_consumed = False
+        self.started = time.monotonic()
 
     def run(self) -> bytes:
         """Handle the request; the answer's bytes (``close_connection`` says whether the
@@ -1165,6 +1421,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # http.server's line (with the query string) is replaced by log_access's
+
+    def log_access(self, request_id: str, status: int) -> None:
+        log_access(request_id, getattr(self, "command", None) or "-",
+                   getattr(self, "path", None) or "-", status, self.started)
 
     def address_string(self) -> str:
         return str(self.client_address[0]) if self.client_address else "-"
@@ -1181,12 +1444,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         status = code if code < 500 else 405 if code == 501 else 400
         code_name = "method_not_allowed" if status == 405 else "invalid_request"
-        self.respond(status, error_body(code_name, message or "bad request",
-                                        new_request_id()), {})
+        request_id = new_request_id()
+        self.respond(status, error_body(code_name, message or "bad request", request_id), {})
+        self.log_access(request_id, status)
 
     def dispatch(self) -> None:
         request_id = new_request_id()
-        started = time.monotonic()
         try:
             status, body, headers = self.handle_api(request_id)
         except HTTPError as exc:
@@ -1203,7 +1466,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if isinstance(exc, kvmem.BusyError):
                 headers = {"Retry-After": "1"}
         except Exception:
-            log.exception("request %s %s %s failed", request_id, self.command, self.path[:200])
+            log.exception("request %s %s %s failed", request_id, self.command,
+                          loggable_path(self.path))
             status, headers = 500, {}
             body = error_body("internal", "internal error; see the server log for request "
                                           f"id {request_id}", request_id)
@@ -1214,8 +1478,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.server.stopping:
             self.close_connection = True
         self.respond(status, body, {"X-Request-Id": request_id, **headers})
-        log.debug("%s %s %s -> %d in %.1f ms", request_id, self.command, self.path[:200],
-                  status, (time.monotonic() - started) * 1000)
+        self.log_access(request_id, status)  # before the worker sends the answer
 
     def handle_api(self, request_id: str) -> tuple[int, Any, dict[str, str]]:
         raw_path, _, raw_query = self.path.partition("?")
@@ -1243,9 +1506,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(401, "unauthorized", kvmem_cli.UNAUTHORIZED,
                             headers={"WWW-Authenticate": "Bearer"})
         query = parse_query(raw_query, route)
+        precondition = parse_preconditions(self.headers.get_all("If-Match") or [],
+                                           self.headers.get_all("If-None-Match") or [], route)
         body = self.read_body(route)
-        status, payload = route.handler(self.server.api, key, query, body)
-        return status, payload, {}
+        status, payload = route.handler(self.server.api,
+                                        Request(key or "", query, body, precondition))
+        return status, payload, response_headers(status, route.responses.get(status), payload)
 
     def read_body(self, route: Route | None) -> Any:
         """The JSON body (None when the route takes none).  Checks Content-Length (411,
@@ -1306,6 +1572,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self._headers_buffer.append(data)
         self.flush_headers()
+
+
+def loggable_path(target: str) -> str:
+    """A request target as the log shows it: the path without the query string (which may
+    hold a search text or a cursor), at most 200 characters, and any byte that is not
+    printable ASCII percent-encoded (so a client cannot write to the log's terminal)."""
+    path = target.partition("?")[0]
+    shown = re.sub(r"[^!-~]", lambda m: "".join(f"%{b:02X}" for b in m[0].encode()),
+                   path[:200])
+    return shown + ("..." if len(path) > 200 else "")
+
+
+def log_access(request_id: str, method: str, target: str, status: int,
+               started: float) -> None:
+    """The access log's line for one answer: method, path (``loggable_path``: never the
+    query string; never a header or the body, so never the token), status, the time since
+    the request arrived whole (or, for the loop's own refusals, since it began), and the
+    request id that the answer's X-Request-Id and error body carry."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s %s %d %.1fms id=%s", loggable_path(method)[:20],
+                        loggable_path(target), status,
+                        (time.monotonic() - started) * 1000, request_id)
 
 
 def new_request_id() -> str:

@@ -681,8 +681,10 @@ def raw_requests(draw: st.DrawFn) -> tuple[bytes, bytes, bytes, bool]:
     if now_and_then():
         headers += draw(st.lists(st.tuples(
             st.sampled_from([b"Origin", b"Connection", b"Transfer-Encoding", b"Content-Length",
-                             b"X-Any", b"Authorization"]) | raw_bytes,
-            st.sampled_from([b"close", b"keep-alive", b"chunked", b"http://evil.example"])
+                             b"X-Any", b"Authorization", b"If-Match", b"If-None-Match"])
+            | raw_bytes,
+            st.sampled_from([b"close", b"keep-alive", b"chunked", b"http://evil.example",
+                             b"*", b'"1"', b'"0"', b'W/"1"', b'"1", "2"'])
             | raw_bytes), min_size=1, max_size=3))
     data = (method_bytes + b" " + path + (b" " + version if version else b"") + b"\r\n"
             + b"".join(name + b": " + value + b"\r\n" for name, value in headers)
