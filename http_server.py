@@ -183,7 +183,7 @@ class Api:
         return 200, {"items": self.store.namespaces()}
 
     def stats(self, request: Request) -> tuple[int, Any]:
-        return 200, render_stats(self.store.stats())
+        return 200, self.store.stats()
 
     def healthz(self, request: Request) -> tuple[int, Any]:
         health = self.store.health()
@@ -196,25 +196,6 @@ class Api:
 def memory_not_found(key: str, namespace: str) -> kvmem.NotFoundError:
     """The one 404 of a memory, whichever route looked for it."""
     return kvmem.NotFoundError(f"no memory {key!r} in namespace {namespace!r}")
-
-
-# Stats fields that hold a time as Unix seconds (Store.stats); rendered as RFC 3339 UTC,
-# like every other time the API returns (the memories' times, group_commit's
-# last_checkpoint.at, health's last_seen).
-STATS_UNIX_TIMES = (("checkpointer", "last_time"), ("last_prune", "at"),
-                    ("decay", "last_result", "at"))
-
-
-def render_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    """``Store.stats()`` with the times of STATS_UNIX_TIMES as RFC 3339 strings (a field
-    that is absent, null or already a string is left as it is)."""
-    for path in STATS_UNIX_TIMES:
-        parent: Any = stats
-        for name in path[:-1]:
-            parent = parent.get(name) if isinstance(parent, dict) else None
-        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), int | float):
-            parent[path[-1]] = kvmem.rfc3339(parent[path[-1]])
-    return stats
 
 
 # -- preconditions: If-Match and If-None-Match, another spelling of if_version ------------
@@ -348,8 +329,7 @@ def _filter_param(name: str, filter_name: str, **extra: Any) -> dict[str, Any]:
 
 # The words every boolean query parameter takes (``bool_param``: any case), and their
 # values: the words of kvmem's boolean settings (KVMEM_QUICK_CHECK=off).
-BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False,
-                 "on": True, "off": False}
+BOOLEAN_WORDS = kvmem.BOOLEAN_WORDS
 BOOLEAN_TEXT = f"one of {', '.join(BOOLEAN_WORDS)} (any case)"
 _TIME_TEXT = ("Unix seconds (a decimal number) or an RFC 3339 time with a zone, "
               "percent-encoded (a '+' is %2B)")

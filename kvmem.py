@@ -226,11 +226,16 @@ def _parse_number(kind: type[int] | type[float], *, minimum: float,
     return parse
 
 
+# The words a boolean setting or parameter takes, in any case (settings, HTTP queries).
+BOOLEAN_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True,
+                 "no": False, "on": True, "off": False}
+
+
 def _parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError("must be one of true, false, 1, 0, yes, no, on, off")
-    return value in ("1", "true", "yes", "on")
+    value = BOOLEAN_WORDS.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"must be one of {', '.join(BOOLEAN_WORDS)}")
+    return value
 
 
 def _parse_optional_seconds(text: str) -> float | None:
@@ -334,6 +339,8 @@ class Config:
     http_buffer_bytes: int = _setting(8 * 1024 * 1024, _INT(minimum=1), "request bodies "
                                       "kvmem-http holds in memory at once; past it, requests "
                                       "wait their turn")
+    access_log: bool = _setting(True, _parse_bool, "kvmem-http logs one line per request "
+                                "(logger kvmem.http.access, at INFO)")
     shutdown_grace_s: float = _setting(10.0, _FLOAT(minimum=0.0), "on SIGINT/SIGTERM, how "
                                        "long the HTTP servers let requests in flight finish")
 
@@ -1052,6 +1059,11 @@ class PruneResult:
     deleted: int
     batches: int
     at: float
+
+
+def prune_record(result: PruneResult) -> dict[str, Any]:
+    """A prune's result as ``stats`` shows it: its time in RFC 3339, like every time there."""
+    return {**dataclasses.asdict(result), "at": rfc3339(result.at)}
 
 
 # -- operations: parsed once, then planned against the current memory ---------------------
@@ -3279,7 +3291,7 @@ class Store:
         out["decay"] = self._decay.state() if self._decay else None
         out["search_index"] = {"rebuilding": bool(pending), "pending_through": pending,
                                "builder": self._indexer.state() if self._indexer else None}
-        out["last_prune"] = dataclasses.asdict(self._last_prune) if self._last_prune else None
+        out["last_prune"] = prune_record(self._last_prune) if self._last_prune else None
         out["health"] = self.health()
         out["config"] = self.config.public()
         out["pid"] = os.getpid()
@@ -3552,7 +3564,7 @@ class Checkpointer(_Background):
         if reason is not None:
             self._last_request = now
             writer.request_checkpoint(reason)
-            self._update("requests", last_request=reason, last_time=time.time())
+            self._update("requests", last_request=reason, last_time=rfc3339(time.time()))
         # A request may have shrunk the file: stat it again then.
         self._update(wal_bytes=wal_size(self.path) if reason else seen[0],
                      checkpoints=writer.stats()["checkpoints"])
@@ -3743,7 +3755,7 @@ class DecayScheduler(_Background):
         return min(self.store.config.decay_interval_s, 0.05 * 2.0 ** min(failures, 10))
 
     def _step(self) -> float:
-        self._update("runs", last_result=dataclasses.asdict(self.store.prune()))
+        self._update("runs", last_result=prune_record(self.store.prune()))
         return self.store.config.decay_interval_s
 
 
