@@ -25,9 +25,11 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import http
 import http.client
 import http.server
+import importlib.resources
 import io
 import json
 import logging
@@ -44,7 +46,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
@@ -184,6 +186,12 @@ class Api:
 
     def stats(self, request: Request) -> tuple[int, Any]:
         return 200, self.store.stats()
+
+    def forget_memories(self, request: Request) -> tuple[int, Any]:
+        query = request.query
+        return 200, self.store.forget(namespace=query.get("namespace", "default"),
+                                      **filter_args(query),
+                                      dry_run=bool_param(query, "dry_run"))
 
     def healthz(self, request: Request) -> tuple[int, Any]:
         health = self.store.health()
@@ -458,6 +466,15 @@ ROUTES: tuple[Route, ...] = (
                                               "maximum": kvmem.MAX_LIST_LIMIT, "default": 100}},
                  {"name": "cursor", "schema": {"type": "string"}}),
           responses={200: "MemoryList", **COMMON_ERRORS}),
+    Route("DELETE", "/v1/memories", Api.forget_memories,
+          "Forget in bulk: delete every memory of the namespace (live, archived or expired) "
+          "that the filters select; prefix or tag is required (prefix= with an empty value "
+          "selects the whole namespace).  Deletes in transactions of at most prune_batch "
+          "memories; with dry_run=true it only reports",
+          query=(NAMESPACE_PARAM, *FILTER_PARAMS,
+                 {"name": "dry_run", "schema": {"type": "boolean", "default": False},
+                  "description": f"report what would be deleted, delete nothing; {BOOLEAN_TEXT}"}),
+          responses={200: "ForgetReport", 507: "Error", **COMMON_ERRORS}),
     Route("GET", "/v1/search", Api.search, "Full-text search, ranked by BM25 x current strength",
           query=(SEARCH_NAMESPACE_PARAM,
                  {"name": "q", "required": True, "schema": {"type": "string"}}, *FILTER_PARAMS,
@@ -503,6 +520,17 @@ SCHEMAS: dict[str, Any] = {
             "op": {"enum": list(kvmem.BATCH_OPS)},
             "memory": {"$ref": "#/components/schemas/Memory"},
             "deleted": {"type": "boolean"}}}}}},
+    "Allow": {"type": "object", "required": ["allow"], "properties": {
+        "allow": {"type": "array", "items": {"type": "string"}}}},
+    "ForgetReport": {"type": "object", "required": ["dry_run", "matched", "deleted", "keys",
+                                                    "more"], "properties": {
+        "dry_run": {"type": "boolean"},
+        "matched": {"type": "integer", "description": "memories selected"},
+        "deleted": {"type": "integer", "description": "memories deleted (0 on a dry run)"},
+        "keys": {"type": "array", "items": {"type": "string"},
+                 "description": f"the first {kvmem.FORGET_SAMPLE} selected keys, in key order"},
+        "more": {"type": "boolean", "description": "whether more keys were selected than "
+                                                   "listed"}}},
     "Stats": {"type": "object", "required": ["settings", "sqlite_version", "counts"]},
     "Health": {"type": "object", "required": ["ok"], "properties": {
         "ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "string"}}}},
@@ -542,6 +570,20 @@ def openapi_document(config: kvmem.Config | None = None) -> dict[str, Any]:
         if route.auth:
             operation["security"] = [{"bearer": []}]
         paths.setdefault(route.path, {})[route.method.lower()] = operation
+        if route.method == "GET":  # HEAD: the same answer without its body
+            paths[route.path]["head"] = {
+                **operation, "operationId": f"{route.handler.__name__}_head",
+                "summary": f"{route.summary} (headers only)"}
+    for path, operations in paths.items():
+        allow = allowed_methods(r for r in ROUTES if r.path == path)
+        operations["options"] = {
+            "operationId": "options_" + re.sub(r"\W+", "_", path).strip("_"),
+            "summary": f"The methods of this path in Allow ({allow}); no token needed, as "
+                       "for a CORS preflight",
+            "parameters": [],
+            "responses": {"200": {"description": "Allow", "headers": {"Allow": {
+                "schema": {"type": "string"}}}, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Allow"}}}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "kvmem", "version": "1",
@@ -553,9 +595,28 @@ def openapi_document(config: kvmem.Config | None = None) -> dict[str, Any]:
     }
 
 
+def allowed_methods(routes: Iterable[Route]) -> str:
+    """The Allow header of a path served by ``routes``: theirs, HEAD with GET, OPTIONS."""
+    methods = {route.method for route in routes} | {"OPTIONS"}
+    return ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+
+
 def match_route(method: str, raw_path: str) -> tuple[Route, str | None]:
-    """The route for ``method`` and a raw (still percent-encoded) path, and the decoded
-    key.  Raises HTTPError 404 (no such path) or 405 (path exists, method does not)."""
+    """The route for ``method`` (HEAD is GET without the body) and a raw (still
+    percent-encoded) path, and the decoded key.  Raises HTTPError 404 (no such path) or 405
+    (path exists, method does not)."""
+    candidates = path_routes(method, raw_path)
+    for route, key in candidates:
+        if route.method == ("GET" if method == "HEAD" else method):
+            return route, key
+    allowed = allowed_methods(r for r, _ in candidates)
+    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}"
+                    + slash_hint(method, raw_path), headers={"Allow": allowed})
+
+
+def path_routes(method: str, raw_path: str) -> list[tuple[Route, str | None]]:
+    """The routes whose path matches a raw path, each with the decoded key; HTTPError 404
+    when there is none."""
     segments = raw_path.split("/")
     candidates: list[tuple[Route, str | None]] = []
     for route in ROUTES:
@@ -575,12 +636,7 @@ def match_route(method: str, raw_path: str) -> tuple[Route, str | None]:
     if not candidates:
         raise HTTPError(404, "not_found", f"no such path: {raw_path[:200]}"
                         + slash_hint(method, raw_path))
-    for route, key in candidates:
-        if route.method == method:
-            return route, key
-    allowed = ", ".join(sorted({r.method for r, _ in candidates}))
-    raise HTTPError(405, "method_not_allowed", f"{method} is not allowed here; use {allowed}"
-                    + slash_hint(method, raw_path), headers={"Allow": allowed})
+    return candidates
 
 
 MEMORY_PREFIX = "/v1/memories/"
@@ -827,6 +883,8 @@ class Server:
         self.api, self.token, self.config = api, token, config
         self.bind_host = address[0]
         self.allowed_hosts = config.allowed_hosts
+        self.cors_origins = frozenset(filter(None, config.cors_origins.split(",")))
+        self.pages = page_files()
         self.max_connections = connection_cap(config.http_max_connections)
         self.socket = listen(*address)
         self.server_address = self.socket.getsockname()[:2]
@@ -1457,17 +1515,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         if self.server.stopping:
             self.close_connection = True
-        self.respond(status, body, {"X-Request-Id": request_id, **headers})
+        self.respond(status, body, {"X-Request-Id": request_id, **self.cors_headers(),
+                                    **headers})
         self.log_access(request_id, status)  # before the worker sends the answer
+
+    def cors_origin(self) -> str | None:
+        """The request's Origin when it is one of --cors-origin's (a single header)."""
+        origins = self.headers.get_all("Origin") if self.headers else None
+        if origins and len(origins) == 1 and origins[0] in self.server.cors_origins:
+            return str(origins[0])
+        return None
+
+    def cors_headers(self) -> dict[str, str]:
+        """CORS headers for a --cors-origin origin; none for any other request."""
+        origin = self.cors_origin()
+        if origin is None:
+            return {}
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                   "Access-Control-Expose-Headers": CORS_EXPOSE_HEADERS}
+        if self.command == "OPTIONS" and self.headers.get("Access-Control-Request-Method"):
+            headers.update({"Access-Control-Allow-Methods": "GET, HEAD, PUT, POST, DELETE",
+                            "Access-Control-Allow-Headers": CORS_ALLOW_HEADERS,
+                            "Access-Control-Max-Age": "600"})
+        return headers
 
     def handle_api(self, request_id: str) -> tuple[int, Any, dict[str, str]]:
         raw_path, _, raw_query = self.path.partition("?")
         if any(len(self.headers.get_all(name) or ()) > 1 for name in ("Host", "Origin")):
             self.close_connection = True  # which one would a proxy have checked?
             raise HTTPError(400, "invalid_request", "more than one Host or Origin header")
-        refusal = kvmem_cli.request_refusal(self.headers.get("Host", ""),
-                                            self.headers.get("Origin"), self.server.bind_host,
-                                            self.server.allowed_hosts)
+        origin = None if self.cors_origin() else self.headers.get("Origin")
+        refusal = kvmem_cli.request_refusal(self.headers.get("Host", ""), origin,
+                                            self.server.bind_host, self.server.allowed_hosts)
         if refusal is not None:
             self.close_connection = True
             raise HTTPError(*refusal)
@@ -1479,6 +1558,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "invalid_request", "more than one Content-Length")
         if not raw_path.startswith("/"):
             raise HTTPError(400, "invalid_request", "the request target must be a path")
+        page = self.server.pages.get(raw_path)
+        if page is not None or self.command == "OPTIONS":
+            # Pages hold no data, and a CORS preflight never carries the token: no auth.
+            allowed = PAGE_ALLOW if page is not None else allowed_methods(
+                r for r, _ in path_routes(self.command, raw_path))
+            self.read_body(None)
+            if self.command == "OPTIONS":
+                return 200, {"allow": allowed.split(", ")}, {"Allow": allowed}
+            if self.command not in ("GET", "HEAD"):
+                raise HTTPError(405, "method_not_allowed", f"{self.command} is not allowed "
+                                f"here; use {allowed}", headers={"Allow": allowed})
+            return 200, page, PAGE_HEADERS
         route, key = match_route(self.command, raw_path)
         if route.auth and self.server.token and not kvmem_cli.bearer_ok(
                 self.headers.get("Authorization"), self.server.token):
@@ -1537,11 +1628,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise HTTPError(400, "invalid_request", f"the body is not valid JSON: {exc}") from None
 
     def respond(self, status: int, body: Any, headers: Mapping[str, str]) -> None:
-        data = json.dumps(body, ensure_ascii=False, allow_nan=False,
-                          default=str).encode("utf-8")
+        if isinstance(body, StaticFile):
+            data, content_type = body.data, body.content_type
+        else:
+            data = json.dumps(body, ensure_ascii=False, allow_nan=False,
+                              default=str).encode("utf-8")
+            content_type = "application/json; charset=utf-8"
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in headers.items():
             self.send_header(name, value)
         if self.close_connection:
@@ -1574,6 +1670,43 @@ def log_access(request_id: str, method: str, target: str, status: int,
         access_log.info("%s %s %d %.1fms id=%s", loggable_path(method)[:20],
                         loggable_path(target), status,
                         (time.monotonic() - started) * 1000, request_id)
+
+
+# -------------------------------------------------------------- the memory browser ----
+#
+# GET / is the memory browser and GET /docs the API page: static files of the kvmem_web
+# package (HTML, CSS, plain JavaScript; no build step), which hold no data and so need no
+# token.  The page calls the /v1 API like any client; its script and styles come from this
+# server only (Content-Security-Policy: no inline script, no eval, no framing).
+
+PAGE_FILES = {"/": "index.html", "/docs": "docs.html", "/static/app.js": "app.js",
+              "/static/docs.js": "docs.js", "/static/style.css": "style.css"}
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self'; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+PAGE_ALLOW = "GET, HEAD, OPTIONS"
+# CORS (only for the --cors-origin origins): what a page there may send and read.
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match"
+CORS_EXPOSE_HEADERS = "ETag, Location, X-Request-Id, Retry-After"
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticFile:
+    data: bytes
+    content_type: str
+
+
+@functools.cache
+def page_files() -> dict[str, StaticFile]:
+    """The files PAGE_FILES serves, read once from the installed kvmem_web package."""
+    root = importlib.resources.files("kvmem_web")
+    return {path: StaticFile(root.joinpath(name).read_bytes(),
+                             CONTENT_TYPES[os.path.splitext(name)[1]])
+            for path, name in PAGE_FILES.items()}
 
 
 def new_request_id() -> str:

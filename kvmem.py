@@ -238,6 +238,18 @@ def _parse_bool(text: str) -> bool:
     return value
 
 
+_ORIGIN = re.compile(r"https?://[^\s/?#@,]+")
+
+
+def _parse_origins(text: str) -> str:
+    """Browser origins (scheme://host[:port]), comma-separated; normalised to that form."""
+    origins = [part.strip().rstrip("/") for part in text.split(",") if part.strip()]
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ValueError(f"{origin[:100]!r} is not an origin like https://app.example.com")
+    return ",".join(origins)
+
+
 def _parse_optional_seconds(text: str) -> float | None:
     if text.strip().lower() in ("", "none", "never"):
         return None
@@ -339,6 +351,9 @@ class Config:
     http_buffer_bytes: int = _setting(8 * 1024 * 1024, _INT(minimum=1), "request bodies "
                                       "kvmem-http holds in memory at once; past it, requests "
                                       "wait their turn")
+    cors_origins: str = _setting("", _parse_origins, "origins, comma-separated "
+                                 "(https://app.example.com), whose pages may call kvmem-http "
+                                 "from a browser (CORS); none by default", flag="--cors-origin")
     access_log: bool = _setting(True, _parse_bool, "kvmem-http logs one line per request "
                                 "(logger kvmem.http.access, at INFO)")
     shutdown_grace_s: float = _setting(10.0, _FLOAT(minimum=0.0), "on SIGINT/SIGTERM, how "

@@ -209,9 +209,13 @@ def test_stats_health_openapi(client: Client, served: tuple[http_server.Server, 
     assert (status, body["ok"]) == (200, True)
     status, _, spec = client.request("GET", "/openapi.json")
     assert status == 200 and spec["openapi"].startswith("3.1")
-    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops
+                  if m not in ("head", "options")}
     assert documented == {(r.method, r.path) for r in http_server.ROUTES}
-    assert len(documented) == 11
+    assert len(documented) == 12
+    assert {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops
+            if m == "head"} == {("HEAD", r.path) for r in http_server.ROUTES if r.method == "GET"}
+    assert all("options" in ops for ops in spec["paths"].values())
 
 
 # ------------------------------------------------ search and list filters, namespaces ----
@@ -581,7 +585,7 @@ def test_key_limits(client: Client) -> None:
     assert_error(client.request("GET", "/v1/nothing"), 404, "not_found")
     result = client.request("PATCH", "/v1/memories/a")
     assert_error(result, 405, "method_not_allowed")
-    assert result[1]["Allow"] == "DELETE, GET, PUT"
+    assert result[1]["Allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
 
 
 # --------------------------------------------------------------------------- fuzzing ----

@@ -394,7 +394,20 @@ BOOLEAN_PARAMS = [(route, param["name"]) for route in http_server.ROUTES
 
 
 def test_the_boolean_parameters_are_found() -> None:
-    assert [(r.path, name) for r, name in BOOLEAN_PARAMS] == [("/v1/memories", "archived")]
+    assert [(r.method, r.path, name) for r, name in BOOLEAN_PARAMS] == [
+        ("GET", "/v1/memories", "archived"), ("DELETE", "/v1/memories", "dry_run")]
+
+
+def _boolean_answer(api: Served, route: http_server.Route, name: str,
+                    word: str) -> tuple[int, Any]:
+    """What the route does with ``name=word``: for archived, the keys listed; for dry_run,
+    whether the forget of prefix "live" deleted it (False when it only reported)."""
+    if name == "archived":
+        status, _, body = api.request("GET", f"{route.path}?{name}={word}")
+        return status, body if status != 200 else [m["key"] for m in body["items"]]
+    api.request("PUT", "/v1/memories/live", {"value": 1})
+    status, _, body = api.request("DELETE", f"{route.path}?prefix=live&{name}={word}")
+    return status, body if status != 200 else body["deleted"] == 0
 
 
 @pytest.mark.parametrize(("word", "value"), [
@@ -409,9 +422,12 @@ def test_every_boolean_parameter_takes_the_same_words(api: Served, word: str,
     api.clock.advance(60)
     api.store.prune()
     for route, name in BOOLEAN_PARAMS:
-        status, _, body = api.request("GET", f"{route.path}?{name}={word}")
-        assert status == 200, body
-        assert [m["key"] for m in body["items"]] == (["faded"] if value else ["live"])
+        status, answer = _boolean_answer(api, route, name, word)
+        assert status == 200, answer
+        if name == "archived":
+            assert answer == (["faded"] if value else ["live"])
+        else:
+            assert answer is value  # dry_run=true deletes nothing
 
 
 BAD_WORDS = ["maybe", "", "2", "tru", "y", "t", "enabled", "%E2%9C%93"]
@@ -420,7 +436,9 @@ BAD_WORDS = ["maybe", "", "2", "tru", "y", "t", "enabled", "%E2%9C%93"]
 @pytest.mark.parametrize("word", BAD_WORDS)
 def test_any_other_boolean_is_400_naming_the_parameter(api: Served, word: str) -> None:
     for route, name in BOOLEAN_PARAMS:
-        message = assert_error(api.request("GET", f"{route.path}?{name}={word}"), 400,
+        message = assert_error(api.request(route.method, f"{route.path}?prefix=&{name}={word}"
+                                           if name == "dry_run" else
+                                           f"{route.path}?{name}={word}"), 400,
                                "invalid_request")
         assert f"query parameter {name!r} must be one of true, false, 1, 0, yes, no, on, " \
             "off (any case)" in message, message

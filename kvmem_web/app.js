@@ -134,7 +134,7 @@ function renderRows(items, scored) {
       value: memory.current_strength });
     row.insertCell().append(meter);
     if (scored) row.insertCell().textContent = memory.score.toFixed(3);
-    const open = () => openMemory(memory);
+    const open = () => openFresh(memory);
     row.addEventListener("click", open);
     row.addEventListener("keydown", (event) => { if (event.key === "Enter") open(); });
   }
@@ -149,6 +149,15 @@ async function refresh(resetPages = true) {
 }
 
 // ---------------------------------------------------------------------- detail ---
+
+// A row's memory as it is now (another client may have changed it since the list was
+// read); an archived one as listed, since GET reads live memories only.
+async function openFresh(memory) {
+  if (memory.archived) return openMemory(memory);
+  try {
+    openMemory(await api("GET", memoryPath(memory.key), ns()));
+  } catch (error) { failed(error); }
+}
 
 function openMemory(memory) {
   state.current = memory;
