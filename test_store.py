@@ -883,3 +883,63 @@ def test_forget_bad_input_is_refused_and_changes_nothing(
         store.forget(**arguments)
     memory = store.get("u/1")
     assert memory is not None and memory.value == 1
+
+
+def _everything(store: kvmem.Store) -> dict[tuple[str, str], tuple[int, Any]]:
+    """(namespace, key) -> (version, value) of every live memory, page by page."""
+    out: dict[tuple[str, str], tuple[int, Any]] = {}
+    for namespace in ("default", "other"):
+        cursor = None
+        while True:
+            page = store.list(namespace=namespace, limit=1000, cursor=cursor)
+            out |= {(namespace, m.key): (m.version, m.value) for m in page.items}
+            if (cursor := page.next_cursor) is None:
+                break
+    return out
+
+
+def test_sigkill_during_a_bulk_forget_loses_nothing_outside_its_selection(
+        tmp_path: Path) -> None:
+    """A forget of 1,500 memories in batches of 10, killed with SIGKILL once some batches
+    are committed and others not: every memory outside the selection (same prefix without
+    the tag, other keys, another namespace) is still there, unchanged, and the selection is
+    whole batches gone in key order (never a memory skipped in between)."""
+    db = str(tmp_path / "kv.db")
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        for start in range(0, 2000, 500):
+            store.batch([{"op": "set", "key": f"sel/{i:04d}", "value": {"n": i},
+                          "tags": ["x"] if i % 4 else ["y"]}
+                         for i in range(start, start + 500)])
+        store.batch([{"op": "set", "key": f"zzz/{i}", "value": i, "tags": ["x"]}
+                     for i in range(200)])
+        store.batch([{"op": "set", "key": f"sel/{i}", "value": i, "tags": ["x"]}
+                     for i in range(100)], namespace="other")
+        before = _everything(store)
+    selected = {key for (ns, key) in before if ns == "default" and key.startswith("sel/")
+                and int(key[4:]) % 4}
+    assert len(before) == 2300 and len(selected) == 1500
+    child = Child("forgetter", db, stdin=True)
+    child.expect("ready")
+    reader = kvmem.open_db(db, config=CONFIG, readonly=True)
+    try:
+        child.send("go\n")
+        while True:  # until a few batches are committed, but not all
+            left = reader.execute("SELECT count(*) FROM memories WHERE namespace = 'default'"
+                                  " AND key LIKE 'sel/%' AND tags = '[\"x\"]'").fetchone()[0]
+            assert child.proc.poll() is None, f"the forget ended first: {child.kill()}"
+            if left <= 1500 - 30:
+                break
+    finally:
+        reader.close()
+    child.kill()
+    assert child.killed, "the child was not running when it was killed"
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        after = _everything(store)
+    kept_outside = {k: v for k, v in before.items() if k[1] not in selected or k[0] != "default"}
+    assert {k: after.get(k) for k in kept_outside} == kept_outside
+    gone = sorted(key for key in selected if ("default", key) not in after)
+    assert 30 <= len(gone) < 1500
+    assert gone == sorted(selected)[:len(gone)]  # in key order, nothing skipped
+    assert len(gone) % 10 == 0  # whole batches of 10
+    for key in selected - set(gone):
+        assert after[("default", key)] == before[("default", key)]

@@ -420,6 +420,18 @@ def pruner(db: str) -> None:
     store.close()
 
 
+def forgetter(db: str) -> None:
+    """``ready``; after a line on stdin, forget prefix ``sel/`` with tag ``x`` in batches of
+    10 (until killed): ``forgot DELETED`` if it ends first."""
+    import kvmem
+
+    store = kvmem.Store.open(db, config=kvmem.Config.build(flags={"prune_batch": "10"}))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print("forgot", store.forget(prefix="sel/", tags=["x"])["deleted"], flush=True)
+    store.close()
+
+
 def sidecar_writer(db: str, prefix: str, *options: str) -> None:
     """Set ``PREFIX-0``, ``PREFIX-1``... until killed: ``set KEY VERSION ok`` after each set
     returned, ``refused KEY CODE HEALTH_OK`` for one refused (then a 10 ms pause);
@@ -476,7 +488,7 @@ def hoarder(port: str) -> None:
 CHILDREN: dict[str, Callable[..., Any]] = {child.__name__: child for child in (
     serve_http, serve_mcp, crash_writer, starter, library_process, pinned_writer, restarted,
     wal_left_behind, first_transaction, raw_writer, opener, checkpointer, traced_writer,
-    under_strace, group_writer, pruner, sidecar_writer, hoarder)}
+    under_strace, group_writer, pruner, forgetter, sidecar_writer, hoarder)}
 
 
 def main(argv: list[str]) -> int:
