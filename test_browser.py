@@ -7,8 +7,10 @@ overrides the folder).  Every wait is on a condition in the page, never a fixed 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import shutil
 import time
 import urllib.parse
@@ -24,6 +26,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
+import http_server
+import kvmem
 from testutil import HERE, Child, child_env, http_json
 
 OUTPUT = Path(os.environ.get("KVMEM_TEST_OUTPUT", os.path.join(HERE, "test-output")),
@@ -129,6 +133,7 @@ def driver() -> Iterator[webdriver.Chrome]:
 
 
 def _serve(tmp_path: Path, *flags: str, **env: str) -> int:
+    tmp_path.mkdir(exist_ok=True)
     child = Child("serve_http", "--db", str(tmp_path / "kv.db"), "--port", "0", *flags,
                   env=child_env(**env))
     return int(child.expect("listening on http://127.0.0.1:").rsplit(":", 1)[1])
@@ -340,3 +345,103 @@ def test_api_page_is_rendered_from_openapi(page: Page) -> None:
     assert [t for t in titles if not t.startswith(("HEAD", "OPTIONS"))] == expected
     assert "DELETE /v1/memories" in titles
     page.screenshot("docs")
+
+
+# ---------------------------------------------------- the page's HTTP, without a browser ----
+
+
+def _raw(port: int, method: str, path: str,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> int:
+    """A kvmem-http with a token and one CORS origin (every child ends with its test)."""
+    return _serve(tmp_path / "served", "--cors-origin", "https://app.example.com",
+                  KVMEM_TOKEN="t0ken")
+
+
+@pytest.mark.parametrize(("path", "content_type"), [
+    ("/", "text/html"), ("/docs", "text/html"), ("/static/app.js", "text/javascript"),
+    ("/static/docs.js", "text/javascript"), ("/static/style.css", "text/css")])
+def test_pages_need_no_token_and_carry_a_strict_policy(served: int, path: str,
+                                                       content_type: str) -> None:
+    status, headers, body = _raw(served, "GET", path)
+    assert status == 200 and headers["Content-Type"].startswith(content_type)
+    policy = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert body and int(headers["Content-Length"]) == len(body)
+    head_status, head_headers, head_body = _raw(served, "HEAD", path)
+    assert (head_status, head_body) == (200, b"")
+    assert head_headers["Content-Length"] == headers["Content-Length"]
+
+
+def test_pages_hold_no_inline_script_or_style() -> None:
+    for name in ("index.html", "docs.html"):
+        html = Path(HERE, "kvmem_web", name).read_text(encoding="utf-8")
+        assert re.findall(r"<script\b[^>]*>", html) == [
+            f'<script src="/static/{"app" if name == "index.html" else "docs"}.js" defer>']
+        assert "<style" not in html and " on" not in html.replace(" only", "")
+        assert "style=" not in html
+    script = Path(HERE, "kvmem_web", "app.js").read_text(encoding="utf-8")
+    assert "innerHTML" not in script and "eval(" not in script
+
+
+def test_head_on_every_get_route_and_options_everywhere(served: int) -> None:
+    auth = {"Authorization": "Bearer t0ken"}
+    for route in http_server.ROUTES:
+        path = route.path.replace("{key}", "k")
+        if route.method == "GET":
+            got = _raw(served, "GET", path, auth)
+            head = _raw(served, "HEAD", path, auth)
+            assert head[0] == got[0] and head[2] == b"", (path, head)
+        status, headers, body = _raw(served, "OPTIONS", path)  # no token: as a preflight
+        assert status == 200, (path, body)
+        allowed = {r.method for r in http_server.ROUTES if r.path == route.path}
+        assert set(headers["Allow"].split(", ")) == allowed | {"OPTIONS"} | (
+            {"HEAD"} if "GET" in allowed else set())
+        assert json.loads(body)["allow"] == headers["Allow"].split(", ")
+    status, headers, _ = _raw(served, "POST", "/")
+    assert status == 405 and headers["Allow"] == "GET, HEAD, OPTIONS"
+
+
+def test_no_cors_headers_unless_the_origin_was_named(tmp_path: Path, served: int) -> None:
+    plain = _serve(tmp_path / "plain")
+    for port, origin in ((plain, "https://app.example.com"), (served, "https://evil.example")):
+        for method in ("GET", "OPTIONS"):
+            status, headers, _ = _raw(port, method, "/v1/namespaces", {
+                "Origin": origin, "Access-Control-Request-Method": "DELETE",
+                "Authorization": "Bearer t0ken"})
+            assert not any(h.lower().startswith("access-control-") for h in headers), headers
+            assert status == 403  # a foreign page's request is refused outright
+    status, headers, _ = _raw(served, "OPTIONS", "/v1/memories", {
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization"})
+    assert status == 200
+    assert headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "DELETE" in headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in headers["Access-Control-Allow-Headers"]
+    status, headers, _ = _raw(served, "GET", "/v1/namespaces", {
+        "Origin": "https://app.example.com", "Authorization": "Bearer t0ken"})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "ETag" in headers["Access-Control-Expose-Headers"]
+    status, headers, _ = _raw(served, "GET", "/v1/namespaces",
+                              {"Origin": "https://app.example.com"})  # CORS is not auth
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+def test_cors_origin_must_be_an_origin() -> None:
+    with pytest.raises(kvmem.ConfigError, match="is not an origin"):
+        kvmem.Config.build(environ={}, flags={"cors_origins": "app.example.com"})
+    config = kvmem.Config.build(environ={}, flags={
+        "cors_origins": "https://a.example/, http://127.0.0.1:3000"})
+    assert config.cors_origins == "https://a.example,http://127.0.0.1:3000"
