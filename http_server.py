@@ -1735,7 +1735,8 @@ def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server
 def main(argv: list[str] | None = None) -> int:
     """``kvmem-http``: exit 0 once stopped by SIGINT or SIGTERM, 2 when it cannot start
     (``kvmem_cli.startup_failed``: one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API")
+    parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API",
+                                     formatter_class=kvmem_cli.HelpFormatter)
     store = None
     try:
         args = kvmem_cli.parse_server_args(parser, argv, exclude=("mcp_port",))

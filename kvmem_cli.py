@@ -39,6 +39,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import textwrap
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
@@ -87,6 +88,15 @@ def version() -> str:
 def add_version_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", action="version", version=f"kvmem {version()}",
                         help="print kvmem's version and exit")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but a help text is never broken inside a word: a path in it (the
+    database's default) stays whole, to copy."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False,
+                             break_long_words=False)
 
 
 def _shown(value: Any) -> str:
@@ -672,12 +682,16 @@ def _read_value(args: argparse.Namespace, config: Config) -> SetOp:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_VALUE_TEXT:
         raise PayloadTooLargeError(f"the value is over {MAX_VALUE_TEXT} bytes")
     try:
-        value = json.loads(text)
-    except ValueError as exc:
+        value = json.loads(text, parse_constant=_not_json)
+    except (ValueError, RecursionError) as exc:
         raise InvalidInputError(f"the value must be JSON (a string in quotes, as "
                                 f"'\"green\"'): {exc}") from None
     op: SetOp = _op(SetOp, args, config, value=value)
     return op
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _set(store: Store, args: argparse.Namespace, op: SetOp) -> Any:
@@ -881,21 +895,23 @@ FILE_COMMANDS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmem", description=__doc__.split("\n\n")[1].replace("``", ""),
-        epilog="Exit status: 0 done, 1 an error (one JSON line on stdout), 2 a usage error.")
+        epilog="Exit status: 0 done, 1 an error (one JSON line on stdout), 2 a usage error.",
+        formatter_class=HelpFormatter)
     parser.allow_abbrev = False
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help,
                                   usage=f"%(prog)s [options] {command.usage}",
-                                  allow_abbrev=False)
+                                  allow_abbrev=False, formatter_class=HelpFormatter)
         command.arguments(sub)
         add_config_arguments(sub, exclude=SERVER_SETTINGS)
     db_default = default_db_path({k: v for k, v in os.environ.items() if k != "KVMEM_DB"})
     for name, help in FILE_COMMANDS:
         sub = commands.add_parser(name, help=help, description=help, allow_abbrev=False,
                                   usage=f"%(prog)s [options] [PATH]"
-                                        f"{' DEST' if name == 'backup' else ''}")
+                                        f"{' DEST' if name == 'backup' else ''}",
+                                  formatter_class=HelpFormatter)
         sub.add_argument("path", nargs="?", help="the database file (default: --db, "
                          f"KVMEM_DB, else {db_default})")
         if name == "backup":

@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kvmem-mcp", description="kvmem as an MCP server: over stdio (for a client that "
         "starts it) or over streamable HTTP at http://HOST:PORT/mcp (default "
-        "http://127.0.0.1:8766/mcp; a token is required off loopback)")
+        "http://127.0.0.1:8766/mcp; a token is required off loopback)",
+        formatter_class=kvmem_cli.HelpFormatter)
     parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio",
                         help="default stdio")
     sock = None
