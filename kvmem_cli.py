@@ -50,6 +50,7 @@ from kvmem import (
     ConfigError,
     DeleteOp,
     InvalidInputError,
+    KvmemConnection,
     KvmemError,
     NotFoundError,
     PayloadTooLargeError,
@@ -509,7 +510,7 @@ def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
     return check_database(dest, config)
 
 
-def _backup_into(src: Any, dest: str, config: Config) -> None:
+def _backup_into(src: KvmemConnection, dest: str, config: Config) -> None:
     # A rollback journal: no WAL, so no checkpoint lock either (open_db takes it only to
     # checkpoint a WAL).
     out = open_db(dest, config=dataclasses.replace(config, quick_check=False,
@@ -660,11 +661,17 @@ def _get(store: Store, args: argparse.Namespace, prepared: None) -> Any:
     return memory.render(store.clock())
 
 
-def _set_arguments(parser: argparse.ArgumentParser) -> None:
-    _key_arguments(parser)
-    parser.add_argument("value", metavar="VALUE", help="the value as JSON (a string in "
-                        "quotes: '\"green\"'), or - to read it from stdin")
-    add_op_arguments(parser, SetOp)
+def _op_arguments(op: type[SetOp | DeleteOp | ReinforceOp]
+                  ) -> Callable[[argparse.ArgumentParser], None]:
+    """The arguments of a command that runs ``op``: the key, the value if the op takes
+    one, ``--namespace`` and the op's flags (``add_op_arguments``)."""
+    def add(parser: argparse.ArgumentParser) -> None:
+        _key_arguments(parser)
+        if any(field.name == "value" for field in op.arguments()):
+            parser.add_argument("value", metavar="VALUE", help="the value as JSON (a string "
+                                "in quotes: '\"green\"'), or - to read it from stdin")
+        add_op_arguments(parser, op)
+    return add
 
 
 def _read_value(args: argparse.Namespace, config: Config) -> SetOp:
@@ -678,9 +685,7 @@ def _read_value(args: argparse.Namespace, config: Config) -> SetOp:
         except UnicodeDecodeError:
             raise InvalidInputError("the value on stdin is not UTF-8 text") from None
     else:
-        text = args.value
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_VALUE_TEXT:
-        raise PayloadTooLargeError(f"the value is over {MAX_VALUE_TEXT} bytes")
+        text = args.value  # the system bounds an argument's length; kvmem the value's
     try:
         value = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
@@ -697,11 +702,6 @@ def _not_json(name: str) -> Any:
 def _set(store: Store, args: argparse.Namespace, op: SetOp) -> Any:
     memory = store.apply(op)
     return memory.render(store.clock())
-
-
-def _delete_arguments(parser: argparse.ArgumentParser) -> None:
-    _key_arguments(parser)
-    add_op_arguments(parser, DeleteOp)
 
 
 def _delete(store: Store, args: argparse.Namespace, prepared: None) -> Any:
@@ -846,10 +846,12 @@ COMMANDS: dict[str, Command] = {
     "get": Command("print a live memory (not_found if absent, expired or archived)",
                    "KEY", _key_arguments, _get),
     "set": Command("create or replace a memory (creates the database if needed)",
-                   "KEY VALUE", _set_arguments, _set, creates=True, prepare=_read_value),
-    "delete": Command("delete a memory, live or archived", "KEY", _delete_arguments, _delete),
+                   "KEY VALUE", _op_arguments(SetOp), _set, creates=True,
+                   prepare=_read_value),
+    "delete": Command("delete a memory, live or archived", "KEY", _op_arguments(DeleteOp),
+                      _delete),
     "reinforce": Command("strengthen a memory and restart its decay; restores an archived one",
-                         "KEY", _key_arguments, _reinforce),
+                         "KEY", _op_arguments(ReinforceOp), _reinforce),
     "list": Command("memories in key order, a page at a time", "", _list_arguments, _list),
     "search": Command("full-text search, best first", "QUERY", _search_arguments, _search),
     "export": Command("every memory as JSON Lines (archived and expired too)", "",
@@ -927,9 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=LOG_FORMAT)
     # JSON is UTF-8 (RFC 8259), whatever the locale says.
-    for stream in (sys.stdout, sys.stdin):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(encoding="utf-8")
     try:
         config = config_from_args(args)
         if args.command in COMMANDS:
