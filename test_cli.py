@@ -132,6 +132,9 @@ def test_set_get_delete_reinforce(tmp_path: Path) -> None:
     assert_error(kvmem_json("delete", "user/tea", db=db), "not_found", "'user/tea'")
     assert_error(kvmem_json("get", "user/tea", db=db), "not_found", "'user/tea'")
     assert_error(kvmem_json("reinforce", "user/tea", db=db), "not_found")
+    too_big = '"' + "x" * kvmem_cli.MAX_VALUE_TEXT + '"'  # refused before it is all read
+    assert_error(kvmem_json("set", "big", "-", db=db, stdin=too_big), "payload_too_large",
+                 "on stdin")
     assert [(m["namespace"], m["key"]) for m in exported(db)] == [("agent-1", "user/tea")]
 
 
@@ -173,7 +176,7 @@ def test_list_filters(filter_db: str, filters: dict[str, Any], found: set[str]) 
 def test_list_pages_and_archived(filter_db: str) -> None:
     keys = []
     cursor: list[str] = []
-    while True:
+    for _ in range(3):  # a cursor that does not move on must not loop for ever
         status, page = kvmem_json("list", "--namespace", "alpha", "--limit", "2", *cursor,
                                   db=filter_db)
         assert status == 0 and len(page["items"]) <= 2, page
@@ -278,8 +281,24 @@ def test_export_and_import(tmp_path: Path) -> None:
     assert kvmem_json("import", db=from_stdin, stdin=before) == (
         0, {"imported": 31, "lines": 31})
     assert exported(from_stdin) == records
-    assert kvmem_json("import", "-", db=from_stdin, stdin=before)[0] == 0  # idempotent
+    assert kvmem_json("import", "-", db=from_stdin, stdin=before) == (  # idempotent
+        0, {"imported": 31, "lines": 31})
     assert exported(from_stdin) == records
+
+
+def test_export_into_a_pipe_closed_early(tmp_path: Path) -> None:
+    """``kvmem export | head -1``: the reader goes away; export stops, quietly."""
+    db = tmp_path / "kv.db"
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        store.batch([{"op": "set", "key": f"k{i:04d}", "value": "v" * 500} for i in range(400)])
+    proc = subprocess.Popen([sys.executable, "-m", "kvmem_cli", "export"], cwd=HERE,
+                            env=child_env(KVMEM_DB=str(db)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["key"] == "k0000"
+    proc.stdout.close()  # 200 kB to go: more than a pipe holds
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=TIMEOUT_S) == 1 and stderr == "", stderr
 
 
 @pytest.mark.parametrize("content", [
@@ -581,9 +600,10 @@ def stop(child: Child) -> None:
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
-def test_servers_listen_on_ipv6_loopback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_servers_listen_on_ipv6_loopback(tmp_path: Path, host: str) -> None:
     db = str(tmp_path / "kv.db")
-    server = Child("serve_http", "--db", db, "--host", "::1", "--port", "0")
+    server = Child("serve_http", "--db", db, "--host", host, "--port", "0")
     try:
         port = int(server.expect("listening on http://[::1]:").rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("::1", port, timeout=TIMEOUT_S)
@@ -602,7 +622,7 @@ def test_servers_listen_on_ipv6_loopback(tmp_path: Path) -> None:
     finally:
         stop(server)
 
-    mcp = Child("serve_mcp", "--db", db, "--transport", "streamable-http", "--host", "[::1]",
+    mcp = Child("serve_mcp", "--db", db, "--transport", "streamable-http", "--host", host,
                 "--port", "0")
     try:
         url = mcp.expect("listening on http://[::1]:").split()[-1]
