@@ -29,7 +29,6 @@ import ctypes
 import dataclasses
 import errno
 import hmac
-import importlib.metadata
 import io
 import ipaddress
 import json
@@ -80,15 +79,28 @@ VERSION = "0.1.0"
 
 def version() -> str:
     """The installed package's version, else VERSION."""
+    import importlib.metadata  # here: importing it costs every command 30 ms at start
+
     try:
         return importlib.metadata.version("kvmem")
     except importlib.metadata.PackageNotFoundError:
         return VERSION
 
 
+class _Version(argparse.Action):
+    """``--version``: print ``kvmem <version>`` and exit 0 (found only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"kvmem {version()}")
+        parser.exit()
+
+
 def add_version_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--version", action="version", version=f"kvmem {version()}",
-                        help="print kvmem's version and exit")
+    parser.add_argument("--version", action=_Version, help="print kvmem's version and exit")
 
 
 class HelpFormatter(argparse.HelpFormatter):
