@@ -25,6 +25,7 @@ The library is ``kvmem.py`` (one stdlib-only file); errors become JSON here, at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -53,7 +54,6 @@ from kvmem import (
     KvmemError,
     NotFoundError,
     PayloadTooLargeError,
-    ReadOnlyError,
     ReinforceOp,
     SetOp,
     StorageError,
@@ -66,7 +66,6 @@ from kvmem import (
     env_name,
     filter_schemas,
     flag_name,
-    make_dirs_durable,
     memory_from_record,
     open_db,
     wal_size,
@@ -213,9 +212,8 @@ def limit_malloc_arenas() -> None:
 def server_config(args: argparse.Namespace) -> Config:
     """A server's Config from its command line (``--token-file`` wins over KVMEM_TOKEN),
     checked before anything is bound or created: ConfigError for a bad token or token
-    file, a host nothing can listen on (``check_host``), one that would expose the
-    database (``check_exposure``); ``check_path``'s errors for a database that cannot be
-    opened or created."""
+    file, a host nothing can listen on (``check_host``) or one that would expose the
+    database (``check_exposure``)."""
     config = config_from_args(args)
     if args.token_file:
         try:
@@ -235,7 +233,6 @@ def server_config(args: argparse.Namespace) -> Config:
                           "surrounding spaces, e.g. openssl rand -hex 32")
     check_host(config.host)
     check_exposure(config.host, config.token)  # before the database is created
-    check_path(config.db, create=True)
     return config
 
 
@@ -421,48 +418,16 @@ NAMESPACE_LIST_SCHEMA: dict[str, Any] = {
 # ----------------------------------------------------------------- the database file ----
 
 
-def check_path(path: str, *, create: bool) -> None:
-    """Refuse, with the reason SQLite does not give ("unable to open database file"), a
-    database path that cannot be opened for writing, changing nothing:
-
-    - NotFoundError: no database there, unless ``create``;
-    - StorageError: a file where a directory should be, or a read-only file system;
-    - ReadOnlyError: no permission to read and write the database, to create it in its
-      directory or, when its -wal or -shm is missing, to create that beside it.
-    """
-    real = os.path.realpath(path)
-    directory = os.path.dirname(real)
-    if os.path.exists(real):
-        if not os.access(real, os.R_OK | os.W_OK):
-            raise ReadOnlyError(f"{real}: permission denied (the database must be readable "
-                                "and writable)")
-        if not all(os.path.exists(real + suffix) for suffix in ("-wal", "-shm")):
-            _check_writable(directory, f"cannot open {real}", " (SQLite creates the -wal "
-                            "and -shm files there)")
-        return
-    nearest = directory
-    while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
-        nearest = os.path.dirname(nearest)
-    if not os.path.isdir(nearest):
-        raise StorageError(f"cannot open or create {real}: {nearest} is not a directory")
-    if not os.access(nearest, os.X_OK):
-        raise ReadOnlyError(f"cannot open or create {real}: permission denied on the "
-                            f"directory {nearest}")
-    if not create:
-        raise NotFoundError(f"no database at {real}")
-    _check_writable(nearest, f"cannot create {real}")
-
-
-def _check_writable(directory: str, what: str, why: str = "") -> None:
-    if os.access(directory, os.W_OK | os.X_OK):
-        return
+def require_database(path: str) -> None:
+    """Refuse a path with no file (NotFoundError, "no database at PATH"): every command
+    but set and import works on a database that exists and must not create one.  Why a
+    database cannot be opened or created is open_db's to say."""
     try:
-        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"no database at {os.path.realpath(path)}") from None
     except OSError:
-        read_only = False
-    if read_only:
-        raise StorageError(f"{what}: {directory} is on a read-only file system{why}")
-    raise ReadOnlyError(f"{what}: permission denied on the directory {directory}{why}")
+        pass  # there may be one this process cannot see: opening it says why
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:
@@ -498,25 +463,17 @@ def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
     The copy is one self-contained file in the rollback-journal mode: no -wal, -shm or
     checkpoint lock beside it, so it can be copied or mailed as it is; kvmem switches it
     to WAL when it next opens it.  A backup that fails leaves no file behind."""
-    check_path(path, create=False)
+    require_database(path)
     if os.path.lexists(dest):
         raise InvalidInputError(f"{dest}: already exists; a backup only writes a new file")
-    check_path(dest, create=True)
     src = open_db(path, config=config, create=False)
     try:
-        make_dirs_durable(os.path.dirname(os.path.abspath(dest)))
-        try:  # claims the name: another process cannot make it meanwhile
-            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        except FileExistsError:
-            raise InvalidInputError(f"{dest}: already exists; a backup only writes a new "
-                                    "file") from None
-        try:
-            _backup_into(src, dest, config)
-        except BaseException:
-            for name in (dest, dest + "-journal", dest + "-wal", dest + "-shm"):
-                if os.path.lexists(name):
-                    os.unlink(name)  # ours alone: no connection to it is open
-            raise
+        _backup_into(src, dest, config)
+    except BaseException:
+        for name in (dest, dest + "-journal", dest + "-wal", dest + "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(name)  # what this backup began: nothing else has it open
+        raise
     finally:
         src.close()
     return check_database(dest, config)
@@ -537,7 +494,7 @@ def _backup_into(src: KvmemConnection, dest: str, config: Config) -> None:
 
 
 def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, Any]:
-    check_path(path, create=False)
+    require_database(path)
     conn = open_db(path, config=config, create=False)
     try:
         result = checkpoint_elected(conn, wait_ms=config.busy_timeout_ms, shrink=truncate)
@@ -552,7 +509,7 @@ def _cli_checkpoint(path: str, config: Config, *, truncate: bool) -> dict[str, A
 
 
 def _cli_stats(path: str, config: Config) -> dict[str, Any]:
-    check_path(path, create=False)
+    require_database(path)
     conn = open_db(path, config=config, create=False)
     try:
         result = database_stats(conn)
@@ -566,7 +523,7 @@ def _cli_stats(path: str, config: Config) -> dict[str, Any]:
 def list_namespaces(path: str, config: Config) -> dict[str, Any]:
     """The namespaces of the database ``path`` with their counts (``Store.namespaces``),
     shaped as NAMESPACE_LIST_SCHEMA; a missing file is a NotFoundError, never created."""
-    check_path(path, create=False)
+    require_database(path)
     with Store.open(path, config=config, role="cli", checkpointer=False) as store:
         return {"items": store.namespaces()}
 
@@ -879,7 +836,8 @@ def _run_data_command(command: Command, args: argparse.Namespace, config: Config
     unless the command creates), run, close."""
     prepared = command.prepare(args, config) if command.prepare else None
     try:
-        check_path(config.db, create=command.creates)
+        if not command.creates:
+            require_database(config.db)
         # Writers run a checkpointer, so that the WAL they grow is folded in when they
         # close if no other process is the checkpointer.
         with Store.open(config.db, config=config, role="cli",
@@ -949,23 +907,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = _run_data_command(COMMANDS[args.command], args, config)
         else:
             result = _file_command(args, config)
+        if result is not None:  # export printed its lines itself
+            print(json.dumps(result, indent=2, default=str, ensure_ascii=False), flush=True)
     except KvmemError as exc:
-        print(json.dumps({"ok": False, "error": error_fields(exc)}, ensure_ascii=False))
-        return 1
+        return _failed(error_fields(exc))
     except UnicodeDecodeError:  # an import's input
-        print(json.dumps({"ok": False, "error": {
-            "code": InvalidInputError.code, "message": "the input is not UTF-8 text; "
-            "nothing imported"}}))
-        return 1
+        return _failed({"code": InvalidInputError.code,
+                        "message": "the input is not UTF-8 text; nothing imported"})
     except BrokenPipeError:  # the reader went away (kvmem export | head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 1
     except KeyboardInterrupt:
         return 130
-    if result is None:  # export wrote its lines
-        return 0
-    print(json.dumps(result, indent=2, default=str, ensure_ascii=False))
-    return 0 if result.get("ok", True) else 1
+    except OSError as exc:  # a file of the command's, or stdout (kvmem's are KvmemErrors)
+        return _failed({"code": StorageError.code, "message": describe(exc)})
+    return 0 if result is None or result.get("ok", True) else 1
+
+
+def _failed(error: dict[str, Any]) -> int:
+    """Print a failed command's error line on stdout, or on stderr when stdout itself
+    failed (a full disk); the exit status, 1."""
+    line = json.dumps({"ok": False, "error": error}, ensure_ascii=False)
+    try:
+        print(line, flush=True)
+    except OSError:
+        _silence_stdout()
+        print(line, file=sys.stderr)
+    return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that what is left in its buffer cannot fail again
+    when the interpreter exits."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def error_fields(exc: KvmemError) -> dict[str, Any]:

@@ -301,6 +301,20 @@ def test_export_into_a_pipe_closed_early(tmp_path: Path) -> None:
     assert proc.wait(timeout=TIMEOUT_S) == 1 and stderr == "", stderr
 
 
+def test_export_onto_a_full_disk(tmp_path: Path) -> None:
+    """stdout on a full disk (/dev/full): the error on stderr, as JSON, exit 1."""
+    db = tmp_path / "kv.db"
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        store.batch([{"op": "set", "key": f"k{i:04d}", "value": "v" * 500} for i in range(100)])
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "kvmem_cli", "export"], cwd=HERE,
+                                env=child_env(KVMEM_DB=str(db)), stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads(result.stderr) == {"ok": False, "error": {
+        "code": "storage_error", "message": "No space left on device"}}
+
+
 @pytest.mark.parametrize("content", [
     '{"not": "a memory"}\n', "not json\n", "\udcff\n", '{"namespace": "a"}\n' * 30])
 @pytest.mark.parametrize("existing", [True, False])
@@ -366,7 +380,7 @@ def test_no_command_creates_a_missing_database(tmp_path: Path, args: list[str],
 # ---------------------------------------------------------------------------- backup ----
 
 
-def test_backup_is_one_self_contained_file(tmp_path: Path) -> None:
+def test_backup_is_one_self_contained_file(tmp_path: Path, unwritable_dir: Path) -> None:
     db = tmp_path / "live" / "kv.db"
     with kvmem.Store.open(db, config=CONFIG) as store:  # open, with a WAL, during the backup
         for i in range(200):
@@ -390,6 +404,13 @@ def test_backup_is_one_self_contained_file(tmp_path: Path) -> None:
     after = (moved / "b.db").stat()
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == \
         (before.st_ino, before.st_size, before.st_mtime_ns)
+
+    (tmp_path / "file").write_text("in the way\n")
+    assert_error(kvmem_json("backup", str(db), str(tmp_path / "file" / "b.db")),
+                 "storage_error", f"{tmp_path / 'file'} is not a directory")
+    assert_error(kvmem_json("backup", str(db), str(unwritable_dir / "b.db")), "storage_error",
+                 "permission denied")
+    assert tree(unwritable_dir) == []
 
 
 # ------------------------------------------------------------------ version and help ----
@@ -500,7 +521,7 @@ class Startup:
 # whether kvmem-http has opened the database by then: it listens only after).  Both
 # servers run the first ones; the checks behind the others are kvmem_cli's, shared.
 BOTH_SERVERS: list[tuple[str, list[str], list[str], list[str], bool]] = [
-    ("port too big", ["--port", "99999"], ["99999", "from 0 to 65535"], [], False),
+    ("port too big", ["--port", "99999"], ["'99999'", "at most 65535"], [], False),
     ("log level", ["--log-level", "bogus"],
      ["'bogus'", "debug, info, warning, error, critical"], [], False),
     ("address in use", ["--port", "{busy_port}"],
@@ -508,7 +529,7 @@ BOTH_SERVERS: list[tuple[str, list[str], list[str], list[str], bool]] = [
     ("invalid host", ["--host", "127.0.0.999"],
      ["'127.0.0.999'", "not an IP address or a host name"], ["without a token"], False),
     ("unwritable dir", ["--db", "{locked}/kv.db"],
-     ["permission denied on the directory {locked}"], ["SQLITE_CANTOPEN"], False),
+     ["permission denied", "cannot create files in {locked}"], [], False),
     ("empty token file", ["--host", "0.0.0.0", "--token-file", "{empty_token}"],
      ["--token-file {empty_token}: the file is empty"], ["set KVMEM_TOKEN"], False),
 ]
@@ -519,7 +540,7 @@ HTTP_ONLY: list[tuple[str, list[str], list[str], list[str], bool]] = [
      [], False),
     ("db under a file", ["--db", "{file}/kv.db"], ["{file} is not a directory"], [], False),
     ("unwritable dir, new subdir", ["--db", "{locked}/sub/kv.db"],
-     ["permission denied on the directory {locked}"], [], False),
+     ["cannot create its directory", "{locked}/sub"], [], False),
     ("missing token file", ["--host", "0.0.0.0", "--token-file", "{file}.nope"],
      ["--token-file {file}.nope: No such file or directory"], [], False),
 ]
@@ -537,7 +558,7 @@ STARTUP = {
                                          bare=True),
     "kvmem set, unwritable dir": Startup(
         "kvmem", ("set", "k", "1", "--db", "{locked}/kv.db"), 1,
-        ["permission denied on the directory {locked}"]),
+        ["permission denied", "cannot create files in {locked}"]),
     "kvmem set, db under a file": Startup(
         "kvmem", ("set", "k", "1", "--db", "{file}/kv.db"), 1, ["{file} is not a directory"]),
 }
