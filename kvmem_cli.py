@@ -852,7 +852,8 @@ def _run_data_command(command: Command, args: argparse.Namespace, config: Config
 
 # Settings only the servers read: no flags for them on kvmem.
 SERVER_SETTINGS = tuple(f.name for f in dataclasses.fields(Config) if f.name in (
-    "host", "port", "mcp_port", "allowed_hosts", "access_log", "shutdown_grace_s")
+    "host", "port", "mcp_port", "allowed_hosts", "cors_origins", "access_log",
+    "shutdown_grace_s")
     or f.name.startswith("http_"))
 
 FILE_COMMANDS = (

@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = kvmem_cli.parse_server_args(parser, argv, exclude=(  # kvmem-http's own
             "port", "http_workers", "http_header_timeout_s", "http_body_timeout_s",
-            "http_buffer_bytes", "access_log"), aliases={"mcp_port": "--port"})
+            "http_buffer_bytes", "cors_origins", "access_log"), aliases={"mcp_port": "--port"})
         config = kvmem_cli.server_config(args)
         sock = listen(config) if args.transport == "streamable-http" else None
         store = kvmem.Store.open(config=config, role="mcp", decay=True)
