@@ -684,7 +684,8 @@ def _reinforce(store: Store, args: argparse.Namespace, prepared: None) -> Any:
 
 
 def _list_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--namespace", default="default", help="default default")
+    parser.add_argument("--namespace", default="default",
+                        help="the namespace to list (default default)")
     add_filter_arguments(parser)
     parser.add_argument("--archived", action="store_true",
                         help="archived (faded) memories instead of live ones")
@@ -875,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help,
-                                  usage=f"%(prog)s [options] {command.usage}",
+                                  usage=f"%(prog)s [options] {command.usage}".rstrip(),
                                   allow_abbrev=False, formatter_class=HelpFormatter)
         command.arguments(sub)
         add_config_arguments(sub, exclude=SERVER_SETTINGS)
