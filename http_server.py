@@ -1723,36 +1723,40 @@ def _refuse_constant(name: str) -> Any:
 
 
 def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server:
-    """The server, bound and ready for ``serve_forever()``; see ``check_exposure``."""
+    """The server, bound and ready for ``serve_forever()``; see ``check_exposure``.
+    Raises ConfigError naming ``host``:``port`` when it cannot listen there."""
     kvmem_cli.check_exposure(host, token)
-    return Server((host, port), Api(store), token)
+    try:
+        return Server((host.strip("[]"), port), Api(store), token)
+    except OSError as exc:
+        raise kvmem_cli.listen_error(host, port, exc) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API")
-    args = kvmem_cli.parse_server_args(parser, argv, exclude=("mcp_port",))
+    """``kvmem-http``: exit 0 once stopped by SIGINT or SIGTERM, 2 when it cannot start
+    (``kvmem_cli.startup_failed``: one line on stderr)."""
+    parser = argparse.ArgumentParser(prog="kvmem-http", description="kvmem's HTTP JSON API",
+                                     formatter_class=kvmem_cli.HelpFormatter)
+    store = None
     try:
+        args = kvmem_cli.parse_server_args(parser, argv, exclude=("mcp_port",))
         config = kvmem_cli.server_config(args)
         store = kvmem.Store.open(config=config, role="http", decay=True)
-    except (kvmem.KvmemError, OSError) as exc:
-        print(f"kvmem-http: {exc}", file=sys.stderr)
-        return 2
-    try:
         server = build_server(store, config.host, config.port, config.token)
     except (kvmem.KvmemError, OSError) as exc:
-        store.close()
-        print(f"kvmem-http: {exc}", file=sys.stderr)
-        return 2
+        if store is not None:
+            store.close()
+        return kvmem_cli.startup_failed("kvmem-http", exc)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     host, port = str(server.server_address[0]), int(server.server_address[1])
-    log.info("kvmem-http listening on http://%s:%d pid=%d db=%s max_connections=%d "
-             "settings=%s recovery=%s", host, port, os.getpid(), store.path,
-             server.max_connections, json.dumps(store.settings()),
+    log.info("kvmem-http listening on http://%s pid=%d db=%s max_connections=%d "
+             "settings=%s recovery=%s", kvmem_cli.host_port(host, port), os.getpid(),
+             store.path, server.max_connections, json.dumps(store.settings()),
              json.dumps(dataclasses.asdict(kvmem.recovery_record(store.path) or
                                            _no_record(store.path))))
-    print(f"listening on http://{host}:{port}", flush=True)
+    print(f"listening on http://{kvmem_cli.host_port(host, port)}", flush=True)
     serving = server.start()
     while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
         pass

@@ -42,26 +42,33 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import IO, Any, cast
 
-import anyio
-import anyio.abc
-import anyio.from_thread
-import anyio.lowlevel
-import mcp_types as types
-import uvicorn
-from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.stdio import stdio_server
-from mcp.server.transport_security import TransportSecuritySettings
-from mcp.shared.dispatcher import as_request_id, coerce_request_id
-from mcp.shared.message import SessionMessage
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from mcp_types import Tool as MCPTool
-from pydantic import ValidationError
-from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 import kvmem
 import kvmem_cli
+
+try:
+    import anyio
+    import anyio.abc
+    import anyio.from_thread
+    import anyio.lowlevel
+    import mcp_types as types
+    import uvicorn
+    from mcp.server.mcpserver import Context, MCPServer
+    from mcp.server.stdio import stdio_server
+    from mcp.server.transport_security import TransportSecuritySettings
+    from mcp.shared.dispatcher import as_request_id, coerce_request_id
+    from mcp.shared.message import SessionMessage
+    from mcp_types import CallToolResult, TextContent, ToolAnnotations
+    from mcp_types import Tool as MCPTool
+    from pydantic import ValidationError
+    from starlette.datastructures import Headers
+    from starlette.responses import JSONResponse
+    from starlette.types import ASGIApp, Receive, Scope, Send
+except ModuleNotFoundError as exc:  # run by a Python that lacks kvmem's dependencies
+    if __name__ != "__main__":
+        raise
+    sys.exit(f"kvmem-mcp: this Python ({sys.executable}) lacks the MCP SDK and the "
+             f"packages it needs (no module {exc.name!r}): install them with 'pip install -e "
+             ".' in a virtual environment, then run .venv/bin/kvmem-mcp")
 
 log = logging.getLogger("kvmem.mcp")
 
@@ -579,11 +586,14 @@ class _Uvicorn(uvicorn.Server):
 
 
 def listen(config: kvmem.Config) -> socket.socket:
-    """The streamable HTTP socket, bound before the database is opened."""
+    """The streamable HTTP socket, bound before the database is opened; ConfigError
+    naming the address when it cannot listen there."""
     host = config.host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, config.mcp_port), family=family,
-                                backlog=kvmem_cli.LISTEN_BACKLOG)
+    try:
+        return socket.create_server((host, config.mcp_port), family=kvmem_cli.listen_family(host),
+                                    backlog=kvmem_cli.LISTEN_BACKLOG)
+    except OSError as exc:
+        raise kvmem_cli.listen_error(host, config.mcp_port, exc) from exc
 
 
 def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> None:
@@ -592,8 +602,7 @@ def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> N
         streamable_http_path=HTTP_PATH, max_request_body_size=kvmem_cli.MAX_BODY_BYTES,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False)),
         config)  # HTTPGuard checks Host and Origin, on every address
-    host = sock.getsockname()[0]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}{HTTP_PATH}"
+    url = f"http://{kvmem_cli.host_port(*sock.getsockname()[:2])}{HTTP_PATH}"
     log.info("streamable HTTP at %s (token %s)", url, "required" if config.token else "off")
     # Uvicorn's own bounds, from the same settings as kvmem-http's: past
     # limit_concurrency connections and requests it answers 503; idle keep-alive
@@ -609,24 +618,27 @@ def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``kvmem-mcp``: exit 0 once stopped (end of stdin, SIGINT, SIGTERM), 2 when it
+    cannot start (``kvmem_cli.startup_failed``: one line on stderr)."""
     parser = argparse.ArgumentParser(
         prog="kvmem-mcp", description="kvmem as an MCP server: over stdio (for a client that "
         "starts it) or over streamable HTTP at http://HOST:PORT/mcp (default "
-        "http://127.0.0.1:8766/mcp; a token is required off loopback)")
-    parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio")
-    args = kvmem_cli.parse_server_args(parser, argv, exclude=(
-        "port", "http_workers", "http_header_timeout_s", "http_body_timeout_s",
-        "http_buffer_bytes"), aliases={"mcp_port": "--port"})  # kvmem-http's own bounds
+        "http://127.0.0.1:8766/mcp; a token is required off loopback)",
+        formatter_class=kvmem_cli.HelpFormatter)
+    parser.add_argument("--transport", choices=("stdio", "streamable-http"), default="stdio",
+                        help="default stdio")
     sock = None
     try:
+        args = kvmem_cli.parse_server_args(parser, argv, exclude=(  # kvmem-http's own
+            "port", "http_workers", "http_header_timeout_s", "http_body_timeout_s",
+            "http_buffer_bytes", "cors_origins", "access_log"), aliases={"mcp_port": "--port"})
         config = kvmem_cli.server_config(args)
         sock = listen(config) if args.transport == "streamable-http" else None
         store = kvmem.Store.open(config=config, role="mcp", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
         if sock is not None:
             sock.close()
-        print(f"kvmem-mcp: {exc}", file=sys.stderr)
-        return 2
+        return kvmem_cli.startup_failed("kvmem-mcp", exc)
     log.info("kvmem-mcp (%s) pid=%d db=%s settings=%s", args.transport, os.getpid(),
              store.path, store.settings())
     try:
