@@ -1741,6 +1741,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = kvmem_cli.parse_server_args(parser, argv, exclude=("mcp_port",))
         config = kvmem_cli.server_config(args)
+        if not config.access_log:
+            access_log.setLevel(logging.WARNING)
         store = kvmem.Store.open(config=config, role="http", decay=True)
         server = build_server(store, config.host, config.port, config.token)
     except (kvmem.KvmemError, OSError) as exc:

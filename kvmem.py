@@ -263,9 +263,11 @@ def _parse_path(text: str) -> str:
 
 
 def _setting(default: Any, parse: Callable[[str], Any], help: str, *, env: str = "",
-             flag: str = "") -> Any:
-    return dataclasses.field(default=default,
-                             metadata={"parse": parse, "help": help, "env": env, "flag": flag})
+             flag: str = "", repeat: bool = False) -> Any:
+    """A Config field; ``repeat``: a comma-separated list whose flag may also be repeated."""
+    return dataclasses.field(default=default, metadata={"parse": parse, "help": help,
+                                                        "env": env, "flag": flag,
+                                                        "repeat": repeat})
 
 
 _INT, _FLOAT = functools.partial(_parse_number, int), functools.partial(_parse_number, float)
@@ -335,7 +337,8 @@ class Config:
                              "streamable HTTP (0 = any free port)")
     allowed_hosts: str = _setting("", str, "Host names, comma-separated, that the HTTP "
                                   "servers answer to besides loopback ones and the bound "
-                                  "address (a reverse proxy's, say)", flag="--allowed-host")
+                                  "address (a reverse proxy's, say)", flag="--allowed-host",
+                                  repeat=True)
     http_max_connections: int = _setting(1000, _INT(minimum=1), "most client connections "
                                          "an HTTP server keeps open (also bounded by the "
                                          "process's file limit); past it the longest-idle "
@@ -353,7 +356,8 @@ class Config:
                                       "wait their turn")
     cors_origins: str = _setting("", _parse_origins, "origins, comma-separated "
                                  "(https://app.example.com), whose pages may call kvmem-http "
-                                 "from a browser (CORS); none by default", flag="--cors-origin")
+                                 "from a browser (CORS); none by default", flag="--cors-origin",
+                                 repeat=True)
     access_log: bool = _setting(True, _parse_bool, "kvmem-http logs one line per request "
                                 "(logger kvmem.http.access, at INFO)")
     shutdown_grace_s: float = _setting(10.0, _FLOAT(minimum=0.0), "on SIGINT/SIGTERM, how "

@@ -135,12 +135,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
             # argparse reads "%" in a help text as a format
             text = f"{field.metadata['help']}{default} [env {env_name(field)}]".replace("%", "%%")
             group.add_argument(*extra, flag_name(field), dest=field.name, default=None,
-                               metavar=field.name.upper(), help=text)
+                               metavar=field.name.upper(), help=text,
+                               action="append" if field.metadata["repeat"] else "store")
 
 
 def config_from_args(args: argparse.Namespace,
                      environ: Mapping[str, str] | None = None) -> Config:
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
+    for name, value in flags.items():  # a repeated flag: its values, comma-separated
+        if isinstance(value, list):
+            flags[name] = ",".join(value)
     return Config.build(environ=environ, flags=flags)
 
 

@@ -439,6 +439,14 @@ def test_no_cors_headers_unless_the_origin_was_named(tmp_path: Path, served: int
     assert status == 401 and headers["Access-Control-Allow-Origin"] == "https://app.example.com"
 
 
+def test_cors_origin_is_repeatable(tmp_path: Path) -> None:
+    port = _serve(tmp_path, "--cors-origin", "https://a.example",
+                  "--cors-origin", "http://localhost:3000")
+    for origin in ("https://a.example", "http://localhost:3000"):
+        status, headers, _ = _raw(port, "GET", "/v1/namespaces", {"Origin": origin})
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == origin
+
+
 def test_cors_origin_must_be_an_origin() -> None:
     with pytest.raises(kvmem.ConfigError, match="is not an origin"):
         kvmem.Config.build(environ={}, flags={"cors_origins": "app.example.com"})

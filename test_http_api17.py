@@ -184,10 +184,10 @@ def test_the_access_log_is_silenced_by_its_level(
     assert [line[:3] for line in access_lines(caplog)] == [("GET", "/v1/memories/a", 200)]
 
 
-def run_server(db: Path, level: str) -> tuple[str, list[str]]:
-    """A kvmem-http process at ``--log-level level`` with a token: a few requests, then
-    SIGTERM; its stderr, and the request ids it answered."""
-    child = Child("serve_http", "--db", str(db), "--port", "0", "--log-level", level,
+def run_server(db: Path, level: str, *flags: str) -> tuple[str, list[str]]:
+    """A kvmem-http process at ``--log-level level`` (and ``flags``) with a token: a few
+    requests, then SIGTERM; its stderr, and the request ids it answered."""
+    child = Child("serve_http", "--db", str(db), "--port", "0", "--log-level", level, *flags,
                   env=child_env(KVMEM_TOKEN=TOKEN))
     port = int(child.expect("listening on http://127.0.0.1:").rsplit(":", 1)[1])
     client = Client(port, TOKEN)
@@ -214,6 +214,8 @@ def test_log_level_of_the_process_switches_the_access_log(tmp_path: Path) -> Non
     assert TOKEN not in stderr and "Zq81" not in stderr
     stderr, _ = run_server(tmp_path / "warning.db", "WARNING")
     assert ACCESS not in stderr and TOKEN not in stderr
+    stderr, _ = run_server(tmp_path / "off.db", "INFO", "--access-log", "off")
+    assert ACCESS not in stderr and "kvmem-http listening on" in stderr  # INFO, but no log
 
 
 # ------------------------------------------------------------ ETag, If-Match, Location ----
