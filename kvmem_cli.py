@@ -723,6 +723,18 @@ def _search(store: Store, args: argparse.Namespace, prepared: None) -> Any:
     return {"items": [{**h.memory.render(now), "score": h.score} for h in hits]}
 
 
+def _forget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", default="default",
+                        help="the namespace to forget in (default default)")
+    add_filter_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="only report how many memories would go, and which")
+
+
+def _forget(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+    return store.forget(namespace=args.namespace, **_filters(args), dry_run=args.dry_run)
+
+
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", help="only this namespace (default: all)")
     parser.add_argument("-o", "--output", metavar="FILE",
@@ -828,6 +840,9 @@ COMMANDS: dict[str, Command] = {
                          "KEY", _op_arguments(ReinforceOp), _reinforce),
     "list": Command("memories in key order, a page at a time", "", _list_arguments, _list),
     "search": Command("full-text search, best first", "QUERY", _search_arguments, _search),
+    "forget": Command("delete every memory of a namespace that --prefix and --tag select "
+                      "(live, archived or expired; --prefix '' = all), in batches; "
+                      "--dry-run only reports", "", _forget_arguments, _forget),
     "export": Command("every memory as JSON Lines (archived and expired too)", "",
                       _export_arguments, _export),
     "import": Command("memories from JSON Lines written by export, replacing those with the "

@@ -83,6 +83,8 @@ conversations, and to look them up later.
 - memory_namespaces to see which namespaces hold memories, and how many.
 - memory_set to save or replace; use if_version for safe read-modify-write (0 = only if new).
 - memory_reinforce when a memory proved useful, so it stays strong and is not archived.
+- memory_forget to delete many memories by key prefix or tags: a dry run unless
+  dry_run=false, so look at what it would delete first.
 - Namespaces keep separate agents, users or projects apart (default "default"); tags group
   related memories inside a namespace.
 Every write is durable when the tool answers. An error starts with its code, e.g.
@@ -228,6 +230,26 @@ def tools(store: kvmem.Store) -> list[Tool]:
              _object({}), kvmem_cli.NAMESPACE_LIST_SCHEMA,
              _hints("List namespaces", read_only=True),
              lambda arguments: {"items": store.namespaces()}),
+        Tool("memory_forget", """\
+            Forget in bulk: every memory of `namespace` (live, archived or expired) whose
+            key starts with `prefix` and that holds all of `tags` (and was updated after
+            `updated_after` / before `updated_before`). A prefix or tags are required
+            (prefix "" = the whole namespace). It is a dry run unless `dry_run` is false:
+            first call it as is to see how many memories and which keys (the first 100)
+            would go, then again with dry_run=false to delete them.""",
+             {**_object({**namespace, **filters,
+                         "dry_run": {"type": "boolean", "default": True,
+                                     "description": "only report what would be deleted "
+                                                    "(the default); false deletes"}}, []),
+              "anyOf": [{"required": ["prefix"], "properties": {"prefix": {"type": "string"}}},
+                        {"required": ["tags"],
+                         "properties": {"tags": {"type": "array", "minItems": 1}}}]},
+             _object({"dry_run": {"type": "boolean"}, "matched": {"type": "integer"},
+                      "deleted": {"type": "integer"},
+                      "keys": {"type": "array", "items": {"type": "string"}},
+                      "more": {"type": "boolean"}}),
+             _hints("Forget memories in bulk", destructive=True, idempotent=True),
+             lambda arguments: store.forget(**{"dry_run": True, **arguments})),
         Tool("memory_reinforce", """\
             Mark a memory as useful: raises its strength and restarts its fading, and
             brings back an archived one.""",

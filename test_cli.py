@@ -351,7 +351,7 @@ MISSING = [
     ["check", "{db}"], ["stats", "{db}"], ["stats"], ["checkpoint", "{db}"],
     ["checkpoint", "--truncate"], ["backup", "{db}", "{out}/b.db"], ["namespaces", "{db}"],
     ["get", "k"], ["delete", "k"], ["reinforce", "k"], ["list"], ["search", "tea"],
-    ["export"], ["export", "-o", "{out}/e.jsonl"],
+    ["export"], ["export", "-o", "{out}/e.jsonl"], ["forget", "--prefix", "k"],
 ]
 
 
@@ -375,6 +375,25 @@ def test_no_command_creates_a_missing_database(tmp_path: Path, args: list[str],
     error = body["error"]
     assert error == {"code": "not_found", "message": f"no database at {db}"}, body
     assert tree(data) == [] and tree(out) == []
+
+
+def test_forget_reports_with_dry_run_then_deletes(tmp_path: Path) -> None:
+    db = tmp_path / "kv.db"
+    with kvmem.Store.open(db, config=CONFIG) as store:
+        for key in ("tmp/a", "tmp/b", "keep"):
+            store.set(key, key, tags=["x"] if key != "tmp/b" else [])
+        store.set("tmp/c", 1, namespace="other")
+    status, report = kvmem_json("forget", "--prefix", "tmp/", "--dry-run", db=db)
+    assert status == 0 and report == {"dry_run": True, "matched": 2, "deleted": 0,
+                                      "keys": ["tmp/a", "tmp/b"], "more": False}
+    assert len(exported(db)) == 4
+    status, report = kvmem_json("forget", "--prefix", "tmp/", "--tag", "x", db=db)
+    assert status == 0 and (report["deleted"], report["keys"]) == (1, ["tmp/a"])
+    assert sorted(r["key"] for r in exported(db)) == ["keep", "tmp/b", "tmp/c"]
+    assert_error(kvmem_json("forget", db=db), "invalid_request", "needs a prefix or tags")
+    status, report = kvmem_json("forget", "--prefix", "", "--namespace", "other", db=db)
+    assert status == 0 and report["deleted"] == 1
+    assert sorted(r["key"] for r in exported(db)) == ["keep", "tmp/b"]
 
 
 # ---------------------------------------------------------------------------- backup ----

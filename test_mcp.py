@@ -87,6 +87,8 @@ EXPECTED_TOOLS = {
     "memory_search": ({"query", "namespace", "tags", "prefix", "updated_after",
                        "updated_before", "limit"}, ["query"], {"items"}),
     "memory_namespaces": (set(), [], {"items"}),
+    "memory_forget": ({"namespace", "prefix", "tags", "updated_after", "updated_before",
+                       "dry_run"}, [], {"dry_run", "matched", "deleted", "keys", "more"}),
     "memory_reinforce": ({"key", "namespace"}, ["key"], {"memory"}),
     "memory_batch": ({"ops", "namespace"}, ["ops"], {"results"}),
     "memory_stats": (set(), [], set(kvmem_cli.STATS_SCHEMA["properties"])),
@@ -96,7 +98,8 @@ EXPECTED_HINTS = {"memory_set": (False, True, False), "memory_get": (True, False
                   "memory_delete": (False, True, True), "memory_list": (True, False, True),
                   "memory_search": (True, False, True), "memory_reinforce": (False, False, False),
                   "memory_batch": (False, True, False), "memory_stats": (True, False, True),
-                  "memory_namespaces": (True, False, True)}
+                  "memory_namespaces": (True, False, True),
+                  "memory_forget": (False, True, True)}
 MEMORY_FIELDS = {"namespace", "key", "value", "tags", "version", "created_at", "updated_at",
                  "expires_at", "strength", "current_strength", "half_life_seconds",
                  "last_reinforced_at", "archived"}
@@ -386,7 +389,7 @@ VALID_CALLS: dict[str, dict[str, Any]] = {
     "memory_delete": {"key": "k"}, "memory_list": {}, "memory_search": {"query": "tea"},
     "memory_reinforce": {"key": "k"}, "memory_batch": {"ops": [{"op": "set", "key": "k",
                                                                 "value": 2}]},
-    "memory_stats": {}, "memory_namespaces": {},
+    "memory_stats": {}, "memory_namespaces": {}, "memory_forget": {"prefix": "k"},
 }
 
 
@@ -489,6 +492,11 @@ SCHEMA_CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("memory_search", {"query": "tea", "prefix": "a\x00"}, False),
     ("memory_search", {"query": "tea", "updated_before": [1]}, False),
     ("memory_namespaces", {}, True),
+    ("memory_forget", {}, False),
+    ("memory_forget", {"prefix": None, "tags": None}, False),
+    ("memory_forget", {"prefix": ""}, True),
+    ("memory_forget", {"tags": ["t"], "dry_run": "no"}, False),
+    ("memory_forget", {"prefix": "a\x00"}, False),
     ("memory_search", {"query": "x" * (kvmem.MAX_QUERY_CHARS + 1)}, False),
     ("memory_search", {"query": "tea", "limit": 101}, False),
     ("memory_batch", {"ops": [{"op": "delete", "key": "k", "value": 1}]}, False),
@@ -746,3 +754,20 @@ async def test_http_and_mcp_store_identical_memories_for_the_same_inputs(tmp_pat
     assert stored_http == stored_mcp
     half_lives = [stored_mcp[f"set-{i}"]["half_life_seconds"] for i in range(4)]
     assert half_lives == [100.0, None, 100.0, 5.0]
+
+
+
+@pytest.mark.anyio
+async def test_forget_is_a_dry_run_unless_told_otherwise(client: Client,
+                                                         store: kvmem.Store) -> None:
+    for key in ("tmp/a", "tmp/b", "keep"):
+        store.set(key, key)
+    report = await call(client, "memory_forget", prefix="tmp/")
+    assert report == {"dry_run": True, "matched": 2, "deleted": 0, "keys": ["tmp/a", "tmp/b"],
+                      "more": False}
+    assert len(store.list().items) == 3
+    report = await call(client, "memory_forget", prefix="tmp/", dry_run=False)
+    assert report["deleted"] == 2 and not report["dry_run"]
+    assert [m.key for m in store.list().items] == ["keep"]
+    message = await call_error(client, "memory_forget", "invalid_request")
+    assert "forget needs a prefix or tags" in message

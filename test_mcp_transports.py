@@ -291,8 +291,9 @@ async def test_streamable_http_requires_the_token(http_server_with_token: HTTPSe
                                                   allowed: bool) -> None:
     statuses, outcome = await sdk_session(http_server_with_token.url, headers)
     if allowed:
-        assert outcome == ["memory_batch", "memory_delete", "memory_get", "memory_list",
-                           "memory_namespaces", "memory_reinforce", "memory_search",
+        assert outcome == ["memory_batch", "memory_delete", "memory_forget", "memory_get",
+                           "memory_list", "memory_namespaces", "memory_reinforce",
+                           "memory_search",
                            "memory_set", "memory_stats"], outcome
         assert 401 not in statuses
     else:
