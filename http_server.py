@@ -217,7 +217,7 @@ def etag(version: int) -> str:
     return f'"{version}"'
 
 
-ETAG_VALUE = re.compile(r'"([0-9]{1,18})"')
+ETAG_VALUE = re.compile(r'"(0|[1-9][0-9]{0,17})"')  # as etag() writes it: "01" is not "1"
 
 
 def parse_preconditions(if_match: list[str], if_none_match: list[str],
@@ -468,8 +468,8 @@ ROUTES: tuple[Route, ...] = (
           responses={200: "MemoryList", **COMMON_ERRORS}),
     Route("DELETE", "/v1/memories", Api.forget_memories,
           "Forget in bulk: delete every memory of the namespace (live, archived or expired) "
-          "that the filters select; prefix or tag is required (prefix= with an empty value "
-          "selects the whole namespace).  Deletes in transactions of at most prune_batch "
+          "that the filters select; a prefix or a tag is required.  Walks the namespace in "
+          "key order, prune_batch memories a transaction; "
           "memories; with dry_run=true it only reports",
           query=(NAMESPACE_PARAM, *FILTER_PARAMS,
                  {"name": "dry_run", "schema": {"type": "boolean", "default": False},
@@ -725,11 +725,14 @@ def filter_args(query: Query) -> dict[str, Any]:
             "updated_before": time_param(query, "updated_before")}
 
 
+INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
 def int_param(query: Mapping[str, str], name: str, default: int | None) -> int | None:
     if name not in query:
         return default
     text = query[name]
-    if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 18:
+    if not INTEGER.fullmatch(text):
         raise HTTPError(400, "invalid_request", f"{name} must be an integer")
     return int(text)
 
@@ -1399,6 +1402,7 @@ class Server:
             self.socket.close()
         elif not self._done.wait(self.config.shutdown_grace_s + 30):
             log.error("the event loop did not end")
+        self.api.store.interrupt()  # the grace is over: long work (a forget) ends now
         for _ in self._workers:
             self._jobs.put(None)
         for worker in self._workers:

@@ -2825,6 +2825,7 @@ class Store:
                  role: str = "library", checkpointer: bool = True, decay: bool = False) -> None:
         self.path, self.config, self.clock, self.role = path, config, clock, role
         self._closed = False
+        self._interrupted = threading.Event()  # interrupt(): long work ends
         self._last_prune: PruneResult | None = None
         self._reads = _ReadPool(path, config)
         conn = open_db(path, config=self._reads.config, check_same_thread=False)
@@ -3019,11 +3020,14 @@ class Store:
                updated_before: float | str | None = None,
                dry_run: bool = False) -> dict[str, Any]:
         """Delete every memory of ``namespace`` (live, archived or expired) that the
-        ``Filters`` select; ``prefix`` or ``tags`` must be given (``prefix=""`` selects the
-        whole namespace).  It deletes in transactions of at most ``prune_batch`` memories, in
-        key order, so other writers wait one batch at most; only memories the filters
-        select when their batch runs are deleted (one written meanwhile with a key before
-        the batch that ran stays).  With ``dry_run`` nothing is deleted.
+        ``Filters`` select; a (non-empty) ``prefix`` or ``tags`` must be given.
+
+        It walks the namespace in key order, ``prune_batch`` memories a transaction
+        (scanned, not matched: a rare tag costs no longer lock), so other writers wait for
+        one batch at most; a memory is deleted if the filters select it when its batch
+        runs (one written meanwhile behind the walk stays).  ``interrupt()`` (a server
+        stopping) ends it between batches with BusyError.  With ``dry_run`` nothing is
+        deleted, and the count and keys come from one snapshot.
 
         Returns ``{"dry_run", "matched", "deleted", "keys", "more"}``: how many memories
         matched, how many were deleted, the first FORGET_SAMPLE of their keys in key order
@@ -3031,44 +3035,57 @@ class Store:
         namespace = validate_namespace(namespace, self.config)
         filters = Filters.parse(self.config, tags=tags, prefix=prefix,
                                 updated_after=updated_after, updated_before=updated_before)
-        if filters.prefix is None and prefix != "" and not filters.tags:
-            raise InvalidInputError("forget needs a prefix or tags (prefix '' selects the "
-                                    "whole namespace)")
+        if filters.prefix is None and not filters.tags:
+            raise InvalidInputError("forget needs a prefix or tags (it never empties a "
+                                    "namespace by default)")
         if not isinstance(dry_run, bool):
             raise InvalidInputError("dry_run must be true or false")
-        where, params = filters.sql("memories")
-        select = f"SELECT id, key FROM memories WHERE namespace = ?{where} ORDER BY key"
+        where, params = filters.sql("m")
         if dry_run:
+            select = f"SELECT key FROM memories AS m WHERE namespace = ?{where} ORDER BY key"
             with self._reads.borrow(f"forget {namespace}") as conn:
-                matched = conn.execute(f"SELECT count(*) FROM memories WHERE namespace = ?"
-                                       f"{where}", (namespace, *params)).fetchone()[0]
-                sample = [r[1] for r in conn.execute(select + " LIMIT ?",
-                                                     (namespace, *params, FORGET_SAMPLE))]
+                conn.execute("BEGIN")  # one snapshot: the count is of the keys listed
+                try:
+                    matched = conn.execute(f"SELECT count(*) FROM memories AS m WHERE "
+                                           f"namespace = ?{where}",
+                                           (namespace, *params)).fetchone()[0]
+                    sample = [r[0] for r in conn.execute(select + " LIMIT ?",
+                                                         (namespace, *params, FORGET_SAMPLE))]
+                finally:
+                    conn.execute("COMMIT")
             return {"dry_run": True, "matched": matched, "deleted": 0, "keys": sample,
                     "more": matched > len(sample)}
+        window = ("SELECT id, key, tags, updated_at FROM memories WHERE namespace = ? AND "
+                  "key >= ? AND (key > ? OR ?) ORDER BY key LIMIT ?")
         limit = self.config.prune_batch
-        after = select.replace(" ORDER BY", " AND key > ? ORDER BY")
         keys: builtins.list[str] = []
         deleted = 0
 
-        def step(conn: KvmemConnection, last: str | None) -> builtins.list[str]:
-            rows = (conn.execute(select + " LIMIT ?", (namespace, *params, limit))
-                    if last is None else conn.execute(after + " LIMIT ?",
-                                                      (namespace, *params, last, limit))
-                    ).fetchall()
+        def step(conn: KvmemConnection, last: str | None) -> tuple[builtins.list[str], str | None]:
+            start = (namespace, filters.prefix or "", last or "", last is None, limit)
+            end = conn.execute(f"SELECT max(key) FROM ({window})", start).fetchone()[0]
+            rows = conn.execute(f"SELECT id, key FROM ({window}) AS m WHERE 1{where}",
+                                (*start, *params)).fetchall()
             conn.executemany("DELETE FROM memories WHERE id = ?", [(r[0],) for r in rows])
-            return [r[1] for r in rows]
+            return [r[1] for r in rows], end
 
-        last = None  # batches go on in key order, so none rescans what the last one passed
+        last: str | None = None
         while True:
-            batch = self._writer.submit(functools.partial(step, last=last))
+            if self._interrupted.is_set():
+                raise BusyError(f"stopping: forget ended after deleting {deleted} memories; "
+                                "run it again to finish")
+            batch, last = self._writer.submit(functools.partial(step, last=last))
             deleted += len(batch)
             keys.extend(batch[:FORGET_SAMPLE - len(keys)])
-            if len(batch) < limit:
-                break
-            last = batch[-1]
+            if last is None or (filters.prefix is not None
+                                and not last.startswith(filters.prefix)):
+                break  # the walk passed the namespace's last key, or the prefix's keys
         return {"dry_run": False, "matched": deleted, "deleted": deleted, "keys": keys,
                 "more": deleted > len(keys)}
+
+    def interrupt(self) -> None:
+        """Make long work (``forget``) end at its next batch: for a server that stops."""
+        self._interrupted.set()
 
     def import_(self, fp: IO[str]) -> dict[str, int]:
         """Import JSON Lines written by ``export`` (one memory per line, every field) from

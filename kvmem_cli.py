@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import textwrap
@@ -52,6 +53,7 @@ from kvmem import (
     InvalidInputError,
     KvmemConnection,
     KvmemError,
+    NotADatabaseError,
     NotFoundError,
     PayloadTooLargeError,
     ReinforceOp,
@@ -427,11 +429,14 @@ def require_database(path: str) -> None:
     but set and import works on a database that exists and must not create one.  Why a
     database cannot be opened or created is open_db's to say."""
     try:
-        os.stat(path)
+        st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         raise NotFoundError(f"no database at {os.path.realpath(path)}") from None
     except OSError:
-        pass  # there may be one this process cannot see: opening it says why
+        return  # there may be one this process cannot see: opening it says why
+    if st.st_size == 0 and stat.S_ISREG(st.st_mode):  # open_db would make it a new database
+        raise NotADatabaseError(f"{os.path.realpath(path)} is an empty file, not a kvmem "
+                                "database (left as it is)")
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:
@@ -451,7 +456,11 @@ def check_database(path: str, config: Config) -> dict[str, Any]:
         report["schema_version"] = conn.execute("PRAGMA user_version").fetchone()[0]
         report["journal_mode"] = conn.execute("PRAGMA journal_mode").fetchone()[0]
         report["integrity"] = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-        report["ok"] = report["integrity"] == ["ok"]
+        report["ok"] = report["integrity"] == ["ok"] and report["schema_version"] > 0
+        if report["schema_version"] == 0:
+            report["error"] = {"code": NotADatabaseError.code, "message": f"{report['path']}: "
+                               "no kvmem schema (an empty file or another program's "
+                               "database)"}
     except KvmemError as exc:
         report["error"] = {"code": exc.code, "message": str(exc)}
     finally:
@@ -468,6 +477,7 @@ def backup_database(path: str, dest: str, config: Config) -> dict[str, Any]:
     checkpoint lock beside it, so it can be copied or mailed as it is; kvmem switches it
     to WAL when it next opens it.  A backup that fails leaves no file behind."""
     require_database(path)
+    _refuse_database_file(dest, path)
     if os.path.lexists(dest):
         raise InvalidInputError(f"{dest}: already exists; a backup only writes a new file")
     src = open_db(path, config=config, create=False)
@@ -841,7 +851,7 @@ COMMANDS: dict[str, Command] = {
     "list": Command("memories in key order, a page at a time", "", _list_arguments, _list),
     "search": Command("full-text search, best first", "QUERY", _search_arguments, _search),
     "forget": Command("delete every memory of a namespace that --prefix and --tag select "
-                      "(live, archived or expired; --prefix '' = all), in batches; "
+                      "(live, archived or expired), in batches; "
                       "--dry-run only reports", "", _forget_arguments, _forget),
     "export": Command("every memory as JSON Lines (archived and expired too)", "",
                       _export_arguments, _export),

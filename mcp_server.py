@@ -234,14 +234,15 @@ def tools(store: kvmem.Store) -> list[Tool]:
             Forget in bulk: every memory of `namespace` (live, archived or expired) whose
             key starts with `prefix` and that holds all of `tags` (and was updated after
             `updated_after` / before `updated_before`). A prefix or tags are required
-            (prefix "" = the whole namespace). It is a dry run unless `dry_run` is false:
+            (a non-empty prefix, or tags). It is a dry run unless `dry_run` is false:
             first call it as is to see how many memories and which keys (the first 100)
             would go, then again with dry_run=false to delete them.""",
              {**_object({**namespace, **filters,
                          "dry_run": {"type": "boolean", "default": True,
                                      "description": "only report what would be deleted "
                                                     "(the default); false deletes"}}, []),
-              "anyOf": [{"required": ["prefix"], "properties": {"prefix": {"type": "string"}}},
+              "anyOf": [{"required": ["prefix"],
+                         "properties": {"prefix": {"type": "string", "minLength": 1}}},
                         {"required": ["tags"],
                          "properties": {"tags": {"type": "array", "minItems": 1}}}]},
              _object({"dry_run": {"type": "boolean"}, "matched": {"type": "integer"},

@@ -391,7 +391,7 @@ def test_forget_reports_with_dry_run_then_deletes(tmp_path: Path) -> None:
     assert status == 0 and (report["deleted"], report["keys"]) == (1, ["tmp/a"])
     assert sorted(r["key"] for r in exported(db)) == ["keep", "tmp/b", "tmp/c"]
     assert_error(kvmem_json("forget", db=db), "invalid_request", "needs a prefix or tags")
-    status, report = kvmem_json("forget", "--prefix", "", "--namespace", "other", db=db)
+    status, report = kvmem_json("forget", "--prefix", "tmp/", "--namespace", "other", db=db)
     assert status == 0 and report["deleted"] == 1
     assert sorted(r["key"] for r in exported(db)) == ["keep", "tmp/b"]
 

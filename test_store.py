@@ -853,7 +853,11 @@ def test_forget_dry_run_reports_what_it_would_delete_and_changes_nothing(
 
 def test_forget_deletes_exactly_its_selection_in_batches(tmp_path: Path, clock: Clock) -> None:
     store = _forget_fixture(tmp_path, clock)
+    commits = store.stats()["group_commit"]["commits"]
     report = store.forget(prefix="u/", tags=["old"])
+    # A transaction per 7 memories walked (250 under u/; the last window also holds v/keep),
+    # matched or not: never one long transaction.
+    assert store.stats()["group_commit"]["commits"] - commits == math.ceil(251 / 7)
     assert report["deleted"] == report["matched"] == 125 and not report["dry_run"]
     assert report["keys"] == [f"u/{i:03d}" for i in range(1, 200, 2)] and report["more"]
     left = {m.key for m in store.list(prefix="u/", limit=1000).items}
@@ -862,8 +866,9 @@ def test_forget_deletes_exactly_its_selection_in_batches(tmp_path: Path, clock: 
     kept, other = store.get("v/keep"), store.get("u/001", namespace="elsewhere")
     assert kept is not None and kept.value == "stays"  # tagged, outside the prefix
     assert other is not None and other.value == "other namespace"
-    whole = store.forget(prefix="")  # the whole namespace, archived and expired included
-    assert whole["deleted"] == 126
+    rest = store.forget(prefix="u/")  # archived and expired ones included
+    assert rest["deleted"] == 125
+    assert store.forget(prefix="v/")["deleted"] == 1
     assert store.namespaces() == [{"namespace": "elsewhere", "live": 1, "archived": 0}]
     store.close()
 
@@ -871,6 +876,7 @@ def test_forget_deletes_exactly_its_selection_in_batches(tmp_path: Path, clock: 
 @pytest.mark.parametrize(("arguments", "message"), [
     ({}, "forget needs a prefix or tags"),
     ({"prefix": None, "tags": []}, "forget needs a prefix or tags"),
+    ({"prefix": ""}, "forget needs a prefix or tags"),
     ({"prefix": "u/", "dry_run": "yes"}, "dry_run must be true or false"),
     ({"prefix": "u/\x00"}, "prefix"),
     ({"tags": ["a b c" * 40]}, "tag"),
@@ -902,8 +908,8 @@ def test_sigkill_during_a_bulk_forget_loses_nothing_outside_its_selection(
         tmp_path: Path) -> None:
     """A forget of 1,500 memories in batches of 10, killed with SIGKILL once some batches
     are committed and others not: every memory outside the selection (same prefix without
-    the tag, other keys, another namespace) is still there, unchanged, and the selection is
-    whole batches gone in key order (never a memory skipped in between)."""
+    the tag, other keys, another namespace) is still there, unchanged, and what is gone of
+    the selection went in key order (never a memory skipped in between)."""
     db = str(tmp_path / "kv.db")
     with kvmem.Store.open(db, config=CONFIG) as store:
         for start in range(0, 2000, 500):
@@ -940,6 +946,13 @@ def test_sigkill_during_a_bulk_forget_loses_nothing_outside_its_selection(
     gone = sorted(key for key in selected if ("default", key) not in after)
     assert 30 <= len(gone) < 1500
     assert gone == sorted(selected)[:len(gone)]  # in key order, nothing skipped
-    assert len(gone) % 10 == 0  # whole batches of 10
     for key in selected - set(gone):
         assert after[("default", key)] == before[("default", key)]
+
+
+def test_an_interrupted_forget_ends_between_batches(store: kvmem.Store) -> None:
+    store.batch([{"op": "set", "key": f"k{i}", "value": i} for i in range(10)])
+    store.interrupt()
+    with pytest.raises(kvmem.BusyError, match="forget ended after deleting 0 memories"):
+        store.forget(prefix="k")
+    assert len(store.list().items) == 10
