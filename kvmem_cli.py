@@ -434,9 +434,20 @@ def require_database(path: str) -> None:
         raise NotFoundError(f"no database at {os.path.realpath(path)}") from None
     except OSError:
         return  # there may be one this process cannot see: opening it says why
-    if st.st_size == 0 and stat.S_ISREG(st.st_mode):  # open_db would make it a new database
+    if not stat.S_ISREG(st.st_mode) or wal_size(path):
+        return  # open_db says what a non-file is; with a WAL, the header may be stale
+    # open_db would make an empty file a new database, and give another program's SQLite
+    # file kvmem's schema.  Read only the header (this process has no connection yet):
+    # kvmem's user_version (offset 60) is never 0.
+    with open(path, "rb") as fp:
+        head = fp.read(100)
+    if not head:
         raise NotADatabaseError(f"{os.path.realpath(path)} is an empty file, not a kvmem "
                                 "database (left as it is)")
+    if head.startswith(b"SQLite format 3\0") and len(head) == 100 \
+            and int.from_bytes(head[60:64], "big") == 0:
+        raise NotADatabaseError(f"{os.path.realpath(path)}: no kvmem schema (another "
+                                "program's SQLite database?); left as it is")
 
 
 def check_database(path: str, config: Config) -> dict[str, Any]:

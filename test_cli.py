@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -375,6 +376,39 @@ def test_no_command_creates_a_missing_database(tmp_path: Path, args: list[str],
     error = body["error"]
     assert error == {"code": "not_found", "message": f"no database at {db}"}, body
     assert tree(data) == [] and tree(out) == []
+
+
+@pytest.mark.parametrize("content", ["empty", "foreign"])
+@pytest.mark.parametrize("args", [args for args in MISSING if not args[0].startswith(
+    ("check", "backup", "export"))] + [["export"]], ids=lambda a: " ".join(a)
+    if isinstance(a, list) else a)
+def test_no_command_converts_an_empty_or_foreign_file(tmp_path: Path, args: list[str],
+                                                      content: str) -> None:
+    db = tmp_path / "kv.db"
+    db.touch()
+    if content == "foreign":  # another program's SQLite file, rollback-journal mode
+        raw = sqlite3.connect(db)
+        raw.execute("CREATE TABLE notes (n INTEGER)")
+        raw.commit()
+        raw.close()
+    before = db.read_bytes()
+    status, body = kvmem_json(*[arg.format(db=db, out=tmp_path) for arg in args], db=db)
+    assert status == 1 and body["error"]["code"] == "not_a_database", body
+    assert db.read_bytes() == before and tree(tmp_path) == ["kv.db"]
+    status, report = kvmem_json("check", str(db))
+    assert status == 1 and report["schema_version"] == 0 and not report["ok"], report
+    assert report["error"]["code"] == "not_a_database"
+
+
+@pytest.mark.parametrize("suffix", ["-journal", "-wal", "-shm", ".checkpoint.lock"])
+def test_backup_refuses_the_sources_own_files(tmp_path: Path, suffix: str) -> None:
+    db = tmp_path / "kv.db"
+    assert kvmem_json("set", "k", "1", db=db)[0] == 0
+    files = tree(tmp_path)
+    assert_error(kvmem_json("backup", str(db), f"{db}{suffix}"), "invalid_request",
+                 "is the database or one of its files")
+    assert tree(tmp_path) == files
+    assert kvmem_json("get", "k", db=db)[1]["value"] == 1
 
 
 def test_forget_reports_with_dry_run_then_deletes(tmp_path: Path) -> None:
