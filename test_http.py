@@ -613,9 +613,10 @@ bodies = st.one_of(
                         max_size=5), max_size=3), max_size=5),
 )
 query_names = st.sampled_from(["namespace", "prefix", "tag", "archived", "limit", "cursor", "q",
-                               "if_version", "x"])
+                               "if_version", "dry_run", "updated_after", "x"])
 query_values = st.one_of(st.text(max_size=12), st.integers(-5, 2000).map(str),
-                         st.sampled_from(["true", "false", "default", "%", "%ZZ", "%FF"]))
+                         st.sampled_from(["true", "false", "default", "%", "%ZZ", "%FF", "--1",
+                                          "-", "+1", "-0", "%2D%2D5", "1e3", " 1", "٣"]))
 
 
 TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -540,3 +540,23 @@ def test_every_route_refuses_an_unknown_parameter(api: Served) -> None:
                                            f"{path}?colour=red", body), 400, "invalid_request")
         assert message == "unknown query parameter 'colour'", (route.path, message)
     unchanged(api, "k", 1, 1)
+
+
+@pytest.mark.parametrize("value", ["--5", "-", "+1", "1e3", " 1", "1 ", "%D9%A3", "%2D%2D5",
+                                   "9" * 19, "0x10"])
+def test_an_integer_parameter_is_digits_or_a_400(api: Served, value: str) -> None:
+    for path in (f"/v1/memories?limit={value}", f"/v1/search?q=a&limit={value}"):
+        assert_error(api.request("GET", path.replace(" ", "%20")), 400, "invalid_request")
+    api.request("PUT", "/v1/memories/x", {"value": 1})
+    assert_error(api.request("DELETE", f"/v1/memories/x?if_version={value}".replace(" ", "%20")),
+                 400, "invalid_request")
+    assert api.request("GET", "/v1/memories/x")[0] == 200
+
+
+@pytest.mark.parametrize("header", ['"01"', '"001"', '"1 "', '" 1"'])
+def test_if_match_is_the_etag_byte_for_byte(api: Served, header: str) -> None:
+    api.request("PUT", "/v1/memories/x", {"value": 1})
+    status, _, body = api.request("PUT", "/v1/memories/x", {"value": 2},
+                                  headers={"If-Match": header})
+    assert status == 400, body
+    assert api.request("GET", "/v1/memories/x")[2]["value"] == 1
