@@ -280,23 +280,37 @@ def test_pages_through_250_memories(page: Page) -> None:
     page.screenshot("list")
 
 
+def _no_markup(page: Page) -> None:
+    """No element made from the hostile text anywhere in the page (the CSP would stop its
+    script, so this is what shows that it was never parsed as HTML)."""
+    assert page.driver.execute_script("return document.querySelectorAll('img').length") == 0
+    assert page.driver.execute_script("return window.kvmemXss") is None
+    assert _alert(page.driver) is None
+
+
 def test_hostile_text_is_shown_as_text_and_runs_nothing(page: Page) -> None:
     status, _ = page.api("PUT", f"/v1/memories/{_key(XSS)}",
                          {"value": {XSS: XSS}, "tags": [XSS]})
     assert status == 201
     page.open()
-    page.open_row(XSS)
+    page.open_row(XSS)  # the list and the detail
     assert page.by_id("d-key").text == XSS
     assert json.loads(page.by_id("d-value").get_attribute("value") or "") == {XSS: XSS}
     assert page.by_id("d-tags").get_attribute("value") == XSS
     cells = page.driver.find_elements(By.CSS_SELECTOR, "#list tbody tr td")
     assert [c.text for c in cells[:2]] == [XSS, XSS]
-    page.type("search", "img")
+    _no_markup(page)
+    page.type("search", "img")  # search results
     page.click("go")
     page.wait_rows([XSS])
-    assert page.driver.find_elements(By.CSS_SELECTOR, "#list img, #detail img") == []
-    assert page.driver.execute_script("return window.kvmemXss") is None
-    assert _alert(page.driver) is None
+    page.click("reinforce")  # a status line that echoes the key
+    page.wait_status(f"Reinforced {XSS}")
+    page.click("show-forget")  # the forget list
+    page.type("f-prefix", "<img")
+    page.click("dry-run")
+    page.until(lambda: [li.text for li in page.driver.find_elements(
+        By.CSS_SELECTOR, "#f-keys li")] == [XSS], "the hostile key listed as text")
+    _no_markup(page)
 
 
 def test_token_is_asked_for_kept_in_the_tab_and_a_wrong_one_refused(
@@ -390,20 +404,31 @@ def test_pages_hold_no_inline_script_or_style() -> None:
         html = Path(HERE, "kvmem_web", name).read_text(encoding="utf-8")
         assert re.findall(r"<script\b[^>]*>", html) == [
             f'<script src="/static/{"app" if name == "index.html" else "docs"}.js" defer>']
-        assert "<style" not in html and " on" not in html.replace(" only", "")
+        assert "<style" not in html and not re.search(r"\son[a-z]+=", html)
         assert "style=" not in html
-    script = Path(HERE, "kvmem_web", "app.js").read_text(encoding="utf-8")
-    assert "innerHTML" not in script and "eval(" not in script
+    for name in ("app.js", "docs.js"):  # every text goes in with textContent or value
+        script = Path(HERE, "kvmem_web", name).read_text(encoding="utf-8")
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
+                     "eval(", "new Function", "setTimeout(\"", "srcdoc"):
+            assert sink not in script, (name, sink)
 
 
 def test_head_on_every_get_route_and_options_everywhere(served: int) -> None:
     auth = {"Authorization": "Bearer t0ken"}
+    conn = http.client.HTTPConnection("127.0.0.1", served, timeout=30)
+    conn.request("PUT", "/v1/memories/k", '{"value": "tea"}',
+                 {**auth, "Content-Type": "application/json"})
+    assert conn.getresponse().read() and conn.close() is None
     for route in http_server.ROUTES:
-        path = route.path.replace("{key}", "k")
+        path = route.path.replace("{key}", "k") + ("?q=tea" if "search" in route.path else "")
         if route.method == "GET":
             got = _raw(served, "GET", path, auth)
             head = _raw(served, "HEAD", path, auth)
             assert head[0] == got[0] and head[2] == b"", (path, head)
+            if path not in ("/healthz", "/v1/stats"):  # their figures move between calls
+                assert head[1]["Content-Length"] == got[1]["Content-Length"], path
+            assert head[1].get("ETag") == got[1].get("ETag"), path
+            assert got[0] == 200, (path, got)
         status, headers, body = _raw(served, "OPTIONS", path)  # no token: as a preflight
         assert status == 200, (path, body)
         allowed = {r.method for r in http_server.ROUTES if r.path == route.path}
@@ -453,3 +478,30 @@ def test_cors_origin_must_be_an_origin() -> None:
     config = kvmem.Config.build(environ={}, flags={
         "cors_origins": "https://a.example/, http://127.0.0.1:3000"})
     assert config.cors_origins == "https://a.example,http://127.0.0.1:3000"
+
+
+def test_saving_keeps_what_was_not_edited(page: Page) -> None:
+    tags = ["a,b", " padded "]
+    assert page.api("PUT", "/v1/memories/t", {"value": "v", "tags": tags})[0] == 201
+    page.open()
+    page.open_row("t")
+    page.click("save")
+    page.wait_status("Nothing to save")
+    assert page.api("GET", "/v1/memories/t")[1]["version"] == 1
+    page.type("d-value", '"w"')
+    page.click("save")
+    page.wait_status("Saved t: version 2")
+    saved = page.api("GET", "/v1/memories/t")[1]
+    assert (saved["value"], saved["tags"]) == ("w", tags)  # untouched tags as they were
+
+
+def test_a_ttl_that_is_no_number_is_refused(page: Page) -> None:
+    page.open()
+    page.ready()
+    page.click("show-new")
+    page.type("n-key", "ttl")
+    page.type("n-value", '"v"')
+    page.type("n-ttl", "1h")
+    page.click("create")
+    page.wait_status("The TTL must be a number of seconds")
+    assert page.api("GET", "/v1/memories/ttl")[0] == 404

@@ -182,12 +182,22 @@ function openMemory(memory) {
 
 async function save() {
   const memory = state.current;
-  let value;
-  try { value = JSON.parse($("d-value").value); } catch (error) {
-    say(`The value is not JSON: ${error.message}`, true);
+  const valueText = JSON.stringify(memory.value, null, 2);
+  const tagsText = memory.tags.join(", ");
+  if ($("d-value").value === valueText && $("d-tags").value === tagsText) {
+    say(`Nothing to save: ${memory.key} is as shown`);
     return;
   }
-  const body = { value, tags: tagList($("d-tags").value), if_version: memory.version,
+  let value = memory.value;
+  if ($("d-value").value !== valueText) {
+    try { value = JSON.parse($("d-value").value); } catch (error) {
+      say(`The value is not JSON: ${error.message}`, true);
+      return;
+    }
+  }
+  // Tags whose text was not touched are sent as they are (a tag may hold a comma).
+  const tags = $("d-tags").value === tagsText ? memory.tags : tagList($("d-tags").value);
+  const body = { value, tags, if_version: memory.version,
     half_life_seconds: memory.half_life_seconds };
   if (memory.expires_at) {  // a PUT replaces the whole memory: keep the time it has left
     body.ttl_seconds = Math.max(1, (Date.parse(memory.expires_at) - Date.now()) / 1000);
@@ -236,7 +246,13 @@ async function create(event) {
     return;
   }
   const body = { value, tags: tagList($("n-tags").value) };
-  if ($("n-ttl").value.trim()) body.ttl_seconds = Number($("n-ttl").value);
+  if ($("n-ttl").value.trim()) {
+    body.ttl_seconds = Number($("n-ttl").value);
+    if (!Number.isFinite(body.ttl_seconds) || body.ttl_seconds <= 0) {
+      say("The TTL must be a number of seconds, such as 3600", true);
+      return;
+    }
+  }
   body.if_version = 0;  // create only: never replace a memory that exists
   try {
     const made = await api("PUT", memoryPath($("n-key").value), ns(), body);
