@@ -1658,7 +1658,8 @@ def loggable_path(target: str) -> str:
     """A request target as the log shows it: the path without the query string (which may
     hold a search text or a cursor), at most 200 characters, and any byte that is not
     printable ASCII percent-encoded (so a client cannot write to the log's terminal)."""
-    path = target.partition("?")[0]
+    path = target.partition("?")[0].partition("#")[0]
+    path = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", path)  # no user:password@
     shown = re.sub(r"[^!-~]", lambda m: "".join(f"%{b:02X}" for b in m[0].encode()),
                    path[:200])
     return shown + ("..." if len(path) > 200 else "")
@@ -1762,7 +1763,12 @@ def main(argv: list[str] | None = None) -> int:
              store.path, server.max_connections, json.dumps(store.settings()),
              json.dumps(dataclasses.asdict(kvmem.recovery_record(store.path) or
                                            _no_record(store.path))))
-    print(f"listening on http://{kvmem_cli.host_port(host, port)}", flush=True)
+    try:
+        print(f"listening on http://{kvmem_cli.host_port(host, port)}", flush=True)
+    except OSError as exc:  # stdout is a full disk or a closed pipe: say so on stderr
+        server.stop()
+        store.close()
+        return kvmem_cli.startup_failed("kvmem-http", exc)
     serving = server.start()
     while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
         pass

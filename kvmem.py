@@ -242,11 +242,26 @@ _ORIGIN = re.compile(r"https?://[^\s/?#@,]+")
 
 
 def _parse_origins(text: str) -> str:
-    """Browser origins (scheme://host[:port]), comma-separated; normalised to that form."""
-    origins = [part.strip().rstrip("/") for part in text.split(",") if part.strip()]
-    for origin in origins:
-        if not _ORIGIN.fullmatch(origin):
-            raise ValueError(f"{origin[:100]!r} is not an origin like https://app.example.com")
+    """Browser origins (scheme://host[:port]), comma-separated, each as a browser sends it
+    in ``Origin``: scheme and host in lower case, no default port."""
+    origins = []
+    for part in filter(None, (p.strip().rstrip("/") for p in text.split(","))):
+        bad = ValueError(f"{part[:100]!r} is not an origin like https://app.example.com")
+        if not _ORIGIN.fullmatch(part.lower()):
+            raise bad
+        try:
+            split = urllib.parse.urlsplit(part)
+            port = split.port
+        except ValueError:  # a port that is no number, or past 65535
+            raise bad from None
+        host = split.hostname or ""
+        if not host or port == 0:
+            raise bad
+        scheme = split.scheme.lower()
+        shown = f"[{host}]" if ":" in host else host
+        if port is not None and port != {"http": 80, "https": 443}[scheme]:
+            shown += f":{port}"
+        origins.append(f"{scheme}://{shown}")
     return ",".join(origins)
 
 

@@ -594,11 +594,16 @@ class _Uvicorn(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, url: str) -> None:
         super().__init__(config)
         self.url = url
+        self.stdout_failed = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if not self.should_exit:  # after the signal handlers are in place
-            print(f"listening on {self.url}", flush=True)
+            try:
+                print(f"listening on {self.url}", flush=True)
+            except OSError as exc:  # stdout is a full disk or a closed pipe
+                log.error("cannot write to stdout: %s; stopping", exc)
+                self.should_exit = self.stdout_failed = True
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """Stop as uvicorn does, but without raising the signal again once stopped (that
@@ -619,8 +624,9 @@ def listen(config: kvmem.Config) -> socket.socket:
         raise kvmem_cli.listen_error(host, config.mcp_port, exc) from exc
 
 
-def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> None:
-    """Serve streamable HTTP on ``sock`` until SIGINT or SIGTERM."""
+def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> bool:
+    """Serve streamable HTTP on ``sock`` until SIGINT or SIGTERM; False when it could not
+    say so on stdout (and stopped at once)."""
     app = HTTPGuard(server.streamable_http_app(
         streamable_http_path=HTTP_PATH, max_request_body_size=kvmem_cli.MAX_BODY_BYTES,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False)),
@@ -630,11 +636,13 @@ def serve_http(server: KvmemMCP, config: kvmem.Config, sock: socket.socket) -> N
     # Uvicorn's own bounds, from the same settings as kvmem-http's: past
     # limit_concurrency connections and requests it answers 503; idle keep-alive
     # connections close after the idle timeout; h11 caps a request's head at 16 KiB.
-    _Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                            limit_concurrency=config.http_max_connections,
-                            timeout_keep_alive=max(1, round(config.http_idle_timeout_s)),
-                            timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s))),
-             url).run(sockets=[sock])
+    served = _Uvicorn(uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="on",
+        limit_concurrency=config.http_max_connections,
+        timeout_keep_alive=max(1, round(config.http_idle_timeout_s)),
+        timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s))), url)
+    served.run(sockets=[sock])
+    return not served.stdout_failed
 
 
 # ------------------------------------------------------------------------------- main ----
@@ -668,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         server = build_server(store)
         if sock is None:
             anyio.run(serve_stdio, server)
-        else:
-            serve_http(server, config, sock)
+        elif not serve_http(server, config, sock):
+            return kvmem_cli.EXIT_STARTUP
     except KeyboardInterrupt:  # before the signal handlers were in place
         pass
     finally:

@@ -473,9 +473,15 @@ def test_cors_origin_is_repeatable(tmp_path: Path) -> None:
         assert status == 200 and headers["Access-Control-Allow-Origin"] == origin
 
 
-def test_cors_origin_must_be_an_origin() -> None:
+@pytest.mark.parametrize("bad", ["app.example.com", "ftp://a.example", "http://a.com:99999",
+                                 "http://a.com:0", "http://a.com:x", "https://", "http://a/b"])
+def test_cors_origin_must_be_an_origin(bad: str) -> None:
     with pytest.raises(kvmem.ConfigError, match="is not an origin"):
-        kvmem.Config.build(environ={}, flags={"cors_origins": "app.example.com"})
+        kvmem.Config.build(environ={}, flags={"cors_origins": bad})
+    same = {"HTTP://A.Example": "http://a.example", "http://a.example:80": "http://a.example",
+            "https://a.example:443/": "https://a.example", "http://[::1]:8080": "http://[::1]:8080"}
+    for given, sent in same.items():  # as a browser sends it in Origin
+        assert kvmem.Config.build(environ={}, flags={"cors_origins": given}).cors_origins == sent
     config = kvmem.Config.build(environ={}, flags={
         "cors_origins": "https://a.example/, http://127.0.0.1:3000"})
     assert config.cors_origins == "https://a.example,http://127.0.0.1:3000"

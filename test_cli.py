@@ -717,3 +717,17 @@ def test_servers_listen_on_ipv6_loopback(tmp_path: Path, host: str) -> None:
     finally:
         stop(mcp)
     assert exported(db)[0]["value"] == "over IPv6"
+
+
+@pytest.mark.parametrize("program", ["kvmem-http", "kvmem-mcp"])
+def test_a_server_whose_stdout_is_full_says_so_and_stops(tmp_path: Path, program: str) -> None:
+    extra = ["--transport", "streamable-http"] if program == "kvmem-mcp" else []
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", MODULES[program], *extra, "--port", "0",
+                                 "--db", str(tmp_path / "kv.db")], cwd=HERE, env=child_env(),
+                                stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=TIMEOUT_S)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr or "cannot write to stdout" in \
+        result.stderr, result.stderr

@@ -560,3 +560,12 @@ def test_if_match_is_the_etag_byte_for_byte(api: Served, header: str) -> None:
                                   headers={"If-Match": header})
     assert status == 400, body
     assert api.request("GET", "/v1/memories/x")[2]["value"] == 1
+
+
+@pytest.mark.parametrize(("target", "shown"), [
+    ("http://user:hunter2@127.0.0.1/v1/stats", "http://127.0.0.1/v1/stats"),
+    ("/v1/memories/k#frag=secret", "/v1/memories/k"),
+    ("/v1/search?q=secret#x", "/v1/search"),
+])
+def test_the_log_never_shows_userinfo_or_a_fragment(target: str, shown: str) -> None:
+    assert http_server.loggable_path(target) == shown

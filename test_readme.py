@@ -89,7 +89,7 @@ def test_readme_walkthrough_runs_in_order(tmp_path: Path) -> None:
             continue
         command = re.sub(r"^curl ", f"curl -sS -o {shlex.quote(str(body))} -w '%{{http_code}}' ",
                          command)
-        result = subprocess.run(["bash", "-c", "\n".join([*preamble, command])],
+        result = subprocess.run(["bash", "-c", "\n".join(["set -eu", *preamble, command])],
                                 capture_output=True, text=True, timeout=30, cwd=tmp_path,
                                 env={**os.environ, "LC_ALL": "C.UTF-8"})
         answer = body.read_text(encoding="utf-8") if body.exists() else ""
