@@ -278,7 +278,8 @@ async function dryRun(event) {
     const report = await api("DELETE", "/v1/memories", [...params, ["dry_run", "true"]]);
     state.forget = params;
     $("f-summary").textContent = `${report.matched} memories in ${state.namespace} would be ` +
-      `forgotten${report.more ? ` (the first ${report.keys.length} are listed)` : ""}.`;
+      `forgotten${report.more ? ` (the first ${report.keys.length} are listed)` : ""}. ` +
+      "The button deletes what matches when you click it.";
     $("f-keys").replaceChildren(...report.keys.map((key) => {
       const item = document.createElement("li");
       item.textContent = key;
