@@ -1063,6 +1063,28 @@ def rfc3339(ts: float) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def check_import(fp: IO[str], config: Config) -> int:
+    """Check every line of an export in ``fp`` as ``Store.import_`` will take it, then
+    rewind ``fp``; the number of memories.  InvalidInputError lists the bad lines (the
+    first 20): then nothing may be imported."""
+    bad: list[str] = []
+    count = 0
+    for number, line in enumerate(fp, 1):
+        if not line.strip():
+            continue
+        try:
+            memory_from_record(json.loads(line), config)
+            count += 1
+        except (ValueError, InvalidInputError) as exc:
+            bad.append(f"line {number}: {exc}")
+    if bad:
+        more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
+        raise InvalidInputError(f"{len(bad)} bad line(s), nothing imported: "
+                                + "; ".join(bad[:20]) + more)
+    fp.seek(0)
+    return count
+
+
 def memory_from_record(record: object, config: Config) -> Memory:
     """Validate one export record (a dict with every Memory field) and build the Memory."""
     if not isinstance(record, dict):
@@ -3112,21 +3134,7 @@ class Store:
         key, in transactions of ``prune_batch`` lines: **resumable**, not one transaction
         (idempotent, so an import cut short by a crash or a full disk is finished by
         running it again; other writers are never locked out for long)."""
-        bad: list[str] = []
-        count = 0
-        for number, line in enumerate(fp, 1):
-            if not line.strip():
-                continue
-            try:
-                memory_from_record(json.loads(line), self.config)
-                count += 1
-            except (ValueError, InvalidInputError) as exc:
-                bad.append(f"line {number}: {exc}")
-        if bad:
-            more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
-            raise InvalidInputError(f"{len(bad)} bad line(s), nothing imported: "
-                                    + "; ".join(bad[:20]) + more)
-        fp.seek(0)
+        count = check_import(fp, self.config)
         memories = (memory_from_record(json.loads(line), self.config)
                     for line in fp if line.strip())
         imported = 0

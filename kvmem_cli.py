@@ -61,6 +61,7 @@ from kvmem import (
     StorageError,
     Store,
     VersionConflictError,
+    check_import,
     checkpoint_elected,
     checkpoint_lock_free,
     database_stats,
@@ -68,7 +69,6 @@ from kvmem import (
     env_name,
     filter_schemas,
     flag_name,
-    memory_from_record,
     open_db,
     wal_size,
 )
@@ -794,7 +794,7 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
 def _open_import(args: argparse.Namespace, config: Config) -> IO[str]:
     """The input of import, seekable (as Store.import_ needs): the file, or stdin (or a
     pipe) spooled to a temporary file.  A database not there yet is created only for an
-    input that Store.import_ would take (``_check_import``)."""
+    input that Store.import_ would take (``check_import``)."""
     if args.file != "-":
         _refuse_database_file(args.file, config.db)
     try:
@@ -811,28 +811,11 @@ def _open_import(args: argparse.Namespace, config: Config) -> IO[str]:
         raise cls(describe(exc)) from exc
     if not os.path.exists(config.db):
         try:
-            _check_import(fp, config)
+            check_import(fp, config)  # before a new database is created: bad input leaves none
         except BaseException:
             fp.close()
             raise
     return fp
-
-
-def _check_import(fp: IO[str], config: Config) -> None:
-    """What Store.import_ checks before it writes, with its message: run before a new
-    database is created, so that a bad input leaves none behind."""
-    bad: list[str] = []
-    for number, line in enumerate(fp, 1):
-        if line.strip():
-            try:
-                memory_from_record(json.loads(line), config)
-            except (ValueError, InvalidInputError) as exc:
-                bad.append(f"line {number}: {exc}")
-    if bad:
-        more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
-        raise InvalidInputError(f"{len(bad)} bad line(s), nothing imported: "
-                                + "; ".join(bad[:20]) + more)
-    fp.seek(0)
 
 
 def _import(store: Store, args: argparse.Namespace, fp: IO[str]) -> Any:
