@@ -212,8 +212,9 @@ ANY_VERSION = "*"  # If-Match: * -- the memory exists, at any version
 
 
 def etag(version: int) -> str:
-    """A memory's entity tag: its version, quoted (a strong validator: a version names
-    one content)."""
+    """A memory's entity tag: its version, quoted.  A strong validator while the memory
+    lives (a version names one content of it); a key deleted and created again starts
+    at version 1 again, so a tag from before the delete can match the new memory."""
     return f'"{version}"'
 
 
