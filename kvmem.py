@@ -271,9 +271,16 @@ def _parse_optional_seconds(text: str) -> float | None:
     return float(_parse_number(float, minimum=0.001)(text))
 
 
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def _parse_path(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
+    url = _URL.match(text.strip())
+    if url:  # it would be a file under a directory named "postgresql:" in the working dir
+        raise ValueError(f"{url[1]}:// is not a database kvmem can open: give the path of "
+                         "an SQLite file (kvmem has no other backend yet)")
     return os.path.abspath(os.path.expanduser(text))
 
 
@@ -418,8 +425,9 @@ class Config:
         for field in dataclasses.fields(cls):
             for source, raw in ((env_name(field), environ.get(env_name(field))),
                                 (flag_name(field), flags.get(field.name))):
-                if raw is None or (field.name == "db" and source == "KVMEM_DB"):
-                    continue  # KVMEM_DB was already read by default_db_path()
+                if raw is None or (field.name == "db" and source == "KVMEM_DB"
+                                   and not raw.strip()):
+                    continue  # an empty KVMEM_DB is not set (default_db_path())
                 try:
                     values[field.name] = field.metadata["parse"](raw)
                 except ValueError as exc:

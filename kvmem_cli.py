@@ -977,7 +977,8 @@ def error_fields(exc: KvmemError) -> dict[str, Any]:
 
 
 def _file_command(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    path = args.path or config.db
+    # A PATH argument follows the rules of --db (no URL, made absolute).
+    path = Config.build(environ={}, flags={"db": args.path}).db if args.path else config.db
     if args.command == "check":
         return check_database(path, config)
     if args.command == "stats":

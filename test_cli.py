@@ -731,3 +731,18 @@ def test_a_server_whose_stdout_is_full_says_so_and_stops(tmp_path: Path, program
     assert result.returncode != 0
     assert "No space left on device" in result.stderr or "cannot write to stdout" in \
         result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("argv", [["stats", "postgresql://u@db.example/mem"],
+                                  ["get", "k", "--db", "postgresql://u@db.example/mem"],
+                                  ["set", "k", "1", "--db", "postgres://x/y"]])
+def test_a_database_url_is_refused_not_made_a_directory(tmp_path: Path,
+                                                         argv: list[str]) -> None:
+    result = subprocess.run([sys.executable, os.path.join(HERE, "kvmem_cli.py"), *argv],
+                            cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "invalid_config" and "is not a database kvmem can open" in \
+        error["message"], error
+    assert os.listdir(tmp_path) == []  # no "postgresql:" directory in the working directory
