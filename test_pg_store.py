@@ -25,6 +25,8 @@ from testutil import Clock, run_threads
 try:
     import psycopg
     import psycopg.conninfo
+    import psycopg.errors
+    import psycopg_pool
 
     import kvmem_pg
 except ImportError:  # no psycopg: _require_postgres skips every test (fails it in CI)
@@ -226,6 +228,33 @@ def test_migrations_run_once_and_refuse_a_newer_schema(pg_dsn: str) -> None:
     assert info.value.code == "schema_too_new"
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT version FROM kvmem_version").fetchall() == [(99,)]
+
+
+@pytest.mark.parametrize(("error", "committing", "code"), [
+    ("DiskFull", False, "storage_full"),
+    ("ReadOnlySqlTransaction", False, "read_only"),  # a standby
+    ("SerializationFailure", False, "busy"),
+    ("DeadlockDetected", False, "busy"),
+    ("LockNotAvailable", False, "busy"),  # lock_timeout
+    ("AdminShutdown", False, "busy"),  # the server went away before COMMIT: nothing written
+    ("ConnectionFailure", False, "busy"),
+    ("AdminShutdown", True, "storage_error"),  # during COMMIT: the outcome is unknown
+    ("ConnectionFailure", True, "storage_error"),
+    ("UniqueViolation", False, "storage_error"),
+])
+def test_errors_map_by_sqlstate(error: str, committing: bool, code: str) -> None:
+    mapped = kvmem_pg._pg_error(getattr(psycopg.errors, error)("m"), "here",
+                                committing=committing)
+    assert mapped.code == code and str(mapped).startswith("here: ")
+    if committing:
+        assert "outcome unknown" in str(mapped)
+
+
+def test_a_closed_connection_and_a_pool_timeout_are_busy() -> None:
+    closed = psycopg.OperationalError("the connection is closed")  # psycopg's own: no SQLSTATE
+    assert kvmem_pg._pg_error(closed, "here").code == "busy"
+    assert "outcome unknown" in str(kvmem_pg._pg_error(closed, "here", committing=True))
+    assert kvmem_pg._pg_error(psycopg_pool.PoolTimeout("x"), "here").code == "busy"
 
 
 @pytest.mark.parametrize("level", ["normal", "off"])
