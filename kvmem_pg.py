@@ -269,7 +269,8 @@ class PgStore:
     # -- connections and transactions --------------------------------------------------
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(CONFIGURE, (f"{self.config.busy_timeout_ms}ms",))
+        # lock_timeout=0 would wait forever; busy_timeout_ms=0 means do not wait.
+        conn.execute(CONFIGURE, (f"{max(1, self.config.busy_timeout_ms)}ms",))
 
     def _read(self, sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         """One statement in autocommit (its own snapshot); the first row or None."""
