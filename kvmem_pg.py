@@ -25,20 +25,24 @@ Theory of operation
   ``now()``: the core stays pure and tests move time by hand.  TTL and decay across hosts
   therefore need synchronised clocks (NTP); compare-and-set does not.
 
-First slice of issue #19: open, migrate, set, get, delete, reinforce, apply.  The other
-methods of ``kvmem.Store`` (batch, list, search, prune, forget, export, import, stats,
-health) are still to come; see docs/postgres-design.md.
+So far (issue #19): open, migrate, set, get, delete, reinforce, apply, batch, list,
+namespaces, export, import_.  The other methods of ``kvmem.Store`` (search, prune, forget,
+stats, health) are still to come; see docs/postgres-design.md.
 """
 
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
+import itertools
+import json
 import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, TypeVar, cast
 
 import psycopg
 import psycopg.conninfo
@@ -51,15 +55,19 @@ from kvmem import (
     Config,
     ConfigError,
     DeleteOp,
+    Filters,
+    InvalidInputError,
     KvmemError,
     Memory,
     Op,
+    Page,
     ReadOnlyError,
     ReinforceOp,
     SchemaTooNewError,
     SetOp,
     StorageError,
     StorageFullError,
+    VersionConflictError,
 )
 
 __all__ = ["MIGRATIONS_PG", "PgStore"]
@@ -154,6 +162,19 @@ GET_LIVE = _pg_sql(kvmem.GET_LIVE)
 # One lock per (namespace, key); the separator cannot occur in either (no control chars).
 LOCK_KEY = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 KEY_SEPARATOR = "\x1f"
+LOCK_KEYS = ("SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+             " FROM unnest(%s::text[]) AS k) AS locks ORDER BY h")
+# list: the page's rows are chosen from their sizes first (octet_length does not detoast a
+# value), then only those are read, both in one snapshot: a page never reads more than
+# max_page_bytes of values (plus one memory), as kvmem's _page_rows does.
+STORED_BYTES = "octet_length(value) + octet_length(key) + octet_length(tags)"
+EXPIRED_PG = _pg_sql(kvmem.EXPIRED)
+LIVE_PG = _pg_sql(kvmem.LIVE)
+NAMESPACE_COUNTS = (f"SELECT namespace, count(*) FILTER (WHERE {LIVE_PG}),"
+                    f" count(*) FILTER (WHERE archived = 1 AND NOT {EXPIRED_PG})"
+                    " FROM memories GROUP BY namespace ORDER BY namespace")
+SELECT_MEMORY = _pg_sql(kvmem.SELECT_MEMORY)
+EXPORT_FETCH = 500  # rows a round trip of export's server-side cursor
 # Server settings read back at open; a server that could lose acknowledged commits on a
 # crash of PostgreSQL itself (fsync or full_page_writes off) is refused.
 READ_SETTINGS = ("SELECT current_setting('server_version'), current_setting('fsync'),"
@@ -177,16 +198,71 @@ class _QmarkConnection:
         return self._conn.execute(_pg_sql(sql), parameters)
 
 
-def _apply(conn: psycopg.Connection[Any], op: Op, now: float) -> Any:
-    """Run one op in the caller's transaction: lock its key, load its row FOR UPDATE, plan,
-    write what the plan says (kvmem's ``_write``); the op's outcome."""
-    conn.execute(LOCK_KEY, (op.namespace + KEY_SEPARATOR + op.key,))
+def _lock_keys(conn: psycopg.Connection[Any], keys: Iterable[tuple[str, str]]) -> None:
+    """Take the advisory lock of every (namespace, key), once each, in ascending order of
+    the lock's own id (the hash), so that two transactions locking overlapping sets never
+    deadlock.  pg_advisory_xact_lock is volatile: PostgreSQL evaluates it after the sort."""
+    names = sorted({namespace + KEY_SEPARATOR + key for namespace, key in keys})
+    if len(names) == 1:
+        conn.execute(LOCK_KEY, (names[0],))
+    elif names:
+        conn.execute(LOCK_KEYS, (names,))
+
+
+def _apply(conn: psycopg.Connection[Any], op: Op, now: float, *, locked: bool = False) -> Any:
+    """Run one op in the caller's transaction: lock its key (unless ``locked``: the caller
+    did), load its row FOR UPDATE, plan, write what the plan says (kvmem's ``_write``); the
+    op's outcome."""
+    if not locked:
+        _lock_keys(conn, [(op.namespace, op.key)])
     row = conn.execute(GET_ROW_FOR_UPDATE, (op.namespace, op.key)).fetchone()
     current = None if row is None else kvmem._row_memory(row, value=op.reads_value)
     after, outcome = op.plan(current, now)
     kvmem._write(cast(Any, _QmarkConnection(conn)), row, after, getattr(op, "value_json", None),
                  current)
     return outcome
+
+
+def _put_exact(conn: psycopg.Connection[Any], memories: Sequence[Memory]) -> int:
+    """Store memories exactly as given (the import op), replacing any with the same key;
+    every key locked first, in sorted order."""
+    _lock_keys(conn, [(m.namespace, m.key) for m in memories])
+    for m in memories:
+        row = conn.execute(GET_ROW_FOR_UPDATE, (m.namespace, m.key)).fetchone()
+        kvmem._write(cast(Any, _QmarkConnection(conn)), row, m)
+    return len(memories)
+
+
+def _filters_sql(filters: Filters) -> tuple[str, builtins.list[Any]]:
+    """kvmem's ``Filters.sql`` for PostgreSQL: `` AND ...`` conditions on memories."""
+    sql, params = "", builtins.list[Any]()
+    if filters.prefix:  # C collation: the key index serves the range
+        sql += " AND key >= %s AND starts_with(key, %s)"
+        params += [filters.prefix, filters.prefix]
+    if filters.tags:  # all of them: containment of the JSON array
+        sql += " AND tags::jsonb @> %s::jsonb"
+        params.append(json.dumps(builtins.list(filters.tags), ensure_ascii=False))
+    if filters.updated_after is not None:
+        sql += " AND updated_at > %s"
+        params.append(filters.updated_after)
+    if filters.updated_before is not None:
+        sql += " AND updated_at < %s"
+        params.append(filters.updated_before)
+    return sql, params
+
+
+def _page_ids(sizes: Sequence[tuple[int, int]], limit: int,
+              max_bytes: int) -> tuple[builtins.list[int], bool]:
+    """kvmem's ``_page_rows`` rule on (id, stored bytes) in key order: at most ``limit``,
+    fewer once past ``max_bytes`` (at least one); the ids, and whether more follow."""
+    ids: builtins.list[int] = []
+    size = 0
+    for row_id, row_bytes in sizes:
+        size += row_bytes
+        if len(ids) == limit or (ids and size > max_bytes):
+            return ids, True
+        ids.append(row_id)
+    return ids, False
 
 
 _R = TypeVar("_R")
@@ -207,7 +283,8 @@ def describe_dsn(dsn: str) -> str:
 
 class PgStore:
     """kvmem's Store on PostgreSQL: the same methods, arguments, results and errors as
-    ``kvmem.Store`` (so far: set, get, delete, reinforce, apply).
+    ``kvmem.Store`` (so far: set, get, delete, reinforce, apply, batch, list,
+    namespaces, export, import_).
 
     Thread-safe: each call takes a connection from the pool.  Writes return after their
     COMMIT (``synchronous_commit=on``).  Times come from ``clock`` (Unix seconds).  Open
@@ -307,6 +384,16 @@ class PgStore:
                     continue
                 raise _pg_error(exc, self.where, committing=committing) from exc
 
+    def _snapshot(self, fn: Callable[[psycopg.Connection[Any]], _R]) -> _R:
+        """Run ``fn`` in one REPEATABLE READ READ ONLY transaction: every statement sees the
+        same snapshot (kvmem's export, and a list page's two statements)."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                return fn(conn)
+        except psycopg.Error as exc:
+            raise _pg_error(exc, self.where) from exc
+
     def _check_settings(self) -> dict[str, str]:
         row = self._read(READ_SETTINGS, ())
         assert row is not None
@@ -389,6 +476,53 @@ class PgStore:
         op = op.checked_for(self.config)
         return self._transact(lambda conn: _apply(conn, op, self.clock()))
 
+    def batch(self, ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], *,
+              namespace: str = "default") -> builtins.list[dict[str, Any]]:
+        """As ``kvmem.Store.batch``: all or none, in order, in one transaction.  Every key's
+        advisory lock is taken first, in one sorted order (no deadlock between batches)."""
+        if not isinstance(ops, list | tuple) or not ops:
+            raise InvalidInputError("ops must be a non-empty list")
+        if len(ops) > self.config.max_batch_ops:
+            raise InvalidInputError(f"at most {self.config.max_batch_ops} ops in a batch")
+        parsed: builtins.list[SetOp | DeleteOp] = []
+        for index, spec in enumerate(ops):
+            try:
+                if isinstance(spec, Op) and not isinstance(spec, SetOp | DeleteOp):
+                    raise InvalidInputError(f"a {spec.kind} op cannot be in a batch")
+                parsed.append(spec.checked_for(self.config) if isinstance(spec, SetOp | DeleteOp)
+                              else kvmem.parse_batch_op(spec, self.config, namespace=namespace))
+            except InvalidInputError as exc:
+                raise type(exc)(f"ops[{index}]: {exc}") from None
+
+        def run(conn: psycopg.Connection[Any]) -> builtins.list[dict[str, Any]]:
+            _lock_keys(conn, [(op.namespace, op.key) for op in parsed])
+            now = self.clock()
+            results = []
+            for index, op in enumerate(parsed):
+                try:
+                    results.append({"op": op.kind,
+                                    op.result: _apply(conn, op, now, locked=True)})
+                except VersionConflictError as exc:
+                    raise VersionConflictError(
+                        f"ops[{index}]: {exc}; no op of the batch was applied",
+                        current_version=exc.current_version, op_index=index, key=exc.key,
+                    ) from None
+            return results
+
+        return self._transact(run)
+
+    def import_(self, fp: IO[str]) -> dict[str, int]:
+        """As ``kvmem.Store.import_``: every line checked first (nothing written if one is
+        bad), then each memory stored exactly as exported, replacing the same key, in
+        transactions of ``prune_batch`` lines (resumable: run it again to finish)."""
+        count = kvmem.check_import(fp, self.config)
+        memories = (kvmem.memory_from_record(json.loads(line), self.config)
+                    for line in fp if line.strip())
+        imported = 0
+        while chunk := builtins.list(itertools.islice(memories, self.config.prune_batch)):
+            imported += self._transact(functools.partial(_put_exact, memories=chunk))
+        return {"imported": imported, "lines": count}
+
     # -- reads -------------------------------------------------------------------------
 
     def get(self, key: str, *, namespace: str = "default") -> Memory | None:
@@ -397,3 +531,75 @@ class PgStore:
         key = kvmem.validate_key(key, self.config)
         row = self._read(GET_LIVE, (namespace, key, self.clock()))
         return None if row is None else kvmem._row_memory(row)
+
+    def list(self, *, namespace: str = "default", prefix: str | None = None,
+             tag: str | None = None, tags: Sequence[str] = (),
+             updated_after: float | str | None = None,
+             updated_before: float | str | None = None, archived: bool = False,
+             limit: int = 100, cursor: str | None = None) -> Page:
+        """As ``kvmem.Store.list``: key order, ``Filters``, at most ``limit`` memories a
+        page and fewer past ``max_page_bytes`` (at least one), cursors signed with this
+        database's secret."""
+        namespace = kvmem.validate_namespace(namespace, self.config)
+        if tag is not None:
+            tags = [*kvmem.validate_tags([tag], self.config),
+                    *kvmem.validate_tags(tags, self.config)]
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        if not isinstance(archived, bool):
+            raise InvalidInputError("archived must be true or false")
+        limit = kvmem.validate_limit(limit, kvmem.MAX_LIST_LIMIT)
+        scope = filters.key()
+        after = None if cursor is None else kvmem.decode_cursor(
+            cursor, namespace, None, scope, archived, secret=self._cursor_secret)
+        where = f" WHERE namespace = %s AND archived = %s AND NOT {EXPIRED_PG}"
+        params: builtins.list[Any] = [namespace, int(archived), self.clock()]
+        if after is not None:
+            where += " AND key > %s"
+            params.append(after)
+        more_where, more_params = _filters_sql(filters)
+        where += more_where + " ORDER BY key LIMIT %s"
+        params += [*more_params, limit + 1]
+
+        def page(conn: psycopg.Connection[Any]) -> tuple[builtins.list[Any], bool]:
+            sizes = conn.execute(f"SELECT id, {STORED_BYTES} FROM memories" + where,
+                                 params).fetchall()
+            ids, more = _page_ids(sizes, limit, self.config.max_page_bytes)
+            rows = conn.execute(SELECT_MEMORY + " WHERE id = ANY(%s) ORDER BY key",
+                                (ids,)).fetchall()
+            return rows, more
+
+        rows, more = self._snapshot(page)
+        items = [kvmem._row_memory(r) for r in rows]
+        return Page(items, kvmem.encode_cursor(items[-1].key, namespace, None, scope, archived,
+                                               secret=self._cursor_secret) if more else None)
+
+    def namespaces(self) -> builtins.list[dict[str, Any]]:
+        """As ``kvmem.Store.namespaces``: every namespace holding a live or archived memory,
+        in name order, with both counts (expired ones not yet pruned are not counted)."""
+        now = self.clock()
+        rows = self._snapshot(lambda conn: conn.execute(NAMESPACE_COUNTS, (now, now)).fetchall())
+        return [{"namespace": name, "live": live, "archived": archived}
+                for name, live, archived in rows if live or archived]
+
+    def export(self, fp: IO[str], *, namespace: str | None = None) -> int:
+        """As ``kvmem.Store.export``: every memory (archived and expired too) as JSON Lines
+        of ``Memory.to_record()``, from one snapshot, streamed by a server-side cursor; the
+        lines written."""
+        if namespace is not None:
+            namespace = kvmem.validate_namespace(namespace, self.config)
+        sql = SELECT_MEMORY + (" WHERE namespace = %s" if namespace else "") + \
+            " ORDER BY namespace, key"
+
+        def run(conn: psycopg.Connection[Any]) -> int:
+            count = 0
+            with conn.cursor(name="kvmem_export") as rows:
+                rows.itersize = EXPORT_FETCH
+                rows.execute(sql, (namespace,) if namespace else ())
+                for row in rows:
+                    fp.write(json.dumps(kvmem._row_memory(row).to_record(), ensure_ascii=False,
+                                        allow_nan=False) + "\n")
+                    count += 1
+            return count
+
+        return self._snapshot(run)

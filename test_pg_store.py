@@ -9,10 +9,13 @@ search and prune (docs/postgres-design.md, section 6)."""
 from __future__ import annotations
 
 import inspect
+import io
+import json
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,9 +76,16 @@ def store(pg_dsn: str, clock: Clock) -> Iterator[kvmem_pg.PgStore]:
 test_set_get_round_trip = test_store.test_set_get_round_trip
 test_compare_and_set = test_store.test_compare_and_set
 test_delete = test_store.test_delete
+test_unicode_and_odd_keys_round_trip = test_store.test_unicode_and_odd_keys_round_trip
+test_batch_is_atomic = test_store.test_batch_is_atomic
+test_list_prefix_tag_and_pages = test_store.test_list_prefix_tag_and_pages
+test_pagination_while_another_thread_writes = test_store.test_pagination_while_another_thread_writes
+test_import_is_resumable = test_store.test_import_is_resumable
+test_export_streams_constant_memory = test_store.test_export_streams_constant_memory
 
 
-@pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "open"])
+@pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "batch",
+                                    "list", "namespaces", "export", "import_", "open"])
 def test_same_signatures_as_store(method: str) -> None:
     ours = inspect.signature(getattr(kvmem_pg.PgStore, method))
     theirs = inspect.signature(getattr(kvmem.Store, method))
@@ -98,6 +108,186 @@ def test_reinforce(store: kvmem_pg.PgStore, clock: Clock) -> None:
     with pytest.raises(kvmem.NotFoundError) as info:
         store.reinforce("absent")
     assert info.value.code == "not_found"
+
+
+def test_batch_locks_its_keys_in_one_order(pg_dsn: str) -> None:
+    """Batches over the same keys in opposite orders, from two pools at once: no deadlock
+    reaches the caller, and every acknowledged batch applied all its ops."""
+    stores = [kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, pool_size=4) for _ in range(2)]
+    keys = [f"k{i}" for i in range(8)]
+    try:
+        def run(n: int) -> None:
+            order = keys if n % 2 else keys[::-1]
+            for _ in range(15):
+                stores[n % 2].batch([{"op": "set", "key": k, "value": n} for k in order])
+
+        assert run_threads(run, 6) == []
+        values = {m.key: m.value for m in stores[0].list().items}
+        assert set(values) == set(keys) and len(set(values.values())) == 1  # one batch last
+        assert {m.version for m in stores[0].list().items} == {6 * 15}
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_batch_op_objects_keep_their_namespace(store: kvmem_pg.PgStore) -> None:
+    ops: list[kvmem.SetOp | kvmem.DeleteOp] = [
+        kvmem.SetOp.parse({"value": 1}, CONFIG, key="k", namespace="a"),
+        kvmem.DeleteOp.parse({}, CONFIG, key="k", namespace="b")]
+    assert [r["op"] for r in store.batch(ops, namespace="ignored")] == ["set", "delete"]
+    assert store.get("k", namespace="a") is not None
+    with pytest.raises(kvmem.InvalidInputError, match="cannot be in a batch"):
+        store.batch([kvmem.ReinforceOp.parse({}, CONFIG, key="k", namespace="a")])  # type: ignore[list-item]
+    with pytest.raises(kvmem.InvalidInputError, match="at most"):
+        store.batch([{"op": "delete", "key": "k"}] * (CONFIG.max_batch_ops + 1))
+
+
+def test_list_filters_archived_and_time_bounds(store: kvmem_pg.PgStore, clock: Clock,
+                                               pg_dsn: str) -> None:
+    store.set("a", 1, tags=["x", "y"])
+    clock.advance(10)
+    middle = clock.now
+    store.set("b", 2, tags=["y"])
+    clock.advance(10)
+    store.set("c", 3, tags=["x", "y", "z"], ttl_seconds=5)
+    store.set("d", 4, namespace="other")
+    assert [m.key for m in store.list(tags=["x", "y"]).items] == ["a", "c"]
+    assert [m.key for m in store.list(tag="z", tags=["x"]).items] == ["c"]
+    assert [m.key for m in store.list(updated_after=middle - 1).items] == ["b", "c"]
+    assert [m.key for m in store.list(updated_before=middle + 1).items] == ["a", "b"]
+    assert [m.key for m in store.list(updated_after=kvmem.rfc3339(middle - 1),
+                                      updated_before=kvmem.rfc3339(middle + 1)).items] == ["b"]
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE memories SET archived = 1 WHERE key = 'a'")
+    assert [m.key for m in store.list().items] == ["b", "c"]
+    assert [m.key for m in store.list(archived=True).items] == ["a"]
+    assert store.namespaces() == [{"namespace": "default", "live": 2, "archived": 1},
+                                  {"namespace": "other", "live": 1, "archived": 0}]
+    clock.advance(6)  # c expires: invisible to list and not counted
+    assert [m.key for m in store.list(tag="x").items] == []
+    assert store.namespaces()[0] == {"namespace": "default", "live": 1, "archived": 1}
+    for bad in ({"archived": 1}, {"limit": 0}, {"limit": kvmem.MAX_LIST_LIMIT + 1},
+                {"cursor": "garbage"}, {"tags": ["a b\n"]}, {"updated_after": "yesterday"}):
+        with pytest.raises(kvmem.InvalidInputError):
+            store.list(**bad)
+
+
+def test_a_list_page_stops_at_its_byte_budget(pg_dsn: str) -> None:
+    """test_store's byte-budget test (the list half), on PgStore: the same page sizes."""
+    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
+        store.batch([{"op": "set", "key": f"k{i:03d}", "value": "v" * 2000} for i in range(23)])
+        store.set("k999-huge", "h" * 50_000)  # alone it passes the budget: a page of its own
+        pages: list[list[str]] = []
+        cursor = None
+        while True:
+            page = store.list(limit=1000, cursor=cursor)
+            pages.append([m.key for m in page.items])
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert [len(p) for p in pages] == [4, 4, 4, 4, 4, 3, 1], pages
+        assert [k for p in pages for k in p] == [f"k{i:03d}" for i in range(23)] + ["k999-huge"]
+
+
+def test_a_cursor_of_another_database_is_refused(store: kvmem_pg.PgStore,
+                                                 tmp_path: Path) -> None:
+    for i in range(3):
+        store.set(f"k{i}", i)
+    cursor = store.list(limit=1).next_cursor
+    assert cursor is not None
+    assert [m.key for m in store.list(limit=5, cursor=cursor).items] == ["k1", "k2"]
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as sqlite_store:
+        for i in range(3):
+            sqlite_store.set(f"k{i}", i)
+        with pytest.raises(kvmem.InvalidInputError, match="cursor"):
+            sqlite_store.list(cursor=cursor)
+        other = sqlite_store.list(limit=1).next_cursor
+    with pytest.raises(kvmem.InvalidInputError, match="cursor"):
+        store.list(cursor=other)
+
+
+def test_import_checks_every_line_first(store: kvmem_pg.PgStore, pg_dsn: str) -> None:
+    """test_store's bad-lines test, counting rows in PostgreSQL (PgStore has no stats)."""
+    good = test_store._decayed_export(3).splitlines()
+    lines = [good[0], "{not json", good[1], json.dumps({"key": "x"}),
+             json.dumps({**json.loads(good[2]), "namespace": "bad ns"}), good[2]]
+    with pytest.raises(kvmem.InvalidInputError) as info:
+        store.import_(io.StringIO("\n".join(lines) + "\n"))
+    message = str(info.value)
+    assert "line 2:" in message and "line 4:" in message and "line 5:" in message
+    assert "line 1:" not in message and "line 3:" not in message
+    assert _rows(pg_dsn) == 0
+
+
+def _sqlite_fixture_memories(store: kvmem.Store, clock: Clock) -> None:
+    """Memories using every field in its odd cases: JSON that jsonb would rewrite, floats
+    that need all 17 digits, TTLs, decay, archived, reinforced, Unicode, two namespaces."""
+    store.set("plain", "text", tags=["t1", "t2", "ünï"])
+    store.set("json", {"deep": [1, {"x": None}], "f": 0.1 + 0.2, "big": 10 ** 30,
+                       "neg0": -0.0, "tiny": 5e-324, "esc": "nul \u0000 tab\t \u2028"},
+              namespace="ns2")
+    store.set("dup-order", {"z": 1, "a": 2}, namespace="ns2")
+    store.set("ttl", 1, ttl_seconds=3600)
+    store.set("decay", 2, half_life_seconds=60)
+    store.set("nodecay", [], half_life_seconds=None)
+    store.set("versioned", 1)
+    store.set("versioned", 2)
+    store.set("日本", "ユニコード", tags=["🧠"])
+    clock.advance(600.123456789)
+    store.prune()  # archives "decay"
+    store.reinforce("plain")
+    store.set("late", None, namespace="ns2")
+    store.set("expired", 1, ttl_seconds=1)
+    clock.advance(2.5)  # exported while expired, not yet pruned
+
+
+def test_export_from_sqlite_imports_into_postgres_and_back_exactly(
+        store: kvmem_pg.PgStore, clock: Clock, tmp_path: Path) -> None:
+    with kvmem.Store.open(tmp_path / "a.db", config=CONFIG, clock=clock) as sqlite_a:
+        _sqlite_fixture_memories(sqlite_a, clock)
+        first = io.StringIO()
+        count = sqlite_a.export(first)
+        first_ns2 = io.StringIO()
+        sqlite_a.export(first_ns2, namespace="ns2")
+        shown = (sqlite_a.namespaces(), sqlite_a.list(archived=True), sqlite_a.list(limit=3),
+                 sqlite_a.list(namespace="ns2", tags=[]))
+    # split on \n only: str.splitlines() also splits inside a value holding U+2028
+    records = [json.loads(line) for line in first.getvalue().split("\n")[:-1]]
+    assert {r["key"] for r in records if r["archived"]} == {"decay"}
+    assert "expired" in {r["key"] for r in records}
+    assert store.import_(io.StringIO(first.getvalue())) == {"imported": count, "lines": count}
+    second = io.StringIO()
+    assert store.export(second) == count
+    assert second.getvalue() == first.getvalue()  # byte for byte, so every field
+    second_ns2 = io.StringIO()
+    store.export(second_ns2, namespace="ns2")
+    assert second_ns2.getvalue() == first_ns2.getvalue()
+    # every field of every record, as Memory objects, too
+    got = [kvmem.memory_from_record(json.loads(line), CONFIG)
+           for line in second.getvalue().split("\n")[:-1]]
+    want = [kvmem.memory_from_record(r, CONFIG) for r in records]
+    for mine, theirs in zip(got, want, strict=True):
+        for name in kvmem.MEMORY_COLUMNS:
+            a, b = getattr(mine, name), getattr(theirs, name)
+            assert a == b and type(a) is type(b), (mine.key, name, a, b)
+            if isinstance(a, float):
+                assert a.hex() == b.hex()  # -0.0 and every bit kept
+    # PostgreSQL's export imported back into a new SQLite file gives the same export again
+    with kvmem.Store.open(tmp_path / "b.db", config=CONFIG, clock=clock) as sqlite_b:
+        sqlite_b.import_(io.StringIO(second.getvalue()))
+        third = io.StringIO()
+        sqlite_b.export(third)
+    assert third.getvalue() == first.getvalue()
+    # what the stores show agrees too (cursors differ: each database signs its own)
+    assert shown[0] == store.namespaces()
+    assert shown[0][0] == {"namespace": "default", "live": 5, "archived": 1}
+    assert shown[1].items == store.list(archived=True).items
+    assert [m.key for m in shown[1].items] == ["decay"]
+    assert shown[2].items == store.list(limit=3).items
+    assert shown[3] == store.list(namespace="ns2", tags=[])
+    json_memory = store.get("json", namespace="ns2")
+    assert json_memory is not None and json_memory.value["f"] == 0.1 + 0.2
 
 
 def _rows(dsn: str) -> int:
