@@ -110,9 +110,21 @@ def test_reinforce(store: kvmem_pg.PgStore, clock: Clock) -> None:
     assert info.value.code == "not_found"
 
 
+def _deadlocks(dsn: str) -> int:
+    """PostgreSQL's count of deadlocks detected in this database (a new connection: a
+    session caches the statistics it read)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT deadlocks FROM pg_stat_database"
+                           " WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_batch_locks_its_keys_in_one_order(pg_dsn: str) -> None:
     """Batches over the same keys in opposite orders, from two pools at once: no deadlock
-    reaches the caller, and every acknowledged batch applied all its ops."""
+    happens (PostgreSQL counted none: it would also have been retried, hiding it), and
+    every batch applied all its ops."""
+    deadlocks = _deadlocks(pg_dsn)
     stores = [kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, pool_size=4) for _ in range(2)]
     keys = [f"k{i}" for i in range(8)]
     try:
@@ -128,6 +140,8 @@ def test_batch_locks_its_keys_in_one_order(pg_dsn: str) -> None:
     finally:
         for store in stores:
             store.close()
+    time.sleep(0.2)  # the closed sessions' statistics reach the shared counters
+    assert _deadlocks(pg_dsn) == deadlocks
 
 
 def test_batch_op_objects_keep_their_namespace(store: kvmem_pg.PgStore) -> None:
