@@ -37,8 +37,10 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import random
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +48,7 @@ from typing import IO, Any, TypeVar, cast
 
 import psycopg
 import psycopg.conninfo
+import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 import kvmem
@@ -56,6 +59,7 @@ from kvmem import (
     ConfigError,
     DeleteOp,
     Filters,
+    Hit,
     InvalidInputError,
     KvmemError,
     Memory,
@@ -111,6 +115,148 @@ def _pg_error(exc: psycopg.Error, where: str, *, committing: bool = False) -> Kv
     return cls(f"{where}: {name}: {exc}")
 
 
+# ============================================================================ search ====
+# The words are SQLite's own: each thread keeps an in-memory FTS5 table with kvmem's
+# INDEX_TOKENIZER, and a memory's key, value and tags (kvmem's index_text, value_text and
+# tags_text, exactly what the SQLite backend indexes) go through it; fts5vocab gives each
+# token's stem, column and offset.  Those become a tsvector literal: the key's words
+# weighted A, the value's B, the tags' C (BM25_WEIGHTS in that order), each column's
+# positions after the previous one's with a gap of one, so a phrase never spans two
+# columns.  A query term of kvmem.fts_terms goes through the same table: its tokens make a
+# phrase ('foo' <-> 'bar'), a starred term's last token a prefix (:*), as FTS5 reads it.
+
+SEARCH_COLUMNS = ("key", "body", "tags")
+SEARCH_WEIGHT_LABELS = ("A", "B", "C")
+MAX_LEXEME_BYTES = 2046  # PostgreSQL refuses a longer lexeme in a literal (54000)
+MAX_LEXEME_POSITIONS = 255  # PostgreSQL keeps at most this many positions a lexeme
+MAX_POSITION = 16383  # and no position past this one
+# A tsvector holds at most 1 MiB; distinct lexemes stop being added well before (about
+# the first 60,000 distinct words of a huge value are searchable on PostgreSQL).
+MAX_SEARCH_VECTOR_BYTES = 900_000
+BM25_K1, BM25_B = 1.2, 0.75
+IDF_FLOOR = 1e-6  # FTS5's clamp of a non-positive IDF
+EXACT_COUNT_BELOW = 10_000  # memories: under this N is counted, above it pg_class estimates
+
+_tokenizers = threading.local()
+
+
+def _tokenizer() -> sqlite3.Connection:
+    conn: sqlite3.Connection | None = getattr(_tokenizers, "conn", None)
+    if conn is None:
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE VIRTUAL TABLE t USING fts5(key, body, tags,"
+                     f" tokenize='{kvmem.INDEX_TOKENIZER}')")
+        conn.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+        _tokenizers.conn = conn
+    return conn
+
+
+def sqlite_tokens(key: str, body: str, tags: str) -> builtins.list[tuple[str, int, int]]:
+    """(stem, column index, offset) of every token FTS5 makes of the three columns, with
+    kvmem's tokenizer, in column and offset order."""
+    conn = _tokenizer()
+    try:
+        conn.execute("INSERT INTO t (rowid, key, body, tags) VALUES (1, ?, ?, ?)",
+                     (key, body, tags))
+        rows = conn.execute("SELECT term, col, \"offset\" FROM v").fetchall()
+    finally:
+        conn.execute("DELETE FROM t")
+    order = {name: i for i, name in enumerate(SEARCH_COLUMNS)}
+    return sorted(((term, order[col], offset) for term, col, offset in rows),
+                  key=lambda token: (token[1], token[2]))
+
+
+def _lexeme_literal(lexeme: str) -> str:
+    return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def search_vector(key: str, value_json: str, tags_json: str) -> tuple[str, int]:
+    """The tsvector literal of a memory (its stored key, value JSON and tags JSON), and
+    its length in tokens (BM25's |D|, as FTS5 counts it: every token of every column)."""
+    tokens = sqlite_tokens(kvmem.index_text(key), kvmem.value_text(value_json),
+                           kvmem.tags_text(tags_json))
+    sizes = [0, 0, 0]
+    for _, col, offset in tokens:
+        sizes[col] = max(sizes[col], offset + 1)
+    bases = [0, sizes[0] + 1, sizes[0] + sizes[1] + 2]
+    positions: dict[str, builtins.list[str]] = {}
+    for term, col, offset in tokens:
+        if len(term.encode("utf-8")) > MAX_LEXEME_BYTES:
+            continue
+        kept = positions.get(term)
+        if kept is None:
+            kept = positions[term] = []
+        if len(kept) < MAX_LEXEME_POSITIONS:
+            kept.append(f"{min(MAX_POSITION, bases[col] + offset + 1)}"
+                        f"{SEARCH_WEIGHT_LABELS[col]}")
+    parts, size = [], 0
+    for term, kept in positions.items():
+        size += len(term.encode("utf-8")) + 8 + 2 * len(kept)
+        if size > MAX_SEARCH_VECTOR_BYTES:
+            break
+        parts.append(f"{_lexeme_literal(term)}:{','.join(kept)}")
+    return " ".join(parts), len(tokens)
+
+
+def query_phrase(term: str) -> tuple[builtins.list[str], bool]:
+    """A term of ``kvmem.fts_terms`` (``"text"`` or ``"text"*``) as FTS5 reads it: the
+    stems of its tokens, in order, and whether the last is a prefix."""
+    prefix = term.endswith("*")
+    text = term[1:-2] if prefix else term[1:-1]
+    tokens = sqlite_tokens("", text.replace('""', '"'), "")
+    return [stem for stem, _, _ in tokens], prefix
+
+
+def tsquery_phrase(stems: Sequence[str], prefix: bool) -> str:
+    words = [_lexeme_literal(stem) for stem in stems]
+    if prefix:
+        words[-1] += ":*"
+    return " <-> ".join(words)
+
+
+_WEIGHT_CASE = "CASE w " + " ".join(
+    f"WHEN '{label}' THEN {weight}"
+    for label, weight in zip(SEARCH_WEIGHT_LABELS, kvmem.BM25_WEIGHTS, strict=True)) + " END"
+# FTS5's bm25() with BM25_WEIGHTS, as a positive number (kvmem's -bm25): for each term,
+# f = the weighted count of its instances (a phrase: the least of its tokens', when all of
+# them occur), times its IDF (computed by the caller).  Arguments: the vector and its
+# length, then one entry a token: the term it belongs to (1-based), its stem, whether it is
+# a prefix; then one entry a term: its token count and IDF; then avgdl.
+BM25_FUNCTION = f"""
+CREATE FUNCTION kvmem_bm25(tsv tsvector, doc_len integer, term_of integer[], stems text[],
+                           prefixes boolean[], term_sizes integer[], idfs float8[],
+                           avgdl float8) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT coalesce(sum(idfs[t] * f * {BM25_K1 + 1} /
+                      (f + {BM25_K1} * ({1 - BM25_B} + {BM25_B} * doc_len / avgdl))), 0)
+  FROM (SELECT t, min(f) AS f FROM (
+          SELECT term_of[q.i] AS t, sum({_WEIGHT_CASE}) AS f
+          FROM generate_subscripts(stems, 1) AS q(i)
+          JOIN unnest(tsv) AS u ON u.lexeme = stems[q.i]
+                                OR (prefixes[q.i] AND starts_with(u.lexeme, stems[q.i]))
+          CROSS JOIN unnest(u.weights) AS w
+          GROUP BY q.i) AS per_token
+        GROUP BY t HAVING count(*) = term_sizes[t]) AS per_term
+$$"""
+# kvmem.strength_at in SQL (parameter: now); 2^-x underflows to 0 past x = 1075, which
+# PostgreSQL would report as an error instead.
+STRENGTH_PG = ("CASE WHEN half_life_seconds IS NULL THEN strength"
+               " WHEN greatest(0.0, %s - last_reinforced_at) / half_life_seconds > 1075"
+               " THEN 0.0 ELSE strength * power(2.0::float8,"
+               " -greatest(0.0, %s - last_reinforced_at) / half_life_seconds) END")
+SEARCH_RANKED = ("SELECT id, kvmem_bm25(search, search_len, %s, %s, %s, %s, %s, %s)"
+                 f" * {STRENGTH_PG} AS score FROM memories WHERE search @@ %s::tsquery")
+COUNT_MATCHES = ("SELECT count(*) FROM (SELECT 1 FROM memories WHERE search @@ %s::tsquery"
+                 " LIMIT %s) AS m")
+SEARCH_TOTALS = "SELECT count(*), coalesce(avg(search_len), 0) FROM memories"
+
+
+def idf(total: int, matching: int) -> float:
+    """FTS5's IDF: log((N - n + 0.5) / (n + 0.5)), at least IDF_FLOOR."""
+    value = math.log((total - matching + 0.5) / (matching + 0.5))
+    return value if value > 0 else IDF_FLOOR
+
+
 # ============================================================================ schema ====
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS kvmem_version (version integer NOT NULL)"
@@ -145,6 +291,13 @@ MIGRATIONS_PG: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX memories_expires ON memories (expires_at) WHERE expires_at IS NOT NULL",
         "CREATE TABLE kvmem_meta (name text PRIMARY KEY, value bytea NOT NULL)",
         "INSERT INTO kvmem_meta (name, value) VALUES ('cursor_secret', %(secret)s)",
+    ),
+    (  # search: a tsvector of SQLite's own tokens (search_vector), filled by every write
+        "ALTER TABLE memories ADD COLUMN search tsvector NOT NULL DEFAULT ''::tsvector,"
+        " ADD COLUMN search_len integer NOT NULL DEFAULT 0",
+        "CREATE INDEX memories_search ON memories USING gin (search)",
+        "%(fill_search)s",  # the memories already there, indexed in Python
+        BM25_FUNCTION,
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS_PG)
@@ -187,15 +340,86 @@ CONFIGURE = ("SELECT set_config('synchronous_commit', 'on', false),"
 SYNCHRONOUS_REFUSED = ("normal", "off")
 
 
+INSERT_WITH_SEARCH = _pg_sql(
+    kvmem.INSERT_MEMORY.replace(") VALUES (", ", search, search_len) VALUES (")[:-1]
+    + ", ?::tsvector, ?)")
+UPDATE_PREFIX = "UPDATE memories SET "
+UPDATE_WHERE = " WHERE id = ?"
+FILL_SEARCH = "%(fill_search)s"
+FILL_BATCH = 500
+
+
 class _QmarkConnection:
     """kvmem's ``_write`` on a psycopg connection: it only calls ``execute(sql, params)``
-    with ``?`` parameters.  (The shared ``Tx`` protocol of the design replaces this.)"""
+    with ``?`` parameters.  (The shared ``Tx`` protocol of the design replaces this.)
+    ``search``: the new (tsvector literal, length) when the write changes the key, value
+    or tags; kvmem's INSERT and UPDATE then set the search columns in the same statement."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any],
+                 search: tuple[str, int] | None = None) -> None:
         self._conn = conn
+        self._search = search
 
     def execute(self, sql: str, parameters: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        if self._search is not None:
+            if sql == kvmem.INSERT_MEMORY:
+                return self._conn.execute(INSERT_WITH_SEARCH, [*parameters, *self._search])
+            if sql.startswith(UPDATE_PREFIX) and sql.endswith(UPDATE_WHERE):
+                sql = sql[:-len(UPDATE_WHERE)] + ", search = ?::tsvector, search_len = ?" + \
+                    UPDATE_WHERE
+                parameters = [*parameters[:-1], *self._search, parameters[-1]]
         return self._conn.execute(_pg_sql(sql), parameters)
+
+
+_TEXT_COLUMNS = (kvmem._KEY, kvmem._VALUE, kvmem._TAGS)
+_DUMP_OF = dict(kvmem._DUMPS)
+
+
+def _new_search(row: Sequence[Any] | None, memory: Memory | None, value_json: str | None,
+                current: Memory | None) -> tuple[str, int] | None:
+    """The search columns of what kvmem's ``_write(row, memory, value_json, current)``
+    stores, or None when it stores no new key, value or tags text (a delete, a reinforce):
+    the same choice of text as ``_write`` makes."""
+    if memory is None:
+        return None
+    texts = []
+    for i in _TEXT_COLUMNS:
+        new = getattr(memory, kvmem.MEMORY_COLUMNS[i])
+        if i == kvmem._VALUE and value_json is not None:
+            text = value_json
+        elif row is not None and current is not None and \
+                new is getattr(current, kvmem.MEMORY_COLUMNS[i]):
+            text = row[i + 1]
+        else:
+            dump = _DUMP_OF.get(i)
+            text = dump(new) if dump is not None else new
+        texts.append(text)
+    if row is not None and texts == [row[i + 1] for i in _TEXT_COLUMNS]:
+        return None
+    return search_vector(*texts)
+
+
+def _write(conn: psycopg.Connection[Any], row: Sequence[Any] | None, memory: Memory | None,
+           value_json: str | None = None, current: Memory | None = None) -> None:
+    """kvmem's ``_write``, keeping the search columns in step with the text."""
+    search = _new_search(row, memory, value_json, current)
+    kvmem._write(cast(Any, _QmarkConnection(conn, search)), row, memory, value_json, current)
+
+
+def _fill_search(conn: psycopg.Connection[Any]) -> None:
+    """Migration 2: the search columns of the memories already stored, in batches."""
+    last = 0
+    while True:
+        rows = conn.execute("SELECT id, key, value, tags FROM memories WHERE id > %s"
+                            " ORDER BY id LIMIT %s", (last, FILL_BATCH)).fetchall()
+        if not rows:
+            return
+        with conn.cursor() as cur:
+            cur.executemany("UPDATE memories SET search = %s::tsvector, search_len = %s"
+                            " WHERE id = %s",
+                            [(*search_vector(key, value, tags), row_id)
+                             for row_id, key, value, tags in rows])
+        last = rows[-1][0]
 
 
 def _lock_keys(conn: psycopg.Connection[Any], keys: Iterable[tuple[str, str]]) -> None:
@@ -218,8 +442,7 @@ def _apply(conn: psycopg.Connection[Any], op: Op, now: float, *, locked: bool = 
     row = conn.execute(GET_ROW_FOR_UPDATE, (op.namespace, op.key)).fetchone()
     current = None if row is None else kvmem._row_memory(row, value=op.reads_value)
     after, outcome = op.plan(current, now)
-    kvmem._write(cast(Any, _QmarkConnection(conn)), row, after, getattr(op, "value_json", None),
-                 current)
+    _write(conn, row, after, getattr(op, "value_json", None), current)
     return outcome
 
 
@@ -229,7 +452,7 @@ def _put_exact(conn: psycopg.Connection[Any], memories: Sequence[Memory]) -> int
     _lock_keys(conn, [(m.namespace, m.key) for m in memories])
     for m in memories:
         row = conn.execute(GET_ROW_FOR_UPDATE, (m.namespace, m.key)).fetchone()
-        kvmem._write(cast(Any, _QmarkConnection(conn)), row, m)
+        _write(conn, row, m)
     return len(memories)
 
 
@@ -430,7 +653,9 @@ class PgStore:
         if version == SCHEMA_VERSION:
             return True
         for statement in MIGRATIONS_PG[version]:
-            if "%(secret)s" in statement:
+            if statement == FILL_SEARCH:
+                _fill_search(conn)
+            elif "%(secret)s" in statement:
                 conn.execute(statement, {"secret": secrets.token_bytes(32)})
             else:
                 conn.execute(statement)
@@ -581,6 +806,97 @@ class PgStore:
         rows = self._snapshot(lambda conn: conn.execute(NAMESPACE_COUNTS, (now, now)).fetchall())
         return [{"namespace": name, "live": live, "archived": archived}
                 for name, live, archived in rows if live or archived]
+
+    def search(self, query: str, *, namespace: str | Sequence[str] = "default",
+               tags: Sequence[str] = (), prefix: str | None = None,
+               updated_after: float | str | None = None,
+               updated_before: float | str | None = None,
+               limit: int = 20) -> builtins.list[Hit]:
+        """As ``kvmem.Store.search``: the same words (SQLite's tokenizer, see
+        ``search_vector``), filters, namespaces and limits; best first by BM25 (FTS5's, with
+        BM25_WEIGHTS, in ``kvmem_bm25``) × current strength, so the order matches SQLite's
+        (the scores are close, not identical: a phrase's frequency is its rarest token's).
+        A word in at least half of all memories weighs nothing when the query has other
+        words; memories holding only such words come after the others, score 0.  One
+        REPEATABLE READ snapshot; InvalidInputError past ``search_timeout_ms``
+        (statement_timeout)."""
+        namespaces = kvmem.validate_search_namespaces(namespace, self.config)
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        terms = kvmem.fts_terms(query)
+        limit = kvmem.validate_limit(limit, kvmem.MAX_SEARCH_LIMIT)
+        now = self.clock()
+        phrases = {term: phrase for term in terms if (phrase := query_phrase(term))[0]}
+        if not phrases:  # no word FTS5 would index: SQLite matches nothing either
+            return []
+        scope, scope_params = _filters_sql(filters)
+        scope = f" AND {LIVE_PG}" + scope
+        scope_params = [now, *scope_params]
+        if namespaces is not None:
+            scope += " AND namespace = ANY(%s)"
+            scope_params.append(builtins.list(namespaces))
+        timeout_ms = self.config.search_timeout_ms
+        deadline = time.monotonic() + timeout_ms / 1000
+
+        def ranked(conn: psycopg.Connection[Any], chosen: Sequence[str], idfs: Sequence[float],
+                   avgdl: float, limit: int) -> builtins.list[tuple[int, float]]:
+            if time.monotonic() > deadline:
+                raise psycopg.errors.QueryCanceled("search_timeout_ms passed")
+            term_of, stems, prefixes, sizes = [], [], [], []
+            for n, term in enumerate(chosen, 1):
+                words, star = phrases[term]
+                for i, stem in enumerate(words):
+                    term_of.append(n)
+                    stems.append(stem)
+                    prefixes.append(star and i == len(words) - 1)
+                sizes.append(len(words))
+            tsquery = " | ".join(f"({tsquery_phrase(*phrases[term])})" for term in chosen)
+            rows = conn.execute(
+                SEARCH_RANKED + scope + " ORDER BY score DESC, id LIMIT %s",
+                [term_of, stems, prefixes, sizes, builtins.list(idfs), avgdl, now, now,
+                 tsquery, *scope_params, limit]).fetchall()
+            return [(int(row_id), float(score)) for row_id, score in rows]
+
+        def run(conn: psycopg.Connection[Any]) -> builtins.list[Any]:
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{timeout_ms}ms",))
+            count_row = conn.execute(SEARCH_TOTALS).fetchone()
+            assert count_row is not None
+            total, avgdl = int(count_row[0]), max(float(count_row[1]), 1.0)
+            half = total // 2 + total % 2
+            cap = max(half, kvmem.BOUND_CANDIDATES)
+            counts = {}
+            for term in phrases:
+                counted = conn.execute(COUNT_MATCHES, (tsquery_phrase(*phrases[term]),
+                                                       cap)).fetchone()
+                counts[term] = int(counted[0]) if counted else 0
+            kept = [term for term in phrases if counts[term] < half] or builtins.list(phrases)
+            best = ranked(conn, kept, [idf(total, counts[t]) for t in kept], avgdl, limit)
+            if len(best) < limit and len(kept) < len(phrases):
+                found = {row_id for row_id, _ in best}
+                everything = builtins.list(phrases)
+                rest = ranked(conn, everything, [idf(total, counts[t]) for t in everything],
+                              avgdl, limit + len(best))
+                best += [(row_id, 0.0) for row_id, _ in rest
+                         if row_id not in found][:limit - len(best)]
+            ids = [row_id for row_id, _ in best]
+            sizes = dict(conn.execute(f"SELECT id, {STORED_BYTES} FROM memories"
+                                      " WHERE id = ANY(%s)", (ids,)).fetchall())
+            page, _ = _page_ids([(i, sizes[i]) for i in ids if i in sizes], limit,
+                                self.config.max_page_bytes)
+            rows = {row[0]: row for row in conn.execute(SELECT_MEMORY + " WHERE id = ANY(%s)",
+                                                        (page,)).fetchall()}
+            scores = dict(best)
+            return [Hit(kvmem._row_memory(rows[i]), scores[i]) for i in page if i in rows]
+
+        try:
+            return self._snapshot(run)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+                raise InvalidInputError(
+                    f"search stopped after {timeout_ms} ms "
+                    "(search_timeout_ms): use fewer or rarer words, or narrow it with "
+                    "namespace, tags, prefix or time filters") from exc
+            raise
 
     def export(self, fp: IO[str], *, namespace: str | None = None) -> int:
         """As ``kvmem.Store.export``: every memory (archived and expired too) as JSON Lines

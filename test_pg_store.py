@@ -22,6 +22,7 @@ import pytest
 
 import kvmem
 import pgtest
+import test_search
 import test_store
 from testutil import Clock, run_threads
 
@@ -82,10 +83,22 @@ test_list_prefix_tag_and_pages = test_store.test_list_prefix_tag_and_pages
 test_pagination_while_another_thread_writes = test_store.test_pagination_while_another_thread_writes
 test_import_is_resumable = test_store.test_import_is_resumable
 test_export_streams_constant_memory = test_store.test_export_streams_constant_memory
+# test_search.py's, on PgStore: the same tokens (SQLite's tokenizer), filters, ranking.
+test_cjk_table = test_search.test_cjk_table
+test_stemming_prefix_object_keys_and_numbers = \
+    test_search.test_stemming_prefix_object_keys_and_numbers
+test_fts_syntax_is_plain_text = test_search.test_fts_syntax_is_plain_text
+test_any_query_text_is_safe = test_search.test_any_query_text_is_safe
+test_filters_and_namespaces = test_search.test_filters_and_namespaces
+test_bad_filters_are_refused = test_search.test_bad_filters_are_refused
+test_reinforced_memory_outranks_a_fading_one = \
+    test_search.test_reinforced_memory_outranks_a_fading_one
+test_five_hundred_words_are_one_term = test_search.test_five_hundred_words_are_one_term
 
 
 @pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "batch",
-                                    "list", "namespaces", "export", "import_", "open"])
+                                    "list", "namespaces", "export", "import_", "search",
+                                    "open"])
 def test_same_signatures_as_store(method: str) -> None:
     ours = inspect.signature(getattr(kvmem_pg.PgStore, method))
     theirs = inspect.signature(getattr(kvmem.Store, method))
