@@ -11,7 +11,9 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import random
 import secrets
+import string
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -513,3 +515,129 @@ def test_a_stopped_server_is_busy_and_the_store_recovers(clock: Clock) -> None:
                 time.sleep(0.05)  # polling for the pool to reconnect
         assert got.value == "before the crash"
         assert store.set("after", 1).version == 1
+
+
+# ---------------------------------------------------------------------------- search ----
+
+
+def _search_columns(dsn: str) -> dict[str, tuple[str, int, str, str, str]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT key, search::text, search_len, value, tags, namespace"
+                            " FROM memories").fetchall()
+    return {f"{ns}:{key}": (vector, length, key, value, tags)
+            for key, vector, length, value, tags, ns in rows}
+
+
+def _assert_search_columns_exact(dsn: str) -> None:
+    """Every row's search columns are what its stored text gives from scratch (as
+    test_search's index_is_exact checks SQLite's index)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, (vector, length, key, value, tags) in _search_columns(dsn).items():
+            literal, want_length = kvmem_pg.search_vector(key, value, tags)
+            row = conn.execute("SELECT %s::tsvector::text", (literal,)).fetchone()
+            assert row is not None and (vector, length) == (row[0], want_length), name
+
+
+def test_search_columns_follow_every_write(store: kvmem_pg.PgStore, pg_dsn: str,
+                                           clock: Clock) -> None:
+    store.set("k", "green tea", tags=["drink"], half_life_seconds=60)
+    assert [h.memory.key for h in store.search("tea")] == ["k"]
+    store.set("k", "black coffee")  # new text: the old words are gone
+    assert store.search("tea") == [] and [h.memory.key for h in store.search("coffee")] == ["k"]
+    store.set("k", "black coffee", tags=["morning"])  # tags only
+    assert [h.memory.key for h in store.search("morning")] == ["k"]
+    assert store.search("drink") == []
+    store.batch([{"op": "set", "key": "b1", "value": {"note": "oolong"}},
+                 {"op": "set", "key": "k", "value": "espresso"}])
+    assert [h.memory.key for h in store.search("oolong")] == ["b1"]
+    assert store.search("coffee") == [] and len(store.search("espresso")) == 1
+    before = _search_columns(pg_dsn)
+    clock.advance(30)
+    store.reinforce("k")  # no new text: the search columns are not rewritten
+    assert _search_columns(pg_dsn) == before
+    exported = io.StringIO()
+    store.export(exported)
+    store.delete("b1")
+    assert store.search("oolong") == []
+    store.import_(io.StringIO(exported.getvalue()))  # import writes them again
+    assert [h.memory.key for h in store.search("oolong")] == ["b1"]
+    _assert_search_columns_exact(pg_dsn)
+
+
+def test_search_ranks_as_sqlite_does(store: kvmem_pg.PgStore, clock: Clock,
+                                     tmp_path: Path) -> None:
+    """The same memories in both backends: the same hits in the same order, and for
+    one-token words the same scores (FTS5's bm25 with BM25_WEIGHTS, N, avgdl, IDF)."""
+    rng = random.Random(19)
+    vocab = ["tea", "green", "coffee", "running", "runner", "connection", "blue", "sky",
+             "绿茶", "咖啡", "launch", "code", "review", "python", "memory", "strength"]
+    specs = [{"op": "set", "key": f"{rng.choice(['note', 'fact', 'tea'])}/{i}",
+              "value": {"text": " ".join(rng.choices(vocab, k=rng.randint(1, 12)))},
+              "tags": rng.sample(["blue", "work", "home", "tea"], rng.randint(0, 2)),
+              "half_life_seconds": rng.choice([None, 600, 3600])} for i in range(80)]
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, clock=clock) as sqlite_store:
+        for stores_ in (sqlite_store, store):
+            stores_.batch(specs[:40])
+        clock.advance(900)
+        for stores_ in (sqlite_store, store):
+            stores_.batch(specs[40:])
+            stores_.reinforce(str(specs[3]["key"]))  # decayed, then reinforced
+        clock.advance(300)
+        for query in ["tea", "green tea", "run", "connections", "绿茶", "咖啡 python",
+                      "blue sky", "launch code review", "memo", "work", "tea/1", "strength"]:
+            theirs = sqlite_store.search(query, limit=100)
+            ours = store.search(query, limit=100)
+            assert [h.memory.key for h in ours] == [h.memory.key for h in theirs], query
+            assert [h.score for h in ours] == pytest.approx([h.score for h in theirs],
+                                                            rel=1e-9), query
+
+
+def test_search_migration_fills_memories_written_before_it(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patch:  # a database of schema 1, before search
+        patch.setattr(kvmem_pg, "MIGRATIONS_PG", kvmem_pg.MIGRATIONS_PG[:1])
+        patch.setattr(kvmem_pg, "SCHEMA_VERSION", 1)
+        patch.setattr(kvmem_pg, "_new_search", lambda *args: None)  # no search columns yet
+        with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as old:
+            for start in (0, 600):  # more than one fill batch
+                old.batch([{"op": "set", "key": f"k{i}", "value": f"word{i % 7} shared"}
+                           for i in range(start, start + 600)])
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as new:
+        assert len(new.search("word3", limit=100)) == 100
+        assert {h.memory.key for h in new.search("word3 zzz", limit=100)} <= \
+            {f"k{i}" for i in range(3, 1200, 7)}
+    _assert_search_columns_exact(pg_dsn)
+
+
+def test_huge_and_odd_text_stays_within_postgresqls_limits(store: kvmem_pg.PgStore) -> None:
+    """tsvector limits (1 MiB, 2,046-byte lexemes, 255 positions, position 16,383) never
+    become an error: the memory is stored and its first words are searchable."""
+    rng = random.Random(7)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(140_000)]
+    store.set("huge", " ".join(["firstword", *words]))
+    # this thread's tokenizer was renewed (FTS5's hash table would stay that large)
+    assert getattr(kvmem_pg._tokenizers, "conn", None) is None
+    store.set("long", "x" * 3000 + " shortword")
+    store.set("many", " ".join(["again"] * 20_000))
+    store.set("quote", "it's a back\\slash o'clock")
+    assert [h.memory.key for h in store.search("firstword")] == ["huge"]
+    assert [h.memory.key for h in store.search("shortword")] == ["long"]
+    assert [h.memory.key for h in store.search("again")] == ["many"]
+    assert [h.memory.key for h in store.search("o'clock")] == ["quote"]
+    assert [h.memory.key for h in store.search("back\\slash")] == ["quote"]
+
+
+def test_a_slow_search_is_stopped_by_statement_timeout(pg_dsn: str) -> None:
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as writer:
+        for start in range(0, 20_000, 1000):
+            writer.batch([{"op": "set", "key": f"k{i}", "value": f"common words {i}"}
+                          for i in range(start, start + 1000)])
+    config = kvmem.Config.build(environ={"KVMEM_SEARCH_TIMEOUT_MS": "1"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
+        with pytest.raises(kvmem.InvalidInputError, match="search stopped after 1 ms") as info:
+            store.search("common words", limit=100)
+        assert info.value.code == "invalid_request"
+        store.set("after", "still writable")  # the pool's connections are fine
+        assert store.get("after") is not None
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as store:
+        assert len(store.search("common words", limit=100)) == 100
