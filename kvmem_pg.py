@@ -25,9 +25,14 @@ Theory of operation
   ``now()``: the core stays pure and tests move time by hand.  TTL and decay across hosts
   therefore need synchronised clocks (NTP); compare-and-set does not.
 
+* Search.  The words are SQLite's own (an in-memory FTS5 table with kvmem's tokenizer,
+  see ``search_vector``), stored as a tsvector with a GIN index and written in the same
+  statement as the text; the ranking is FTS5's bm25 with kvmem's column weights
+  (``kvmem_bm25`` in SQL) times the current strength, as ``kvmem.search_score``.
+
 So far (issue #19): open, migrate, set, get, delete, reinforce, apply, batch, list,
-namespaces, export, import_.  The other methods of ``kvmem.Store`` (search, prune, forget,
-stats, health) are still to come; see docs/postgres-design.md.
+namespaces, export, import_, search.  The other methods of ``kvmem.Store`` (prune,
+forget, stats, health) are still to come; see docs/postgres-design.md.
 """
 
 from __future__ import annotations
@@ -514,7 +519,7 @@ def describe_dsn(dsn: str) -> str:
 class PgStore:
     """kvmem's Store on PostgreSQL: the same methods, arguments, results and errors as
     ``kvmem.Store`` (so far: set, get, delete, reinforce, apply, batch, list,
-    namespaces, export, import_).
+    namespaces, export, import_, search).
 
     Thread-safe: each call takes a connection from the pool.  Writes return after their
     COMMIT (``synchronous_commit=on``).  Times come from ``clock`` (Unix seconds).  Open

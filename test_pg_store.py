@@ -1,10 +1,10 @@
 """kvmem_pg.PgStore on a real PostgreSQL (pgtest.py starts one per module): the Store
 behaviours it has so far, compare-and-set across two pools, its errors and migrations.
 
-Where test_store.py's Store tests only use what PgStore has (set, get, delete), they run
+Where test_store.py's and test_search.py's tests only use what PgStore has, they run
 here unchanged: this module's ``store`` fixture, a PgStore, replaces conftest's for them.
-The suite moves to one fixture parametrized over both backends once PgStore has list,
-search and prune (docs/postgres-design.md, section 6)."""
+The suite moves to one fixture parametrized over both backends once PgStore has prune,
+forget and stats too (docs/postgres-design.md, section 6)."""
 
 from __future__ import annotations
 
@@ -641,3 +641,13 @@ def test_a_slow_search_is_stopped_by_statement_timeout(pg_dsn: str) -> None:
         assert store.get("after") is not None
     with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as store:
         assert len(store.search("common words", limit=100)) == 100
+
+
+def test_search_hits_stop_at_the_page_byte_budget(pg_dsn: str) -> None:
+    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
+        store.batch([{"op": "set", "key": f"k{i}", "value": "needle " + "x" * 3000}
+                     for i in range(10)])
+        assert len(store.search("needle", limit=10)) == 3  # the fourth passes 10,000 bytes
+        store.set("big", "haystack " + "y" * 20000)
+        assert [h.memory.key for h in store.search("haystack")] == ["big"]  # at least one
