@@ -30,9 +30,13 @@ Theory of operation
   statement as the text; the ranking is FTS5's bm25 with kvmem's column weights
   (``kvmem_bm25`` in SQL) times the current strength, as ``kvmem.search_score``.
 
+* Prune and forget.  prune takes its rows ``FOR UPDATE SKIP LOCKED`` (servers prune at
+  once without waiting); forget walks key windows of ``prune_batch`` rows, each under its
+  keys' advisory locks taken in the same order as batches take theirs (no deadlock).
+
 So far (issue #19): open, migrate, set, get, delete, reinforce, apply, batch, list,
-namespaces, export, import_, search.  The other methods of ``kvmem.Store`` (prune,
-forget, stats, health) are still to come; see docs/postgres-design.md.
+namespaces, export, import_, search, prune, forget, interrupt, and a minimal stats and
+health (no replication lag yet); see docs/postgres-design.md.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import secrets
 import sqlite3
@@ -70,6 +75,7 @@ from kvmem import (
     Memory,
     Op,
     Page,
+    PruneResult,
     ReadOnlyError,
     ReinforceOp,
     SchemaTooNewError,
@@ -352,6 +358,19 @@ CONFIGURE = ("SELECT set_config('synchronous_commit', 'on', false),"
 SYNCHRONOUS_REFUSED = ("normal", "off")
 
 
+# prune: each batch locks only rows no one else holds (SKIP LOCKED), so the decay passes
+# of several servers run at once without waiting on each other or on writers; a row a
+# writer holds is left for the next pass.
+PRUNE_EXPIRED = (f"DELETE FROM memories WHERE id IN (SELECT id FROM memories WHERE {EXPIRED_PG}"
+                 " LIMIT %s FOR UPDATE SKIP LOCKED)")
+PRUNE_FADED = ("UPDATE memories SET archived = 1 WHERE id IN (SELECT id FROM memories"
+               f" WHERE archived = 0 AND half_life_seconds IS NOT NULL AND {STRENGTH_PG} < %s"
+               " LIMIT %s FOR UPDATE SKIP LOCKED)")
+# forget: a window of the namespace in key order (scanned, matched or not).
+FORGET_WINDOW = ("SELECT id, key FROM memories WHERE namespace = %s AND key >= %s"
+                 " AND (key > %s OR %s) ORDER BY key LIMIT %s")
+
+
 INSERT_WITH_SEARCH = _pg_sql(
     kvmem.INSERT_MEMORY.replace(") VALUES (", ", search, search_len) VALUES (")[:-1]
     + ", ?::tsvector, ?)")
@@ -519,7 +538,8 @@ def describe_dsn(dsn: str) -> str:
 class PgStore:
     """kvmem's Store on PostgreSQL: the same methods, arguments, results and errors as
     ``kvmem.Store`` (so far: set, get, delete, reinforce, apply, batch, list,
-    namespaces, export, import_, search).
+    namespaces, export, import_, search, prune, forget, interrupt; stats and health are
+    minimal).
 
     Thread-safe: each call takes a connection from the pool.  Writes return after their
     COMMIT (``synchronous_commit=on``).  Times come from ``clock`` (Unix seconds).  Open
@@ -536,6 +556,8 @@ class PgStore:
         self.where = describe_dsn(dsn)
         self._closed = False
         self._lock = threading.Lock()
+        self._interrupted = threading.Event()  # interrupt(): forget ends at its next batch
+        self._last_prune: PruneResult | None = None
         timeout = config.busy_timeout_ms / 1000
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, timeout=max(timeout, 0.001), open=False,
@@ -759,6 +781,148 @@ class PgStore:
         while chunk := builtins.list(itertools.islice(memories, self.config.prune_batch)):
             imported += self._transact(functools.partial(_put_exact, memories=chunk))
         return {"imported": imported, "lines": count}
+
+    # -- decay and bulk deletes ----------------------------------------------------------
+
+    def prune(self, now: float | None = None) -> PruneResult:
+        """As ``kvmem.Store.prune``: delete expired memories, archive live ones whose
+        current strength is below ``archive_threshold``, in transactions of at most
+        ``prune_batch`` rows of each.  Rows are taken ``FOR UPDATE SKIP LOCKED``: servers
+        pruning at once never wait on each other (nor on a writer: a row being written is
+        left for the next pass)."""
+        now = self.clock() if now is None else now
+        threshold = self.config.archive_threshold
+        limit = self.config.prune_batch
+
+        def step(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            deleted = conn.execute(PRUNE_EXPIRED, (now, limit)).rowcount
+            archived = conn.execute(PRUNE_FADED, (now, now, threshold, limit)).rowcount
+            return max(deleted, 0), max(archived, 0)
+
+        archived_total = deleted_total = batches = 0
+        while True:
+            deleted, archived = self._transact(step)
+            archived_total += archived
+            deleted_total += deleted
+            batches += 1
+            if deleted < limit and archived < limit:
+                break
+        result = PruneResult(archived_total, deleted_total, batches, now)
+        self._last_prune = result
+        return result
+
+    def forget(self, *, namespace: str = "default", prefix: str | None = None,
+               tags: Sequence[str] = (), updated_after: float | str | None = None,
+               updated_before: float | str | None = None,
+               dry_run: bool = False) -> dict[str, Any]:
+        """As ``kvmem.Store.forget``: delete every memory of ``namespace`` (live, archived
+        or expired) that the ``Filters`` select; a non-empty ``prefix`` or ``tags`` is
+        required.  It walks the namespace in key order, ``prune_batch`` memories a
+        transaction (matched or not); each batch takes its keys' advisory locks in the
+        same sorted order as writes and batches do (so it never deadlocks with them), then
+        deletes those of its rows the filters select at that moment.  ``interrupt()`` ends
+        it between batches with BusyError.  A dry run counts and lists from one snapshot.
+
+        Returns ``{"dry_run", "matched", "deleted", "keys", "more"}``."""
+        namespace = kvmem.validate_namespace(namespace, self.config)
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        if filters.prefix is None and not filters.tags:
+            raise InvalidInputError("forget needs a prefix or tags (it never empties a "
+                                    "namespace by default)")
+        if not isinstance(dry_run, bool):
+            raise InvalidInputError("dry_run must be true or false")
+        where, params = _filters_sql(filters)
+        if dry_run:
+            def count(conn: psycopg.Connection[Any]) -> tuple[int, builtins.list[str]]:
+                row = conn.execute(f"SELECT count(*) FROM memories WHERE namespace = %s{where}",
+                                   (namespace, *params)).fetchone()
+                sample = conn.execute(f"SELECT key FROM memories WHERE namespace = %s{where}"
+                                      " ORDER BY key LIMIT %s",
+                                      (namespace, *params, kvmem.FORGET_SAMPLE)).fetchall()
+                return (int(row[0]) if row else 0), [r[0] for r in sample]
+
+            matched, sample = self._snapshot(count)
+            return {"dry_run": True, "matched": matched, "deleted": 0, "keys": sample,
+                    "more": matched > len(sample)}
+        limit = self.config.prune_batch
+
+        def step(conn: psycopg.Connection[Any],
+                 last: str | None) -> tuple[builtins.list[str], str | None]:
+            window = conn.execute(FORGET_WINDOW, (namespace, filters.prefix or "", last or "",
+                                                  last is None, limit)).fetchall()
+            if not window:
+                return [], None
+            _lock_keys(conn, [(namespace, key) for _, key in window])
+            rows = conn.execute(f"DELETE FROM memories WHERE id = ANY(%s){where} RETURNING key",
+                                ([row_id for row_id, _ in window], *params)).fetchall()
+            # C collation: PostgreSQL's key order is code point order, as Python's.
+            return sorted(r[0] for r in rows), window[-1][1]
+
+        keys: builtins.list[str] = []
+        deleted = 0
+        last: str | None = None
+        while True:
+            if self._interrupted.is_set():
+                raise BusyError(f"stopping: forget ended after deleting {deleted} memories; "
+                                "run it again to finish")
+            batch, last = self._transact(functools.partial(step, last=last))
+            deleted += len(batch)
+            keys.extend(batch[:kvmem.FORGET_SAMPLE - len(keys)])
+            if last is None or (filters.prefix is not None
+                                and not last.startswith(filters.prefix)):
+                break  # the walk passed the namespace's last key, or the prefix's keys
+        return {"dry_run": False, "matched": deleted, "deleted": deleted, "keys": keys,
+                "more": deleted > len(keys)}
+
+    def interrupt(self) -> None:
+        """Make long work (``forget``) end at its next batch: for a server that stops."""
+        self._interrupted.set()
+
+    # -- state -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A minimal ``kvmem.Store.stats``: the server (version, whether it is a standby,
+        the settings read at open), the pool's figures, the counts (live, archived,
+        expired not yet pruned), the last prune, health, the configuration (token hidden)
+        and the process id.  (SQLite's file, checkpoint and group-commit figures have no
+        counterpart here.)"""
+        now = self.clock()
+
+        def read(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+            row = conn.execute(
+                f"SELECT count(*) FILTER (WHERE {LIVE_PG}),"
+                f" count(*) FILTER (WHERE archived = 1 AND NOT {EXPIRED_PG}),"
+                f" count(*) FILTER (WHERE {EXPIRED_PG}), current_setting('server_version'),"
+                " pg_is_in_recovery() FROM memories", (now, now, now)).fetchone()
+            assert row is not None
+            return tuple(row)
+
+        live, archived, expired, version, recovery = self._snapshot(read)
+        return {
+            "backend": "postgresql",
+            "database": self.where,
+            "server": {"version": version, "in_recovery": bool(recovery),
+                       "settings": dict(self.server_settings)},
+            "pool": self._pool.get_stats(),
+            "counts": {"live": int(live), "archived": int(archived),
+                       "expired_pending": int(expired)},
+            "last_prune": kvmem.prune_record(self._last_prune) if self._last_prune else None,
+            "health": self.health(),
+            "config": self.config.public(),
+            "pid": os.getpid(),
+        }
+
+    def health(self) -> dict[str, Any]:
+        """``{"ok": bool, "problems": [...], "past": {}}``, as ``kvmem.Store.health``: a
+        problem now is the database not answering a read (no connection within
+        busy_timeout_ms, the server gone).  Replication lag is not checked yet."""
+        problems = []
+        try:
+            self.get("healthz-probe", namespace="kvmem-health")  # the database answers
+        except KvmemError as exc:
+            problems.append(f"{exc.code}: {exc}")
+        return {"ok": not problems, "problems": problems, "past": {}}
 
     # -- reads -------------------------------------------------------------------------
 

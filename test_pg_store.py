@@ -3,14 +3,15 @@ behaviours it has so far, compare-and-set across two pools, its errors and migra
 
 Where test_store.py's and test_search.py's tests only use what PgStore has, they run
 here unchanged: this module's ``store`` fixture, a PgStore, replaces conftest's for them.
-The suite moves to one fixture parametrized over both backends once PgStore has prune,
-forget and stats too (docs/postgres-design.md, section 6)."""
+The suite moves to one fixture parametrized over both backends next
+(docs/postgres-design.md, section 6)."""
 
 from __future__ import annotations
 
 import inspect
 import io
 import json
+import math
 import random
 import secrets
 import string
@@ -85,6 +86,13 @@ test_list_prefix_tag_and_pages = test_store.test_list_prefix_tag_and_pages
 test_pagination_while_another_thread_writes = test_store.test_pagination_while_another_thread_writes
 test_import_is_resumable = test_store.test_import_is_resumable
 test_export_streams_constant_memory = test_store.test_export_streams_constant_memory
+test_ttl_expiry = test_store.test_ttl_expiry
+test_prune_deletes_expired = test_store.test_prune_deletes_expired
+test_decay_archive_restore = test_store.test_decay_archive_restore
+test_forget_bad_input_is_refused_and_changes_nothing = \
+    test_store.test_forget_bad_input_is_refused_and_changes_nothing
+test_an_interrupted_forget_ends_between_batches = \
+    test_store.test_an_interrupted_forget_ends_between_batches
 # test_search.py's, on PgStore: the same tokens (SQLite's tokenizer), filters, ranking.
 test_cjk_table = test_search.test_cjk_table
 test_stemming_prefix_object_keys_and_numbers = \
@@ -100,6 +108,7 @@ test_five_hundred_words_are_one_term = test_search.test_five_hundred_words_are_o
 
 @pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "batch",
                                     "list", "namespaces", "export", "import_", "search",
+                                    "prune", "forget", "interrupt", "stats", "health",
                                     "open"])
 def test_same_signatures_as_store(method: str) -> None:
     ours = inspect.signature(getattr(kvmem_pg.PgStore, method))
@@ -651,3 +660,143 @@ def test_search_hits_stop_at_the_page_byte_budget(pg_dsn: str) -> None:
         assert len(store.search("needle", limit=10)) == 3  # the fourth passes 10,000 bytes
         store.set("big", "haystack " + "y" * 20000)
         assert [h.memory.key for h in store.search("haystack")] == ["big"]  # at least one
+
+
+# ------------------------------------------------------------------ prune and forget ----
+
+
+def test_prune_skips_rows_another_transaction_holds(store: kvmem_pg.PgStore, clock: Clock,
+                                                     pg_dsn: str) -> None:
+    """SKIP LOCKED: a row locked elsewhere is left for the next pass, without waiting."""
+    for i in range(5):
+        store.set(f"e{i}", i, ttl_seconds=5)
+    store.set("fade", "x", half_life_seconds=1)
+    clock.advance(60)
+    with psycopg.connect(pg_dsn) as holder:  # a transaction holding e0 and fade
+        holder.execute("SELECT 1 FROM memories WHERE key IN ('e0', 'fade') FOR UPDATE")
+        started = time.monotonic()
+        first = store.prune()
+        assert time.monotonic() - started < 1.0  # busy_timeout_ms is longer: it never waited
+        assert (first.deleted, first.archived) == (4, 0)
+    second = store.prune()
+    assert (second.deleted, second.archived) == (1, 1)
+    assert store.stats()["counts"] == {"live": 0, "archived": 1, "expired_pending": 0}
+    assert store.stats()["last_prune"]["deleted"] == 1
+
+
+def test_two_stores_prune_at_once(pg_dsn: str, clock: Clock) -> None:
+    """Two stores (two pools, as two servers) pruning 3,000 expired and 3,000 fading
+    memories at once, batches of 50: each row is deleted or archived once in all."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "50"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock) as a, \
+            kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock) as b:
+        for start in range(0, 3000, 1000):
+            a.batch([{"op": "set", "key": f"e{i}", "value": i, "ttl_seconds": 5}
+                     for i in range(start, start + 1000)])
+            a.batch([{"op": "set", "key": f"f{i}", "value": i, "half_life_seconds": 1}
+                     for i in range(start, start + 1000)])
+        a.set("keep", 1)
+        clock.advance(60)
+        results: list[kvmem.PruneResult] = []
+        errors = run_threads(lambda n: results.append((a, b)[n].prune()), 2)
+        assert errors == []
+        assert sum(r.deleted for r in results) == 3000
+        assert sum(r.archived for r in results) == 3000
+        assert a.stats()["counts"] == {"live": 1, "archived": 3000, "expired_pending": 0}
+
+
+def _pg_forget_fixture(pg_dsn: str, clock: Clock) -> kvmem_pg.PgStore:
+    """test_store's _forget_fixture on PostgreSQL: 250 memories under u/ (odd ones tagged
+    'old', u/000 archived, u/002 expired), v/keep tagged 'old', u/001 in another
+    namespace; batches of 7."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "7"})
+    store = kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock)
+    store.batch([{"op": "set", "key": f"u/{i:03d}", "value": {"n": i},
+                  "tags": ["old"] if i % 2 else [], "ttl_seconds": 100 if i == 2 else None,
+                  "half_life_seconds": 1 if i == 0 else None} for i in range(250)])
+    store.set("v/keep", "stays", tags=["old"])
+    store.set("u/001", "other namespace", tags=["old"], namespace="elsewhere")
+    clock.advance(60)
+    assert store.prune().archived == 1  # u/000
+    clock.advance(60)  # u/002 expires, not yet pruned
+    assert store.get("u/002") is None
+    return store
+
+
+def test_forget_dry_run_changes_nothing(pg_dsn: str, clock: Clock) -> None:
+    with _pg_forget_fixture(pg_dsn, clock) as store:
+        out = io.StringIO()
+        store.export(out)
+        report = store.forget(prefix="u/", dry_run=True)
+        assert report["dry_run"] and report["deleted"] == 0
+        assert report["matched"] == 250  # live, archived and expired ones alike
+        assert report["keys"] == [f"u/{i:03d}" for i in range(100)] and report["more"]
+        again = io.StringIO()
+        store.export(again)
+        assert again.getvalue() == out.getvalue()
+        tagged = store.forget(prefix="u/", tags=["old"], dry_run=True)
+        assert tagged["matched"] == 125 and tagged["keys"][:2] == ["u/001", "u/003"]
+        assert store.forget(tags=["old"], dry_run=True)["matched"] == 126
+
+
+def test_forget_deletes_exactly_its_selection_in_batches(pg_dsn: str, clock: Clock) -> None:
+    with _pg_forget_fixture(pg_dsn, clock) as store:
+        transactions = []
+        transact = store._transact
+
+        def counted(fn: Callable[[Any], Any], **kw: Any) -> Any:
+            transactions.append(fn)
+            return transact(fn, **kw)
+
+        store._transact = counted  # type: ignore[method-assign]
+        report = store.forget(prefix="u/", tags=["old"])
+        # a transaction per 7 memories walked (the last window also holds v/keep)
+        assert len(transactions) == math.ceil(251 / 7)
+        assert report["deleted"] == report["matched"] == 125 and not report["dry_run"]
+        assert report["keys"] == [f"u/{i:03d}" for i in range(1, 200, 2)] and report["more"]
+        left = {m.key for m in store.list(prefix="u/", limit=1000).items}
+        assert left == {f"u/{i:03d}" for i in range(0, 250, 2)} - {"u/000", "u/002"}
+        assert [m.key for m in store.list(archived=True).items] == ["u/000"]
+        kept, other = store.get("v/keep"), store.get("u/001", namespace="elsewhere")
+        assert kept is not None and kept.value == "stays"
+        assert other is not None and other.value == "other namespace"
+        assert store.forget(prefix="u/")["deleted"] == 125  # archived and expired too
+        assert store.forget(prefix="v/")["deleted"] == 1
+        assert store.namespaces() == [{"namespace": "elsewhere", "live": 1, "archived": 0}]
+
+
+def test_forget_and_batches_at_once_never_deadlock(pg_dsn: str) -> None:
+    """forget takes its window's advisory locks in the batches' order: batches writing
+    the keys it walks, in reverse key order, meet no deadlock (PostgreSQL's counter)."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "20"})
+    deadlocks = _deadlocks(pg_dsn)
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as a, \
+            kvmem_pg.PgStore.open(pg_dsn, config=config) as b:
+        def work(n: int) -> None:
+            if n == 0:
+                a.forget(prefix="k", tags=["x"])
+            else:
+                for start in range(380, -1, -20):
+                    b.batch([{"op": "set", "key": f"k{i:03d}", "value": -i, "tags": ["y"]}
+                             for i in range(start + 19, start - 1, -1)])
+
+        for _ in range(5):  # (checked: with FOR UPDATE instead, most runs deadlock)
+            a.batch([{"op": "set", "key": f"k{i:03d}", "value": i, "tags": ["x"]}
+                     for i in range(400)])
+            assert run_threads(work, 2) == []
+            left = a.list(prefix="k", limit=1000).items
+            assert all(m.tags == ["y"] for m in left)  # every one tagged x is gone
+    assert _deadlocks(pg_dsn) == deadlocks
+
+
+def test_stats_and_health(store: kvmem_pg.PgStore, pg_server: pgtest.PostgresServer) -> None:
+    store.set("a", 1)
+    stats = store.stats()
+    assert stats["backend"] == "postgresql" and stats["counts"]["live"] == 1
+    assert stats["server"]["version"] == pg_server.settings("server_version")["server_version"]
+    assert stats["server"]["in_recovery"] is False
+    assert stats["pool"]["pool_max"] == 10
+    assert stats["health"] == {"ok": True, "problems": [], "past": {}}
+    assert stats["config"] == CONFIG.public() and stats["last_prune"] is None
+    store.prune()
+    assert store.stats()["last_prune"]["batches"] == 1
