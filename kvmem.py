@@ -3107,12 +3107,13 @@ class Store:
         deleted = 0
 
         def step(conn: KvmemConnection, last: str | None) -> tuple[builtins.list[str], str | None]:
-            start = (namespace, filters.prefix or "", last or "", last is None, limit)
-            end = conn.execute(f"SELECT max(key) FROM ({window})", start).fetchone()[0]
-            rows = conn.execute(f"SELECT id, key FROM ({window}) AS m WHERE 1{where}",
-                                (*start, *params)).fetchall()
-            conn.executemany("DELETE FROM memories WHERE id = ?", [(r[0],) for r in rows])
-            return [r[1] for r in rows], end
+            # One read of the window: each row, and whether the filters select it.
+            rows = conn.execute(f"SELECT id, key, 1{where} FROM ({window}) AS m",
+                                (*params, namespace, filters.prefix or "", last or "",
+                                 last is None, limit)).fetchall()
+            hits = [(row_id, key) for row_id, key, hit in rows if hit]
+            conn.executemany("DELETE FROM memories WHERE id = ?", [(h[0],) for h in hits])
+            return [h[1] for h in hits], rows[-1][1] if rows else None
 
         last: str | None = None
         while True:

@@ -92,6 +92,15 @@ class Page:
         row.click()
         self.until(lambda: self.by_id("d-key").text == key, f"the detail of {key!r}")
 
+    def create(self, key: str, value: str, tags: str = "", ttl: str = "") -> None:
+        """Fill the New memory form and press Create (the caller waits for its status)."""
+        self.click("show-new")
+        self.type("n-key", key)
+        self.type("n-value", value)
+        self.type("n-tags", tags)
+        self.type("n-ttl", ttl)
+        self.click("create")
+
     def screenshot(self, name: str) -> None:
         OUTPUT.mkdir(parents=True, exist_ok=True)
         assert self.driver.save_screenshot(str(OUTPUT / f"{name}.png"))
@@ -159,11 +168,7 @@ def test_create_search_edit_with_conflict_reinforce_delete(page: Page) -> None:
     assert page.api("POST", "/v1/batch", {"ops": others})[0] == 200
     page.open()
     page.ready()
-    page.click("show-new")
-    page.type("n-key", "user/tea")
-    page.type("n-value", '{"likes": "green tea"}')
-    page.type("n-tags", "prefs, drinks")
-    page.click("create")
+    page.create("user/tea", '{"likes": "green tea"}', tags="prefs, drinks")
     page.wait_status("Created user/tea")
     status, stored = page.api("GET", "/v1/memories/user%2Ftea")
     assert status == 200 and stored["value"] == {"likes": "green tea"}
@@ -505,10 +510,6 @@ def test_saving_keeps_what_was_not_edited(page: Page) -> None:
 def test_a_ttl_that_is_no_number_is_refused(page: Page) -> None:
     page.open()
     page.ready()
-    page.click("show-new")
-    page.type("n-key", "ttl")
-    page.type("n-value", '"v"')
-    page.type("n-ttl", "1h")
-    page.click("create")
+    page.create("ttl", '"v"', ttl="1h")
     page.wait_status("The TTL must be a number of seconds")
     assert page.api("GET", "/v1/memories/ttl")[0] == 404
