@@ -440,7 +440,7 @@ class Config:
 
 
 # KVMEM_* variables that no setting reads but the test suite does.
-TEST_VARIABLES = ("KVMEM_TEST_REQUIRE_STRACE", "KVMEM_TEST_SOAK")
+TEST_VARIABLES = ("KVMEM_TEST_REQUIRE_STRACE", "KVMEM_TEST_REQUIRE_POSTGRES", "KVMEM_TEST_SOAK")
 _WARNED: set[str] = set()
 
 

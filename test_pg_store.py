@@ -1,0 +1,802 @@
+"""kvmem_pg.PgStore on a real PostgreSQL (pgtest.py starts one per module): the Store
+behaviours it has so far, compare-and-set across two pools, its errors and migrations.
+
+Where test_store.py's and test_search.py's tests only use what PgStore has, they run
+here unchanged: this module's ``store`` fixture, a PgStore, replaces conftest's for them.
+The suite moves to one fixture parametrized over both backends next
+(docs/postgres-design.md, section 6)."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import random
+import secrets
+import string
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kvmem
+import pgtest
+import test_search
+import test_store
+from testutil import Clock, run_threads
+
+try:
+    import psycopg
+    import psycopg.conninfo
+    import psycopg.errors
+    import psycopg_pool
+
+    import kvmem_pg
+except ImportError:  # no psycopg: _require_postgres skips every test (fails it in CI)
+    pass
+
+CONFIG = kvmem.Config.build(environ={})
+
+
+@pytest.fixture(autouse=True)
+def _require_postgres() -> None:
+    pgtest.require_postgres()
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[pgtest.PostgresServer]:
+    pgtest.require_postgres()
+    with pgtest.postgres_server() as server:
+        yield server
+
+
+def _schema_dsn(dsn: str, schema: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, options=f"-csearch_path={schema}")
+
+
+@pytest.fixture
+def pg_dsn(pg_server: pgtest.PostgresServer) -> Iterator[str]:
+    """A DSN whose tables live in a fresh schema, dropped at the end: every test migrates
+    an empty database of its own."""
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")  # a name made here, not input
+    yield _schema_dsn(pg_server.dsn, schema)
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def store(pg_dsn: str, clock: Clock) -> Iterator[kvmem_pg.PgStore]:
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, clock=clock) as opened:
+        yield opened
+
+
+# test_store.py's assertions, on PgStore.
+test_set_get_round_trip = test_store.test_set_get_round_trip
+test_compare_and_set = test_store.test_compare_and_set
+test_delete = test_store.test_delete
+test_unicode_and_odd_keys_round_trip = test_store.test_unicode_and_odd_keys_round_trip
+test_batch_is_atomic = test_store.test_batch_is_atomic
+test_list_prefix_tag_and_pages = test_store.test_list_prefix_tag_and_pages
+test_pagination_while_another_thread_writes = test_store.test_pagination_while_another_thread_writes
+test_import_is_resumable = test_store.test_import_is_resumable
+test_export_streams_constant_memory = test_store.test_export_streams_constant_memory
+test_ttl_expiry = test_store.test_ttl_expiry
+test_prune_deletes_expired = test_store.test_prune_deletes_expired
+test_decay_archive_restore = test_store.test_decay_archive_restore
+test_forget_bad_input_is_refused_and_changes_nothing = \
+    test_store.test_forget_bad_input_is_refused_and_changes_nothing
+test_an_interrupted_forget_ends_between_batches = \
+    test_store.test_an_interrupted_forget_ends_between_batches
+# test_search.py's, on PgStore: the same tokens (SQLite's tokenizer), filters, ranking.
+test_cjk_table = test_search.test_cjk_table
+test_stemming_prefix_object_keys_and_numbers = \
+    test_search.test_stemming_prefix_object_keys_and_numbers
+test_fts_syntax_is_plain_text = test_search.test_fts_syntax_is_plain_text
+test_any_query_text_is_safe = test_search.test_any_query_text_is_safe
+test_filters_and_namespaces = test_search.test_filters_and_namespaces
+test_bad_filters_are_refused = test_search.test_bad_filters_are_refused
+test_reinforced_memory_outranks_a_fading_one = \
+    test_search.test_reinforced_memory_outranks_a_fading_one
+test_five_hundred_words_are_one_term = test_search.test_five_hundred_words_are_one_term
+
+
+@pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "batch",
+                                    "list", "namespaces", "export", "import_", "search",
+                                    "prune", "forget", "interrupt", "stats", "health",
+                                    "open"])
+def test_same_signatures_as_store(method: str) -> None:
+    ours = inspect.signature(getattr(kvmem_pg.PgStore, method))
+    theirs = inspect.signature(getattr(kvmem.Store, method))
+    if method == "open":  # the DSN for the path; no SQLite background threads
+        assert ours.parameters["config"] == theirs.parameters["config"]
+        assert ours.parameters["clock"] == theirs.parameters["clock"]
+        return
+    assert ours == theirs
+
+
+def test_reinforce(store: kvmem_pg.PgStore, clock: Clock) -> None:
+    created = store.set("k", "v", half_life_seconds=10)
+    clock.advance(100)
+    reinforced = store.reinforce("k")
+    expected = kvmem.reinforced_strength(1.0, created.last_reinforced_at, 10, clock.now)
+    assert reinforced.strength == pytest.approx(expected) and expected < 1.0
+    assert reinforced.version == 1  # a reinforce changes no content
+    assert reinforced.last_reinforced_at == clock.now
+    assert store.get("k") == reinforced
+    with pytest.raises(kvmem.NotFoundError) as info:
+        store.reinforce("absent")
+    assert info.value.code == "not_found"
+
+
+def _deadlocks(dsn: str) -> int:
+    """PostgreSQL's count of deadlocks detected in this database (a new connection: a
+    session caches the statistics it read)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT deadlocks FROM pg_stat_database"
+                           " WHERE datname = current_database()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_batch_locks_its_keys_in_one_order(pg_dsn: str) -> None:
+    """Batches over the same keys in opposite orders, from two pools at once: no deadlock
+    happens (PostgreSQL counted none: it would also have been retried, hiding it), and
+    every batch applied all its ops."""
+    deadlocks = _deadlocks(pg_dsn)
+    stores = [kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, pool_size=4) for _ in range(2)]
+    keys = [f"k{i}" for i in range(8)]
+    try:
+        def run(n: int) -> None:
+            order = keys if n % 2 else keys[::-1]
+            for _ in range(15):
+                stores[n % 2].batch([{"op": "set", "key": k, "value": n} for k in order])
+
+        assert run_threads(run, 6) == []
+        values = {m.key: m.value for m in stores[0].list().items}
+        assert set(values) == set(keys) and len(set(values.values())) == 1  # one batch last
+        assert {m.version for m in stores[0].list().items} == {6 * 15}
+    finally:
+        for store in stores:
+            store.close()
+    time.sleep(0.2)  # the closed sessions' statistics reach the shared counters
+    assert _deadlocks(pg_dsn) == deadlocks
+
+
+def test_batch_op_objects_keep_their_namespace(store: kvmem_pg.PgStore) -> None:
+    ops: list[kvmem.SetOp | kvmem.DeleteOp] = [
+        kvmem.SetOp.parse({"value": 1}, CONFIG, key="k", namespace="a"),
+        kvmem.DeleteOp.parse({}, CONFIG, key="k", namespace="b")]
+    assert [r["op"] for r in store.batch(ops, namespace="ignored")] == ["set", "delete"]
+    assert store.get("k", namespace="a") is not None
+    with pytest.raises(kvmem.InvalidInputError, match="cannot be in a batch"):
+        store.batch([kvmem.ReinforceOp.parse({}, CONFIG, key="k", namespace="a")])  # type: ignore[list-item]
+    with pytest.raises(kvmem.InvalidInputError, match="at most"):
+        store.batch([{"op": "delete", "key": "k"}] * (CONFIG.max_batch_ops + 1))
+
+
+def test_list_filters_archived_and_time_bounds(store: kvmem_pg.PgStore, clock: Clock,
+                                               pg_dsn: str) -> None:
+    store.set("a", 1, tags=["x", "y"])
+    clock.advance(10)
+    middle = clock.now
+    store.set("b", 2, tags=["y"])
+    clock.advance(10)
+    store.set("c", 3, tags=["x", "y", "z"], ttl_seconds=5)
+    store.set("d", 4, namespace="other")
+    assert [m.key for m in store.list(tags=["x", "y"]).items] == ["a", "c"]
+    assert [m.key for m in store.list(tag="z", tags=["x"]).items] == ["c"]
+    assert [m.key for m in store.list(updated_after=middle - 1).items] == ["b", "c"]
+    assert [m.key for m in store.list(updated_before=middle + 1).items] == ["a", "b"]
+    assert [m.key for m in store.list(updated_after=kvmem.rfc3339(middle - 1),
+                                      updated_before=kvmem.rfc3339(middle + 1)).items] == ["b"]
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE memories SET archived = 1 WHERE key = 'a'")
+    assert [m.key for m in store.list().items] == ["b", "c"]
+    assert [m.key for m in store.list(archived=True).items] == ["a"]
+    assert store.namespaces() == [{"namespace": "default", "live": 2, "archived": 1},
+                                  {"namespace": "other", "live": 1, "archived": 0}]
+    clock.advance(6)  # c expires: invisible to list and not counted
+    assert [m.key for m in store.list(tag="x").items] == []
+    assert store.namespaces()[0] == {"namespace": "default", "live": 1, "archived": 1}
+    for bad in ({"archived": 1}, {"limit": 0}, {"limit": kvmem.MAX_LIST_LIMIT + 1},
+                {"cursor": "garbage"}, {"tags": ["a b\n"]}, {"updated_after": "yesterday"}):
+        with pytest.raises(kvmem.InvalidInputError):
+            store.list(**bad)
+
+
+def test_a_list_page_stops_at_its_byte_budget(pg_dsn: str) -> None:
+    """test_store's byte-budget test (the list half), on PgStore: the same page sizes."""
+    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
+        store.batch([{"op": "set", "key": f"k{i:03d}", "value": "v" * 2000} for i in range(23)])
+        store.set("k999-huge", "h" * 50_000)  # alone it passes the budget: a page of its own
+        pages: list[list[str]] = []
+        cursor = None
+        while True:
+            page = store.list(limit=1000, cursor=cursor)
+            pages.append([m.key for m in page.items])
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert [len(p) for p in pages] == [4, 4, 4, 4, 4, 3, 1], pages
+        assert [k for p in pages for k in p] == [f"k{i:03d}" for i in range(23)] + ["k999-huge"]
+
+
+def test_a_cursor_of_another_database_is_refused(store: kvmem_pg.PgStore,
+                                                 tmp_path: Path) -> None:
+    for i in range(3):
+        store.set(f"k{i}", i)
+    cursor = store.list(limit=1).next_cursor
+    assert cursor is not None
+    assert [m.key for m in store.list(limit=5, cursor=cursor).items] == ["k1", "k2"]
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG) as sqlite_store:
+        for i in range(3):
+            sqlite_store.set(f"k{i}", i)
+        with pytest.raises(kvmem.InvalidInputError, match="cursor"):
+            sqlite_store.list(cursor=cursor)
+        other = sqlite_store.list(limit=1).next_cursor
+    with pytest.raises(kvmem.InvalidInputError, match="cursor"):
+        store.list(cursor=other)
+
+
+def test_import_checks_every_line_first(store: kvmem_pg.PgStore, pg_dsn: str) -> None:
+    """test_store's bad-lines test, counting rows in PostgreSQL (PgStore has no stats)."""
+    good = test_store._decayed_export(3).splitlines()
+    lines = [good[0], "{not json", good[1], json.dumps({"key": "x"}),
+             json.dumps({**json.loads(good[2]), "namespace": "bad ns"}), good[2]]
+    with pytest.raises(kvmem.InvalidInputError) as info:
+        store.import_(io.StringIO("\n".join(lines) + "\n"))
+    message = str(info.value)
+    assert "line 2:" in message and "line 4:" in message and "line 5:" in message
+    assert "line 1:" not in message and "line 3:" not in message
+    assert _rows(pg_dsn) == 0
+
+
+def _sqlite_fixture_memories(store: kvmem.Store, clock: Clock) -> None:
+    """Memories using every field in its odd cases: JSON that jsonb would rewrite, floats
+    that need all 17 digits, TTLs, decay, archived, reinforced, Unicode, two namespaces."""
+    store.set("plain", "text", tags=["t1", "t2", "ünï"])
+    store.set("json", {"deep": [1, {"x": None}], "f": 0.1 + 0.2, "big": 10 ** 30,
+                       "neg0": -0.0, "tiny": 5e-324, "esc": "nul \u0000 tab\t \u2028"},
+              namespace="ns2")
+    store.set("dup-order", {"z": 1, "a": 2}, namespace="ns2")
+    store.set("ttl", 1, ttl_seconds=3600)
+    store.set("decay", 2, half_life_seconds=60)
+    store.set("nodecay", [], half_life_seconds=None)
+    store.set("versioned", 1)
+    store.set("versioned", 2)
+    store.set("日本", "ユニコード", tags=["🧠"])
+    clock.advance(600.123456789)
+    store.prune()  # archives "decay"
+    store.reinforce("plain")
+    store.set("late", None, namespace="ns2")
+    store.set("expired", 1, ttl_seconds=1)
+    clock.advance(2.5)  # exported while expired, not yet pruned
+
+
+def test_export_from_sqlite_imports_into_postgres_and_back_exactly(
+        store: kvmem_pg.PgStore, clock: Clock, tmp_path: Path) -> None:
+    with kvmem.Store.open(tmp_path / "a.db", config=CONFIG, clock=clock) as sqlite_a:
+        _sqlite_fixture_memories(sqlite_a, clock)
+        first = io.StringIO()
+        count = sqlite_a.export(first)
+        first_ns2 = io.StringIO()
+        sqlite_a.export(first_ns2, namespace="ns2")
+        shown = (sqlite_a.namespaces(), sqlite_a.list(archived=True), sqlite_a.list(limit=3),
+                 sqlite_a.list(namespace="ns2", tags=[]))
+    # split on \n only: str.splitlines() also splits inside a value holding U+2028
+    records = [json.loads(line) for line in first.getvalue().split("\n")[:-1]]
+    assert {r["key"] for r in records if r["archived"]} == {"decay"}
+    assert "expired" in {r["key"] for r in records}
+    assert store.import_(io.StringIO(first.getvalue())) == {"imported": count, "lines": count}
+    second = io.StringIO()
+    assert store.export(second) == count
+    assert second.getvalue() == first.getvalue()  # byte for byte, so every field
+    second_ns2 = io.StringIO()
+    store.export(second_ns2, namespace="ns2")
+    assert second_ns2.getvalue() == first_ns2.getvalue()
+    # every field of every record, as Memory objects, too
+    got = [kvmem.memory_from_record(json.loads(line), CONFIG)
+           for line in second.getvalue().split("\n")[:-1]]
+    want = [kvmem.memory_from_record(r, CONFIG) for r in records]
+    for mine, theirs in zip(got, want, strict=True):
+        for name in kvmem.MEMORY_COLUMNS:
+            a, b = getattr(mine, name), getattr(theirs, name)
+            assert a == b and type(a) is type(b), (mine.key, name, a, b)
+            if isinstance(a, float):
+                assert a.hex() == b.hex()  # -0.0 and every bit kept
+    # PostgreSQL's export imported back into a new SQLite file gives the same export again
+    with kvmem.Store.open(tmp_path / "b.db", config=CONFIG, clock=clock) as sqlite_b:
+        sqlite_b.import_(io.StringIO(second.getvalue()))
+        third = io.StringIO()
+        sqlite_b.export(third)
+    assert third.getvalue() == first.getvalue()
+    # what the stores show agrees too (cursors differ: each database signs its own)
+    assert shown[0] == store.namespaces()
+    assert shown[0][0] == {"namespace": "default", "live": 5, "archived": 1}
+    assert shown[1].items == store.list(archived=True).items
+    assert [m.key for m in shown[1].items] == ["decay"]
+    assert shown[2].items == store.list(limit=3).items
+    assert shown[3] == store.list(namespace="ns2", tags=[])
+    json_memory = store.get("json", namespace="ns2")
+    assert json_memory is not None and json_memory.value["f"] == 0.1 + 0.2
+
+
+def _rows(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM memories").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_ttl_expiry_is_invisible_at_once(store: kvmem_pg.PgStore, clock: Clock,
+                                         pg_dsn: str) -> None:
+    store.set("short", "gone soon", ttl_seconds=10)
+    store.set("long", "stays", ttl_seconds=1000)
+    clock.advance(9.9)
+    assert store.get("short") is not None
+    clock.advance(0.2)
+    assert store.get("short") is None
+    assert store.get("long") is not None
+    assert _rows(pg_dsn) == 2  # still stored until prune; get never writes
+    with pytest.raises(kvmem.NotFoundError):
+        store.reinforce("short")
+    with pytest.raises(kvmem.VersionConflictError) as info:
+        store.set("short", "x", if_version=1)
+    assert info.value.current_version == 0  # expired = absent
+    assert store.set("short", "again", if_version=0).version == 1
+    clock.advance(1000)
+    assert store.get("long") is None
+    assert store.delete("long") is False  # an expired memory is not found...
+    assert store.get("short") is not None  # ...and the second life of 'short' has no TTL
+
+
+def test_bad_input_is_refused_before_the_database(store: kvmem_pg.PgStore,
+                                                  pg_dsn: str) -> None:
+    for call in (lambda: store.set("", 1), lambda: store.set("k", float("nan")),
+                 lambda: store.set("k", 1, ttl_seconds=-1), lambda: store.get("k\n"),
+                 lambda: store.delete("k", namespace="a b")):
+        with pytest.raises(kvmem.InvalidInputError):
+            call()
+    assert _rows(pg_dsn) == 0
+
+
+def test_a_held_key_is_busy_after_the_deadline(pg_dsn: str, clock: Clock) -> None:
+    config = kvmem.Config.build(environ={"KVMEM_BUSY_TIMEOUT_MS": "200"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock) as store:
+        store.set("k", 1)
+        with psycopg.connect(pg_dsn) as other:  # a transaction holds the row
+            other.execute("SELECT 1 FROM memories WHERE key = 'k' FOR UPDATE")
+            started = time.monotonic()
+            with pytest.raises(kvmem.BusyError) as info:
+                store.set("k", 2)
+            assert info.value.code == "busy"
+            assert 0.15 < time.monotonic() - started < 5
+            assert store.set("other", 1).version == 1  # other keys are not held
+        assert store.set("k", 3, if_version=1).version == 2  # the busy write left nothing
+
+
+def test_two_pools_count_exactly_the_acknowledged_increments(pg_dsn: str) -> None:
+    """Two stores (two pools, as two servers on two hosts) increment one counter by
+    read, then set with if_version, retrying on conflict."""
+    per_thread, threads = 25, 6
+    stores = [kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, pool_size=3) for _ in range(2)]
+    try:
+        stores[0].set("counter", 0)
+        acknowledged = [0] * threads
+        conflicts = [0] * threads
+
+        def increment(n: int) -> None:
+            store = stores[n % 2]
+            while acknowledged[n] < per_thread:
+                current = store.get("counter")
+                assert current is not None
+                try:
+                    store.set("counter", current.value + 1, if_version=current.version)
+                except kvmem.VersionConflictError:
+                    conflicts[n] += 1
+                    continue
+                acknowledged[n] += 1
+
+        assert run_threads(increment, threads) == []
+        final = stores[1].get("counter")
+        assert final is not None
+        assert final.value == sum(acknowledged) == per_thread * threads
+        assert final.version == 1 + sum(acknowledged)
+        assert sum(conflicts) > 0  # the threads did race
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_creating_one_key_from_two_pools_never_collides(pg_dsn: str) -> None:
+    """if_version=0 (create only) from many threads on two pools: exactly one wins each
+    key, the others get a version conflict (not a unique violation, not a 5xx)."""
+    stores = [kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, pool_size=4) for _ in range(2)]
+    wins: list[str] = []
+    lock = threading.Lock()
+    try:
+        def create(n: int) -> None:
+            for i in range(20):
+                try:
+                    stores[n % 2].set(f"k{i}", n, if_version=0)
+                except kvmem.VersionConflictError as exc:
+                    assert exc.current_version == 1
+                    continue
+                with lock:
+                    wins.append(f"k{i}")
+
+        assert run_threads(create, 8) == []
+        assert sorted(wins) == sorted(f"k{i}" for i in range(20))
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_migrations_run_once_and_refuse_a_newer_schema(pg_dsn: str) -> None:
+    stores = []
+    errors = run_threads(lambda n: stores.append(kvmem_pg.PgStore.open(pg_dsn, config=CONFIG)), 4)
+    for store in stores:
+        store.close()
+    assert errors == []
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM kvmem_version").fetchall() == [
+            (kvmem_pg.SCHEMA_VERSION,)]
+        secrets_rows = conn.execute("SELECT count(*) FROM kvmem_meta").fetchone()
+        assert secrets_rows == (1,)
+        conn.execute("UPDATE kvmem_version SET version = 99")
+    with pytest.raises(kvmem.SchemaTooNewError) as info:
+        kvmem_pg.PgStore.open(pg_dsn, config=CONFIG)
+    assert info.value.code == "schema_too_new"
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version FROM kvmem_version").fetchall() == [(99,)]
+
+
+@pytest.mark.parametrize(("error", "committing", "code"), [
+    ("DiskFull", False, "storage_full"),
+    ("ReadOnlySqlTransaction", False, "read_only"),  # a standby
+    ("SerializationFailure", False, "busy"),
+    ("DeadlockDetected", False, "busy"),
+    ("LockNotAvailable", False, "busy"),  # lock_timeout
+    ("AdminShutdown", False, "busy"),  # the server went away before COMMIT: nothing written
+    ("ConnectionFailure", False, "busy"),
+    ("AdminShutdown", True, "storage_error"),  # during COMMIT: the outcome is unknown
+    ("ConnectionFailure", True, "storage_error"),
+    ("UniqueViolation", False, "storage_error"),
+])
+def test_errors_map_by_sqlstate(error: str, committing: bool, code: str) -> None:
+    mapped = kvmem_pg._pg_error(getattr(psycopg.errors, error)("m"), "here",
+                                committing=committing)
+    assert mapped.code == code and str(mapped).startswith("here: ")
+    if committing:
+        assert "outcome unknown" in str(mapped)
+
+
+def test_a_closed_connection_and_a_pool_timeout_are_busy() -> None:
+    closed = psycopg.OperationalError("the connection is closed")  # psycopg's own: no SQLSTATE
+    assert kvmem_pg._pg_error(closed, "here").code == "busy"
+    assert "outcome unknown" in str(kvmem_pg._pg_error(closed, "here", committing=True))
+    assert kvmem_pg._pg_error(psycopg_pool.PoolTimeout("x"), "here").code == "busy"
+
+
+@pytest.mark.parametrize("level", ["normal", "off"])
+def test_synchronous_levels_without_an_honest_mapping_are_refused(pg_dsn: str,
+                                                                   level: str) -> None:
+    config = kvmem.Config.build(environ={"KVMEM_SYNCHRONOUS": level})
+    with pytest.raises(kvmem.ConfigError, match="synchronous_commit=off"):
+        kvmem_pg.PgStore.open(pg_dsn, config=config)
+
+
+def test_connections_use_synchronous_commit_on(store: kvmem_pg.PgStore) -> None:
+    assert store.server_settings["synchronous_commit"] == "on"
+    assert store.server_settings["fsync"] == "on"
+
+
+def test_a_stopped_server_is_busy_and_the_store_recovers(clock: Clock) -> None:
+    """PostgreSQL killed (no shutdown checkpoint): calls fail with busy, nothing
+    acknowledged is lost, and the same store works again once the server is back."""
+    pgtest.require_postgres()
+    config = kvmem.Config.build(environ={"KVMEM_BUSY_TIMEOUT_MS": "300"})
+    with pgtest.postgres_server() as server, \
+            kvmem_pg.PgStore.open(server.dsn, config=config, clock=clock) as store:
+        store.set("acknowledged", "before the crash")
+        server.kill_immediately()
+        calls: list[Callable[[], object]] = [lambda: store.set("k", 1),
+                                             lambda: store.get("acknowledged")]
+        for call in calls:
+            with pytest.raises(kvmem.BusyError):
+                call()
+        server.restart()
+        deadline = time.monotonic() + 30
+        got: Any = None
+        while got is None:
+            try:
+                got = store.get("acknowledged")
+            except kvmem.BusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # polling for the pool to reconnect
+        assert got.value == "before the crash"
+        assert store.set("after", 1).version == 1
+
+
+# ---------------------------------------------------------------------------- search ----
+
+
+def _search_columns(dsn: str) -> dict[str, tuple[str, int, str, str, str]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT key, search::text, search_len, value, tags, namespace"
+                            " FROM memories").fetchall()
+    return {f"{ns}:{key}": (vector, length, key, value, tags)
+            for key, vector, length, value, tags, ns in rows}
+
+
+def _assert_search_columns_exact(dsn: str) -> None:
+    """Every row's search columns are what its stored text gives from scratch (as
+    test_search's index_is_exact checks SQLite's index)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name, (vector, length, key, value, tags) in _search_columns(dsn).items():
+            literal, want_length = kvmem_pg.search_vector(key, value, tags)
+            row = conn.execute("SELECT %s::tsvector::text", (literal,)).fetchone()
+            assert row is not None and (vector, length) == (row[0], want_length), name
+
+
+def test_search_columns_follow_every_write(store: kvmem_pg.PgStore, pg_dsn: str,
+                                           clock: Clock) -> None:
+    store.set("k", "green tea", tags=["drink"], half_life_seconds=60)
+    assert [h.memory.key for h in store.search("tea")] == ["k"]
+    store.set("k", "black coffee")  # new text: the old words are gone
+    assert store.search("tea") == [] and [h.memory.key for h in store.search("coffee")] == ["k"]
+    store.set("k", "black coffee", tags=["morning"])  # tags only
+    assert [h.memory.key for h in store.search("morning")] == ["k"]
+    assert store.search("drink") == []
+    store.batch([{"op": "set", "key": "b1", "value": {"note": "oolong"}},
+                 {"op": "set", "key": "k", "value": "espresso"}])
+    assert [h.memory.key for h in store.search("oolong")] == ["b1"]
+    assert store.search("coffee") == [] and len(store.search("espresso")) == 1
+    before = _search_columns(pg_dsn)
+    clock.advance(30)
+    store.reinforce("k")  # no new text: the search columns are not rewritten
+    assert _search_columns(pg_dsn) == before
+    exported = io.StringIO()
+    store.export(exported)
+    store.delete("b1")
+    assert store.search("oolong") == []
+    store.import_(io.StringIO(exported.getvalue()))  # import writes them again
+    assert [h.memory.key for h in store.search("oolong")] == ["b1"]
+    _assert_search_columns_exact(pg_dsn)
+
+
+def test_search_ranks_as_sqlite_does(store: kvmem_pg.PgStore, clock: Clock,
+                                     tmp_path: Path) -> None:
+    """The same memories in both backends: the same hits in the same order, and for
+    one-token words the same scores (FTS5's bm25 with BM25_WEIGHTS, N, avgdl, IDF)."""
+    rng = random.Random(19)
+    vocab = ["tea", "green", "coffee", "running", "runner", "connection", "blue", "sky",
+             "绿茶", "咖啡", "launch", "code", "review", "python", "memory", "strength"]
+    specs = [{"op": "set", "key": f"{rng.choice(['note', 'fact', 'tea'])}/{i}",
+              "value": {"text": " ".join(rng.choices(vocab, k=rng.randint(1, 12)))},
+              "tags": rng.sample(["blue", "work", "home", "tea"], rng.randint(0, 2)),
+              "half_life_seconds": rng.choice([None, 600, 3600])} for i in range(80)]
+    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, clock=clock) as sqlite_store:
+        for stores_ in (sqlite_store, store):
+            stores_.batch(specs[:40])
+        clock.advance(900)
+        for stores_ in (sqlite_store, store):
+            stores_.batch(specs[40:])
+            stores_.reinforce(str(specs[3]["key"]))  # decayed, then reinforced
+        clock.advance(300)
+        for query in ["tea", "green tea", "run", "connections", "绿茶", "咖啡 python",
+                      "blue sky", "launch code review", "memo", "work", "tea/1", "strength"]:
+            theirs = sqlite_store.search(query, limit=100)
+            ours = store.search(query, limit=100)
+            assert [h.memory.key for h in ours] == [h.memory.key for h in theirs], query
+            assert [h.score for h in ours] == pytest.approx([h.score for h in theirs],
+                                                            rel=1e-9), query
+
+
+def test_search_migration_fills_memories_written_before_it(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patch:  # a database of schema 1, before search
+        patch.setattr(kvmem_pg, "MIGRATIONS_PG", kvmem_pg.MIGRATIONS_PG[:1])
+        patch.setattr(kvmem_pg, "SCHEMA_VERSION", 1)
+        patch.setattr(kvmem_pg, "_new_search", lambda *args: None)  # no search columns yet
+        with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as old:
+            for start in (0, 600):  # more than one fill batch
+                old.batch([{"op": "set", "key": f"k{i}", "value": f"word{i % 7} shared"}
+                           for i in range(start, start + 600)])
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as new:
+        assert len(new.search("word3", limit=100)) == 100
+        assert {h.memory.key for h in new.search("word3 zzz", limit=100)} <= \
+            {f"k{i}" for i in range(3, 1200, 7)}
+    _assert_search_columns_exact(pg_dsn)
+
+
+def test_huge_and_odd_text_stays_within_postgresqls_limits(store: kvmem_pg.PgStore) -> None:
+    """tsvector limits (1 MiB, 2,046-byte lexemes, 255 positions, position 16,383) never
+    become an error: the memory is stored and its first words are searchable."""
+    rng = random.Random(7)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(140_000)]
+    store.set("huge", " ".join(["firstword", *words]))
+    # this thread's tokenizer was renewed (FTS5's hash table would stay that large)
+    assert getattr(kvmem_pg._tokenizers, "conn", None) is None
+    store.set("long", "x" * 3000 + " shortword")
+    store.set("many", " ".join(["again"] * 20_000))
+    store.set("quote", "it's a back\\slash o'clock")
+    assert [h.memory.key for h in store.search("firstword")] == ["huge"]
+    assert [h.memory.key for h in store.search("shortword")] == ["long"]
+    assert [h.memory.key for h in store.search("again")] == ["many"]
+    assert [h.memory.key for h in store.search("o'clock")] == ["quote"]
+    assert [h.memory.key for h in store.search("back\\slash")] == ["quote"]
+
+
+def test_a_slow_search_is_stopped_by_statement_timeout(pg_dsn: str) -> None:
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as writer:
+        for start in range(0, 20_000, 1000):
+            writer.batch([{"op": "set", "key": f"k{i}", "value": f"common words {i}"}
+                          for i in range(start, start + 1000)])
+    config = kvmem.Config.build(environ={"KVMEM_SEARCH_TIMEOUT_MS": "1"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
+        with pytest.raises(kvmem.InvalidInputError, match="search stopped after 1 ms") as info:
+            store.search("common words", limit=100)
+        assert info.value.code == "invalid_request"
+        store.set("after", "still writable")  # the pool's connections are fine
+        assert store.get("after") is not None
+    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as store:
+        assert len(store.search("common words", limit=100)) == 100
+
+
+def test_search_hits_stop_at_the_page_byte_budget(pg_dsn: str) -> None:
+    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
+        store.batch([{"op": "set", "key": f"k{i}", "value": "needle " + "x" * 3000}
+                     for i in range(10)])
+        assert len(store.search("needle", limit=10)) == 3  # the fourth passes 10,000 bytes
+        store.set("big", "haystack " + "y" * 20000)
+        assert [h.memory.key for h in store.search("haystack")] == ["big"]  # at least one
+
+
+# ------------------------------------------------------------------ prune and forget ----
+
+
+def test_prune_skips_rows_another_transaction_holds(store: kvmem_pg.PgStore, clock: Clock,
+                                                     pg_dsn: str) -> None:
+    """SKIP LOCKED: a row locked elsewhere is left for the next pass, without waiting."""
+    for i in range(5):
+        store.set(f"e{i}", i, ttl_seconds=5)
+    store.set("fade", "x", half_life_seconds=1)
+    clock.advance(60)
+    with psycopg.connect(pg_dsn) as holder:  # a transaction holding e0 and fade
+        holder.execute("SELECT 1 FROM memories WHERE key IN ('e0', 'fade') FOR UPDATE")
+        started = time.monotonic()
+        first = store.prune()
+        assert time.monotonic() - started < 1.0  # busy_timeout_ms is longer: it never waited
+        assert (first.deleted, first.archived) == (4, 0)
+    second = store.prune()
+    assert (second.deleted, second.archived) == (1, 1)
+    assert store.stats()["counts"] == {"live": 0, "archived": 1, "expired_pending": 0}
+    assert store.stats()["last_prune"]["deleted"] == 1
+
+
+def test_two_stores_prune_at_once(pg_dsn: str, clock: Clock) -> None:
+    """Two stores (two pools, as two servers) pruning 3,000 expired and 3,000 fading
+    memories at once, batches of 50: each row is deleted or archived once in all."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "50"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock) as a, \
+            kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock) as b:
+        for start in range(0, 3000, 1000):
+            a.batch([{"op": "set", "key": f"e{i}", "value": i, "ttl_seconds": 5}
+                     for i in range(start, start + 1000)])
+            a.batch([{"op": "set", "key": f"f{i}", "value": i, "half_life_seconds": 1}
+                     for i in range(start, start + 1000)])
+        a.set("keep", 1)
+        clock.advance(60)
+        results: list[kvmem.PruneResult] = []
+        errors = run_threads(lambda n: results.append((a, b)[n].prune()), 2)
+        assert errors == []
+        assert sum(r.deleted for r in results) == 3000
+        assert sum(r.archived for r in results) == 3000
+        assert a.stats()["counts"] == {"live": 1, "archived": 3000, "expired_pending": 0}
+
+
+def _pg_forget_fixture(pg_dsn: str, clock: Clock) -> kvmem_pg.PgStore:
+    """test_store's _forget_fixture on PostgreSQL: 250 memories under u/ (odd ones tagged
+    'old', u/000 archived, u/002 expired), v/keep tagged 'old', u/001 in another
+    namespace; batches of 7."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "7"})
+    store = kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock)
+    store.batch([{"op": "set", "key": f"u/{i:03d}", "value": {"n": i},
+                  "tags": ["old"] if i % 2 else [], "ttl_seconds": 100 if i == 2 else None,
+                  "half_life_seconds": 1 if i == 0 else None} for i in range(250)])
+    store.set("v/keep", "stays", tags=["old"])
+    store.set("u/001", "other namespace", tags=["old"], namespace="elsewhere")
+    clock.advance(60)
+    assert store.prune().archived == 1  # u/000
+    clock.advance(60)  # u/002 expires, not yet pruned
+    assert store.get("u/002") is None
+    return store
+
+
+def test_forget_dry_run_changes_nothing(pg_dsn: str, clock: Clock) -> None:
+    with _pg_forget_fixture(pg_dsn, clock) as store:
+        out = io.StringIO()
+        store.export(out)
+        report = store.forget(prefix="u/", dry_run=True)
+        assert report["dry_run"] and report["deleted"] == 0
+        assert report["matched"] == 250  # live, archived and expired ones alike
+        assert report["keys"] == [f"u/{i:03d}" for i in range(100)] and report["more"]
+        again = io.StringIO()
+        store.export(again)
+        assert again.getvalue() == out.getvalue()
+        tagged = store.forget(prefix="u/", tags=["old"], dry_run=True)
+        assert tagged["matched"] == 125 and tagged["keys"][:2] == ["u/001", "u/003"]
+        assert store.forget(tags=["old"], dry_run=True)["matched"] == 126
+
+
+def test_forget_deletes_exactly_its_selection_in_batches(pg_dsn: str, clock: Clock) -> None:
+    with _pg_forget_fixture(pg_dsn, clock) as store:
+        transactions = []
+        transact = store._transact
+
+        def counted(fn: Callable[[Any], Any], **kw: Any) -> Any:
+            transactions.append(fn)
+            return transact(fn, **kw)
+
+        store._transact = counted  # type: ignore[method-assign]
+        report = store.forget(prefix="u/", tags=["old"])
+        # a transaction per 7 memories walked (the last window also holds v/keep)
+        assert len(transactions) == math.ceil(251 / 7)
+        assert report["deleted"] == report["matched"] == 125 and not report["dry_run"]
+        assert report["keys"] == [f"u/{i:03d}" for i in range(1, 200, 2)] and report["more"]
+        left = {m.key for m in store.list(prefix="u/", limit=1000).items}
+        assert left == {f"u/{i:03d}" for i in range(0, 250, 2)} - {"u/000", "u/002"}
+        assert [m.key for m in store.list(archived=True).items] == ["u/000"]
+        kept, other = store.get("v/keep"), store.get("u/001", namespace="elsewhere")
+        assert kept is not None and kept.value == "stays"
+        assert other is not None and other.value == "other namespace"
+        assert store.forget(prefix="u/")["deleted"] == 125  # archived and expired too
+        assert store.forget(prefix="v/")["deleted"] == 1
+        assert store.namespaces() == [{"namespace": "elsewhere", "live": 1, "archived": 0}]
+
+
+def test_forget_and_batches_at_once_never_deadlock(pg_dsn: str) -> None:
+    """forget takes its window's advisory locks in the batches' order: batches writing
+    the keys it walks, in reverse key order, meet no deadlock (PostgreSQL's counter)."""
+    config = kvmem.Config.build(environ={}, flags={"prune_batch": "20"})
+    deadlocks = _deadlocks(pg_dsn)
+    with kvmem_pg.PgStore.open(pg_dsn, config=config) as a, \
+            kvmem_pg.PgStore.open(pg_dsn, config=config) as b:
+        def work(n: int) -> None:
+            if n == 0:
+                a.forget(prefix="k", tags=["x"])
+            else:
+                for start in range(380, -1, -20):
+                    b.batch([{"op": "set", "key": f"k{i:03d}", "value": -i, "tags": ["y"]}
+                             for i in range(start + 19, start - 1, -1)])
+
+        for _ in range(5):  # (checked: with FOR UPDATE instead, most runs deadlock)
+            a.batch([{"op": "set", "key": f"k{i:03d}", "value": i, "tags": ["x"]}
+                     for i in range(400)])
+            assert run_threads(work, 2) == []
+            left = a.list(prefix="k", limit=1000).items
+            assert all(m.tags == ["y"] for m in left)  # every one tagged x is gone
+    assert _deadlocks(pg_dsn) == deadlocks
+
+
+def test_stats_and_health(store: kvmem_pg.PgStore, pg_server: pgtest.PostgresServer) -> None:
+    store.set("a", 1)
+    stats = store.stats()
+    assert stats["backend"] == "postgresql" and stats["counts"]["live"] == 1
+    assert stats["server"]["version"] == pg_server.settings("server_version")["server_version"]
+    assert stats["server"]["in_recovery"] is False
+    assert stats["pool"]["pool_max"] == 10
+    assert stats["health"] == {"ok": True, "problems": [], "past": {}}
+    assert stats["config"] == CONFIG.public() and stats["last_prune"] is None
+    store.prune()
+    assert store.stats()["last_prune"]["batches"] == 1
