@@ -1,17 +1,31 @@
-"""pytest options shared by the suites: ``--soak`` turns the short reliability runs of CI
-into long ones and prints the totals at the end."""
+"""pytest options and fixtures shared by the suites: ``--soak`` turns the short reliability
+runs of CI into long ones and prints the totals at the end.
+
+Both backends: a test whose fixtures include ``backend`` (``store`` and ``db`` do) runs
+once on an SQLite file and once on PostgreSQL (a fresh schema of one server that the
+session starts, ``pgtest.py``), with the same assertions.  ``@pytest.mark.backends("sqlite")``
+keeps a test on one backend (SQLite's files, locks and checkpoints have no counterpart on
+PostgreSQL).  Without PostgreSQL its runs skip with the reason; in CI
+(``KVMEM_TEST_REQUIRE_POSTGRES=1``) they fail."""
 
 from __future__ import annotations
 
 import os
+import secrets
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import crashsim
 import kvmem
+import kvmem_cli
+import pgtest
 import testutil
+
+BACKENDS = ("sqlite", "postgresql")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,6 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "backends(*names): run on these backends only "
+                            "(default: sqlite and postgresql)")
     # Read at import time by the fuzz tests, whose example counts are fixed by decorators
     # (test modules are imported after this hook).
     if config.getoption("--soak"):
@@ -42,11 +58,61 @@ def clock() -> testutil.Clock:
     return testutil.Clock()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("backend", marker.args if marker else BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def store(tmp_path: Path, clock: testutil.Clock) -> Iterator[kvmem.Store]:
-    """A Store on a new file in ``tmp_path``, default settings, on ``clock``."""
-    with kvmem.Store.open(tmp_path / "kv.db", config=kvmem.Config.build(environ={}),
-                          clock=clock) as opened:
+def backend(request: pytest.FixtureRequest) -> str:
+    """"sqlite" or "postgresql" (``pytest_generate_tests``)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgtest.PostgresServer]:
+    """One PostgreSQL for the session, started on first use."""
+    pgtest.require_postgres()
+    with pgtest.postgres_server() as server:
+        yield server
+
+
+def schema_url(dsn: str, schema: str) -> str:
+    """``dsn`` (a URL) whose tables live in ``schema``: a --db for a server or the CLI."""
+    options = urllib.parse.quote(f"-csearch_path={schema}", safe="")
+    return f"{dsn}{'&' if '?' in dsn else '?'}options={options}"
+
+
+@pytest.fixture
+def pg_dsn(pg_server: pgtest.PostgresServer) -> Iterator[str]:
+    """A postgresql:// URL whose tables live in a fresh schema, dropped at the end: each
+    test migrates an empty database of its own."""
+    import psycopg
+
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")  # a name made here, not input
+    yield schema_url(pg_server.dsn, schema)
+    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def db(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A new database's ``--db``: a file in ``tmp_path``, or a fresh PostgreSQL schema."""
+    if backend == "postgresql":
+        pgtest.require_postgres()
+        return str(request.getfixturevalue("pg_dsn"))
+    return str(tmp_path / "kv.db")
+
+
+@pytest.fixture
+def store(db: str, clock: testutil.Clock) -> Iterator[Any]:
+    """A store on ``db`` (``kvmem_cli.open_store``: a kvmem.Store or a kvmem_pg.PgStore),
+    default settings, on ``clock``."""
+    config = kvmem.Config.build(environ={}, flags={"db": db})
+    with kvmem_cli.open_store(config, role="library", clock=clock) as opened:
         yield opened
 
 

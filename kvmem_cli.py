@@ -41,6 +41,7 @@ import stat
 import sys
 import tempfile
 import textwrap
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any
@@ -573,20 +574,21 @@ def list_namespaces(path: str, config: Config) -> dict[str, Any]:
 
 
 def open_store(config: Config, *, role: str, checkpointer: bool = True,
-               decay: bool = False) -> AnyStore:
+               decay: bool = False, clock: Callable[[], float] = time.time) -> AnyStore:
     """The store ``config.db`` names: a ``kvmem_pg.PgStore`` for a ``postgresql://`` URL,
     else a ``kvmem.Store`` on the file (with a ``Checkpointer`` unless
     ``checkpointer=False``: PostgreSQL checkpoints by itself, and commits one by one).
     ConfigError when the URL needs psycopg and it is not installed."""
     if not is_postgres(config.db):
         return Store.open(config.db, config=config, role=role, checkpointer=checkpointer,
-                          decay=decay)
+                          decay=decay, clock=clock)
     try:
         import kvmem_pg
     except ImportError as exc:
         raise ConfigError(f"{redact_db(config.db)}: PostgreSQL needs psycopg 3 and "
                           f"psycopg-pool: pip install 'kvmem[postgres]' ({exc})") from None
-    return kvmem_pg.PgStore.open(config.db, config=config, role=role, decay=decay)
+    return kvmem_pg.PgStore.open(config.db, config=config, role=role, decay=decay,
+                                 clock=clock)
 
 
 def _postgres_file_command(command: str, config: Config) -> dict[str, Any]:

@@ -1,10 +1,9 @@
-"""kvmem_pg.PgStore on a real PostgreSQL (pgtest.py starts one per module): the Store
-behaviours it has so far, compare-and-set across two pools, its errors and migrations.
+"""What only kvmem_pg.PgStore has, on a real PostgreSQL (conftest's session server):
+compare-and-set across two pools, its errors by SQLSTATE, migrations, the search columns
+and their agreement with SQLite's ranking, the server killed and restarted.
 
-Where test_store.py's and test_search.py's tests only use what PgStore has, they run
-here unchanged: this module's ``store`` fixture, a PgStore, replaces conftest's for them.
-The suite moves to one fixture parametrized over both backends next
-(docs/postgres-design.md, section 6)."""
+The Store's behaviours shared with SQLite are test_store.py's and test_search.py's tests,
+which run on both backends (conftest.py parametrizes their ``store``)."""
 
 from __future__ import annotations
 
@@ -13,11 +12,10 @@ import io
 import json
 import math
 import random
-import secrets
 import string
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,6 @@ import pytest
 import kvmem
 import kvmem_cli
 import pgtest
-import test_search
 import test_store
 from testutil import Clock, run_threads
 
@@ -44,68 +41,14 @@ except ImportError:  # no psycopg: _require_postgres skips every test (fails it 
 CONFIG = kvmem.Config.build(environ={})
 
 
+# PostgreSQL's own tests: conftest's ``store`` is a PgStore here, on a fresh schema
+# (``pg_dsn``) of the session's server.
+pytestmark = pytest.mark.backends("postgresql")
+
+
 @pytest.fixture(autouse=True)
 def _require_postgres() -> None:
     pgtest.require_postgres()
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[pgtest.PostgresServer]:
-    pgtest.require_postgres()
-    with pgtest.postgres_server() as server:
-        yield server
-
-
-def _schema_dsn(dsn: str, schema: str) -> str:
-    return psycopg.conninfo.make_conninfo(dsn, options=f"-csearch_path={schema}")
-
-
-@pytest.fixture
-def pg_dsn(pg_server: pgtest.PostgresServer) -> Iterator[str]:
-    """A DSN whose tables live in a fresh schema, dropped at the end: every test migrates
-    an empty database of its own."""
-    schema = f"t_{secrets.token_hex(6)}"
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")  # a name made here, not input
-    yield _schema_dsn(pg_server.dsn, schema)
-    with psycopg.connect(pg_server.dsn, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture
-def store(pg_dsn: str, clock: Clock) -> Iterator[kvmem_pg.PgStore]:
-    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG, clock=clock) as opened:
-        yield opened
-
-
-# test_store.py's assertions, on PgStore.
-test_set_get_round_trip = test_store.test_set_get_round_trip
-test_compare_and_set = test_store.test_compare_and_set
-test_delete = test_store.test_delete
-test_unicode_and_odd_keys_round_trip = test_store.test_unicode_and_odd_keys_round_trip
-test_batch_is_atomic = test_store.test_batch_is_atomic
-test_list_prefix_tag_and_pages = test_store.test_list_prefix_tag_and_pages
-test_pagination_while_another_thread_writes = test_store.test_pagination_while_another_thread_writes
-test_import_is_resumable = test_store.test_import_is_resumable
-test_export_streams_constant_memory = test_store.test_export_streams_constant_memory
-test_ttl_expiry = test_store.test_ttl_expiry
-test_prune_deletes_expired = test_store.test_prune_deletes_expired
-test_decay_archive_restore = test_store.test_decay_archive_restore
-test_forget_bad_input_is_refused_and_changes_nothing = \
-    test_store.test_forget_bad_input_is_refused_and_changes_nothing
-test_an_interrupted_forget_ends_between_batches = \
-    test_store.test_an_interrupted_forget_ends_between_batches
-# test_search.py's, on PgStore: the same tokens (SQLite's tokenizer), filters, ranking.
-test_cjk_table = test_search.test_cjk_table
-test_stemming_prefix_object_keys_and_numbers = \
-    test_search.test_stemming_prefix_object_keys_and_numbers
-test_fts_syntax_is_plain_text = test_search.test_fts_syntax_is_plain_text
-test_any_query_text_is_safe = test_search.test_any_query_text_is_safe
-test_filters_and_namespaces = test_search.test_filters_and_namespaces
-test_bad_filters_are_refused = test_search.test_bad_filters_are_refused
-test_reinforced_memory_outranks_a_fading_one = \
-    test_search.test_reinforced_memory_outranks_a_fading_one
-test_five_hundred_words_are_one_term = test_search.test_five_hundred_words_are_one_term
 
 
 @pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "batch",
@@ -799,7 +742,7 @@ def test_stats_and_health(store: kvmem_pg.PgStore, pg_server: pgtest.PostgresSer
     assert stats["server"]["in_recovery"] is False
     assert stats["pool"]["pool_max"] == 10
     assert stats["health"] == {"ok": True, "problems": [], "past": {}}
-    assert stats["config"] == CONFIG.public() and stats["last_prune"] is None
+    assert stats["config"] == store.config.public() and stats["last_prune"] is None
     assert stats["replication"] == {"role": "primary", "standbys": []}
     assert stats["decay"] is None and stats["path"] == kvmem_pg.describe_dsn(pg_server.dsn)
     store.prune()
