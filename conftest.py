@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,22 @@ def store(db: str, clock: testutil.Clock) -> Iterator[Any]:
     config = kvmem.Config.build(environ={}, flags={"db": db})
     with kvmem_cli.open_store(config, role="library", clock=clock) as opened:
         yield opened
+
+
+@pytest.fixture
+def store_with(db: str, clock: testutil.Clock) -> Iterator[Callable[..., Any]]:
+    """``store_with(prune_batch="7", ...)``: a store on ``db`` with these settings (flag
+    names, raw strings), on ``clock``; every one opened is closed at the end."""
+    opened: list[Any] = []
+
+    def open_store(**flags: str) -> Any:
+        config = kvmem.Config.build(environ={}, flags={"db": db, **flags})
+        opened.append(kvmem_cli.open_store(config, role="library", clock=clock))
+        return opened[-1]
+
+    yield open_store
+    for one in opened:
+        one.close()
 
 
 @pytest.fixture

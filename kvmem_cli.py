@@ -422,6 +422,8 @@ STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "pool": {"type": "object", "description": "PostgreSQL: the connection pool's figures"},
     "replication": {"type": "object", "description": "PostgreSQL: each standby's lag, or "
                                                      "this standby's replay lag"},
+    "transactions": {"type": "object", "description": "PostgreSQL: transactions this "
+                                                      "process committed"},
 }}
 STATS_SCHEMA["required"] = ["backend", "path", "counts", "decay", "last_prune", "health",
                             "config", "pid"]

@@ -528,6 +528,18 @@ def _page_ids(sizes: Sequence[tuple[int, int]], limit: int,
 _R = TypeVar("_R")
 
 
+class _Counter:
+    """A count that threads add to."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def increment(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
 def describe_dsn(dsn: str) -> str:
     """The DSN without its password, for messages and logs."""
     try:
@@ -566,6 +578,7 @@ class PgStore:
         self._lock = threading.Lock()
         self._interrupted = threading.Event()  # interrupt(): forget ends at its next batch
         self._last_prune: PruneResult | None = None
+        self._commits = _Counter()  # transactions committed by this store (stats)
         timeout = config.busy_timeout_ms / 1000
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, timeout=max(timeout, 0.001), open=False,
@@ -653,6 +666,7 @@ class PgStore:
                             conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
                         result = fn(conn)
                         committing = True  # leaving the block sends COMMIT
+                    self._commits.increment()
                     return result
             except psycopg.Error as exc:
                 remaining = deadline - time.monotonic()
@@ -933,6 +947,7 @@ class PgStore:
                        "settings": self.settings()},
             "pool": self._pool.get_stats(),
             "replication": self.replication(),
+            "transactions": {"commits": self._commits.value},
             "counts": {"live": int(live), "archived": int(archived),
                        "expired_pending": int(expired)},
             "decay": self._decay.state() if self._decay else None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import io
 import json
-import math
 import random
 import string
 import threading
@@ -153,24 +152,6 @@ def test_list_filters_archived_and_time_bounds(store: kvmem_pg.PgStore, clock: C
                 {"cursor": "garbage"}, {"tags": ["a b\n"]}, {"updated_after": "yesterday"}):
         with pytest.raises(kvmem.InvalidInputError):
             store.list(**bad)
-
-
-def test_a_list_page_stops_at_its_byte_budget(pg_dsn: str) -> None:
-    """test_store's byte-budget test (the list half), on PgStore: the same page sizes."""
-    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
-    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
-        store.batch([{"op": "set", "key": f"k{i:03d}", "value": "v" * 2000} for i in range(23)])
-        store.set("k999-huge", "h" * 50_000)  # alone it passes the budget: a page of its own
-        pages: list[list[str]] = []
-        cursor = None
-        while True:
-            page = store.list(limit=1000, cursor=cursor)
-            pages.append([m.key for m in page.items])
-            if page.next_cursor is None:
-                break
-            cursor = page.next_cursor
-        assert [len(p) for p in pages] == [4, 4, 4, 4, 4, 3, 1], pages
-        assert [k for p in pages for k in p] == [f"k{i:03d}" for i in range(23)] + ["k999-huge"]
 
 
 def test_a_cursor_of_another_database_is_refused(store: kvmem_pg.PgStore,
@@ -581,32 +562,6 @@ def test_huge_and_odd_text_stays_within_postgresqls_limits(store: kvmem_pg.PgSto
     assert [h.memory.key for h in store.search("back\\slash")] == ["quote"]
 
 
-def test_a_slow_search_is_stopped_by_statement_timeout(pg_dsn: str) -> None:
-    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as writer:
-        for start in range(0, 20_000, 1000):
-            writer.batch([{"op": "set", "key": f"k{i}", "value": f"common words {i}"}
-                          for i in range(start, start + 1000)])
-    config = kvmem.Config.build(environ={"KVMEM_SEARCH_TIMEOUT_MS": "1"})
-    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
-        with pytest.raises(kvmem.InvalidInputError, match="search stopped after 1 ms") as info:
-            store.search("common words", limit=100)
-        assert info.value.code == "invalid_request"
-        store.set("after", "still writable")  # the pool's connections are fine
-        assert store.get("after") is not None
-    with kvmem_pg.PgStore.open(pg_dsn, config=CONFIG) as store:
-        assert len(store.search("common words", limit=100)) == 100
-
-
-def test_search_hits_stop_at_the_page_byte_budget(pg_dsn: str) -> None:
-    config = kvmem.Config.build(environ={}, flags={"max_page_bytes": "10000"})
-    with kvmem_pg.PgStore.open(pg_dsn, config=config) as store:
-        store.batch([{"op": "set", "key": f"k{i}", "value": "needle " + "x" * 3000}
-                     for i in range(10)])
-        assert len(store.search("needle", limit=10)) == 3  # the fourth passes 10,000 bytes
-        store.set("big", "haystack " + "y" * 20000)
-        assert [h.memory.key for h in store.search("haystack")] == ["big"]  # at least one
-
-
 # ------------------------------------------------------------------ prune and forget ----
 
 
@@ -648,66 +603,6 @@ def test_two_stores_prune_at_once(pg_dsn: str, clock: Clock) -> None:
         assert sum(r.deleted for r in results) == 3000
         assert sum(r.archived for r in results) == 3000
         assert a.stats()["counts"] == {"live": 1, "archived": 3000, "expired_pending": 0}
-
-
-def _pg_forget_fixture(pg_dsn: str, clock: Clock) -> kvmem_pg.PgStore:
-    """test_store's _forget_fixture on PostgreSQL: 250 memories under u/ (odd ones tagged
-    'old', u/000 archived, u/002 expired), v/keep tagged 'old', u/001 in another
-    namespace; batches of 7."""
-    config = kvmem.Config.build(environ={}, flags={"prune_batch": "7"})
-    store = kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock)
-    store.batch([{"op": "set", "key": f"u/{i:03d}", "value": {"n": i},
-                  "tags": ["old"] if i % 2 else [], "ttl_seconds": 100 if i == 2 else None,
-                  "half_life_seconds": 1 if i == 0 else None} for i in range(250)])
-    store.set("v/keep", "stays", tags=["old"])
-    store.set("u/001", "other namespace", tags=["old"], namespace="elsewhere")
-    clock.advance(60)
-    assert store.prune().archived == 1  # u/000
-    clock.advance(60)  # u/002 expires, not yet pruned
-    assert store.get("u/002") is None
-    return store
-
-
-def test_forget_dry_run_changes_nothing(pg_dsn: str, clock: Clock) -> None:
-    with _pg_forget_fixture(pg_dsn, clock) as store:
-        out = io.StringIO()
-        store.export(out)
-        report = store.forget(prefix="u/", dry_run=True)
-        assert report["dry_run"] and report["deleted"] == 0
-        assert report["matched"] == 250  # live, archived and expired ones alike
-        assert report["keys"] == [f"u/{i:03d}" for i in range(100)] and report["more"]
-        again = io.StringIO()
-        store.export(again)
-        assert again.getvalue() == out.getvalue()
-        tagged = store.forget(prefix="u/", tags=["old"], dry_run=True)
-        assert tagged["matched"] == 125 and tagged["keys"][:2] == ["u/001", "u/003"]
-        assert store.forget(tags=["old"], dry_run=True)["matched"] == 126
-
-
-def test_forget_deletes_exactly_its_selection_in_batches(pg_dsn: str, clock: Clock) -> None:
-    with _pg_forget_fixture(pg_dsn, clock) as store:
-        transactions = []
-        transact = store._transact
-
-        def counted(fn: Callable[[Any], Any], **kw: Any) -> Any:
-            transactions.append(fn)
-            return transact(fn, **kw)
-
-        store._transact = counted  # type: ignore[method-assign]
-        report = store.forget(prefix="u/", tags=["old"])
-        # a transaction per 7 memories walked (the last window also holds v/keep)
-        assert len(transactions) == math.ceil(251 / 7)
-        assert report["deleted"] == report["matched"] == 125 and not report["dry_run"]
-        assert report["keys"] == [f"u/{i:03d}" for i in range(1, 200, 2)] and report["more"]
-        left = {m.key for m in store.list(prefix="u/", limit=1000).items}
-        assert left == {f"u/{i:03d}" for i in range(0, 250, 2)} - {"u/000", "u/002"}
-        assert [m.key for m in store.list(archived=True).items] == ["u/000"]
-        kept, other = store.get("v/keep"), store.get("u/001", namespace="elsewhere")
-        assert kept is not None and kept.value == "stays"
-        assert other is not None and other.value == "other namespace"
-        assert store.forget(prefix="u/")["deleted"] == 125  # archived and expired too
-        assert store.forget(prefix="v/")["deleted"] == 1
-        assert store.namespaces() == [{"namespace": "elsewhere", "live": 1, "archived": 0}]
 
 
 def test_forget_and_batches_at_once_never_deadlock(pg_dsn: str) -> None:
