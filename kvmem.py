@@ -2895,7 +2895,274 @@ class _Borrowed:
         self.pool.give(self.conn, exc)
 
 
-class Store:
+def parse_batch(ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], config: Config, *,
+                namespace: str = "default") -> list[SetOp | DeleteOp]:
+    """A batch's ops checked (``Store.batch``): InvalidInputError naming the bad op's index."""
+    if not isinstance(ops, list | tuple) or not ops:
+        raise InvalidInputError("ops must be a non-empty list")
+    if len(ops) > config.max_batch_ops:
+        raise InvalidInputError(f"at most {config.max_batch_ops} ops in a batch")
+    parsed: list[SetOp | DeleteOp] = []
+    for index, spec in enumerate(ops):
+        try:
+            if isinstance(spec, Op) and not isinstance(spec, SetOp | DeleteOp):
+                raise InvalidInputError(f"a {spec.kind} op cannot be in a batch")
+            parsed.append(spec.checked_for(config) if isinstance(spec, SetOp | DeleteOp)
+                          else parse_batch_op(spec, config, namespace=namespace))
+        except InvalidInputError as exc:
+            raise type(exc)(f"ops[{index}]: {exc}") from None
+    return parsed
+
+
+def batch_results(ops: Sequence[SetOp | DeleteOp],
+                  apply: Callable[[SetOp | DeleteOp], Any]) -> list[dict[str, Any]]:
+    """Apply a batch's ops in order inside the caller's transaction; a version conflict
+    names its op (``op_index``) and the whole batch fails."""
+    results = []
+    for index, op in enumerate(ops):
+        try:
+            results.append({"op": op.kind, op.result: apply(op)})
+        except VersionConflictError as exc:
+            raise VersionConflictError(
+                f"ops[{index}]: {exc}; no op of the batch was applied",
+                current_version=exc.current_version, op_index=index, key=exc.key,
+            ) from None
+    return results
+
+
+class BaseStore:
+    """The Store's API, written once for both backends: ``Store`` (SQLite, below) and
+    ``kvmem_pg.PgStore`` (PostgreSQL).  Here are the arguments' checks and the model's
+    rules; a backend provides the storage: ``apply`` (one op, one transaction),
+    ``_batch`` (checked ops, one transaction, through ``batch_results``),
+    ``_import_chunk``, ``_list_rows``, ``_forget_count``, ``_forget_window`` and
+    ``_search``."""
+
+    config: Config
+    clock: Callable[[], float]
+    _cursor_secret: bytes
+    _interrupted: threading.Event
+
+    # -- what a backend provides -------------------------------------------------------
+
+    def apply(self, op: Op) -> Any:
+        raise NotImplementedError
+
+    def _batch(self, ops: builtins.list[SetOp | DeleteOp]) -> builtins.list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def _import_chunk(self, memories: builtins.list[Memory]) -> int:
+        """Store ``memories`` exactly as given in one transaction; how many."""
+        raise NotImplementedError
+
+    def _list_rows(self, namespace: str, filters: Filters, archived: bool, limit: int,
+                   after: str | None) -> tuple[builtins.list[Any], bool]:
+        """A list page's rows (SELECT_MEMORY's columns) after the key ``after``, and
+        whether there are more (``limit`` and ``max_page_bytes`` as ``list`` says)."""
+        raise NotImplementedError
+
+    def _forget_count(self, namespace: str, filters: Filters) -> tuple[int, builtins.list[str]]:
+        """From one snapshot: how many memories the filters select, and the first
+        FORGET_SAMPLE of their keys."""
+        raise NotImplementedError
+
+    def _forget_window(self, namespace: str, filters: Filters,
+                       last: str | None) -> tuple[builtins.list[str], str | None]:
+        """One transaction of forget: the next ``prune_batch`` keys after ``last`` (from
+        the prefix on), deleting those the filters select; their keys in key order, and
+        the window's last key (None past the namespace's end)."""
+        raise NotImplementedError
+
+    def _search(self, terms: builtins.list[str], namespaces: tuple[str, ...] | None,
+                filters: Filters, limit: int) -> builtins.list[Hit]:
+        """``search`` on checked arguments: ``terms`` from ``fts_terms``, ``namespaces``
+        from ``validate_search_namespaces`` (None: all)."""
+        raise NotImplementedError
+
+    # -- writes ------------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, *, namespace: str = "default",
+            tags: Sequence[str] | None = None, ttl_seconds: float | None = None,
+            half_life_seconds: float | str | None = DEFAULT_HALF_LIFE,
+            if_version: int | None = None) -> Memory:
+        """Create or replace a memory; return it as stored (``version == 1``: created).
+
+        A set replaces value, tags, TTL and half-life (``"default"`` = the configured
+        default_half_life_s, ``None`` = never fades), restores full strength and
+        un-archives.  ``if_version=N`` writes only if the current version is N, ``0`` only
+        if the key is absent (an expired memory counts as absent, an archived one as
+        present).  Durable when it returns.
+
+        Raises:
+            InvalidInputError, PayloadTooLargeError: bad arguments; nothing written.
+            VersionConflictError: ``if_version`` did not match (``current_version`` set).
+            BusyError, StorageFullError, ...: the database failed; nothing written.
+        """
+        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds,
+                "half_life_seconds": half_life_seconds, "if_version": if_version}
+        result: Memory = self.apply(SetOp.parse(spec, self.config, key=key, namespace=namespace))
+        return result
+
+    def delete(self, key: str, *, namespace: str = "default",
+               if_version: int | None = None) -> bool:
+        """Delete a memory (live or archived); False if there was none.  With
+        ``if_version`` it deletes only that version (VersionConflictError otherwise)."""
+        op = DeleteOp.parse({"if_version": if_version}, self.config, key=key, namespace=namespace)
+        result: bool = self.apply(op)
+        return result
+
+    def reinforce(self, key: str, *, namespace: str = "default") -> Memory:
+        """Strengthen a memory by the reinforce rule (``reinforced_strength``) and restart
+        its decay clock; restores an archived memory.  The version is unchanged: it counts
+        changes of content.  Raises NotFoundError when absent or expired."""
+        result: Memory = self.apply(ReinforceOp.parse({}, self.config, key=key,
+                                                      namespace=namespace))
+        return result
+
+    def batch(self, ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], *,
+              namespace: str = "default") -> builtins.list[dict[str, Any]]:
+        """Apply set/delete ops atomically, in order: all or none.
+
+        Each op is a ``SetOp`` or ``DeleteOp`` (checked as ``apply`` checks it; it keeps its
+        own namespace) or a mapping ``parse_batch_op`` reads (``"op"``, ``"set"`` or
+        ``"delete"``, and that op's arguments but the namespace, which is ``namespace``).
+        Returns one result per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete",
+        "deleted": bool}``.
+
+        Raises:
+            InvalidInputError: an op is malformed (the message names its index).
+            VersionConflictError: op ``op_index`` failed its ``if_version``; none was applied.
+        """
+        return self._batch(parse_batch(ops, self.config, namespace=namespace))
+
+    def import_(self, fp: IO[str]) -> dict[str, int]:
+        """Import JSON Lines written by ``export`` (one memory per line, every field) from
+        ``fp``, which must be seekable (a file); memory use does not grow with its size.
+
+        Every line is checked first: if any is bad, ``InvalidInputError`` lists the line
+        numbers (the first 20) and nothing is written.  Then each memory is stored exactly
+        as exported (version and times kept), replacing one with the same namespace and
+        key, in transactions of ``prune_batch`` lines: **resumable**, not one transaction
+        (idempotent, so an import cut short by a crash or a full disk is finished by
+        running it again; other writers are never locked out for long)."""
+        count = check_import(fp, self.config)
+        memories = (memory_from_record(json.loads(line), self.config)
+                    for line in fp if line.strip())
+        imported = 0
+        while chunk := builtins.list(itertools.islice(memories, self.config.prune_batch)):
+            imported += self._import_chunk(chunk)
+        return {"imported": imported, "lines": count}
+
+    def forget(self, *, namespace: str = "default", prefix: str | None = None,
+               tags: Sequence[str] = (), updated_after: float | str | None = None,
+               updated_before: float | str | None = None,
+               dry_run: bool = False) -> dict[str, Any]:
+        """Delete every memory of ``namespace`` (live, archived or expired) that the
+        ``Filters`` select; a (non-empty) ``prefix`` or ``tags`` must be given.
+
+        It walks the namespace in key order, ``prune_batch`` memories a transaction
+        (scanned, not matched: a rare tag costs no longer lock), so other writers wait for
+        one batch at most; a memory is deleted if the filters select it when its batch
+        runs (one written meanwhile behind the walk stays).  ``interrupt()`` (a server
+        stopping) ends it between batches with BusyError.  With ``dry_run`` nothing is
+        deleted, and the count and keys come from one snapshot.
+
+        Returns ``{"dry_run", "matched", "deleted", "keys", "more"}``: how many memories
+        matched, how many were deleted, the first FORGET_SAMPLE of their keys in key order
+        and whether there were more."""
+        namespace = validate_namespace(namespace, self.config)
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        if filters.prefix is None and not filters.tags:
+            raise InvalidInputError("forget needs a prefix or tags (it never empties a "
+                                    "namespace by default)")
+        if not isinstance(dry_run, bool):
+            raise InvalidInputError("dry_run must be true or false")
+        if dry_run:
+            matched, sample = self._forget_count(namespace, filters)
+            return {"dry_run": True, "matched": matched, "deleted": 0, "keys": sample,
+                    "more": matched > len(sample)}
+        keys: builtins.list[str] = []
+        deleted = 0
+        last: str | None = None
+        while True:
+            if self._interrupted.is_set():
+                raise BusyError(f"stopping: forget ended after deleting {deleted} memories; "
+                                "run it again to finish")
+            batch, last = self._forget_window(namespace, filters, last)
+            deleted += len(batch)
+            keys.extend(batch[:FORGET_SAMPLE - len(keys)])
+            if last is None or (filters.prefix is not None
+                                and not last.startswith(filters.prefix)):
+                break  # the walk passed the namespace's last key, or the prefix's keys
+        return {"dry_run": False, "matched": deleted, "deleted": deleted, "keys": keys,
+                "more": deleted > len(keys)}
+
+    def interrupt(self) -> None:
+        """Make long work (``forget``) end at its next batch: for a server that stops."""
+        self._interrupted.set()
+
+    # -- reads -------------------------------------------------------------------------
+
+    def list(self, *, namespace: str = "default", prefix: str | None = None,
+             tag: str | None = None, tags: Sequence[str] = (),
+             updated_after: float | str | None = None,
+             updated_before: float | str | None = None, archived: bool = False,
+             limit: int = 100, cursor: str | None = None) -> Page:
+        """Memories in key order, live ones (or, with ``archived=True``, archived ones),
+        narrowed by ``Filters`` (``tag`` is one more of ``tags``).
+
+        Pagination is by key: ``next_cursor`` resumes after the last key returned, so a
+        scan never repeats a key and never skips one that existed when it started and
+        still exists, whatever others write meanwhile.  ``None`` = no more pages.  A page
+        holds at most ``limit`` memories, fewer once they pass ``max_page_bytes`` (values,
+        keys and tags as stored; at least one memory a page).
+        """
+        namespace = validate_namespace(namespace, self.config)
+        if tag is not None:
+            tags = [*validate_tags([tag], self.config), *validate_tags(tags, self.config)]
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        if not isinstance(archived, bool):
+            raise InvalidInputError("archived must be true or false")
+        limit = validate_limit(limit, MAX_LIST_LIMIT)
+        scope = filters.key()
+        after = None if cursor is None else decode_cursor(cursor, namespace, None, scope,
+                                                          archived, secret=self._cursor_secret)
+        rows, more = self._list_rows(namespace, filters, archived, limit, after)
+        items = [_row_memory(r) for r in rows]
+        return Page(items, encode_cursor(items[-1].key, namespace, None, scope, archived,
+                                         secret=self._cursor_secret) if more else None)
+
+    def search(self, query: str, *, namespace: str | Sequence[str] = "default",
+               tags: Sequence[str] = (), prefix: str | None = None,
+               updated_after: float | str | None = None,
+               updated_before: float | str | None = None,
+               limit: int = 20) -> builtins.list[Hit]:
+        """Full-text search over the key, the value's strings, object keys and numbers, and
+        the tags of live memories in ``namespace`` (a name, a list of names, or
+        ALL_NAMESPACES), narrowed by ``Filters``; best first by ``search_score``: BM25 ×
+        current strength.  The query is plain words (``fts_terms``: FTS syntax in it is only
+        text).  At most ``limit`` hits, fewer once their memories pass ``max_page_bytes`` (at
+        least one).
+
+        A word in at least half of all memories weighs nothing when the query has other
+        words (``_informative_terms``: BM25's IDF of such a word is not positive); memories
+        that hold only such words come after the others, if there is room.  Everything is
+        read in one snapshot.
+
+        Raises InvalidInputError for bad arguments and for a search still running after
+        ``search_timeout_ms``; IndexRebuildingError while an upgrade's rebuild runs.
+        """
+        namespaces = validate_search_namespaces(namespace, self.config)
+        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
+                                updated_after=updated_after, updated_before=updated_before)
+        terms = fts_terms(query)
+        limit = validate_limit(limit, MAX_SEARCH_LIMIT)
+        return self._search(terms, namespaces, filters, limit)
+
+
+class Store(BaseStore):
     """The memory store: namespaced JSON memories with tags, TTL, decay, CAS and search.
 
     Thread-safe.  Reads borrow a connection from a small pool; every write goes through the
@@ -2977,42 +3244,49 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------
 
-    def set(self, key: str, value: Any, *, namespace: str = "default",
-            tags: Sequence[str] | None = None, ttl_seconds: float | None = None,
-            half_life_seconds: float | str | None = DEFAULT_HALF_LIFE,
-            if_version: int | None = None) -> Memory:
-        """Create or replace a memory; return it as stored (``version == 1``: created).
+    def _batch(self, ops: builtins.list[SetOp | DeleteOp]) -> builtins.list[dict[str, Any]]:
+        def run(conn: KvmemConnection) -> builtins.list[dict[str, Any]]:
+            now = self.clock()
+            return batch_results(ops, lambda op: _apply(conn, op, now))
 
-        A set replaces value, tags, TTL and half-life (``"default"`` = the configured
-        default_half_life_s, ``None`` = never fades), restores full strength and
-        un-archives.  ``if_version=N`` writes only if the current version is N, ``0`` only
-        if the key is absent (an expired memory counts as absent, an archived one as
-        present).  Durable when it returns.
-
-        Raises:
-            InvalidInputError, PayloadTooLargeError: bad arguments; nothing written.
-            VersionConflictError: ``if_version`` did not match (``current_version`` set).
-            BusyError, StorageFullError, ...: the database failed; nothing written.
-        """
-        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds,
-                "half_life_seconds": half_life_seconds, "if_version": if_version}
-        result: Memory = self.apply(SetOp.parse(spec, self.config, key=key, namespace=namespace))
+        result: builtins.list[dict[str, Any]] = self._writer.submit(run)
         return result
 
-    def delete(self, key: str, *, namespace: str = "default",
-               if_version: int | None = None) -> bool:
-        """Delete a memory (live or archived); False if there was none.  With
-        ``if_version`` it deletes only that version (VersionConflictError otherwise)."""
-        op = DeleteOp.parse({"if_version": if_version}, self.config, key=key, namespace=namespace)
-        result: bool = self.apply(op)
+    def _import_chunk(self, memories: builtins.list[Memory]) -> int:
+        result: int = self._writer.submit(functools.partial(_put_exact, memories))
         return result
 
-    def reinforce(self, key: str, *, namespace: str = "default") -> Memory:
-        """Strengthen a memory by the reinforce rule (``reinforced_strength``) and restart
-        its decay clock; restores an archived memory.  The version is unchanged: it counts
-        changes of content.  Raises NotFoundError when absent or expired."""
-        result: Memory = self.apply(ReinforceOp.parse({}, self.config, key=key,
-                                                      namespace=namespace))
+    def _forget_count(self, namespace: str, filters: Filters) -> tuple[int, builtins.list[str]]:
+        where, params = filters.sql("m")
+        select = f"SELECT key FROM memories AS m WHERE namespace = ?{where} ORDER BY key"
+        with self._reads.borrow(f"forget {namespace}") as conn:
+            conn.execute("BEGIN")  # one snapshot: the count is of the keys listed
+            try:
+                matched = conn.execute(f"SELECT count(*) FROM memories AS m WHERE "
+                                       f"namespace = ?{where}",
+                                       (namespace, *params)).fetchone()[0]
+                sample = [r[0] for r in conn.execute(select + " LIMIT ?",
+                                                     (namespace, *params, FORGET_SAMPLE))]
+            finally:
+                conn.execute("COMMIT")
+        return int(matched), sample
+
+    def _forget_window(self, namespace: str, filters: Filters,
+                       last: str | None) -> tuple[builtins.list[str], str | None]:
+        where, params = filters.sql("m")
+        window = ("SELECT id, key, tags, updated_at FROM memories WHERE namespace = ? AND "
+                  "key >= ? AND (key > ? OR ?) ORDER BY key LIMIT ?")
+
+        def step(conn: KvmemConnection) -> tuple[builtins.list[str], str | None]:
+            # One read of the window: each row, and whether the filters select it.
+            rows = conn.execute(f"SELECT id, key, 1{where} FROM ({window}) AS m",
+                                (*params, namespace, filters.prefix or "", last or "",
+                                 last is None, self.config.prune_batch)).fetchall()
+            hits = [(row_id, key) for row_id, key, hit in rows if hit]
+            conn.executemany("DELETE FROM memories WHERE id = ?", [(h[0],) for h in hits])
+            return [h[1] for h in hits], rows[-1][1] if rows else None
+
+        result: tuple[builtins.list[str], str | None] = self._writer.submit(step)
         return result
 
     def apply(self, op: Op) -> Any:
@@ -3020,50 +3294,6 @@ class Store:
         by ``parse`` under this store's config is checked first (``Op.checked_for``)."""
         op = op.checked_for(self.config)
         return self._writer.submit(lambda conn: _apply(conn, op, self.clock()))
-
-    def batch(self, ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], *,
-              namespace: str = "default") -> builtins.list[dict[str, Any]]:
-        """Apply set/delete ops atomically, in order: all or none.
-
-        Each op is a ``SetOp`` or ``DeleteOp`` (checked as ``apply`` checks it; it keeps its
-        own namespace) or a mapping ``parse_batch_op`` reads (``"op"``, ``"set"`` or
-        ``"delete"``, and that op's arguments but the namespace, which is ``namespace``).
-        Returns one result per op: ``{"op": "set", "memory": Memory}`` or ``{"op": "delete",
-        "deleted": bool}``.
-
-        Raises:
-            InvalidInputError: an op is malformed (the message names its index).
-            VersionConflictError: op ``op_index`` failed its ``if_version``; none was applied.
-        """
-        if not isinstance(ops, list | tuple) or not ops:
-            raise InvalidInputError("ops must be a non-empty list")
-        if len(ops) > self.config.max_batch_ops:
-            raise InvalidInputError(f"at most {self.config.max_batch_ops} ops in a batch")
-        parsed: builtins.list[SetOp | DeleteOp] = []
-        for index, spec in enumerate(ops):
-            try:
-                if isinstance(spec, Op) and not isinstance(spec, SetOp | DeleteOp):
-                    raise InvalidInputError(f"a {spec.kind} op cannot be in a batch")
-                parsed.append(spec.checked_for(self.config) if isinstance(spec, SetOp | DeleteOp)
-                              else parse_batch_op(spec, self.config, namespace=namespace))
-            except InvalidInputError as exc:
-                raise type(exc)(f"ops[{index}]: {exc}") from None
-
-        def run(conn: KvmemConnection) -> builtins.list[dict[str, Any]]:
-            now = self.clock()
-            results = []
-            for index, op in enumerate(parsed):
-                try:
-                    results.append({"op": op.kind, op.result: _apply(conn, op, now)})
-                except VersionConflictError as exc:
-                    raise VersionConflictError(
-                        f"ops[{index}]: {exc}; no op of the batch was applied",
-                        current_version=exc.current_version, op_index=index, key=exc.key,
-                    ) from None
-            return results
-
-        result: builtins.list[dict[str, Any]] = self._writer.submit(run)
-        return result
 
     def prune(self, now: float | None = None) -> PruneResult:
         """One decay pass: delete expired memories, archive live ones whose current
@@ -3097,97 +3327,6 @@ class Store:
         self._last_prune = result
         return result
 
-    def forget(self, *, namespace: str = "default", prefix: str | None = None,
-               tags: Sequence[str] = (), updated_after: float | str | None = None,
-               updated_before: float | str | None = None,
-               dry_run: bool = False) -> dict[str, Any]:
-        """Delete every memory of ``namespace`` (live, archived or expired) that the
-        ``Filters`` select; a (non-empty) ``prefix`` or ``tags`` must be given.
-
-        It walks the namespace in key order, ``prune_batch`` memories a transaction
-        (scanned, not matched: a rare tag costs no longer lock), so other writers wait for
-        one batch at most; a memory is deleted if the filters select it when its batch
-        runs (one written meanwhile behind the walk stays).  ``interrupt()`` (a server
-        stopping) ends it between batches with BusyError.  With ``dry_run`` nothing is
-        deleted, and the count and keys come from one snapshot.
-
-        Returns ``{"dry_run", "matched", "deleted", "keys", "more"}``: how many memories
-        matched, how many were deleted, the first FORGET_SAMPLE of their keys in key order
-        and whether there were more."""
-        namespace = validate_namespace(namespace, self.config)
-        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
-                                updated_after=updated_after, updated_before=updated_before)
-        if filters.prefix is None and not filters.tags:
-            raise InvalidInputError("forget needs a prefix or tags (it never empties a "
-                                    "namespace by default)")
-        if not isinstance(dry_run, bool):
-            raise InvalidInputError("dry_run must be true or false")
-        where, params = filters.sql("m")
-        if dry_run:
-            select = f"SELECT key FROM memories AS m WHERE namespace = ?{where} ORDER BY key"
-            with self._reads.borrow(f"forget {namespace}") as conn:
-                conn.execute("BEGIN")  # one snapshot: the count is of the keys listed
-                try:
-                    matched = conn.execute(f"SELECT count(*) FROM memories AS m WHERE "
-                                           f"namespace = ?{where}",
-                                           (namespace, *params)).fetchone()[0]
-                    sample = [r[0] for r in conn.execute(select + " LIMIT ?",
-                                                         (namespace, *params, FORGET_SAMPLE))]
-                finally:
-                    conn.execute("COMMIT")
-            return {"dry_run": True, "matched": matched, "deleted": 0, "keys": sample,
-                    "more": matched > len(sample)}
-        window = ("SELECT id, key, tags, updated_at FROM memories WHERE namespace = ? AND "
-                  "key >= ? AND (key > ? OR ?) ORDER BY key LIMIT ?")
-        limit = self.config.prune_batch
-        keys: builtins.list[str] = []
-        deleted = 0
-
-        def step(conn: KvmemConnection, last: str | None) -> tuple[builtins.list[str], str | None]:
-            # One read of the window: each row, and whether the filters select it.
-            rows = conn.execute(f"SELECT id, key, 1{where} FROM ({window}) AS m",
-                                (*params, namespace, filters.prefix or "", last or "",
-                                 last is None, limit)).fetchall()
-            hits = [(row_id, key) for row_id, key, hit in rows if hit]
-            conn.executemany("DELETE FROM memories WHERE id = ?", [(h[0],) for h in hits])
-            return [h[1] for h in hits], rows[-1][1] if rows else None
-
-        last: str | None = None
-        while True:
-            if self._interrupted.is_set():
-                raise BusyError(f"stopping: forget ended after deleting {deleted} memories; "
-                                "run it again to finish")
-            batch, last = self._writer.submit(functools.partial(step, last=last))
-            deleted += len(batch)
-            keys.extend(batch[:FORGET_SAMPLE - len(keys)])
-            if last is None or (filters.prefix is not None
-                                and not last.startswith(filters.prefix)):
-                break  # the walk passed the namespace's last key, or the prefix's keys
-        return {"dry_run": False, "matched": deleted, "deleted": deleted, "keys": keys,
-                "more": deleted > len(keys)}
-
-    def interrupt(self) -> None:
-        """Make long work (``forget``) end at its next batch: for a server that stops."""
-        self._interrupted.set()
-
-    def import_(self, fp: IO[str]) -> dict[str, int]:
-        """Import JSON Lines written by ``export`` (one memory per line, every field) from
-        ``fp``, which must be seekable (a file); memory use does not grow with its size.
-
-        Every line is checked first: if any is bad, ``InvalidInputError`` lists the line
-        numbers (the first 20) and nothing is written.  Then each memory is stored exactly
-        as exported (version and times kept), replacing one with the same namespace and
-        key, in transactions of ``prune_batch`` lines: **resumable**, not one transaction
-        (idempotent, so an import cut short by a crash or a full disk is finished by
-        running it again; other writers are never locked out for long)."""
-        count = check_import(fp, self.config)
-        memories = (memory_from_record(json.loads(line), self.config)
-                    for line in fp if line.strip())
-        imported = 0
-        while chunk := list(itertools.islice(memories, self.config.prune_batch)):
-            imported += self._writer.submit(functools.partial(_put_exact, chunk))
-        return {"imported": imported, "lines": count}
-
     # -- reads -------------------------------------------------------------------------
 
     def get(self, key: str, *, namespace: str = "default") -> Memory | None:
@@ -3198,31 +3337,8 @@ class Store:
             row = conn.execute(GET_LIVE, (namespace, key, self.clock())).fetchone()
         return None if row is None else _row_memory(row)
 
-    def list(self, *, namespace: str = "default", prefix: str | None = None,
-             tag: str | None = None, tags: Sequence[str] = (),
-             updated_after: float | str | None = None,
-             updated_before: float | str | None = None, archived: bool = False,
-             limit: int = 100, cursor: str | None = None) -> Page:
-        """Memories in key order, live ones (or, with ``archived=True``, archived ones),
-        narrowed by ``Filters`` (``tag`` is one more of ``tags``).
-
-        Pagination is by key: ``next_cursor`` resumes after the last key returned, so a
-        scan never repeats a key and never skips one that existed when it started and
-        still exists, whatever others write meanwhile.  ``None`` = no more pages.  A page
-        holds at most ``limit`` memories, fewer once they pass ``max_page_bytes`` (values,
-        keys and tags as stored; at least one memory a page).
-        """
-        namespace = validate_namespace(namespace, self.config)
-        if tag is not None:
-            tags = [*validate_tags([tag], self.config), *validate_tags(tags, self.config)]
-        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
-                                updated_after=updated_after, updated_before=updated_before)
-        if not isinstance(archived, bool):
-            raise InvalidInputError("archived must be true or false")
-        limit = validate_limit(limit, MAX_LIST_LIMIT)
-        scope = filters.key()
-        after = None if cursor is None else decode_cursor(cursor, namespace, None, scope,
-                                                          archived, secret=self._cursor_secret)
+    def _list_rows(self, namespace: str, filters: Filters, archived: bool, limit: int,
+                   after: str | None) -> tuple[builtins.list[Any], bool]:
         sql = SELECT_MEMORY + f" WHERE namespace = ? AND archived = ? AND NOT {EXPIRED}"
         params: list[Any] = [namespace, int(archived), self.clock()]
         if after is not None:
@@ -3232,10 +3348,7 @@ class Store:
         sql += where + " ORDER BY key LIMIT ?"
         params += [*more_params, limit + 1]
         with self._reads.borrow(f"list {namespace}") as conn:
-            rows, more = self._page_rows(conn, sql, params, limit)
-        items = [_row_memory(r) for r in rows]
-        return Page(items, encode_cursor(items[-1].key, namespace, None, scope, archived,
-                                         secret=self._cursor_secret) if more else None)
+            return self._page_rows(conn, sql, params, limit)
 
     def namespaces(self) -> builtins.list[dict[str, Any]]:
         """Every namespace that holds a memory, in name order, with how many of its
@@ -3265,31 +3378,8 @@ class Store:
         finally:
             cursor.close()  # ends the read (an unfinished statement keeps its snapshot)
 
-    def search(self, query: str, *, namespace: str | Sequence[str] = "default",
-               tags: Sequence[str] = (), prefix: str | None = None,
-               updated_after: float | str | None = None,
-               updated_before: float | str | None = None,
-               limit: int = 20) -> builtins.list[Hit]:
-        """Full-text search over the key, the value's strings, object keys and numbers, and
-        the tags of live memories in ``namespace`` (a name, a list of names, or
-        ALL_NAMESPACES), narrowed by ``Filters``; best first by ``search_score``: BM25 ×
-        current strength.  The query is plain words (``fts_terms``: FTS syntax in it is only
-        text).  At most ``limit`` hits, fewer once their memories pass ``max_page_bytes`` (at
-        least one).
-
-        A word in at least half of all memories weighs nothing when the query has other
-        words (``_informative_terms``: BM25's IDF of such a word is not positive); memories
-        that hold only such words come after the others, if there is room.  Everything is
-        read in one snapshot.
-
-        Raises InvalidInputError for bad arguments and for a search still running after
-        ``search_timeout_ms``; IndexRebuildingError while an upgrade's rebuild runs.
-        """
-        namespaces = validate_search_namespaces(namespace, self.config)
-        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
-                                updated_after=updated_after, updated_before=updated_before)
-        terms = fts_terms(query)
-        limit = validate_limit(limit, MAX_SEARCH_LIMIT)
+    def _search(self, terms: builtins.list[str], namespaces: tuple[str, ...] | None,
+                filters: Filters, limit: int) -> builtins.list[Hit]:
         now = self.clock()
         scope, scope_params = filters.sql("m")
         if namespaces is not None:
@@ -3298,7 +3388,7 @@ class Store:
         sql = SEARCH_SCAN + scope + " ORDER BY score DESC, m.id LIMIT ?"
         params = [now, *scope_params, limit]
         deadline = time.monotonic() + self.config.search_timeout_ms / 1000
-        with self._reads.borrow(f"search {query[:100]!r}") as conn:
+        with self._reads.borrow(f"search {' '.join(terms)[:100]!r}") as conn:
             conn.set_progress_handler(lambda: time.monotonic() > deadline, 2000)
             conn.execute("BEGIN")  # one snapshot: the ids found are the rows read
             try:

@@ -34,9 +34,10 @@ Theory of operation
   once without waiting); forget walks key windows of ``prune_batch`` rows, each under its
   keys' advisory locks taken in the same order as batches take theirs (no deadlock).
 
-So far (issue #19): open, migrate, set, get, delete, reinforce, apply, batch, list,
-namespaces, export, import_, search, prune, forget, interrupt, and a minimal stats and
-health (no replication lag yet); see docs/postgres-design.md.
+The API is ``kvmem.BaseStore``'s, shared with ``kvmem.Store``: set, get, delete, reinforce,
+apply, batch, list, namespaces, search, export, import_, prune, forget, interrupt, stats,
+health, close; ``kvmem_cli.open_store`` opens one for a ``--db postgresql://...``.  See
+docs/postgres-design.md and the README's "More than one machine".
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -53,7 +53,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any, TypeVar, cast
 
 import psycopg
@@ -63,7 +63,6 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 import kvmem
 from kvmem import (
-    DEFAULT_HALF_LIFE,
     BusyError,
     Config,
     ConfigError,
@@ -74,15 +73,12 @@ from kvmem import (
     KvmemError,
     Memory,
     Op,
-    Page,
     PruneResult,
     ReadOnlyError,
-    ReinforceOp,
     SchemaTooNewError,
     SetOp,
     StorageError,
     StorageFullError,
-    VersionConflictError,
 )
 
 __all__ = ["MIGRATIONS_PG", "PgStore"]
@@ -553,11 +549,9 @@ def describe_dsn(dsn: str) -> str:
 # ============================================================================= store ====
 
 
-class PgStore:
-    """kvmem's Store on PostgreSQL: the same methods, arguments, results and errors as
-    ``kvmem.Store`` (so far: set, get, delete, reinforce, apply, batch, list,
-    namespaces, export, import_, search, prune, forget, interrupt; stats and health are
-    minimal).
+class PgStore(kvmem.BaseStore):
+    """kvmem's Store on PostgreSQL: ``kvmem.BaseStore``'s methods, arguments, results and
+    errors (its checks and the model's rules are written there once), on the storage here.
 
     Thread-safe: each call takes a connection from the pool.  Writes return after their
     COMMIT (``synchronous_commit=on``).  Times come from ``clock`` (Unix seconds).  Open
@@ -742,81 +736,24 @@ class PgStore:
     # The same signatures and checks as kvmem.Store's (test_pg_store compares them); the
     # shared BaseStore of the design will hold these once.
 
-    def set(self, key: str, value: Any, *, namespace: str = "default",
-            tags: Sequence[str] | None = None, ttl_seconds: float | None = None,
-            half_life_seconds: float | str | None = DEFAULT_HALF_LIFE,
-            if_version: int | None = None) -> Memory:
-        """As ``kvmem.Store.set``: durable (COMMIT with synchronous_commit=on) when it
-        returns; compare-and-set by ``if_version`` is exact across servers."""
-        spec = {"value": value, "tags": tags, "ttl_seconds": ttl_seconds,
-                "half_life_seconds": half_life_seconds, "if_version": if_version}
-        result: Memory = self.apply(SetOp.parse(spec, self.config, key=key, namespace=namespace))
-        return result
-
-    def delete(self, key: str, *, namespace: str = "default",
-               if_version: int | None = None) -> bool:
-        """As ``kvmem.Store.delete``."""
-        op = DeleteOp.parse({"if_version": if_version}, self.config, key=key, namespace=namespace)
-        result: bool = self.apply(op)
-        return result
-
-    def reinforce(self, key: str, *, namespace: str = "default") -> Memory:
-        """As ``kvmem.Store.reinforce``."""
-        result: Memory = self.apply(ReinforceOp.parse({}, self.config, key=key,
-                                                      namespace=namespace))
-        return result
-
     def apply(self, op: Op) -> Any:
         """Run one op in its own transaction; its outcome once COMMIT returned."""
         op = op.checked_for(self.config)
         return self._transact(lambda conn: _apply(conn, op, self.clock()))
 
-    def batch(self, ops: Sequence[Mapping[str, Any] | SetOp | DeleteOp], *,
-              namespace: str = "default") -> builtins.list[dict[str, Any]]:
-        """As ``kvmem.Store.batch``: all or none, in order, in one transaction.  Every key's
-        advisory lock is taken first, in one sorted order (no deadlock between batches)."""
-        if not isinstance(ops, list | tuple) or not ops:
-            raise InvalidInputError("ops must be a non-empty list")
-        if len(ops) > self.config.max_batch_ops:
-            raise InvalidInputError(f"at most {self.config.max_batch_ops} ops in a batch")
-        parsed: builtins.list[SetOp | DeleteOp] = []
-        for index, spec in enumerate(ops):
-            try:
-                if isinstance(spec, Op) and not isinstance(spec, SetOp | DeleteOp):
-                    raise InvalidInputError(f"a {spec.kind} op cannot be in a batch")
-                parsed.append(spec.checked_for(self.config) if isinstance(spec, SetOp | DeleteOp)
-                              else kvmem.parse_batch_op(spec, self.config, namespace=namespace))
-            except InvalidInputError as exc:
-                raise type(exc)(f"ops[{index}]: {exc}") from None
+    def _batch(self, ops: builtins.list[SetOp | DeleteOp]) -> builtins.list[dict[str, Any]]:
+        """Every key's advisory lock first, in one sorted order (no deadlock between
+        batches), then the ops in order, in one transaction."""
 
         def run(conn: psycopg.Connection[Any]) -> builtins.list[dict[str, Any]]:
-            _lock_keys(conn, [(op.namespace, op.key) for op in parsed])
+            _lock_keys(conn, [(op.namespace, op.key) for op in ops])
             now = self.clock()
-            results = []
-            for index, op in enumerate(parsed):
-                try:
-                    results.append({"op": op.kind,
-                                    op.result: _apply(conn, op, now, locked=True)})
-                except VersionConflictError as exc:
-                    raise VersionConflictError(
-                        f"ops[{index}]: {exc}; no op of the batch was applied",
-                        current_version=exc.current_version, op_index=index, key=exc.key,
-                    ) from None
-            return results
+            return kvmem.batch_results(ops, lambda op: _apply(conn, op, now, locked=True))
 
         return self._transact(run)
 
-    def import_(self, fp: IO[str]) -> dict[str, int]:
-        """As ``kvmem.Store.import_``: every line checked first (nothing written if one is
-        bad), then each memory stored exactly as exported, replacing the same key, in
-        transactions of ``prune_batch`` lines (resumable: run it again to finish)."""
-        count = kvmem.check_import(fp, self.config)
-        memories = (kvmem.memory_from_record(json.loads(line), self.config)
-                    for line in fp if line.strip())
-        imported = 0
-        while chunk := builtins.list(itertools.islice(memories, self.config.prune_batch)):
-            imported += self._transact(functools.partial(_put_exact, memories=chunk))
-        return {"imported": imported, "lines": count}
+    def _import_chunk(self, memories: builtins.list[Memory]) -> int:
+        return self._transact(functools.partial(_put_exact, memories=memories))
 
     # -- decay and bulk deletes ----------------------------------------------------------
 
@@ -847,46 +784,29 @@ class PgStore:
         self._last_prune = result
         return result
 
-    def forget(self, *, namespace: str = "default", prefix: str | None = None,
-               tags: Sequence[str] = (), updated_after: float | str | None = None,
-               updated_before: float | str | None = None,
-               dry_run: bool = False) -> dict[str, Any]:
-        """As ``kvmem.Store.forget``: delete every memory of ``namespace`` (live, archived
-        or expired) that the ``Filters`` select; a non-empty ``prefix`` or ``tags`` is
-        required.  It walks the namespace in key order, ``prune_batch`` memories a
-        transaction (matched or not); each batch takes its keys' advisory locks in the
-        same sorted order as writes and batches do (so it never deadlocks with them), then
-        deletes those of its rows the filters select at that moment.  ``interrupt()`` ends
-        it between batches with BusyError.  A dry run counts and lists from one snapshot.
-
-        Returns ``{"dry_run", "matched", "deleted", "keys", "more"}``."""
-        namespace = kvmem.validate_namespace(namespace, self.config)
-        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
-                                updated_after=updated_after, updated_before=updated_before)
-        if filters.prefix is None and not filters.tags:
-            raise InvalidInputError("forget needs a prefix or tags (it never empties a "
-                                    "namespace by default)")
-        if not isinstance(dry_run, bool):
-            raise InvalidInputError("dry_run must be true or false")
+    def _forget_count(self, namespace: str, filters: Filters) -> tuple[int, builtins.list[str]]:
         where, params = _filters_sql(filters)
-        if dry_run:
-            def count(conn: psycopg.Connection[Any]) -> tuple[int, builtins.list[str]]:
-                row = conn.execute(f"SELECT count(*) FROM memories WHERE namespace = %s{where}",
-                                   (namespace, *params)).fetchone()
-                sample = conn.execute(f"SELECT key FROM memories WHERE namespace = %s{where}"
-                                      " ORDER BY key LIMIT %s",
-                                      (namespace, *params, kvmem.FORGET_SAMPLE)).fetchall()
-                return (int(row[0]) if row else 0), [r[0] for r in sample]
 
-            matched, sample = self._snapshot(count)
-            return {"dry_run": True, "matched": matched, "deleted": 0, "keys": sample,
-                    "more": matched > len(sample)}
-        limit = self.config.prune_batch
+        def count(conn: psycopg.Connection[Any]) -> tuple[int, builtins.list[str]]:
+            row = conn.execute(f"SELECT count(*) FROM memories WHERE namespace = %s{where}",
+                               (namespace, *params)).fetchone()
+            sample = conn.execute(f"SELECT key FROM memories WHERE namespace = %s{where}"
+                                  " ORDER BY key LIMIT %s",
+                                  (namespace, *params, kvmem.FORGET_SAMPLE)).fetchall()
+            return (int(row[0]) if row else 0), [r[0] for r in sample]
 
-        def step(conn: psycopg.Connection[Any],
-                 last: str | None) -> tuple[builtins.list[str], str | None]:
+        return self._snapshot(count)
+
+    def _forget_window(self, namespace: str, filters: Filters,
+                       last: str | None) -> tuple[builtins.list[str], str | None]:
+        """The window's keys' advisory locks are taken in the same sorted order as writes
+        and batches take theirs (so it never deadlocks with them)."""
+        where, params = _filters_sql(filters)
+
+        def step(conn: psycopg.Connection[Any]) -> tuple[builtins.list[str], str | None]:
             window = conn.execute(FORGET_WINDOW, (namespace, filters.prefix or "", last or "",
-                                                  last is None, limit)).fetchall()
+                                                  last is None,
+                                                  self.config.prune_batch)).fetchall()
             if not window:
                 return [], None
             _lock_keys(conn, [(namespace, key) for _, key in window])
@@ -895,25 +815,7 @@ class PgStore:
             # C collation: PostgreSQL's key order is code point order, as Python's.
             return sorted(r[0] for r in rows), window[-1][1]
 
-        keys: builtins.list[str] = []
-        deleted = 0
-        last: str | None = None
-        while True:
-            if self._interrupted.is_set():
-                raise BusyError(f"stopping: forget ended after deleting {deleted} memories; "
-                                "run it again to finish")
-            batch, last = self._transact(functools.partial(step, last=last))
-            deleted += len(batch)
-            keys.extend(batch[:kvmem.FORGET_SAMPLE - len(keys)])
-            if last is None or (filters.prefix is not None
-                                and not last.startswith(filters.prefix)):
-                break  # the walk passed the namespace's last key, or the prefix's keys
-        return {"dry_run": False, "matched": deleted, "deleted": deleted, "keys": keys,
-                "more": deleted > len(keys)}
-
-    def interrupt(self) -> None:
-        """Make long work (``forget``) end at its next batch: for a server that stops."""
-        self._interrupted.set()
+        return self._transact(step)
 
     # -- state -------------------------------------------------------------------------
 
@@ -1001,26 +903,9 @@ class PgStore:
         row = self._read(GET_LIVE, (namespace, key, self.clock()))
         return None if row is None else kvmem._row_memory(row)
 
-    def list(self, *, namespace: str = "default", prefix: str | None = None,
-             tag: str | None = None, tags: Sequence[str] = (),
-             updated_after: float | str | None = None,
-             updated_before: float | str | None = None, archived: bool = False,
-             limit: int = 100, cursor: str | None = None) -> Page:
-        """As ``kvmem.Store.list``: key order, ``Filters``, at most ``limit`` memories a
-        page and fewer past ``max_page_bytes`` (at least one), cursors signed with this
-        database's secret."""
-        namespace = kvmem.validate_namespace(namespace, self.config)
-        if tag is not None:
-            tags = [*kvmem.validate_tags([tag], self.config),
-                    *kvmem.validate_tags(tags, self.config)]
-        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
-                                updated_after=updated_after, updated_before=updated_before)
-        if not isinstance(archived, bool):
-            raise InvalidInputError("archived must be true or false")
-        limit = kvmem.validate_limit(limit, kvmem.MAX_LIST_LIMIT)
-        scope = filters.key()
-        after = None if cursor is None else kvmem.decode_cursor(
-            cursor, namespace, None, scope, archived, secret=self._cursor_secret)
+    def _list_rows(self, namespace: str, filters: Filters, archived: bool, limit: int,
+                   after: str | None) -> tuple[builtins.list[Any], bool]:
+        """Page chosen by octet_length in one REPEATABLE READ snapshot."""
         where = f" WHERE namespace = %s AND archived = %s AND NOT {EXPIRED_PG}"
         params: builtins.list[Any] = [namespace, int(archived), self.clock()]
         if after is not None:
@@ -1038,10 +923,7 @@ class PgStore:
                                 (ids,)).fetchall()
             return rows, more
 
-        rows, more = self._snapshot(page)
-        items = [kvmem._row_memory(r) for r in rows]
-        return Page(items, kvmem.encode_cursor(items[-1].key, namespace, None, scope, archived,
-                                               secret=self._cursor_secret) if more else None)
+        return self._snapshot(page)
 
     def namespaces(self) -> builtins.list[dict[str, Any]]:
         """As ``kvmem.Store.namespaces``: every namespace holding a live or archived memory,
@@ -1051,12 +933,9 @@ class PgStore:
         return [{"namespace": name, "live": live, "archived": archived}
                 for name, live, archived in rows if live or archived]
 
-    def search(self, query: str, *, namespace: str | Sequence[str] = "default",
-               tags: Sequence[str] = (), prefix: str | None = None,
-               updated_after: float | str | None = None,
-               updated_before: float | str | None = None,
-               limit: int = 20) -> builtins.list[Hit]:
-        """As ``kvmem.Store.search``: the same words (SQLite's tokenizer, see
+    def _search(self, terms: builtins.list[str], namespaces: tuple[str, ...] | None,
+                filters: Filters, limit: int) -> builtins.list[Hit]:
+        """``kvmem.BaseStore.search`` on PostgreSQL: the same words (SQLite's tokenizer, see
         ``search_vector``), filters, namespaces and limits; best first by BM25 (FTS5's, with
         BM25_WEIGHTS, in ``kvmem_bm25``) × current strength, so the order matches SQLite's
         (the scores are close, not identical: a phrase's frequency is its rarest token's).
@@ -1064,11 +943,6 @@ class PgStore:
         words; memories holding only such words come after the others, score 0.  One
         REPEATABLE READ snapshot; InvalidInputError past ``search_timeout_ms``
         (statement_timeout)."""
-        namespaces = kvmem.validate_search_namespaces(namespace, self.config)
-        filters = Filters.parse(self.config, tags=tags, prefix=prefix,
-                                updated_after=updated_after, updated_before=updated_before)
-        terms = kvmem.fts_terms(query)
-        limit = kvmem.validate_limit(limit, kvmem.MAX_SEARCH_LIMIT)
         now = self.clock()
         phrases = {term: phrase for term in terms if (phrase := query_phrase(term))[0]}
         if not phrases:  # no word FTS5 would index: SQLite matches nothing either

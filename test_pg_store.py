@@ -24,7 +24,6 @@ import pytest
 import kvmem
 import kvmem_cli
 import pgtest
-import test_store
 from testutil import Clock, run_threads
 
 try:
@@ -169,19 +168,6 @@ def test_a_cursor_of_another_database_is_refused(store: kvmem_pg.PgStore,
         other = sqlite_store.list(limit=1).next_cursor
     with pytest.raises(kvmem.InvalidInputError, match="cursor"):
         store.list(cursor=other)
-
-
-def test_import_checks_every_line_first(store: kvmem_pg.PgStore, pg_dsn: str) -> None:
-    """test_store's bad-lines test, counting rows in PostgreSQL (PgStore has no stats)."""
-    good = test_store._decayed_export(3).splitlines()
-    lines = [good[0], "{not json", good[1], json.dumps({"key": "x"}),
-             json.dumps({**json.loads(good[2]), "namespace": "bad ns"}), good[2]]
-    with pytest.raises(kvmem.InvalidInputError) as info:
-        store.import_(io.StringIO("\n".join(lines) + "\n"))
-    message = str(info.value)
-    assert "line 2:" in message and "line 4:" in message and "line 5:" in message
-    assert "line 1:" not in message and "line 3:" not in message
-    assert _rows(pg_dsn) == 0
 
 
 def _sqlite_fixture_memories(store: kvmem.Store, clock: Clock) -> None:
