@@ -10,8 +10,12 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import os
 import random
+import shlex
 import string
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +28,7 @@ import pytest
 import kvmem
 import kvmem_cli
 import pgtest
-from testutil import Clock, run_threads
+from testutil import HERE, Clock, child_env, run_threads
 
 try:
     import psycopg
@@ -238,6 +242,38 @@ def test_export_from_sqlite_imports_into_postgres_and_back_exactly(
     assert shown[3] == store.list(namespace="ns2", tags=[])
     json_memory = store.get("json", namespace="ns2")
     assert json_memory is not None and json_memory.value["f"] == 0.1 + 0.2
+
+
+def test_kvmem_export_piped_into_kvmem_import_both_ways(pg_dsn: str, clock: Clock,
+                                                       tmp_path: Path) -> None:
+    """The README's move: ``kvmem export`` of an SQLite file piped into ``kvmem import``
+    on PostgreSQL, and back into a new file; the three exports are the same bytes."""
+    source, back = str(tmp_path / "a.db"), str(tmp_path / "back.db")
+    with kvmem.Store.open(source, config=CONFIG, clock=clock) as sqlite_a:
+        _sqlite_fixture_memories(sqlite_a, clock)
+    kvmem_cmd = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(HERE, 'kvmem_cli.py'))}"
+
+    def shell(script: str) -> str:
+        result = subprocess.run(["bash", "-c", "set -euo pipefail; " + script],
+                                capture_output=True, text=True, env=child_env(), timeout=120)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        return result.stdout
+
+    def move(src: str, dst: str) -> dict[str, Any]:
+        out = shell(f"{kvmem_cmd} export --db {shlex.quote(src)} | "
+                    f"{kvmem_cmd} import --db {shlex.quote(dst)}")
+        return dict(json.loads(out))
+
+    def export(db: str) -> str:
+        return shell(f"{kvmem_cmd} export --db {shlex.quote(db)}")
+
+    first = export(source)
+    count = first.count("\n")
+    assert count == 10, first  # _sqlite_fixture_memories' memories, expired ones included
+    assert move(source, pg_dsn) == {"imported": count, "lines": count}
+    assert export(pg_dsn) == first
+    assert move(pg_dsn, back) == {"imported": count, "lines": count}
+    assert export(back) == first
 
 
 def _rows(dsn: str) -> int:
