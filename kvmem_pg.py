@@ -697,7 +697,17 @@ class PgStore(kvmem.BaseStore):
 
     def _migrate(self) -> None:
         """Bring the schema to SCHEMA_VERSION, one step a transaction, under the migration
-        lock; SchemaTooNewError (nothing touched) when a newer kvmem wrote it."""
+        lock; SchemaTooNewError (nothing touched) when a newer kvmem wrote it.  A schema
+        already current is only read (so a read-only standby opens too)."""
+        try:
+            with self._pool.connection() as conn:
+                row = conn.execute("SELECT version FROM kvmem_version").fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None
+        except psycopg.Error as exc:
+            raise _pg_error(exc, self.where) from exc
+        if row is not None and int(row[0]) == SCHEMA_VERSION:
+            return
         while True:
             done = self._transact(self._migrate_step, lock=MIGRATION_LOCK)
             if done:

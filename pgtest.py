@@ -119,7 +119,8 @@ class PostgresServer:
     ``restart()`` starts it again on the same port, so the DSN stays valid; ``remove()``
     stops it if running and deletes the directory."""
 
-    def __init__(self, bindir: str | None = None) -> None:
+    def __init__(self, bindir: str | None = None, *,
+                 standby_of: PostgresServer | None = None) -> None:
         bindir = bindir or find_bindir()
         if bindir is None:
             raise PostgresError(postgres_problem() or "no PostgreSQL binaries")
@@ -133,7 +134,12 @@ class PostgresServer:
             account = pwd.getpwnam(RUN_AS)
             os.chown(self.base, account.pw_uid, account.pw_gid)
         try:
-            self._initdb()
+            if standby_of is None:
+                self._initdb()
+            else:  # a copy of the running primary that streams its WAL (standby.signal)
+                self._run("pg_basebackup", "-D", self.data, "-h", "127.0.0.1",
+                          "-p", str(standby_of.port), "-U", "postgres", "-X", "stream", "-R",
+                          "-c", "fast")
         except BaseException:
             shutil.rmtree(self.base, ignore_errors=True)
             raise
@@ -234,6 +240,18 @@ class PostgresServer:
         """Start again (after ``kill_immediately`` or ``stop``) on the same port."""
         self.start()
 
+    def promote(self) -> None:
+        """``pg_ctl promote``: a standby becomes a primary (after its primary failed)."""
+        self._run("pg_ctl", "promote", "-w", "-D", self.data)
+
+    def execute(self, sql: str) -> list[tuple[Any, ...]]:
+        """One statement in autocommit (ALTER SYSTEM cannot run in a transaction)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cursor = conn.execute(sql)
+            return list(cursor.fetchall()) if cursor.description else []
+
     def settings(self, *names: str) -> dict[str, Any]:
         import psycopg
 
@@ -253,9 +271,11 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def postgres_server(bindir: str | None = None) -> Iterator[PostgresServer]:
-    """A started test server; stopped (``pg_ctl stop -m fast``) and deleted at the end."""
-    server = PostgresServer(bindir)
+def postgres_server(bindir: str | None = None, *,
+                    standby_of: PostgresServer | None = None) -> Iterator[PostgresServer]:
+    """A started test server (a streaming standby of ``standby_of`` if given); stopped
+    (``pg_ctl stop -m fast``) and deleted at the end."""
+    server = PostgresServer(bindir, standby_of=standby_of)
     try:
         server.start()
         yield server

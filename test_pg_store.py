@@ -474,6 +474,79 @@ def test_a_stopped_server_is_busy_and_the_store_recovers(clock: Clock) -> None:
         assert store.set("after", 1).version == 1
 
 
+def _wait(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+    """Poll ``condition`` until it returns something true; its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not {what} after {timeout} s")
+        time.sleep(0.05)  # polling a condition
+    return value
+
+
+def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: Clock) -> None:
+    """The README's standby: a streaming replica made by pg_basebackup, synchronous
+    (``synchronous_standby_names``), so a COMMIT returns once the standby has the WAL too.
+    While the primary lives, kvmem on the standby reads and refuses writes (health says
+    standby, stats shows the lag); the primary's stats show the standby.  Then the primary
+    is killed mid-writes and the standby promoted: a store on a two-host URL with
+    ``target_session_attrs=read-write`` is busy meanwhile, then writes to the new primary
+    by itself, and every write it acknowledged before the kill is there."""
+    pgtest.require_postgres()
+    config = kvmem.Config.build(environ={"KVMEM_BUSY_TIMEOUT_MS": "500"})
+    with pgtest.postgres_server() as primary, \
+            pgtest.postgres_server(standby_of=primary) as standby:
+        primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        primary.execute("SELECT pg_reload_conf()")
+        _wait(lambda: primary.execute("SELECT sync_state FROM pg_stat_replication")
+              == [("sync",)], "a synchronous standby")
+        url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
+               "/postgres?target_session_attrs=read-write")
+        with kvmem_pg.PgStore.open(url, config=config, clock=clock) as store:
+            store.set("first", 1)
+            standbys = store.stats()["replication"]["standbys"]
+            assert [(s["state"], s["sync_state"]) for s in standbys] == [("streaming", "sync")]
+            with kvmem_pg.PgStore.open(standby.dsn, config=config, clock=clock) as replica:
+                got = replica.get("first")  # synchronous: there as soon as acknowledged
+                assert got is not None and got.value == 1
+                with pytest.raises(kvmem.ReadOnlyError):
+                    replica.set("nope", 1)
+                health = replica.health()
+                assert not health["ok"] and "standby" in health["problems"][0], health
+                assert replica.stats()["replication"]["role"] == "standby"
+            acked: dict[str, int] = {}
+            failures: list[str] = []
+            stop = threading.Event()
+
+            def writer() -> None:
+                i = 0
+                while not stop.is_set():
+                    try:
+                        acked[f"k{i}"] = store.set(f"k{i}", i).value
+                    except (kvmem.BusyError, kvmem.StorageError) as exc:
+                        failures.append(exc.code)
+                    i += 1
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            try:
+                _wait(lambda: len(acked) >= 50, "50 acknowledged writes")
+                primary.kill_immediately()
+                _wait(lambda: failures, "a failed write while no primary runs")
+                before = dict(acked)
+                standby.promote()
+                _wait(lambda: len(acked) > len(before) + 20, "writes on the new primary")
+            finally:
+                stop.set()
+                thread.join()
+            assert set(failures) <= {"busy", "storage_error"}, failures
+            assert len(before) >= 50
+            for key, value in acked.items():  # before the failover and after it
+                got = store.get(key)
+                assert got is not None and got.value == value, key
+            assert store.stats()["replication"] == {"role": "primary", "standbys": []}
+
+
 # ---------------------------------------------------------------------------- search ----
 
 
