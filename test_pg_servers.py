@@ -41,7 +41,7 @@ import pytest
 import pgtest
 from test_http import Client
 from testchildren import crash_value
-from testutil import DURABILITY_TOTALS, READ_ROWS, Child, Stored, lost_writes
+from testutil import DURABILITY_TOTALS, READ_ROWS, Child, Stored, http_json, lost_writes
 
 with contextlib.suppress(ImportError):  # no psycopg: every test skips (fails in CI)
     import psycopg
@@ -231,7 +231,6 @@ class Load:
         # When the latest acknowledged write, and the latest request answered 503, were sent.
         self.last_ack = [0.0] * len(hosts.children)
         self.last_503 = [0.0] * len(hosts.children)
-        self.in_flight = [0] * len(hosts.children)
         self.problems: list[str] = []
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(server, slot))
@@ -263,10 +262,8 @@ class Load:
 
     def request(self, conn: Conn, method: str, path: str, body: Any = None,
                 headers: dict[str, str] | None = None) -> Answer:
-        """One request, counted in flight; a connection failure is recorded and raised."""
+        """One request; a connection failure is recorded and raised."""
         sent = time.monotonic()
-        with self.lock:
-            self.in_flight[conn.server] += 1
         try:
             answer = conn.request(method, path, body, headers=headers)
         except CUT_OFF as exc:
@@ -278,9 +275,6 @@ class Load:
                 elif sent < kill.at:
                     kill.cut_off += 1
             raise
-        finally:
-            with self.lock:
-                self.in_flight[conn.server] -= 1
         status, _, answer_body = answer
         code = answer_body["error"]["code"] if status >= 400 else ""
         with self.lock:
@@ -289,21 +283,21 @@ class Load:
                 self.last_ack[conn.server] = max(self.last_ack[conn.server], sent)
             if status == 503:
                 self.last_503[conn.server] = max(self.last_503[conn.server], sent)
-        if status >= 500 and not self._unavailable(answer):
+        if status >= 500 and not self._unavailable(answer, writes=method == "PUT"):
             self.problem(f"{method} {path}: {status} {answer_body}")
         return answer
 
     @staticmethod
-    def _unavailable(answer: Answer) -> bool:
+    def _unavailable(answer: Answer, *, writes: bool) -> bool:
         """What kvmem-http answers while PostgreSQL is down: 503 busy with Retry-After
-        (nothing written), or 503 storage_error for a connection lost during COMMIT (the
-        outcome unknown: kvmem_pg._pg_error)."""
+        (nothing written), or, to a write, 503 storage_error for a connection lost during
+        COMMIT (the outcome unknown: kvmem_pg._pg_error)."""
         status, headers, body = answer
         code, message = body["error"]["code"], body["error"]["message"]
         return status == 503 and (
             (code == "busy" and headers.get("Retry-After") == "1")
-            or (code == "storage_error" and "connection lost during COMMIT, outcome unknown"
-                in message))
+            or (writes and code == "storage_error"
+                and "connection lost during COMMIT, outcome unknown" in message))
 
     def set_new(self, conn: Conn, key: str) -> bool:
         """PUT a new memory, ``crash_value(key)``; whether it was acknowledged."""
@@ -412,6 +406,59 @@ def check_through_servers(hosts: Hosts, acked: dict[str, int], *, exact: bool,
             client.close()
 
 
+HOLD_ROWS = ("SELECT key FROM memories WHERE namespace = 'default' AND key = ANY(%s)"
+             " FOR UPDATE")
+BLOCKED_BY = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+
+
+@contextlib.contextmanager
+def writes_held_in_flight(load: Load, url: str,
+                          held: dict[int, str]) -> Iterator[dict[int, Answer | None]]:
+    """For each server and key of ``held`` (existing memories), a PUT of the key through
+    the server that stays in flight: this process's own transaction holds their rows FOR
+    UPDATE, so no server can answer until the block ends.  Yields once PostgreSQL shows
+    each server's connection waiting on that transaction; at the end (the block ended,
+    or PostgreSQL is gone) the answers by server, None where none arrived."""
+    answers: dict[int, Answer | None] = {}
+    conns = {server: Conn(load.hosts, server) for server in held}
+
+    def put(server: int) -> None:
+        try:
+            answers[server] = load.request(conns[server], "PUT", f"/v1/memories/{held[server]}",
+                                           {"value": crash_value(held[server])})
+        except CUT_OFF:  # (recorded by request())
+            answers[server] = None
+
+    with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher:
+        rows = holder.execute(HOLD_ROWS, (list(held.values()),)).fetchall()
+        assert len(rows) == len(held), (rows, held)
+        writers = [threading.Thread(target=put, args=(server,)) for server in held]
+        for writer in writers:
+            writer.start()
+
+        def blocked() -> bool:
+            row = watcher.execute(BLOCKED_BY, (holder.info.backend_pid,)).fetchone()
+            return row is not None and row[0] == len(held)
+
+        try:
+            wait_until(blocked, f"the writes of {sorted(held.values())} blocked in PostgreSQL")
+            yield answers
+        finally:
+            with contextlib.suppress(psycopg.OperationalError):  # PostgreSQL may be gone
+                holder.rollback()
+            for writer in writers:
+                writer.join()
+            for conn in conns.values():
+                conn.close()
+
+
+def create(hosts: Hosts, server: int, key: str) -> None:
+    """A new memory ``key`` through ``server`` (to be held by writes_held_in_flight)."""
+    status, body = http_json(hosts.current(server)[0], "PUT", f"/v1/memories/{key}",
+                             {"value": crash_value(key)})
+    assert status == 201, body
+
+
 def counter_of(name: str) -> str:
     """The counter a writer's step ``name`` (``...-N``) increments."""
     return f"counter-{int(name.rsplit('-', 1)[1]) % COUNTERS}"
@@ -512,29 +559,33 @@ def test_every_acknowledged_write_reads_through_the_other_server(pg_url: str,
 def test_sigkill_of_either_server_loses_no_acknowledged_write(pg_url: str,
                                                               soak: bool) -> None:
     """Three writers on each server PUT new memories and increment counters.  At a random
-    count of acknowledgements, with requests in flight to it, one server drawn at random
-    is killed with SIGKILL; it is started again (a new process on a new port) while the
-    other goes on serving its writers, and its writers move to it.  Every kill cuts off
-    at least one request; the survivor never fails one; at the end PostgreSQL and both
-    servers hold every acknowledged write, and each counter lies between its acknowledged
-    increments and those plus the ones whose answer never came."""
+    count of acknowledgements one server drawn at random is killed with SIGKILL, with a
+    write to it surely in flight (``writes_held_in_flight``) besides its writers' own; it
+    is started again (a new process on a new port) while the other goes on serving its
+    writers, and its writers move to it.  Every kill cuts off at least one request; the
+    survivor never fails one; at the end PostgreSQL and both servers hold every
+    acknowledged write, and each counter lies between its acknowledged increments and
+    those plus the ones whose answer never came."""
     rng = random.Random("pg-servers-sigkill")
     kills = 80 if soak else 6
     hosts = Hosts(pg_url, 2)
     load = Load(hosts, 3, set_increment)
     try:
-        for _ in range(kills):
+        for n in range(kills):
             victim = rng.randrange(2)
+            held = f"held-{n}"
+            create(hosts, 1 - victim, held)
             target = load.acknowledged() + rng.randint(10, 120)
-            wait_until(lambda: load.acknowledged() >= target  # noqa: B023 (called here)
-                       and load.in_flight[victim] >= 2,  # noqa: B023
-                       "acknowledgements, with requests in flight")
-            kill = hosts.kill(victim)
+            wait_until(lambda: load.acknowledged() >= target,  # noqa: B023 (called here)
+                       "acknowledgements")
+            with writes_held_in_flight(load, pg_url, {victim: held}) as answers:
+                kill = hosts.kill(victim)
+            assert answers == {victim: None}, answers  # cut off: no answer ever came
             TOTALS["kills"] += 1
             wait_until(lambda: hosts.waiting[victim] == load.per_server,  # noqa: B023
                        "the killed server's writers to notice")
             hosts.restart(victim)
-            assert kill.cut_off >= 1, kill  # the kill hit requests in flight
+            assert kill.cut_off >= 1, kill  # the kill hit requests in flight (the held one)
         restarted = time.monotonic()
         wait_until(lambda: min(load.last_ack) > restarted, "writes through both at the end")
     finally:
@@ -552,8 +603,9 @@ def test_sigkill_of_either_server_loses_no_acknowledged_write(pg_url: str,
 def test_postgres_killed_while_both_servers_write(soak: bool) -> None:
     """Two writers on each server PUT new memories and increment counters; PostgreSQL is
     stopped with ``pg_ctl stop -m immediate`` (no checkpoint: crash recovery at the next
-    start) while requests to both servers are in flight, and started again once each
-    server has answered 503 to a request sent after that.  Meanwhile every 5xx is 503
+    start) while a write through each server is surely in flight (``writes_held_in_flight``:
+    both answer 503 busy), and started again once each server has answered 503 to a
+    request sent after the kill too.  Meanwhile every 5xx is 503
     busy with Retry-After (nothing written) or 503 storage_error for a COMMIT whose
     outcome is unknown; the same server processes recover by themselves, acknowledging
     writes through both within RECOVERY_DEADLINE_S of the restart.  At the end every
@@ -568,13 +620,24 @@ def test_postgres_killed_while_both_servers_write(soak: bool) -> None:
         load = Load(hosts, 2, set_increment)
         recoveries: list[float] = []
         try:
-            for _ in range(outages):
+            for outage in range(outages):
+                held = {server: f"held-{outage}-{server}" for server in (0, 1)}
+                for server, key in held.items():
+                    create(hosts, server, key)
                 target = load.acknowledged() + 100
-                wait_until(lambda: load.acknowledged() >= target  # noqa: B023
-                           and min(load.in_flight) >= 1, "writes in flight through both")
-                pg.kill_immediately()
+                wait_until(lambda: load.acknowledged() >= target,  # noqa: B023
+                           "acknowledgements")
+                with writes_held_in_flight(load, url, held) as answers:
+                    pg.kill_immediately()
                 down = time.monotonic()
                 TOTALS["kills"] += 1
+                # Writes in flight through both, cut off before their COMMIT: nothing
+                # written, and the server says so.
+                for server, answer in answers.items():
+                    assert answer is not None, server
+                    status, headers, body = answer
+                    assert (status, body["error"]["code"], headers.get("Retry-After")) == \
+                        (503, "busy", "1"), (server, answer)
                 # Not only the requests the kill cut off: requests sent to a server that
                 # has no connection left answer 503 too.
                 wait_until(lambda: min(load.last_503) > down,  # noqa: B023
