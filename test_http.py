@@ -95,12 +95,12 @@ def assert_error(result: tuple[int, dict[str, str], Any], status: int, code: str
     return str(error["message"])
 
 
-def open_store(db: str, *, clock: Callable[[], float] = time.time,
+def open_store(db: str, *, clock: Callable[[], float] = time.time, decay: bool = False,
                **flags: str) -> kvmem_cli.AnyStore:
     """A store on ``db`` (conftest's: an SQLite file or a PostgreSQL schema) with the
-    settings ``flags``, as kvmem-http opens it."""
+    settings ``flags``, as kvmem-http opens it (with the decay scheduler if ``decay``)."""
     config = kvmem.Config.build(environ={}, flags={"db": db, **flags})
-    return kvmem_cli.open_store(config, role="http", clock=clock)
+    return kvmem_cli.open_store(config, role="http", clock=clock, decay=decay)
 
 
 @contextlib.contextmanager
