@@ -808,6 +808,9 @@ SCHEMA_CANNOT_SAY = ("not_found: ", "version_conflict: ", "payload_too_large: ",
         max_size=3), max_size=5))
 @example(tool="memory_get", arguments={"key": "k\n"})  # "$" in a pattern matches before "\n"
 @example(tool="memory_search", arguments={"query": "a\x00b"})  # was storage_error
+@example(tool="memory_set", arguments={"key": "nul", "value": {"a\x00": "b\x00c"}})  # stored as
+@example(tool="memory_batch", arguments={"ops": [{"op": "set", "key": "nul",  # \u0000: a text
+                                                  "value": "\x00"}]})  # column refuses NUL
 async def test_fuzz_mcp_tools(store: kvmem_cli.AnyStore, tool: str, arguments: dict[str, Any],
                               caplog: pytest.LogCaptureFixture) -> None:
     """Fuzzed arguments for every tool, over conftest's ``store`` (each backend; one store
@@ -994,6 +997,8 @@ def test_fuzz_mcp_stdio(db: str) -> None:
         "name": "memory_search", "arguments": {"query": "a\x00b"}}}))  # was storage_error
     @example(message=("request", {"jsonrpc": "2.0", "method": "tools/call", "params": {
         "name": "memory_set", "arguments": {"key": "\ud800", "value": "\udfff"}}}))
+    @example(message=("request", {"jsonrpc": "2.0", "method": "tools/call", "params": {
+        "name": "memory_set", "arguments": {"key": "nul", "value": {"a\x00": "b\x00c"}}}}))
     def one(message: tuple[str, Any]) -> None:
         kind, content = message
         ident = next(ids)

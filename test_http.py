@@ -615,6 +615,35 @@ def test_malformed_bodies(client: Client, body: bytes, headers: dict[str, str], 
     assert client.request("GET", "/v1/memories/k")[0] == 404  # nothing was written
 
 
+def _distinct_words(count: int) -> list[str]:
+    """``count`` different words of 8 letters."""
+    letters = "bcdfghjklmnpqrstvwxz"
+    return ["".join(letters[n // 20 ** i % 20] for i in range(7)) + "a" for n in range(count)]
+
+
+# Values a client may send (each under max_value_bytes) that go past a limit of PostgreSQL's
+# full-text search (a tsvector of at most 1 MiB, lexemes of at most 2,046 bytes, 255
+# positions a lexeme, none past 16,383): stored whole, found by a word they hold.
+PAST_SEARCH_LIMITS = [
+    (" ".join(_distinct_words(110_000)), "bbbbbbba"),  # more distinct words than fit
+    ("tea " * 200_000, "tea"),  # one word at 200,000 positions
+    ("\u0436" * 1500 + " tea", "tea"),  # a word of 3,000 bytes (Cyrillic), then another
+    ({"w\u0000": "\u0000" * 1000 + " tea\u0000green"}, "green"),  # NULs (text refuses them)
+]
+
+
+@pytest.mark.parametrize(("value", "word"), PAST_SEARCH_LIMITS,
+                         ids=["distinct-words", "positions", "long-word", "nul"])
+def test_values_past_the_search_limits_are_stored_and_found(client: Client, value: Any,
+                                                             word: str) -> None:
+    status, _, body = client.request("PUT", "/v1/memories/big", {"value": value})
+    assert status == 201, body
+    status, _, body = client.request("GET", "/v1/memories/big")
+    assert status == 200 and body["value"] == value
+    status, _, body = client.request("GET", f"/v1/search?q={word}")
+    assert status == 200 and [hit["key"] for hit in body["items"]] == ["big"], body
+
+
 @pytest.mark.parametrize("key", ["日本語", "🧠 brain", "../../etc/passwd", "..", "a/b/c",
                                  "%2F", "quote\"d", "space key", "x" * 512])
 def test_odd_keys_round_trip(client: Client, key: str) -> None:
@@ -792,6 +821,10 @@ def test_fuzz_api_from_route_table(db: str) -> None:
     @given(request=raw_requests())
     @example(request=(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\xb2\r\n"
                       b"\r\n", b"GET", b"/healthz", False))  # int("4²") raised: a 500
+    @example(request=(b"PUT /v1/memories/nul HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: 33\r\n\r\n"
+                      b'{"value": {"a\\u0000": "b\\u0000"}}', b"PUT", b"/v1/memories/nul",
+                      False))  # NULs, which PostgreSQL's text refuses
     def one(request: tuple[bytes, bytes, bytes, bool]) -> None:
         data, method, path, bad_host = request
         responses = read_responses(raw_exchange(port, data), head=method == b"HEAD")
