@@ -532,7 +532,7 @@ SCHEMAS: dict[str, Any] = {
                  "description": f"the first {kvmem.FORGET_SAMPLE} selected keys, in key order"},
         "more": {"type": "boolean", "description": "whether more keys were selected than "
                                                    "listed"}}},
-    "Stats": {"type": "object", "required": ["settings", "sqlite_version", "counts"]},
+    "Stats": kvmem_cli.STATS_SCHEMA,  # what both backends report (MCP: memory_stats)
     "Health": {"type": "object", "required": ["ok"], "properties": {
         "ok": {"type": "boolean"}, "problems": {"type": "array", "items": {"type": "string"}}}},
     "OpenAPI": {"type": "object", "required": ["openapi", "paths"]},

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
 import kvmem
+import kvmem_cli
 import mcp_server
 from test_mcp import EXPECTED_TOOLS
 from testchildren import crash_value
@@ -796,12 +797,6 @@ SCHEMA_CANNOT_SAY = ("not_found: ", "version_conflict: ", "payload_too_large: ",
                      "at least one word", "cursor", "tags (got")
 
 
-@pytest.fixture(scope="module")
-def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store]:
-    with kvmem.Store.open(tmp_path_factory.mktemp("fuzz") / "kv.db", config=CONFIG) as store:
-        yield store
-
-
 @pytest.mark.anyio
 @settings(max_examples=3000 if SOAK else 300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -813,9 +808,14 @@ def fuzz_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kvmem.Store
         max_size=3), max_size=5))
 @example(tool="memory_get", arguments={"key": "k\n"})  # "$" in a pattern matches before "\n"
 @example(tool="memory_search", arguments={"query": "a\x00b"})  # was storage_error
-async def test_fuzz_mcp_tools(fuzz_store: kvmem.Store, tool: str, arguments: dict[str, Any],
+@example(tool="memory_set", arguments={"key": "nul", "value": {"a\x00": "b\x00c"}})  # stored as
+@example(tool="memory_batch", arguments={"ops": [{"op": "set", "key": "nul",  # \u0000: a text
+                                                  "value": "\x00"}]})  # column refuses NUL
+async def test_fuzz_mcp_tools(store: kvmem_cli.AnyStore, tool: str, arguments: dict[str, Any],
                               caplog: pytest.LogCaptureFixture) -> None:
-    async with Client(mcp_server.build_server(fuzz_store)) as client:
+    """Fuzzed arguments for every tool, over conftest's ``store`` (each backend; one store
+    for all the examples, which pile up in it)."""
+    async with Client(mcp_server.build_server(store)) as client:
         schema = {t.name: t.input_schema for t in (await client.list_tools()).tools}[tool]
         result = await client.call_tool(tool, arguments)
     TOTALS["fuzz_cases"] += 1
@@ -972,7 +972,7 @@ def _stdio_answer(child: Child) -> dict[str, Any]:
     return answer
 
 
-def test_fuzz_mcp_stdio(tmp_path: Path) -> None:
+def test_fuzz_mcp_stdio(db: str) -> None:
     """kvmem-mcp as a process, its stdin fed raw lines: tool calls with fuzzed arguments
     (lone surrogates, NULs, deep nesting, numbers of any size), other requests,
     notifications, garbage bytes.  One line at a time, each request gets exactly one
@@ -980,8 +980,8 @@ def test_fuzz_mcp_stdio(tmp_path: Path) -> None:
     result, a tool error with a client-fault kvmem code, or a JSON-RPC error blaming the
     request; a line that is no request gets a null-id error if it is not JSON-RPC, and
     no answer if it is blank or a notification.  A ping after each line shows no other
-    answer came.  The server exits 0 at the end of its input, with no traceback."""
-    db = str(tmp_path / "kv.db")
+    answer came.  The server exits 0 at the end of its input, with no traceback.  On each
+    backend."""
     server = Child("serve_mcp", "--db", db, "--log-level", "WARNING", stdin=True)
     server.send(MCP_INIT)
     assert _stdio_answer(server)["id"] == 1
@@ -997,6 +997,8 @@ def test_fuzz_mcp_stdio(tmp_path: Path) -> None:
         "name": "memory_search", "arguments": {"query": "a\x00b"}}}))  # was storage_error
     @example(message=("request", {"jsonrpc": "2.0", "method": "tools/call", "params": {
         "name": "memory_set", "arguments": {"key": "\ud800", "value": "\udfff"}}}))
+    @example(message=("request", {"jsonrpc": "2.0", "method": "tools/call", "params": {
+        "name": "memory_set", "arguments": {"key": "nul", "value": {"a\x00": "b\x00c"}}}}))
     def one(message: tuple[str, Any]) -> None:
         kind, content = message
         ident = next(ids)

@@ -1,6 +1,9 @@
 """Hostile clients and operator mistakes (#15): files deleted or replaced under running
 processes, and the HTTP server's bounds (connections, timeouts, memory) under clients that
-misbehave.  Real processes, real sockets, real files; every wait is on a condition."""
+misbehave.  Real processes, real sockets, real files; every wait is on a condition.
+
+The sidecar and file tests are SQLite's (they take ``tmp_path``); the server's bounds take
+conftest's ``db`` and run on both backends (an SQLite file, a PostgreSQL schema)."""
 
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ import pytest
 
 import http_server
 import kvmem
+import test_http
+from test_http import open_store, writes_held
 from testutil import HERE, Child, check_acknowledged, child_command, child_env
 from testutil import http_json as _http
 
@@ -173,19 +178,12 @@ def test_a_process_whose_database_went_away_leaves_the_election(tmp_path: Path) 
 
 
 @contextlib.contextmanager
-def serving(tmp_path: Path, **flags: str) -> Iterator[tuple[http_server.Server, int]]:
-    """kvmem-http in this process with ``flags`` (settings), on a free port."""
-    config = kvmem.Config.build(environ={}, flags=flags)
-    store = kvmem.Store.open(tmp_path / "kv.db", config=config, role="http")
-    server = http_server.build_server(store, "127.0.0.1", 0, "")
-    thread = threading.Thread(target=server.serve_forever)
-    thread.start()
-    try:
+def serving(db: str, **flags: str) -> Iterator[tuple[http_server.Server, int]]:
+    """kvmem-http in this process over a store on ``db`` with ``flags`` (settings), on a
+    free port."""
+    with open_store(db, clock=time.time, decay=False, **flags) as store, \
+            test_http.serving(store) as server:
         yield server, int(server.server_address[1])
-    finally:
-        server.stop()
-        thread.join()
-        store.close()
 
 
 def connect(port: int) -> socket.socket:
@@ -249,10 +247,10 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.005)
 
 
-def test_idle_connections_cost_no_thread(tmp_path: Path) -> None:
+def test_idle_connections_cost_no_thread(db: str) -> None:
     """500 idle connections are held open, the process's threads do not grow (they grew
     by one per connection), and a normal request is answered meanwhile."""
-    with serving(tmp_path, http_max_connections="600", http_workers="4") as (server, port):
+    with serving(db, http_max_connections="600", http_workers="4") as (server, port):
         threads_before = threading.active_count()
         idle = [connect(port) for _ in range(500)]
         try:
@@ -269,8 +267,8 @@ def test_idle_connections_cost_no_thread(tmp_path: Path) -> None:
                 sock.close()
 
 
-def test_at_the_connection_cap_the_longest_idle_one_is_closed(tmp_path: Path) -> None:
-    with serving(tmp_path, http_max_connections="4") as (server, port):
+def test_at_the_connection_cap_the_longest_idle_one_is_closed(db: str) -> None:
+    with serving(db, http_max_connections="4") as (server, port):
         idle = []
         for n in range(1, 5):
             idle.append(connect(port))
@@ -295,13 +293,12 @@ def _cpu_ticks(thread: threading.Thread) -> int:
 
 
 def test_at_the_cap_with_no_idle_connection_new_ones_wait_without_spinning(
-        tmp_path: Path) -> None:
+        db: str) -> None:
     """Three connections in the middle of a request (not idle, so not closed for room);
     a fourth waits in the listen backlog, the loop does not spin, and it is answered
     once one of the three goes."""
-    with serving(tmp_path, http_max_connections="3") as (server, port):
-        loop = next(t for t in threading.enumerate() if t.name != "MainThread"
-                    and getattr(t, "_target", None) == server.serve_forever)
+    with serving(db, http_max_connections="3") as (server, port):
+        loop = next(t for t in threading.enumerate() if t.name == "kvmem-http-loop")
         busy = [connect(port) for _ in range(3)]
         for sock in busy:
             sock.sendall(b"GET /v1/stats HTTP/1.1\r\n")  # a head, not yet whole
@@ -321,10 +318,10 @@ def test_at_the_cap_with_no_idle_connection_new_ones_wait_without_spinning(
 
 @pytest.mark.parametrize("slow", [False, True])
 def test_partial_headers_and_slowloris_get_408_at_the_header_timeout(
-        tmp_path: Path, slow: bool) -> None:
+        db: str, slow: bool) -> None:
     """A head that never ends is answered 408 once header_timeout has passed since its
     first byte, whether the client goes silent or trickles a byte at a time."""
-    with serving(tmp_path, http_header_timeout_s="0.5") as (_, port), connect(port) as sock:
+    with serving(db, http_header_timeout_s="0.5") as (_, port), connect(port) as sock:
         started = time.monotonic()
         sock.sendall(b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         if slow:
@@ -345,8 +342,8 @@ def test_partial_headers_and_slowloris_get_408_at_the_header_timeout(
         assert closed_by_server(sock)
 
 
-def test_a_lying_content_length_gets_408_at_the_body_timeout(tmp_path: Path) -> None:
-    with serving(tmp_path, http_body_timeout_s="0.5", http_workers="1") as (_, port), \
+def test_a_lying_content_length_gets_408_at_the_body_timeout(db: str) -> None:
+    with serving(db, http_body_timeout_s="0.5", http_workers="1") as (_, port), \
             connect(port) as liar, connect(port) as other:
         liar.sendall(put_request("k", "x" * 100)[:-50])  # 50 bytes short, then silence
         started = time.monotonic()
@@ -358,8 +355,8 @@ def test_a_lying_content_length_gets_408_at_the_body_timeout(tmp_path: Path) -> 
         assert closed_by_server(liar)
 
 
-def test_the_idle_timeout_closes_a_keep_alive_connection(tmp_path: Path) -> None:
-    with serving(tmp_path, http_idle_timeout_s="0.5") as (_, port), connect(port) as sock:
+def test_the_idle_timeout_closes_a_keep_alive_connection(db: str) -> None:
+    with serving(db, http_idle_timeout_s="0.5") as (_, port), connect(port) as sock:
         sock.sendall(REQUEST)
         assert read_response(sock)[0] == 200
         answered = time.monotonic()
@@ -367,10 +364,10 @@ def test_the_idle_timeout_closes_a_keep_alive_connection(tmp_path: Path) -> None
         assert 0.5 <= time.monotonic() - answered < 5
 
 
-def test_request_bodies_held_in_memory_are_bounded(tmp_path: Path) -> None:
+def test_request_bodies_held_in_memory_are_bounded(db: str) -> None:
     """With room for 100 KB of bodies, a 90 KB request being read keeps a 60 KB one
     waiting, unread, until it is done; one that waits past body_timeout gets 503."""
-    with serving(tmp_path, http_buffer_bytes="100000", http_body_timeout_s="2") as (server,
+    with serving(db, http_buffer_bytes="100000", http_body_timeout_s="2") as (server,
                                                                                     port):
         big = put_request("big", "b" * 90_000)
         with connect(port) as first, connect(port) as second:
@@ -383,27 +380,20 @@ def test_request_bodies_held_in_memory_are_bounded(tmp_path: Path) -> None:
             assert read_response(second)[0] == 201
         # A whole 90 KB request keeps its room while it runs (held up here by another
         # writer's lock): one that waits past its body timeout gets 503.
-        holder = kvmem.open_db(tmp_path / "kv.db", config=CONFIG)
-        holder.execute("BEGIN IMMEDIATE")
-        try:
-            with connect(port) as first, connect(port) as second:
-                first.sendall(big)
-                wait_for(lambda: any(c.phase == http_server.WORK
-                                     for c in server._conns.values()))
-                second.sendall(put_request("late", "n" * 60_000))
-                status, headers, body = read_response(second)
-                assert status == 503 and body["error"]["code"] == "busy", body
-                assert headers["retry-after"] == "1"
-                holder.execute("ROLLBACK")
-                assert read_response(first)[0] == 200  # "big" again: replaced
-        finally:
-            holder.close()
+        with writes_held(db) as release, connect(port) as first, connect(port) as second:
+            first.sendall(big)
+            wait_for(lambda: any(c.phase == http_server.WORK for c in server._conns.values()))
+            second.sendall(put_request("late", "n" * 60_000))
+            status, headers, body = read_response(second)
+            assert status == 503 and body["error"]["code"] == "busy", body
+            assert headers["retry-after"] == "1"
+            release()
+            assert read_response(first)[0] == 200  # "big" again: replaced
 
 
-def test_sigterm_ends_within_the_grace_whatever_clients_do(tmp_path: Path) -> None:
+def test_sigterm_ends_within_the_grace_whatever_clients_do(db: str) -> None:
     """Idle connections, partial heads and a body that never ends do not hold up a
     SIGTERM past shutdown_grace_s, and a request whose body arrives within it is answered."""
-    db = str(tmp_path / "kv.db")
     child = Child("serve_http", "--db", db, "--port", "0", "--shutdown-grace-s", "2",
                   "--http-body-timeout-s", "60", "--http-header-timeout-s", "60")
     port = int(child.expect("listening on").rsplit(":", 1)[1])
@@ -430,12 +420,12 @@ def test_sigterm_ends_within_the_grace_whatever_clients_do(tmp_path: Path) -> No
         for sock in socks:
             sock.close()
     assert "Traceback" not in child.stderr
-    with kvmem.Store.open(db, config=CONFIG) as store:
+    with open_store(db) as store:
         assert store.get("finished") is not None and store.get("never") is None
 
 
-def test_a_list_of_large_values_comes_in_pages_of_bounded_size(tmp_path: Path) -> None:
-    with serving(tmp_path) as (_, port), connect(port) as sock:
+def test_a_list_of_large_values_comes_in_pages_of_bounded_size(db: str) -> None:
+    with serving(db) as (_, port), connect(port) as sock:
         for i in range(5):
             sock.sendall(put_request(f"big-{i}", "x" * (1024 * 1024 - 10)))
             assert read_response(sock)[0] == 201
@@ -454,10 +444,10 @@ def test_a_list_of_large_values_comes_in_pages_of_bounded_size(tmp_path: Path) -
         assert largest < 1.1 * 1024 * 1024  # one memory a page: 1 MiB each
 
 
-def test_an_out_of_range_import_is_refused_and_reads_keep_working(tmp_path: Path) -> None:
+def test_an_out_of_range_import_is_refused_and_reads_keep_working(db: str) -> None:
     """Once, ``created_at=1e18`` imported fine and then every read of its namespace was
     a 500 (no RFC 3339 time can show it)."""
-    with serving(tmp_path) as (server, port), connect(port) as sock:
+    with serving(db) as (server, port), connect(port) as sock:
         store = server.api.store
         good = {"namespace": "default", "key": "k", "value": 1, "tags": [], "version": 1,
                 "created_at": 1e9, "updated_at": 1e9, "expires_at": None, "strength": 1.0,
@@ -472,7 +462,7 @@ def test_an_out_of_range_import_is_refused_and_reads_keep_working(tmp_path: Path
             assert status in (200, 404), body
 
 
-def test_at_the_file_limit_the_server_neither_spins_nor_fails(tmp_path: Path) -> None:
+def test_at_the_file_limit_the_server_neither_spins_nor_fails(db: str) -> None:
     """Under ``ulimit -n 128`` the cap comes down to what the process may open (64 here),
     so the server never meets EMFILE in accept (at that limit the old accept loop spun at
     100 % CPU): 150 connections sending half a request leave the process idle, and once
@@ -480,7 +470,6 @@ def test_at_the_file_limit_the_server_neither_spins_nor_fails(tmp_path: Path) ->
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 
-    db = str(tmp_path / "kv.db")
     proc = subprocess.Popen(child_command("serve_http", "--db", db, "--port", "0"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env(), cwd=HERE, preexec_fn=low_limit)
@@ -517,8 +506,8 @@ def test_at_the_file_limit_the_server_neither_spins_nor_fails(tmp_path: Path) ->
     b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\r\n",  # bare LF lines, a CRLF to end
     b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n",
 ])
-def test_heads_http_client_would_read_are_read(tmp_path: Path, data: bytes) -> None:
-    with serving(tmp_path) as (_, port), connect(port) as sock:
+def test_heads_http_client_would_read_are_read(db: str, data: bytes) -> None:
+    with serving(db) as (_, port), connect(port) as sock:
         sock.sendall(data)
         assert read_response(sock)[0] == 200
 
@@ -526,10 +515,10 @@ def test_heads_http_client_would_read_are_read(tmp_path: Path, data: bytes) -> N
 # ------------------------------------------------- what a review of the server found ----
 
 
-def test_bodies_declared_and_never_sent_do_not_hold_up_small_writes(tmp_path: Path) -> None:
+def test_bodies_declared_and_never_sent_do_not_hold_up_small_writes(db: str) -> None:
     """Two clients declare 8 MiB bodies (the whole buffer) and send a byte: a small PUT
     of a third is answered at once, not after their body timeout."""
-    with serving(tmp_path, http_body_timeout_s="20") as (_, port), \
+    with serving(db, http_body_timeout_s="20") as (_, port), \
             connect(port) as a, connect(port) as b, connect(port) as victim:
         for sock in (a, b):
             sock.sendall(b"PUT /v1/memories/x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
@@ -540,13 +529,10 @@ def test_bodies_declared_and_never_sent_do_not_hold_up_small_writes(tmp_path: Pa
         assert time.monotonic() - started < 10  # (it took the 20 s body timeout, then 503)
 
 
-def test_without_the_token_a_body_is_neither_read_nor_given_room(tmp_path: Path) -> None:
-    config = kvmem.Config.build(environ={}, flags={"http_body_timeout_s": "20"})
-    store = kvmem.Store.open(tmp_path / "kv.db", config=config, role="http")
-    server = http_server.build_server(store, "127.0.0.1", 0, "s3cret")
-    thread = server.start()
-    port = int(server.server_address[1])
-    try:
+def test_without_the_token_a_body_is_neither_read_nor_given_room(db: str) -> None:
+    with open_store(db, http_body_timeout_s="20") as store, \
+            test_http.serving(store, "s3cret") as server:
+        port = int(server.server_address[1])
         for line in (b"PUT /v1/memories/x", b"GET /healthz"):  # (/healthz takes no token:
             with connect(port) as sock:  # a body it was not sent is not "cut short")
                 sock.sendall(line + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
@@ -554,14 +540,10 @@ def test_without_the_token_a_body_is_neither_read_nor_given_room(tmp_path: Path)
                 status, headers, _ = read_response(sock)
                 assert status == 401 and headers["connection"] == "close"
         assert server._buffered == 0
-    finally:
-        server.stop()
-        thread.join()
-        store.close()
 
 
-def test_room_freed_by_a_timed_out_body_lets_a_waiting_one_in(tmp_path: Path) -> None:
-    with serving(tmp_path, http_buffer_bytes="100000", http_body_timeout_s="2") as (
+def test_room_freed_by_a_timed_out_body_lets_a_waiting_one_in(db: str) -> None:
+    with serving(db, http_buffer_bytes="100000", http_body_timeout_s="2") as (
             server, port), connect(port) as first, connect(port) as second:
         first.sendall(put_request("stalls", "a" * 90_000)[:-1000])
         wait_for(lambda: any(c.phase == http_server.BODY for c in server._conns.values()))
@@ -573,8 +555,8 @@ def test_room_freed_by_a_timed_out_body_lets_a_waiting_one_in(tmp_path: Path) ->
         assert not server._waiting
 
 
-def test_at_the_cap_a_connection_gone_idle_makes_room(tmp_path: Path) -> None:
-    with serving(tmp_path, http_max_connections="4") as (server, port):
+def test_at_the_cap_a_connection_gone_idle_makes_room(db: str) -> None:
+    with serving(db, http_max_connections="4") as (server, port):
         busy = [connect(port) for _ in range(4)]
         for sock in busy:
             sock.sendall(b"GET /v1/stats HTTP/1.1\r\n")
@@ -601,8 +583,8 @@ def _all_responses(sock: socket.socket) -> bytes:
     return data
 
 
-def test_pipelined_requests_before_a_half_close_are_all_answered(tmp_path: Path) -> None:
-    with serving(tmp_path) as (server, port), connect(port) as sock:
+def test_pipelined_requests_before_a_half_close_are_all_answered(db: str) -> None:
+    with serving(db) as (server, port), connect(port) as sock:
         sock.sendall(b"GET /v1/memories/p HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
                      + put_request("p", "piped")
                      + b"GET /v1/memories/p HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -614,8 +596,8 @@ def test_pipelined_requests_before_a_half_close_are_all_answered(tmp_path: Path)
         assert memory is not None and memory.value == "piped"
 
 
-def test_a_request_cut_short_is_refused_never_run(tmp_path: Path) -> None:
-    with serving(tmp_path) as (server, port):
+def test_a_request_cut_short_is_refused_never_run(db: str) -> None:
+    with serving(db) as (server, port):
         store = server.api.store
         store.set("precious", 1)
         for cut in (b"DELETE /v1/memories/precious HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthoriz",
@@ -629,11 +611,11 @@ def test_a_request_cut_short_is_refused_never_run(tmp_path: Path) -> None:
         assert memory is not None and memory.value == 1
 
 
-def test_a_worker_handing_a_connection_back_races_no_close(tmp_path: Path) -> None:
+def test_a_worker_handing_a_connection_back_races_no_close(db: str) -> None:
     """A worker re-registers a connection in the loop's selector while the loop closes it
     to make room at the cap: the registration is slowed down here so that the two meet.
     The loop survives (it died of a KeyError) and goes on serving."""
-    with serving(tmp_path, http_max_connections="2") as (server, port):
+    with serving(db, http_max_connections="2") as (server, port):
         real_register = server._selector.register
 
         def slow_register(*args: Any, **kwargs: Any) -> Any:
@@ -658,18 +640,18 @@ def test_a_worker_handing_a_connection_back_races_no_close(tmp_path: Path) -> No
 @pytest.mark.parametrize("twice", [b"Host: 127.0.0.1\r\nHost: evil.example\r\n",
                                    b"Host: 127.0.0.1\r\nOrigin: http://127.0.0.1\r\n"
                                    b"Origin: http://evil.example\r\n"])
-def test_two_host_or_origin_headers_are_a_400(tmp_path: Path, twice: bytes) -> None:
-    with serving(tmp_path) as (_, port), connect(port) as sock:
+def test_two_host_or_origin_headers_are_a_400(db: str, twice: bytes) -> None:
+    with serving(db) as (_, port), connect(port) as sock:
         sock.sendall(b"GET /v1/stats HTTP/1.1\r\n" + twice + b"\r\n")
         status, _, body = read_response(sock)
         assert status == 400 and "more than one" in body["error"]["message"], body
 
 
-def test_clients_that_keep_a_worker_busy_do_not_starve_another(tmp_path: Path) -> None:
+def test_clients_that_keep_a_worker_busy_do_not_starve_another(db: str) -> None:
     """Two client processes send request after request, each the moment its answer comes,
     to a server of two workers: a third client is answered while they go on (a worker used
     to keep serving the client it had, for as long as it kept sending)."""
-    with serving(tmp_path, http_workers="2") as (_, port):
+    with serving(db, http_workers="2") as (_, port):
         hoarders = [Child("hoarder", str(port)) for _ in range(2)]
         for child in hoarders:
             child.expect("going")
@@ -681,34 +663,32 @@ def test_clients_that_keep_a_worker_busy_do_not_starve_another(tmp_path: Path) -
             child.kill()
 
 
-def test_a_request_waiting_for_room_is_answered_during_the_stop(tmp_path: Path) -> None:
+def test_a_request_waiting_for_room_is_answered_during_the_stop(db: str) -> None:
     """A stop closes connections with no whole request; one whose request came whole and
     waits for buffer room gets its answer when the room comes, within the grace."""
-    config = kvmem.Config.build(environ={}, flags={"http_buffer_bytes": "100000"})
-    store = kvmem.Store.open(tmp_path / "kv.db", config=config, role="http")
-    server = http_server.build_server(store, "127.0.0.1", 0, "")
-    thread = server.start()
-    port = int(server.server_address[1])
-    holder = kvmem.open_db(tmp_path / "kv.db", config=CONFIG)
-    holder.execute("BEGIN IMMEDIATE")  # the first request runs, and waits for the write lock
-    stopping = threading.Thread(target=server.stop)
-    try:
-        with connect(port) as first, connect(port) as second:
-            first.sendall(put_request("first", "a" * 90_000))
-            wait_for(lambda: any(c.phase == http_server.WORK for c in server._conns.values()))
-            second.sendall(put_request("second", "b" * 60_000))
-            wait_for(lambda: len(server._waiting) == 1)
-            stopping.start()
-            wait_for(lambda: server.stopping)
-            holder.execute("ROLLBACK")
-            assert read_response(first)[0] == 201
-            status, headers, _ = read_response(second)
-            assert status == 201 and headers["connection"] == "close"
-    finally:
-        holder.close()
-        if stopping.ident is None:  # the test failed before the stop began
-            server.stop()
-        else:
-            stopping.join()
-        thread.join()
-        store.close()
+    with open_store(db, http_buffer_bytes="100000") as store, writes_held(db) as release:
+        # (the first request runs, and waits for the write lock)
+        server = http_server.build_server(store, "127.0.0.1", 0, "")
+        thread = server.start()
+        port = int(server.server_address[1])
+        stopping = threading.Thread(target=server.stop)
+        try:
+            with connect(port) as first, connect(port) as second:
+                first.sendall(put_request("first", "a" * 90_000))
+                wait_for(lambda: any(c.phase == http_server.WORK
+                                     for c in server._conns.values()))
+                second.sendall(put_request("second", "b" * 60_000))
+                wait_for(lambda: len(server._waiting) == 1)
+                stopping.start()
+                wait_for(lambda: server.stopping)
+                release()
+                assert read_response(first)[0] == 201
+                status, headers, _ = read_response(second)
+                assert status == 201 and headers["connection"] == "close"
+        finally:
+            release()
+            if stopping.ident is None:  # the test failed before the stop began
+                server.stop()
+            else:
+                stopping.join()
+            thread.join()

@@ -1,5 +1,7 @@
 """The MCP server: in-process through the SDK's Client, a real stdio subprocess, and the
-two-process shape (HTTP server + MCP server on one file)."""
+two-process shape (HTTP server + MCP server on one database).  A test whose fixtures
+include conftest's ``db`` (``store``, ``client`` and ``filtered`` do) runs on both
+backends: an SQLite file and a PostgreSQL schema."""
 
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import jsonschema
 import pytest
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 
-import http_server
 import kvmem
 import kvmem_cli
 import mcp_server
+from test_http import open_store, serving, writes_held
 from testutil import (
     FILTER_CASES,
     FILTER_NAMESPACES,
@@ -46,13 +48,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    with kvmem.Store.open(tmp_path / "kv.db", config=CONFIG, role="mcp") as opened:
-        yield opened
-
-
-@pytest.fixture
-async def client(store: kvmem.Store) -> AsyncIterator[Client]:
+async def client(store: kvmem_cli.AnyStore) -> AsyncIterator[Client]:
+    """The SDK's in-process Client of a server over conftest's ``store``."""
     async with Client(mcp_server.build_server(store)) as c:
         yield c
 
@@ -106,7 +103,7 @@ MEMORY_FIELDS = {"namespace", "key", "value", "tags", "version", "created_at", "
 
 
 @pytest.mark.anyio
-async def test_tool_list_and_schemas(client: Client, store: kvmem.Store) -> None:
+async def test_tool_list_and_schemas(client: Client, store: kvmem_cli.AnyStore) -> None:
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert set(tools) == set(EXPECTED_TOOLS)
     for name, (inputs, required, outputs) in EXPECTED_TOOLS.items():
@@ -130,7 +127,7 @@ async def test_tool_list_and_schemas(client: Client, store: kvmem.Store) -> None
     assert [kind["properties"]["op"] for kind in kinds] == [{"const": "set"}, {"const": "delete"}]
     assert [kind["required"] for kind in kinds] == [["op", "key", "value"], ["op", "key"]]
     assert all(kind["additionalProperties"] is False for kind in kinds)
-    stats = store.stats()  # SQLite's; test_pg_store checks PostgreSQL's against the schema
+    stats = store.stats()  # each backend's
     assert set(kvmem_cli.STATS_SCHEMA["required"]) <= set(stats) \
         and set(stats) <= set(kvmem_cli.STATS_SCHEMA["properties"])
     assert tools["memory_stats"].output_schema == kvmem_cli.STATS_SCHEMA
@@ -138,7 +135,7 @@ async def test_tool_list_and_schemas(client: Client, store: kvmem.Store) -> None
 
 
 @pytest.mark.anyio
-async def test_set_get_conflict(client: Client, store: kvmem.Store) -> None:
+async def test_set_get_conflict(client: Client, store: kvmem_cli.AnyStore) -> None:
     out = await call(client, "memory_set", key="user/tea", value={"likes": "green"},
                      tags=["prefs"], namespace="agent-1")
     assert out["created"] is True and out["memory"]["version"] == 1
@@ -168,8 +165,8 @@ async def test_set_get_conflict(client: Client, store: kvmem.Store) -> None:
     ({"key": "k", "value": 1, "if_version": -1}, "if_version"),
     ({"key": "k", "value": "x" * (1024 * 1024)}, "limit"),
 ])
-async def test_set_invalid_input(client: Client, store: kvmem.Store, arguments: dict[str, Any],
-                                 fragment: str) -> None:
+async def test_set_invalid_input(client: Client, store: kvmem_cli.AnyStore,
+                                 arguments: dict[str, Any], fragment: str) -> None:
     code = "payload_too_large" if fragment == "limit" else "invalid_request"
     text = await call_error(client, "memory_set", code, **arguments)
     assert fragment in text
@@ -203,7 +200,7 @@ async def test_delete_reinforce_list_search(client: Client) -> None:
 
 
 @pytest.mark.anyio
-async def test_batch(client: Client, store: kvmem.Store) -> None:
+async def test_batch(client: Client, store: kvmem_cli.AnyStore) -> None:
     out = await call(client, "memory_batch", ops=[
         {"op": "set", "key": "a", "value": 1, "tags": ["x"]},
         {"op": "set", "key": "b", "value": {"nested": [1]}},
@@ -222,18 +219,22 @@ async def test_batch(client: Client, store: kvmem.Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_busy_and_storage_full_are_tool_errors(tmp_path: Path) -> None:
-    config = kvmem.Config.build(environ={}, flags={"busy_timeout_ms": "200"})
-    with kvmem.Store.open(tmp_path / "busy.db", config=config) as store:
+async def test_busy_is_a_tool_error(db: str) -> None:
+    with open_store(db, busy_timeout_ms="200") as store:
         async with Client(mcp_server.build_server(store)) as client:
-            holder = kvmem.open_db(tmp_path / "busy.db", config=config)
-            holder.execute("BEGIN IMMEDIATE")
-            try:
+            with writes_held(db) as release:  # another writer keeps the lock past the deadline
                 text = await call_error(client, "memory_set", "busy", key="k", value=1)
                 assert "retry" in text
-            finally:
-                holder.execute("ROLLBACK")
-                holder.close()
+                assert (await call(client, "memory_get", key="k"))["found"] is False
+                release()
+                assert (await call(client, "memory_set", key="k", value=1))["created"] is True
+
+
+@pytest.mark.anyio
+async def test_storage_full_is_a_tool_error(tmp_path: Path) -> None:
+    """SQLite's max_page_count makes a full disk here (test_durability fills a real one)."""
+    with kvmem.Store.open(tmp_path / "full.db", config=CONFIG) as store:
+        async with Client(mcp_server.build_server(store)) as client:
             pages = store.stats()["page_count"]
             store._writer.submit(lambda c: c.execute(f"PRAGMA max_page_count = {pages + 2}"))
             text = await call_error(client, "memory_set", "storage_full", key="big",
@@ -243,10 +244,14 @@ async def test_busy_and_storage_full_are_tool_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_stats(client: Client) -> None:
+async def test_stats(client: Client, backend: str) -> None:
     out = await call(client, "memory_stats")
-    assert out["settings"]["journal_mode"] == "wal" and out["settings"]["synchronous"] == "extra"
+    jsonschema.validate(out, kvmem_cli.STATS_SCHEMA)
+    assert out["backend"] == backend
     assert out["pid"] == os.getpid() and out["health"]["ok"] is True
+    if backend == "postgresql":
+        return  # no PRAGMAs, no checkpointer: PostgreSQL checkpoints by itself
+    assert out["settings"]["journal_mode"] == "wal" and out["settings"]["synchronous"] == "extra"
     with anyio.fail_after(10):  # the checkpointer takes the lock on its first poll
         while not out["checkpointer"]["holder"]:
             await anyio.sleep(0.01)
@@ -264,8 +269,8 @@ def stdio_params(db: str) -> StdioServerParameters:
 
 
 @pytest.mark.anyio
-async def test_real_stdio_subprocess(tmp_path: Path) -> None:
-    async with stdio_client(stdio_params(str(tmp_path / "kv.db"))) as (read, write), \
+async def test_real_stdio_subprocess(db: str) -> None:
+    async with stdio_client(stdio_params(db)) as (read, write), \
             ClientSession(read, write) as session:
         init = await session.initialize()
         assert init.server_info.name == "kvmem"
@@ -291,8 +296,8 @@ def http_json(port: int, method: str, path: str, body: Any = None) -> tuple[int,
 
 
 @pytest.mark.anyio
-async def test_http_and_mcp_processes_share_one_file(tmp_path: Path) -> None:
-    db = str(tmp_path / "fresh.db")  # does not exist yet: both servers race to create it
+async def test_http_and_mcp_processes_share_one_database(db: str, backend: str) -> None:
+    # A new file or an empty schema: both servers race to create the tables.
     http_child = Child("serve_http", "--db", db, "--port", "0", "--log-level", "WARNING")
     async with stdio_client(stdio_params(db)) as (read, write), \
             ClientSession(read, write) as session:
@@ -342,12 +347,18 @@ async def test_http_and_mcp_processes_share_one_file(tmp_path: Path) -> None:
         result = await session.call_tool("memory_stats", {})
         mcp_stats = result.structured_content
         assert mcp_stats is not None
-        assert http_stats["settings"] == mcp_stats["settings"]
-        assert http_stats["settings"]["journal_mode"] == "wal"
-        holders = [http_stats["checkpointer"]["holder"], mcp_stats["checkpointer"]["holder"]]
-        assert sorted(holders) == [False, True], holders  # exactly one checkpointer
-        for stats in (http_stats, mcp_stats):
-            assert stats["health"]["ok"] and stats["schema_version"] == kvmem.SCHEMA_VERSION
+        written = len(mcp_keys) + len(http_keys)
+        for stats in (http_stats, mcp_stats):  # (+1: the MCP call cut short may have run)
+            assert stats["health"]["ok"], stats["health"]
+            assert written <= stats["counts"]["live"] <= written + 1, stats["counts"]
+        if backend == "sqlite":  # one file: the same PRAGMAs, one checkpointer between them
+            assert http_stats["settings"] == mcp_stats["settings"]
+            assert http_stats["settings"]["journal_mode"] == "wal"
+            holders = [http_stats["checkpointer"]["holder"],
+                       mcp_stats["checkpointer"]["holder"]]
+            assert sorted(holders) == [False, True], holders  # exactly one checkpointer
+            assert http_stats["schema_version"] == mcp_stats["schema_version"] \
+                == kvmem.SCHEMA_VERSION
     http_child.proc.send_signal(signal.SIGTERM)
     assert http_child.wait() == 0
     for line in http_child.stderr.splitlines():
@@ -395,13 +406,13 @@ VALID_CALLS: dict[str, dict[str, Any]] = {
 }
 
 
-def snapshot(store: kvmem.Store) -> list[dict[str, Any]]:
+def snapshot(store: kvmem_cli.AnyStore) -> list[dict[str, Any]]:
     return [m.to_record() for m in store.list(limit=1000).items]
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("tool", sorted(EXPECTED_TOOLS))
-async def test_every_tool_refuses_an_unknown_argument(client: Client, store: kvmem.Store,
+async def test_every_tool_refuses_an_unknown_argument(client: Client, store: kvmem_cli.AnyStore,
                                                      tool: str) -> None:
     await call(client, "memory_set", key="k", value=0)
     assert set(VALID_CALLS) == set(EXPECTED_TOOLS)
@@ -420,7 +431,7 @@ async def test_every_tool_refuses_an_unknown_argument(client: Client, store: kvm
     ({"key": "k", "value": 1, "tag": "prefs"}, "tag", "tags"),
 ])
 async def test_a_misspelled_argument_is_refused_with_the_right_name(
-        client: Client, store: kvmem.Store, arguments: dict[str, Any], named: str,
+        client: Client, store: kvmem_cli.AnyStore, arguments: dict[str, Any], named: str,
         hint: str) -> None:
     text = await call_error(client, "memory_set", "invalid_request", **arguments)
     assert f"'{named}'" in text and f"did you mean '{hint}'" in text, text
@@ -451,7 +462,7 @@ async def test_a_misspelled_argument_is_refused_with_the_right_name(
     ("memory_list", {"cursor": forged_cursor("\ud800")}, "cursor"),
 ])
 async def test_bad_arguments_are_kvmem_errors_and_change_nothing(
-        client: Client, store: kvmem.Store, tool: str, arguments: dict[str, Any],
+        client: Client, store: kvmem_cli.AnyStore, tool: str, arguments: dict[str, Any],
         fragment: str) -> None:
     text = await call_error(client, tool, "invalid_request", **arguments)
     assert fragment in text, text
@@ -520,9 +531,8 @@ async def test_the_published_schema_says_what_the_tool_takes(
 
 
 @pytest.mark.anyio
-async def test_half_life_null_never_fades_and_default_takes_the_setting(tmp_path: Path) -> None:
-    config = kvmem.Config.build(environ={}, flags={"default_half_life_s": "100"})
-    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+async def test_half_life_null_never_fades_and_default_takes_the_setting(db: str) -> None:
+    with open_store(db, default_half_life_s="100") as store:
         async with Client(mcp_server.build_server(store)) as client:
             for key, extra, want in (("omitted", {}, 100.0), ("null", {"half_life_seconds": None},
                                      None), ("default", {"half_life_seconds": "default"}, 100.0),
@@ -555,7 +565,7 @@ def nested(depth: int) -> Any:
 
 @pytest.mark.anyio
 async def test_nesting_limit_is_the_same_for_both_interfaces_and_stored_values_read_back(
-        client: Client, store: kvmem.Store) -> None:
+        client: Client, store: kvmem_cli.AnyStore) -> None:
     deepest = nested(kvmem.MAX_NESTING)
     await call(client, "memory_set", key="deep", value=deepest)
     got = await call(client, "memory_get", key="deep")
@@ -571,9 +581,9 @@ async def test_nesting_limit_is_the_same_for_both_interfaces_and_stored_values_r
 
 
 @pytest.mark.anyio
-async def test_argument_schemas_carry_the_store_limits(tmp_path: Path) -> None:
-    config = kvmem.Config.build(environ={}, flags={"max_key_chars": "7", "max_tags": "2"})
-    with kvmem.Store.open(tmp_path / "kv.db", config=config) as store:
+async def test_argument_schemas_carry_the_store_limits(db: str) -> None:
+    with open_store(db, max_key_chars="7", max_tags="2") as store:
+        config = store.config
         async with Client(mcp_server.build_server(store)) as client:
             tools = {t.name: t for t in (await client.list_tools()).tools}
             op = tools["memory_batch"].input_schema["$defs"]["BatchOp"]["oneOf"][0]["properties"]
@@ -599,18 +609,17 @@ async def test_argument_schemas_carry_the_store_limits(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def filtered(tmp_path: Path) -> AsyncIterator[tuple[Client, kvmem.Store]]:
-    """A client of a server over a store holding testutil's FILTER_MEMORIES."""
+async def filtered(db: str) -> AsyncIterator[tuple[Client, kvmem_cli.AnyStore]]:
+    """A client of a server over a store on ``db`` holding testutil's FILTER_MEMORIES."""
     clock = [0.0]
-    with kvmem.Store.open(tmp_path / "filtered.db", config=CONFIG, role="mcp",
-                          clock=lambda: clock[0]) as store:
-        fill_filter_store(store, clock)
+    with open_store(db, clock=lambda: clock[0]) as store:
+        fill_filter_store(store, clock)  # type: ignore[arg-type]
         async with Client(mcp_server.build_server(store)) as c:
             yield c, store
 
 
 @pytest.mark.anyio
-async def test_search_filters(filtered: tuple[Client, kvmem.Store]) -> None:
+async def test_search_filters(filtered: tuple[Client, kvmem_cli.AnyStore]) -> None:
     client, _ = filtered
     for filters, expected in FILTER_CASES:
         out = await call(client, "memory_search", query=FILTER_QUERY, **filters)
@@ -619,7 +628,7 @@ async def test_search_filters(filtered: tuple[Client, kvmem.Store]) -> None:
 
 
 @pytest.mark.anyio
-async def test_list_filters(filtered: tuple[Client, kvmem.Store]) -> None:
+async def test_list_filters(filtered: tuple[Client, kvmem_cli.AnyStore]) -> None:
     client, _ = filtered
     for filters, expected in LIST_CASES:
         out = await call(client, "memory_list", **filters)
@@ -635,12 +644,16 @@ async def test_list_filters(filtered: tuple[Client, kvmem.Store]) -> None:
 
 
 @pytest.mark.anyio
-async def test_namespaces(filtered: tuple[Client, kvmem.Store], client: Client) -> None:
+async def test_namespaces(filtered: tuple[Client, kvmem_cli.AnyStore]) -> None:
     result = await filtered[0].call_tool("memory_namespaces", {})
     assert not result.is_error and result.structured_content == {"items": FILTER_NAMESPACES}
     assert json.loads(result.content[0].text) == {"items": FILTER_NAMESPACES}  # type: ignore[union-attr]
     jsonschema.validate(result.structured_content, kvmem_cli.NAMESPACE_LIST_SCHEMA)
-    assert await call(client, "memory_namespaces") == {"items": []}  # an empty store
+
+
+@pytest.mark.anyio
+async def test_namespaces_of_an_empty_store(client: Client) -> None:
+    assert await call(client, "memory_namespaces") == {"items": []}
 
 
 BAD_FILTERS: list[dict[str, Any]] = [
@@ -668,7 +681,7 @@ BAD_FILTERS: list[dict[str, Any]] = [
     ("memory_namespaces", {"namespace": "alpha"}),
 ])
 async def test_bad_filters_are_invalid_request_and_change_nothing(
-        filtered: tuple[Client, kvmem.Store], tool: str, arguments: dict[str, Any]) -> None:
+        filtered: tuple[Client, kvmem_cli.AnyStore], tool: str, arguments: dict[str, Any]) -> None:
     client, store = filtered
     before = store.namespaces(), snapshot(store)
     await call_error(client, tool, "invalid_request", **arguments)
@@ -676,8 +689,9 @@ async def test_bad_filters_are_invalid_request_and_change_nothing(
 
 
 @pytest.mark.anyio
+@pytest.mark.backends("sqlite")  # an upgraded file's FTS5 rebuild (PostgreSQL indexes each write)
 async def test_search_during_an_index_rebuild_is_a_busy_error(
-        filtered: tuple[Client, kvmem.Store]) -> None:
+        filtered: tuple[Client, kvmem_cli.AnyStore]) -> None:
     """An upgraded file whose search index is still being rebuilt (as migration 3 leaves
     it): memory_search is a busy tool error that says so; the other tools work."""
     client, store = filtered
@@ -709,60 +723,52 @@ REFUSED_INPUTS: list[dict[str, Any]] = [
 ]
 
 
-def comparable(store: kvmem.Store) -> dict[str, dict[str, Any]]:
-    """Every memory, without the times of its writing (its TTL kept as a duration)."""
+def comparable(store: kvmem_cli.AnyStore, namespace: str) -> dict[str, dict[str, Any]]:
+    """Every memory of ``namespace``, without the times of its writing (its TTL kept as a
+    duration) or its namespace."""
     out = {}
-    for memory in store.list(limit=1000).items:
+    for memory in store.list(namespace=namespace, limit=1000).items:
         record = memory.to_record()
         ttl = None if memory.expires_at is None else round(memory.expires_at - memory.updated_at, 3)
-        for name in ("created_at", "updated_at", "last_reinforced_at", "expires_at"):
+        for name in ("created_at", "updated_at", "last_reinforced_at", "expires_at", "namespace"):
             del record[name]
         out[memory.key] = {**record, "ttl": ttl}
     return out
 
 
 @pytest.mark.anyio
-async def test_http_and_mcp_store_identical_memories_for_the_same_inputs(tmp_path: Path) -> None:
-    config = kvmem.Config.build(environ={}, flags={"default_half_life_s": "100"})
-    with kvmem.Store.open(tmp_path / "http.db", config=config) as via_http, \
-            kvmem.Store.open(tmp_path / "mcp.db", config=config) as via_mcp:
-        server = http_server.build_server(via_http, "127.0.0.1", 0, "")
-        thread = threading.Thread(target=server.serve_forever)
-        thread.start()
+async def test_http_and_mcp_store_identical_memories_for_the_same_inputs(db: str) -> None:
+    """The same inputs through each interface, over one store (each in its namespace)."""
+    with open_store(db, default_half_life_s="100") as store, serving(store) as server:
         port = server.server_address[1]
-        try:
-            async with Client(mcp_server.build_server(via_mcp)) as client:
-                for i, body in enumerate(SAME_INPUTS):
-                    status, answer = await anyio.to_thread.run_sync(
-                        http_json, port, "PUT", f"/v1/memories/set-{i}", body)
-                    assert status == 201, answer
-                    await call(client, "memory_set", key=f"set-{i}", **body)
-                ops = [{"op": "set", "key": f"batch-{i}", **body}
-                       for i, body in enumerate(SAME_INPUTS)]
+        async with Client(mcp_server.build_server(store)) as client:
+            for i, body in enumerate(SAME_INPUTS):
                 status, answer = await anyio.to_thread.run_sync(
-                    http_json, port, "POST", "/v1/batch", {"ops": ops})
-                assert status == 200, answer
-                await call(client, "memory_batch", ops=ops)
-                for body in REFUSED_INPUTS:
-                    status, answer = await anyio.to_thread.run_sync(
-                        http_json, port, "PUT", "/v1/memories/refused", body)
-                    assert (status, answer["error"]["code"]) == (400, "invalid_request"), body
-                    await call_error(client, "memory_set", "invalid_request", key="refused",
-                                     **body)
-        finally:
-            server.stop()
-            thread.join()
-        stored_http, stored_mcp = comparable(via_http), comparable(via_mcp)
+                    http_json, port, "PUT", f"/v1/memories/set-{i}?namespace=http", body)
+                assert status == 201, answer
+                await call(client, "memory_set", key=f"set-{i}", namespace="mcp", **body)
+            ops = [{"op": "set", "key": f"batch-{i}", **body}
+                   for i, body in enumerate(SAME_INPUTS)]
+            status, answer = await anyio.to_thread.run_sync(
+                http_json, port, "POST", "/v1/batch?namespace=http", {"ops": ops})
+            assert status == 200, answer
+            await call(client, "memory_batch", ops=ops, namespace="mcp")
+            for body in REFUSED_INPUTS:
+                status, answer = await anyio.to_thread.run_sync(
+                    http_json, port, "PUT", "/v1/memories/refused?namespace=http", body)
+                assert (status, answer["error"]["code"]) == (400, "invalid_request"), body
+                await call_error(client, "memory_set", "invalid_request", key="refused",
+                                 namespace="mcp", **body)
+        stored_http, stored_mcp = comparable(store, "http"), comparable(store, "mcp")
     assert len(stored_http) == 2 * len(SAME_INPUTS)
     assert stored_http == stored_mcp
     half_lives = [stored_mcp[f"set-{i}"]["half_life_seconds"] for i in range(4)]
     assert half_lives == [100.0, None, 100.0, 5.0]
 
 
-
 @pytest.mark.anyio
 async def test_forget_is_a_dry_run_unless_told_otherwise(client: Client,
-                                                         store: kvmem.Store) -> None:
+                                                         store: kvmem_cli.AnyStore) -> None:
     for key in ("tmp/a", "tmp/b", "keep"):
         store.set(key, key)
     report = await call(client, "memory_forget", prefix="tmp/")

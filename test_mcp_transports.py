@@ -1,5 +1,7 @@
 """kvmem-mcp as a real process: raw stdio (malformed requests, signals) and streamable HTTP
-through the SDK's client (the token, the Origin and Host checks, signals)."""
+through the SDK's client (the token, the Origin and Host checks, signals).  The tests of
+what a client sends that reaches the store take conftest's ``db`` and run on both backends;
+the signal tests' final checkpoint is SQLite's."""
 
 from __future__ import annotations
 
@@ -71,11 +73,13 @@ def wait_for_stderr(child: Child, text: str, timeout: float = 30.0, *,
 
 
 def assert_stopped_cleanly(child: Child, db: str) -> None:
-    """Exit 0, no traceback, and the final checkpoint: the WAL gone or empty."""
+    """Exit 0, no traceback, and on SQLite the final checkpoint: the WAL gone or empty."""
     rc = child.wait()
     assert rc == 0, child.stderr[-3000:]
     assert "Traceback" not in child.stderr, child.stderr[-3000:]
     assert "stopped cleanly" in child.stderr
+    if kvmem.is_postgres(db):
+        return
     wal = db + "-wal"
     assert not os.path.exists(wal) or os.path.getsize(wal) == 0, os.path.getsize(wal)
 
@@ -103,8 +107,7 @@ MALFORMED = [  # (the line, the id it should be answered with, the JSON-RPC erro
 ]
 
 
-def test_stdio_answers_every_malformed_request_and_keeps_serving(tmp_path: Path) -> None:
-    db = str(tmp_path / "kv.db")
+def test_stdio_answers_every_malformed_request_and_keeps_serving(db: str) -> None:
     server = StdioServer(db)
     try:
         for line, ident, code in MALFORMED:
@@ -348,18 +351,25 @@ def test_streamable_http_checks_host_on_any_loopback_address(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_streamable_http_takes_the_bodies_kvmem_http_takes(
-        http_server_with_token: HTTPServer) -> None:
+async def test_streamable_http_takes_the_bodies_kvmem_http_takes(db: str) -> None:
     """A batch of 5 values of 900 KB (4.5 MB, past the SDK's default cap of 4 MiB) works;
     a body past kvmem's cap gets kvmem's 413."""
-    ops = [{"op": "set", "key": f"big{i}", "value": "x" * 900_000} for i in range(5)]
-    async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret"}) as http, \
-            Client(streamable_http_client(http_server_with_token.url, http_client=http)) as c:
-        result = await c.call_tool("memory_batch", {"ops": ops})
-        assert not result.is_error, result.content
-    status, body = post(http_server_with_token.port, {"Authorization": "Bearer s3cret"},
-                        body=b"x" * (kvmem_cli.MAX_BODY_BYTES + 1))
-    assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    server = HTTPServer(db, "s3cret")
+    try:
+        ops = [{"op": "set", "key": f"big{i}", "value": "x" * 900_000} for i in range(5)]
+        async with httpx2.AsyncClient(headers={"Authorization": "Bearer s3cret"}) as http, \
+                Client(streamable_http_client(server.url, http_client=http)) as c:
+            result = await c.call_tool("memory_batch", {"ops": ops})
+            assert not result.is_error, result.content
+            got = await c.call_tool("memory_get", {"key": "big4"})
+            assert got.structured_content is not None
+            assert got.structured_content["memory"]["value"] == "x" * 900_000
+        status, body = post(server.port, {"Authorization": "Bearer s3cret"},
+                            body=b"x" * (kvmem_cli.MAX_BODY_BYTES + 1))
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    finally:
+        server.child.proc.send_signal(signal.SIGTERM)
+        assert server.child.wait() == 0, server.child.stderr[-3000:]
 
 
 def test_streamable_http_refuses_a_post_without_a_length(
