@@ -104,7 +104,7 @@ class Api:
     """Route handlers: each takes a ``Request`` and returns (status, JSON body).
     Requests become kvmem ops (``SetOp.parse`` and the rest), checked by kvmem itself."""
 
-    def __init__(self, store: kvmem.Store) -> None:
+    def __init__(self, store: kvmem_cli.AnyStore) -> None:
         self.store = store
         self.batch_body = batch_body(store.config)  # built once, not per request
 
@@ -1728,7 +1728,7 @@ def _refuse_constant(name: str) -> Any:
 # ------------------------------------------------------------------------------- main ----
 
 
-def build_server(store: kvmem.Store, host: str, port: int, token: str) -> Server:
+def build_server(store: kvmem_cli.AnyStore, host: str, port: int, token: str) -> Server:
     """The server, bound and ready for ``serve_forever()``; see ``check_exposure``.
     Raises ConfigError naming ``host``:``port`` when it cannot listen there."""
     kvmem_cli.check_exposure(host, token)
@@ -1749,7 +1749,7 @@ def main(argv: list[str] | None = None) -> int:
         config = kvmem_cli.server_config(args)
         if not config.access_log:
             access_log.setLevel(logging.WARNING)
-        store = kvmem.Store.open(config=config, role="http", decay=True)
+        store = kvmem_cli.open_store(config, role="http", decay=True)
         server = build_server(store, config.host, config.port, config.token)
     except (kvmem.KvmemError, OSError) as exc:
         if store is not None:
@@ -1763,7 +1763,8 @@ def main(argv: list[str] | None = None) -> int:
              "settings=%s recovery=%s", kvmem_cli.host_port(host, port), os.getpid(),
              store.path, server.max_connections, json.dumps(store.settings()),
              json.dumps(dataclasses.asdict(kvmem.recovery_record(store.path) or
-                                           _no_record(store.path))))
+                                           _no_record(store.path))
+                        if isinstance(store, kvmem.Store) else None))
     try:
         print(f"listening on http://{kvmem_cli.host_port(host, port)}", flush=True)
     except OSError as exc:  # stdout is a full disk or a closed pipe: say so on stderr

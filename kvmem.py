@@ -70,7 +70,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any, ClassVar, ParamSpec, Self, TypeVar
+from typing import IO, Any, ClassVar, ParamSpec, Protocol, Self, TypeVar
 
 __all__ = [  # noqa: RUF022 (grouped: errors, the model, storage, the store)
     "KvmemError", "InvalidInputError", "PayloadTooLargeError", "ConfigError", "NotFoundError",
@@ -196,6 +196,8 @@ def default_db_path(environ: Mapping[str, str]) -> str:
     Never relative to the working directory: an MCP client starts the server from a
     directory nobody chose, and every process must land on the same file."""
     if environ.get("KVMEM_DB"):
+        if is_postgres(environ["KVMEM_DB"].strip()):
+            return environ["KVMEM_DB"].strip()
         return os.path.abspath(os.path.expanduser(environ["KVMEM_DB"]))
     xdg = environ.get("XDG_DATA_HOME", "")
     if not os.path.isabs(xdg):  # the XDG spec says to ignore a relative value
@@ -272,15 +274,46 @@ def _parse_optional_seconds(text: str) -> float | None:
 
 
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# A --db with one of these schemes is a PostgreSQL database, served by kvmem_pg (which this
+# module never imports): a libpq URL, https://www.postgresql.org/docs/current/libpq-connect.html
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres(db: str) -> bool:
+    """Whether ``db`` (``Config.db``) is a PostgreSQL URL rather than a file's path."""
+    url = _URL.match(db)
+    return url is not None and url[1].lower() in POSTGRES_SCHEMES
+
+
+def redact_db(db: str) -> str:
+    """``db`` fit for logs and stats: a URL's password replaced by ``***``."""
+    if not is_postgres(db):
+        return db
+    try:
+        split = urllib.parse.urlsplit(db)
+        split.port  # noqa: B018 (raises on a bad one)
+    except ValueError:
+        return db.partition("://")[0] + "://(not a valid URL)"
+    if split.password is None:
+        return db
+    user = split.username or ""
+    host = split.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(split._replace(netloc=f"{user}:***@{host}"))
 
 
 def _parse_path(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     url = _URL.match(text.strip())
-    if url:  # it would be a file under a directory named "postgresql:" in the working dir
+    if url and url[1].lower() in POSTGRES_SCHEMES:
+        try:
+            urllib.parse.urlsplit(text.strip()).port  # noqa: B018 (raises on a bad one)
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL: {exc}") from None
+        return text.strip()
+    if url:  # it would be a file under a directory named "sqlite:" in the working dir
         raise ValueError(f"{url[1]}:// is not a database kvmem can open: give the path of "
-                         "an SQLite file (kvmem has no other backend yet)")
+                         "an SQLite file or a postgresql:// URL")
     return os.path.abspath(os.path.expanduser(text))
 
 
@@ -301,7 +334,8 @@ class Config:
     ``Config.build()``.  A field's environment variable is ``KVMEM_<FIELD>`` and its flag
     ``--<field-with-dashes>`` unless named otherwise below."""
 
-    db: str = _setting("", _parse_path, "database file", env="KVMEM_DB", flag="--db")
+    db: str = _setting("", _parse_path, "database file, or a postgresql:// URL (needs "
+                       "kvmem[postgres])", env="KVMEM_DB", flag="--db")
     journal_mode: str = _setting("wal", _parse_choice(*JOURNAL_MODES), "wal or delete")
     synchronous: str = _setting("extra", _parse_choice(*SYNCHRONOUS_LEVELS), "off, normal, full "
                                 "or extra (only full and extra keep acknowledged writes through "
@@ -430,13 +464,15 @@ class Config:
                     continue  # an empty KVMEM_DB is not set (default_db_path())
                 try:
                     values[field.name] = field.metadata["parse"](raw)
-                except ValueError as exc:
-                    raise ConfigError(f"{source}={raw!r}: {exc}") from exc
+                except ValueError as exc:  # (a URL's password is not repeated)
+                    shown = redact_db(raw.strip()) if field.name == "db" else raw
+                    raise ConfigError(f"{source}={shown!r}: {exc}") from exc
         return cls(**values)
 
     def public(self) -> dict[str, Any]:
         """The settings as a dict, with the token hidden."""
-        return {**dataclasses.asdict(self), "token": "set" if self.token else ""}
+        return {**dataclasses.asdict(self), "token": "set" if self.token else "",
+                "db": redact_db(self.db)}
 
 
 # KVMEM_* variables that no setting reads but the test suite does.
@@ -1961,6 +1997,7 @@ def database_stats(conn: KvmemConnection) -> dict[str, Any]:
     with _REGISTRY_LOCK:
         record = _RECOVERY.get(path)
     return {
+        "backend": "sqlite",
         "path": path,
         "sqlite_version": sqlite3.sqlite_version,
         "schema_version": conn.execute("PRAGMA user_version").fetchone()[0],
@@ -3804,6 +3841,14 @@ class IndexBuilder(_Background):
         return 0.01  # let other writers in between batches
 
 
+class Prunable(Protocol):
+    """What DecayScheduler needs of a store: kvmem.Store, or kvmem_pg.PgStore."""
+
+    config: Config
+
+    def prune(self, now: float | None = None) -> PruneResult: ...
+
+
 class DecayScheduler(_Background):
     """Daemon thread running ``store.prune()`` every ``decay_interval_s``; a failed prune
     is retried with backoff (see ``_Background``), logged on ``kvmem.decay``."""
@@ -3812,7 +3857,7 @@ class DecayScheduler(_Background):
     what = "prune"
     log = decay_log
 
-    def __init__(self, store: Store, *, role: str = "library") -> None:
+    def __init__(self, store: Prunable, *, role: str = "library") -> None:
         self.store = store
         super().__init__(role, {"runs": 0, "last_result": None})
 

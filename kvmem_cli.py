@@ -43,7 +43,7 @@ import tempfile
 import textwrap
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kvmem import (
     BusyError,
@@ -69,9 +69,17 @@ from kvmem import (
     env_name,
     filter_schemas,
     flag_name,
+    is_postgres,
     open_db,
+    redact_db,
     wal_size,
 )
+
+if TYPE_CHECKING:
+    import kvmem_pg
+
+    # What --db opens (open_store): the same methods, arguments, results and errors.
+    AnyStore = Store | kvmem_pg.PgStore
 
 # pyproject.toml's version: what --version says when kvmem runs from a checkout that is
 # not installed (test_cli.py checks that the two agree).
@@ -381,9 +389,12 @@ _NULLABLE_OBJECT = {"type": ["object", "null"]}
 _COUNT = {"type": "integer", "minimum": 0}
 _BYTES = {"type": ["integer", "null"], "minimum": 0}
 
-# The shape of Store.stats(), as kvmem-mcp's memory_stats publishes it.
+# The shape of Store.stats() and PgStore.stats(), as kvmem-mcp's memory_stats publishes
+# it: what both backends report is required, the rest is one backend's.
 STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
-    "path": {"type": "string"}, "sqlite_version": {"type": "string"},
+    "backend": {"enum": ["sqlite", "postgresql"]},
+    "path": {"type": "string", "description": "the file, or the URL without its password"},
+    "sqlite_version": {"type": "string"},
     "schema_version": _COUNT,
     "settings": {"type": "object", "description": "the PRAGMAs, read back"},
     "page_size": _COUNT, "page_count": _COUNT, "freelist_count": _COUNT,
@@ -405,8 +416,14 @@ STATS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "config": {"type": "object", "required": [f.name for f in dataclasses.fields(Config)],
                "description": "the settings (the token shown as \"set\" or \"\")"},
     "pid": {"type": "integer"},
+    "server": {"type": "object", "description": "PostgreSQL: version, standby or not, the "
+                                                "settings checked at open"},
+    "pool": {"type": "object", "description": "PostgreSQL: the connection pool's figures"},
+    "replication": {"type": "object", "description": "PostgreSQL: each standby's lag, or "
+                                                     "this standby's replay lag"},
 }}
-STATS_SCHEMA["required"] = list(STATS_SCHEMA["properties"])
+STATS_SCHEMA["required"] = ["backend", "path", "counts", "decay", "last_prune", "health",
+                            "config", "pid"]
 
 # The shape of Store.namespaces() as every interface answers it: GET /v1/namespaces,
 # memory_namespaces and ``kvmem namespaces``.
@@ -548,9 +565,45 @@ def _cli_stats(path: str, config: Config) -> dict[str, Any]:
 def list_namespaces(path: str, config: Config) -> dict[str, Any]:
     """The namespaces of the database ``path`` with their counts (``Store.namespaces``),
     shaped as NAMESPACE_LIST_SCHEMA; a missing file is a NotFoundError, never created."""
-    require_database(path)
-    with Store.open(path, config=config, role="cli", checkpointer=False) as store:
+    if not is_postgres(path):
+        require_database(path)
+    with open_store(dataclasses.replace(config, db=path), role="cli",
+                    checkpointer=False) as store:
         return {"items": store.namespaces()}
+
+
+def open_store(config: Config, *, role: str, checkpointer: bool = True,
+               decay: bool = False) -> AnyStore:
+    """The store ``config.db`` names: a ``kvmem_pg.PgStore`` for a ``postgresql://`` URL,
+    else a ``kvmem.Store`` on the file (with a ``Checkpointer`` unless
+    ``checkpointer=False``: PostgreSQL checkpoints by itself, and commits one by one).
+    ConfigError when the URL needs psycopg and it is not installed."""
+    if not is_postgres(config.db):
+        return Store.open(config.db, config=config, role=role, checkpointer=checkpointer,
+                          decay=decay)
+    try:
+        import kvmem_pg
+    except ImportError as exc:
+        raise ConfigError(f"{redact_db(config.db)}: PostgreSQL needs psycopg 3 and "
+                          f"psycopg-pool: pip install 'kvmem[postgres]' ({exc})") from None
+    return kvmem_pg.PgStore.open(config.db, config=config, role=role, decay=decay)
+
+
+def _postgres_file_command(command: str, config: Config) -> dict[str, Any]:
+    """check, stats and namespaces on PostgreSQL; checkpoint and backup are SQLite's."""
+    if command == "checkpoint":
+        raise ConfigError("checkpoint is for an SQLite file: PostgreSQL checkpoints by itself")
+    if command == "backup":
+        raise ConfigError("backup is for an SQLite file: for PostgreSQL use pg_dump (or "
+                          "kvmem export, which any kvmem database can import)")
+    if command == "namespaces":
+        return list_namespaces(config.db, config)
+    with open_store(config, role="cli", checkpointer=False) as store:
+        if command == "stats":
+            return store.stats()
+        health = store.health()
+        return {"path": store.path, "backend": "postgresql", "ok": health["ok"],
+                "problems": health["problems"]}
 
 
 # ------------------------------------------------------------------------- memories ----
@@ -636,7 +689,7 @@ class Command:
     help: str
     usage: str  # its arguments, as the usage line shows them
     arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[Store, argparse.Namespace, Any], Any]  # the store, args, prepared
+    run: Callable[[AnyStore, argparse.Namespace, Any], Any]  # the store, args, prepared
     creates: bool = False
     # Reads and checks the input before the database is opened (or created).
     prepare: Callable[[argparse.Namespace, Config], Any] | None = None
@@ -648,7 +701,7 @@ def _key_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keeps agents, users or projects apart (default default)")
 
 
-def _get(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _get(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     memory = store.get(args.key, namespace=args.namespace)
     if memory is None:
         raise NotFoundError(f"no memory {args.key[:200]!r} in namespace {args.namespace!r}")
@@ -693,18 +746,18 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _set(store: Store, args: argparse.Namespace, op: SetOp) -> Any:
+def _set(store: AnyStore, args: argparse.Namespace, op: SetOp) -> Any:
     memory = store.apply(op)
     return memory.render(store.clock())
 
 
-def _delete(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _delete(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     if not store.apply(_op(DeleteOp, args, store.config)):
         raise NotFoundError(f"no memory {args.key[:200]!r} in namespace {args.namespace!r}")
     return {"deleted": True}
 
 
-def _reinforce(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _reinforce(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     return store.apply(_op(ReinforceOp, args, store.config)).render(store.clock())
 
 
@@ -720,7 +773,7 @@ def _list_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the next_cursor of the page before")
 
 
-def _list(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _list(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     page = store.list(namespace=args.namespace, **_filters(args), archived=args.archived,
                       **_limits(args))
     now = store.clock()
@@ -736,7 +789,7 @@ def _search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most hits (default 20)")
 
 
-def _search(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _search(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     namespaces = args.namespace or ["default"]
     hits = store.search(args.query, namespace=namespaces[0] if len(namespaces) == 1
                         else namespaces, **_filters(args), **_limits(args))
@@ -752,7 +805,7 @@ def _forget_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only report how many memories would go, and which")
 
 
-def _forget(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _forget(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     return store.forget(namespace=args.namespace, **_filters(args), dry_run=args.dry_run)
 
 
@@ -762,11 +815,12 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write to this new file (never overwritten) instead of stdout")
 
 
-def _export(store: Store, args: argparse.Namespace, prepared: None) -> Any:
+def _export(store: AnyStore, args: argparse.Namespace, prepared: None) -> Any:
     if args.output is None:
         store.export(sys.stdout, namespace=args.namespace)
         return None
-    _refuse_database_file(args.output, store.path)
+    if not is_postgres(store.config.db):
+        _refuse_database_file(args.output, store.path)
     try:
         fp = open(args.output, "x", encoding="utf-8")  # noqa: SIM115 (removed on failure)
     except FileExistsError:
@@ -795,7 +849,7 @@ def _open_import(args: argparse.Namespace, config: Config) -> IO[str]:
     """The input of import, seekable (as Store.import_ needs): the file, or stdin (or a
     pipe) spooled to a temporary file.  A database not there yet is created only for an
     input that Store.import_ would take (``check_import``)."""
-    if args.file != "-":
+    if args.file != "-" and not is_postgres(config.db):
         _refuse_database_file(args.file, config.db)
     try:
         if args.file != "-" and os.path.isfile(args.file):
@@ -809,7 +863,7 @@ def _open_import(args: argparse.Namespace, config: Config) -> IO[str]:
     except OSError as exc:
         cls = NotFoundError if isinstance(exc, FileNotFoundError) else InvalidInputError
         raise cls(describe(exc)) from exc
-    if not os.path.exists(config.db):
+    if is_postgres(config.db) or not os.path.exists(config.db):
         try:
             check_import(fp, config)  # before a new database is created: bad input leaves none
         except BaseException:
@@ -818,7 +872,7 @@ def _open_import(args: argparse.Namespace, config: Config) -> IO[str]:
     return fp
 
 
-def _import(store: Store, args: argparse.Namespace, fp: IO[str]) -> Any:
+def _import(store: AnyStore, args: argparse.Namespace, fp: IO[str]) -> Any:
     return store.import_(fp)
 
 
@@ -860,12 +914,11 @@ def _run_data_command(command: Command, args: argparse.Namespace, config: Config
     unless the command creates), run, close."""
     prepared = command.prepare(args, config) if command.prepare else None
     try:
-        if not command.creates:
+        if not command.creates and not is_postgres(config.db):
             require_database(config.db)
         # Writers run a checkpointer, so that the WAL they grow is folded in when they
         # close if no other process is the checkpointer.
-        with Store.open(config.db, config=config, role="cli",
-                        checkpointer=command.creates) as store:
+        with open_store(config, role="cli", checkpointer=command.creates) as store:
             return command.run(store, args, prepared)
     finally:
         if isinstance(prepared, io.IOBase):
@@ -979,6 +1032,8 @@ def error_fields(exc: KvmemError) -> dict[str, Any]:
 def _file_command(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     # A PATH argument follows the rules of --db (no URL, made absolute).
     path = Config.build(environ={}, flags={"db": args.path}).db if args.path else config.db
+    if is_postgres(path):
+        return _postgres_file_command(args.command, dataclasses.replace(config, db=path))
     if args.command == "check":
         return check_database(path, config)
     if args.command == "stats":

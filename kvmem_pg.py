@@ -348,6 +348,12 @@ SELECT_MEMORY = _pg_sql(kvmem.SELECT_MEMORY)
 EXPORT_FETCH = 500  # rows a round trip of export's server-side cursor
 # Server settings read back at open; a server that could lose acknowledged commits on a
 # crash of PostgreSQL itself (fsync or full_page_writes off) is refused.
+CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: a host that does not answer
+
+REPLAY_AGE = ("SELECT pg_is_in_recovery(),"
+              " EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8")
+STANDBYS = ("SELECT application_name, state, sync_state, EXTRACT(EPOCH FROM replay_lag)::float8"
+            " FROM pg_stat_replication ORDER BY application_name")
 READ_SETTINGS = ("SELECT current_setting('server_version'), current_setting('fsync'),"
                  " current_setting('full_page_writes'), current_setting('synchronous_commit')")
 CONFIGURE = ("SELECT set_config('synchronous_commit', 'on', false),"
@@ -546,7 +552,7 @@ class PgStore:
     with ``PgStore.open(dsn)``; ``close()`` (or ``with``) closes the pool."""
 
     def __init__(self, dsn: str, config: Config, *, clock: Callable[[], float] = time.time,
-                 role: str = "library", pool_size: int = 10) -> None:
+                 role: str = "library", pool_size: int = 10, decay: bool = False) -> None:
         if config.synchronous in SYNCHRONOUS_REFUSED:
             raise ConfigError(
                 f"synchronous={config.synchronous!r} has no honest PostgreSQL mapping "
@@ -554,6 +560,8 @@ class PgStore:
                 "use full or extra, which are synchronous_commit=on")
         self.dsn, self.config, self.clock, self.role = dsn, config, clock, role
         self.where = describe_dsn(dsn)
+        self.path = self.where  # as kvmem.Store.path: what logs and stats show
+        self._decay: kvmem.DecayScheduler | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._interrupted = threading.Event()  # interrupt(): forget ends at its next batch
@@ -562,7 +570,15 @@ class PgStore:
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, timeout=max(timeout, 0.001), open=False,
             configure=self._configure, check=ConnectionPool.check_connection,
-            kwargs={"autocommit": True, "connect_timeout": 5}, name=f"kvmem {self.where}")
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            name=f"kvmem {self.where}")
+        try:  # one connection first: its error says why (the pool's only says it timed out)
+            psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S).close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())  # libpq's message spans lines
+            if isinstance(exc, psycopg.ProgrammingError):  # an invalid connection string
+                raise ConfigError(f"{self.where}: {reason}") from None
+            raise StorageError(f"{self.where}: cannot connect: {reason}") from None
         try:
             self._pool.open(wait=True, timeout=max(timeout, 5.0))
         except PoolTimeout as exc:
@@ -572,6 +588,8 @@ class PgStore:
             self.server_settings = self._check_settings()
             self._migrate()
             self._cursor_secret = self._read_cursor_secret()
+            if decay:
+                self._decay = kvmem.DecayScheduler(self, role=role).start()
         except BaseException:
             self._pool.close()
             raise
@@ -579,12 +597,14 @@ class PgStore:
     @classmethod
     def open(cls, dsn: str, *, config: Config | None = None,
              clock: Callable[[], float] = time.time, role: str = "library",
-             pool_size: int = 10) -> PgStore:
+             pool_size: int = 10, decay: bool = False) -> PgStore:
         """Connect to ``dsn`` (a ``postgresql://`` URL or a libpq key=value string),
-        migrate the schema, and return the store.  Raises ConfigError (a refused
+        migrate the schema, and return the store (with a ``kvmem.DecayScheduler`` running
+        ``prune`` when ``decay``; every server may run one).  Raises ConfigError (a refused
         synchronous level or server setting), SchemaTooNewError, StorageError (no
         connection), BusyError."""
-        return cls(dsn, config or Config.build(), clock=clock, role=role, pool_size=pool_size)
+        return cls(dsn, config or Config.build(), clock=clock, role=role, pool_size=pool_size,
+                   decay=decay)
 
     def __enter__(self) -> PgStore:
         return self
@@ -598,6 +618,8 @@ class PgStore:
             if self._closed:
                 return
             self._closed = True
+        if self._decay is not None:
+            self._decay.stop()
         self._pool.close()
 
     # -- connections and transactions --------------------------------------------------
@@ -881,12 +903,17 @@ class PgStore:
 
     # -- state -------------------------------------------------------------------------
 
+    def settings(self) -> dict[str, Any]:
+        """The server's settings that kvmem checked at open (for start-up logs)."""
+        return dict(self.server_settings)
+
     def stats(self) -> dict[str, Any]:
-        """A minimal ``kvmem.Store.stats``: the server (version, whether it is a standby,
-        the settings read at open), the pool's figures, the counts (live, archived,
-        expired not yet pruned), the last prune, health, the configuration (token hidden)
-        and the process id.  (SQLite's file, checkpoint and group-commit figures have no
-        counterpart here.)"""
+        """As ``kvmem.Store.stats``, what PostgreSQL has of it: the backend, the database
+        (URL without password), the server (version, whether it is a standby, the settings
+        checked at open), the pool's figures, replication (``replication()``), the counts
+        (live, archived, expired not yet pruned), decay, the last prune, health, the
+        configuration (token and password hidden) and the process id.  SQLite's file,
+        checkpoint and group-commit figures have no counterpart here."""
         now = self.clock()
 
         def read(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
@@ -901,25 +928,51 @@ class PgStore:
         live, archived, expired, version, recovery = self._snapshot(read)
         return {
             "backend": "postgresql",
-            "database": self.where,
+            "path": self.path,
             "server": {"version": version, "in_recovery": bool(recovery),
-                       "settings": dict(self.server_settings)},
+                       "settings": self.settings()},
             "pool": self._pool.get_stats(),
+            "replication": self.replication(),
             "counts": {"live": int(live), "archived": int(archived),
                        "expired_pending": int(expired)},
+            "decay": self._decay.state() if self._decay else None,
             "last_prune": kvmem.prune_record(self._last_prune) if self._last_prune else None,
             "health": self.health(),
             "config": self.config.public(),
             "pid": os.getpid(),
         }
 
+    def replication(self) -> dict[str, Any]:
+        """On a primary, each streaming standby with its replay lag in seconds
+        (``pg_stat_replication``; null when idle); on a standby, how old the last replayed
+        transaction is (``pg_last_xact_replay_timestamp``)."""
+
+        def read(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+            row = conn.execute(REPLAY_AGE).fetchone()
+            if row is not None and row[0]:  # this server is a standby
+                return {"role": "standby", "replay_age_s": row[1]}
+            standbys = [{"name": name, "state": state, "sync_state": sync,
+                         "replay_lag_s": lag}
+                        for name, state, sync, lag in conn.execute(STANDBYS).fetchall()]
+            return {"role": "primary", "standbys": standbys}
+
+        return self._snapshot(read)
+
     def health(self) -> dict[str, Any]:
-        """``{"ok": bool, "problems": [...], "past": {}}``, as ``kvmem.Store.health``: a
-        problem now is the database not answering a read (no connection within
-        busy_timeout_ms, the server gone).  Replication lag is not checked yet."""
+        """``{"ok": bool, "problems": [...], "past": {}}``, as ``kvmem.Store.health``.
+        Problems now: the database does not answer a read (no connection within
+        busy_timeout_ms, the server gone), the server is a standby (writes would fail),
+        the decay thread failed."""
         problems = []
+        failed = self._decay.state()["failed"] if self._decay is not None else None
+        if failed:
+            problems.append(f"decay failed: {failed}")
         try:
             self.get("healthz-probe", namespace="kvmem-health")  # the database answers
+            row = self._read("SELECT pg_is_in_recovery()", ())
+            if row is not None and row[0]:
+                problems.append(f"{self.where} is a standby (in recovery): writes fail with "
+                                "read_only until it is promoted")
         except KvmemError as exc:
             problems.append(f"{exc.code}: {exc}")
         return {"ok": not problems, "problems": problems, "past": {}}

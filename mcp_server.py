@@ -136,7 +136,7 @@ def _result(properties: dict[str, Any]) -> dict[str, Any]:
     return {**_object(properties), "$defs": {"Memory": kvmem.MEMORY_SCHEMA, "Hit": hit}}
 
 
-def tools(store: kvmem.Store) -> list[Tool]:
+def tools(store: kvmem_cli.AnyStore) -> list[Tool]:
     """The tools over ``store``, with its limits in their schemas."""
     config = store.config
     namespace = {"namespace": kvmem.namespace_schema(config)}
@@ -319,7 +319,7 @@ def compact(value: Any) -> str:
 class KvmemMCP(MCPServer[None]):
     """The MCP server over one Store: the SDK's protocol, kvmem's tools."""
 
-    def __init__(self, store: kvmem.Store) -> None:
+    def __init__(self, store: kvmem_cli.AnyStore) -> None:
         super().__init__("kvmem", version="0.1.0", instructions=INSTRUCTIONS)
         self.kvmem_tools = {tool.name: tool for tool in tools(store)}
 
@@ -356,7 +356,7 @@ class KvmemMCP(MCPServer[None]):
         await server.run(read, write, server.create_initialization_options())
 
 
-def build_server(store: kvmem.Store) -> KvmemMCP:
+def build_server(store: kvmem_cli.AnyStore) -> KvmemMCP:
     """The MCP server over ``store`` (opened once per process by the caller)."""
     return KvmemMCP(store)
 
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             "http_buffer_bytes", "cors_origins", "access_log"), aliases={"mcp_port": "--port"})
         config = kvmem_cli.server_config(args)
         sock = listen(config) if args.transport == "streamable-http" else None
-        store = kvmem.Store.open(config=config, role="mcp", decay=True)
+        store = kvmem_cli.open_store(config, role="mcp", decay=True)
     except (kvmem.KvmemError, OSError) as exc:
         if sock is not None:
             sock.close()

@@ -733,9 +733,9 @@ def test_a_server_whose_stdout_is_full_says_so_and_stops(tmp_path: Path, program
         result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("argv", [["stats", "postgresql://u@db.example/mem"],
-                                  ["get", "k", "--db", "postgresql://u@db.example/mem"],
-                                  ["set", "k", "1", "--db", "postgres://x/y"]])
+@pytest.mark.parametrize("argv", [["stats", "sqlite:///mem.db"],
+                                  ["get", "k", "--db", "mysql://u@db.example/mem"],
+                                  ["set", "k", "1", "--db", "http://x/y"]])
 def test_a_database_url_is_refused_not_made_a_directory(tmp_path: Path,
                                                          argv: list[str]) -> None:
     result = subprocess.run([sys.executable, os.path.join(HERE, "kvmem_cli.py"), *argv],
@@ -745,4 +745,26 @@ def test_a_database_url_is_refused_not_made_a_directory(tmp_path: Path,
     error = json.loads(result.stdout)["error"]
     assert error["code"] == "invalid_config" and "is not a database kvmem can open" in \
         error["message"], error
+    assert os.listdir(tmp_path) == []  # no "sqlite:" directory in the working directory
+
+
+@pytest.mark.parametrize("argv", [["stats", "postgresql://kv:s3cret@127.0.0.1:1/mem"],
+                                  ["get", "k", "--db", "postgres://kv:s3cret@127.0.0.1:1/m"],
+                                  ["set", "k", "1", "--db", "postgresql://kv:s3cret@[::1"]])
+def test_a_postgres_url_that_fails_says_why_in_one_line(tmp_path: Path,
+                                                        argv: list[str]) -> None:
+    """A postgresql:// --db is PostgreSQL's (kvmem_pg), never a path: nothing listens on
+    port 1, and a URL that does not parse is a configuration error; either way one JSON
+    line says so, without the password, and the working directory stays empty."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "kvmem_cli.py"), *argv],
+                            cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    error = json.loads(result.stdout)["error"]
+    if "[" in argv[-1]:
+        assert error["code"] == "invalid_config" and "not a valid URL" in error["message"]
+    else:
+        assert error["code"] == "storage_error" and "cannot connect" in error["message"] \
+            and "Connection refused" in error["message"], error
+    assert "s3cret" not in result.stdout + result.stderr
     assert os.listdir(tmp_path) == []  # no "postgresql:" directory in the working directory

@@ -117,8 +117,8 @@ def test_config_env_then_flags() -> None:
         ({"KVMEM_QUICK_CHECK": "maybe"}, {}, "KVMEM_QUICK_CHECK"),
         ({}, {"port": "http"}, "--port='http'"),
         ({}, {"port": "99999"}, "--port='99999': must be at most 65535"),
-        ({"KVMEM_DB": "postgresql://u@h/db"}, {}, "KVMEM_DB='postgresql://u@h/db': postgresql://"
-         " is not a database kvmem can open"),
+        ({"KVMEM_DB": "mysql://u@h/db"}, {}, "KVMEM_DB='mysql://u@h/db': mysql:// is not a "
+         "database kvmem can open: give the path of an SQLite file or a postgresql:// URL"),
         ({}, {"db": "sqlite:///x.db"}, "--db='sqlite:///x.db': sqlite:// is not a database"),
         ({"KVMEM_MCP_PORT": "65536"}, {}, "KVMEM_MCP_PORT='65536': must be at most 65535"),
         ({}, {"db": ""}, "--db"),

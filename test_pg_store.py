@@ -21,9 +21,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 import kvmem
+import kvmem_cli
 import pgtest
 import test_search
 import test_store
@@ -798,5 +800,22 @@ def test_stats_and_health(store: kvmem_pg.PgStore, pg_server: pgtest.PostgresSer
     assert stats["pool"]["pool_max"] == 10
     assert stats["health"] == {"ok": True, "problems": [], "past": {}}
     assert stats["config"] == CONFIG.public() and stats["last_prune"] is None
+    assert stats["replication"] == {"role": "primary", "standbys": []}
+    assert stats["decay"] is None and stats["path"] == kvmem_pg.describe_dsn(pg_server.dsn)
     store.prune()
     assert store.stats()["last_prune"]["batches"] == 1
+    # As kvmem-mcp's memory_stats publishes it.
+    jsonschema.validate(store.stats(), kvmem_cli.STATS_SCHEMA)
+    assert set(store.stats()) <= set(kvmem_cli.STATS_SCHEMA["properties"])
+
+
+def test_decay_runs_prune(pg_dsn: str, clock: Clock) -> None:
+    config = kvmem.Config.build(environ={}, flags={"decay_interval_s": "0.05"})
+    with kvmem_pg.PgStore.open(pg_dsn, config=config, clock=clock, decay=True) as store:
+        store.set("gone", 1, ttl_seconds=1)
+        clock.advance(2)
+        deadline = time.monotonic() + 30
+        while store.stats()["decay"]["runs"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.stats()["counts"] == {"live": 0, "archived": 0, "expired_pending": 0}
+        assert store.stats()["decay"]["failed"] is None
