@@ -571,16 +571,20 @@ def list_namespaces(path: str, config: Config) -> dict[str, Any]:
     if not is_postgres(path):
         require_database(path)
     with open_store(dataclasses.replace(config, db=path), role="cli",
-                    checkpointer=False) as store:
+                    checkpointer=False, create=False) as store:
         return {"items": store.namespaces()}
 
 
 def open_store(config: Config, *, role: str, checkpointer: bool = True,
-               decay: bool = False, clock: Callable[[], float] = time.time) -> AnyStore:
+               decay: bool = False, clock: Callable[[], float] = time.time,
+               create: bool = True) -> AnyStore:
     """The store ``config.db`` names: a ``kvmem_pg.PgStore`` for a ``postgresql://`` URL,
     else a ``kvmem.Store`` on the file (with a ``Checkpointer`` unless
     ``checkpointer=False``: PostgreSQL checkpoints by itself, and commits one by one).
-    ConfigError when the URL needs psycopg and it is not installed."""
+    ``create=False`` (the commands that must not create a database): a PostgreSQL
+    database without kvmem's tables is a NotFoundError, as a missing file is
+    (``require_database``).  ConfigError when the URL needs psycopg and it is not
+    installed."""
     if not is_postgres(config.db):
         return Store.open(config.db, config=config, role=role, checkpointer=checkpointer,
                           decay=decay, clock=clock)
@@ -590,7 +594,7 @@ def open_store(config: Config, *, role: str, checkpointer: bool = True,
         raise ConfigError(f"{redact_db(config.db)}: PostgreSQL needs psycopg 3 and "
                           f"psycopg-pool: pip install 'kvmem[postgres]' ({exc})") from None
     return kvmem_pg.PgStore.open(config.db, config=config, role=role, decay=decay,
-                                 clock=clock)
+                                 clock=clock, create=create)
 
 
 def _postgres_file_command(command: str, config: Config) -> dict[str, Any]:
@@ -602,12 +606,18 @@ def _postgres_file_command(command: str, config: Config) -> dict[str, Any]:
                           "kvmem export, which any kvmem database can import)")
     if command == "namespaces":
         return list_namespaces(config.db, config)
-    with open_store(config, role="cli", checkpointer=False) as store:
-        if command == "stats":
+    if command == "stats":
+        with open_store(config, role="cli", checkpointer=False, create=False) as store:
             return store.stats()
-        health = store.health()
-        return {"path": store.path, "backend": "postgresql", "ok": health["ok"],
-                "problems": health["problems"]}
+    report: dict[str, Any] = {"path": redact_db(config.db), "backend": "postgresql",
+                              "ok": False}
+    try:  # check reports, as check_database does for a file
+        with open_store(config, role="cli", checkpointer=False, create=False) as store:
+            health = store.health()
+    except KvmemError as exc:
+        report["error"] = {"code": exc.code, "message": str(exc)}
+        return report
+    return {**report, "ok": health["ok"], "problems": health["problems"]}
 
 
 # ------------------------------------------------------------------------- memories ----
@@ -922,7 +932,8 @@ def _run_data_command(command: Command, args: argparse.Namespace, config: Config
             require_database(config.db)
         # Writers run a checkpointer, so that the WAL they grow is folded in when they
         # close if no other process is the checkpointer.
-        with open_store(config, role="cli", checkpointer=command.creates) as store:
+        with open_store(config, role="cli", checkpointer=command.creates,
+                        create=command.creates) as store:
             return command.run(store, args, prepared)
     finally:
         if isinstance(prepared, io.IOBase):

@@ -558,7 +558,8 @@ class PgStore(kvmem.BaseStore):
     with ``PgStore.open(dsn)``; ``close()`` (or ``with``) closes the pool."""
 
     def __init__(self, dsn: str, config: Config, *, clock: Callable[[], float] = time.time,
-                 role: str = "library", pool_size: int = 10, decay: bool = False) -> None:
+                 role: str = "library", pool_size: int = 10, decay: bool = False,
+                 create: bool = True) -> None:
         if config.synchronous in SYNCHRONOUS_REFUSED:
             raise ConfigError(
                 f"synchronous={config.synchronous!r} has no honest PostgreSQL mapping "
@@ -593,7 +594,7 @@ class PgStore(kvmem.BaseStore):
             raise StorageError(f"{self.where}: cannot connect: {exc}") from exc
         try:
             self.server_settings = self._check_settings()
-            self._migrate()
+            self._migrate(create)
             self._cursor_secret = self._read_cursor_secret()
             if decay:
                 self._decay = kvmem.DecayScheduler(self, role=role).start()
@@ -604,14 +605,16 @@ class PgStore(kvmem.BaseStore):
     @classmethod
     def open(cls, dsn: str, *, config: Config | None = None,
              clock: Callable[[], float] = time.time, role: str = "library",
-             pool_size: int = 10, decay: bool = False) -> PgStore:
+             pool_size: int = 10, decay: bool = False, create: bool = True) -> PgStore:
         """Connect to ``dsn`` (a ``postgresql://`` URL or a libpq key=value string),
         migrate the schema, and return the store (with a ``kvmem.DecayScheduler`` running
-        ``prune`` when ``decay``; every server may run one).  Raises ConfigError (a refused
+        ``prune`` when ``decay``; every server may run one).  ``create=False``: refuse a
+        database without kvmem's tables (NotFoundError) instead of creating them.  Raises
+        ConfigError (a refused
         synchronous level or server setting), SchemaTooNewError, StorageError (no
         connection), BusyError."""
         return cls(dsn, config or Config.build(), clock=clock, role=role, pool_size=pool_size,
-                   decay=decay)
+                   decay=decay, create=create)
 
     def __enter__(self) -> PgStore:
         return self
@@ -695,10 +698,11 @@ class PgStore(kvmem.BaseStore):
                               f"{settings['synchronous_commit']}, not on")
         return settings
 
-    def _migrate(self) -> None:
+    def _migrate(self, create: bool) -> None:
         """Bring the schema to SCHEMA_VERSION, one step a transaction, under the migration
         lock; SchemaTooNewError (nothing touched) when a newer kvmem wrote it.  A schema
-        already current is only read (so a read-only standby opens too)."""
+        already current is only read (so a read-only standby opens too).  Without
+        ``create``, a database without kvmem's tables is a NotFoundError, left as it is."""
         try:
             with self._pool.connection() as conn:
                 row = conn.execute("SELECT version FROM kvmem_version").fetchone()
@@ -708,6 +712,9 @@ class PgStore(kvmem.BaseStore):
             raise _pg_error(exc, self.where) from exc
         if row is not None and int(row[0]) == SCHEMA_VERSION:
             return
+        if row is None and not create:
+            raise kvmem.NotFoundError(f"no kvmem database at {self.where} (no kvmem tables "
+                                      "there; kvmem set or import creates them)")
         while True:
             done = self._transact(self._migrate_step, lock=MIGRATION_LOCK)
             if done:

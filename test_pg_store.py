@@ -276,6 +276,49 @@ def test_kvmem_export_piped_into_kvmem_import_both_ways(pg_dsn: str, clock: Cloc
     assert export(back) == first
 
 
+def _tables(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = "
+                            "current_schema() ORDER BY tablename").fetchall()
+    return [r[0] for r in rows]
+
+
+def test_the_cli_on_postgresql(pg_dsn: str) -> None:
+    """Every kvmem command on a postgresql:// --db: those that must not create a database
+    refuse one without kvmem's tables (not_found) and leave it without them, as they
+    refuse a missing file; set creates them; checkpoint and backup are SQLite's."""
+
+    def kvmem_cli_json(*args: str) -> tuple[int, Any]:
+        result = subprocess.run([sys.executable, os.path.join(HERE, "kvmem_cli.py"), *args,
+                                 "--db", pg_dsn], capture_output=True, text=True,
+                                env=child_env(), timeout=60)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.returncode, json.loads(result.stdout)
+
+    for command in (["get", "k"], ["list"], ["search", "tea"], ["delete", "k"],
+                    ["forget", "--prefix", "k"], ["namespaces"], ["stats"]):
+        status, out = kvmem_cli_json(*command)
+        assert status == 1 and out["error"]["code"] == "not_found", (command, out)
+        assert "no kvmem database at postgresql://" in out["error"]["message"]
+    status, out = kvmem_cli_json("check")
+    assert status == 1 and out["ok"] is False and out["error"]["code"] == "not_found", out
+    assert _tables(pg_dsn) == []  # nothing created
+    status, out = kvmem_cli_json("set", "k", '"green tea"')
+    assert status == 0 and out["version"] == 1, out
+    assert "memories" in _tables(pg_dsn)
+    assert kvmem_cli_json("get", "k")[1]["value"] == "green tea"
+    assert [h["key"] for h in kvmem_cli_json("search", "tea")[1]["items"]] == ["k"]
+    assert kvmem_cli_json("namespaces")[1]["items"] == [
+        {"namespace": "default", "live": 1, "archived": 0}]
+    status, out = kvmem_cli_json("check")
+    assert status == 0 and out["ok"] is True and out["backend"] == "postgresql", out
+    status, out = kvmem_cli_json("stats")
+    assert status == 0 and out["counts"]["live"] == 1 and out["backend"] == "postgresql"
+    for command in (["checkpoint"], ["backup", "/nonexistent/x.db"]):
+        status, out = kvmem_cli_json(*command)
+        assert status == 1 and out["error"]["code"] == "invalid_config", out
+
+
 def _rows(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT count(*) FROM memories").fetchone()
