@@ -530,19 +530,8 @@ class Bench:
         for mode, flags, naive in (("kvmem", (), False),
                                    ("kvmem_group_commit_off", ("--group-commit-max", "1"), False),
                                    ("naive", (), True)):
-            db = self.path(f"http-{mode}")
-            with self.http_server(db, *flags, naive=naive) as (_, port):
-                for i in range(100):  # what the GETs read
-                    self.request(port, "PUT", f"/v1/memories/get-{i}",
-                                 {"value": {"text": "a memory"}})
-                for connections in (1, 16):
-                    put = self.load(port, "PUT", connections, seconds)
-                    get = self.load(port, "GET", connections, seconds)
-                    rows[f"{mode}/{connections}"] = {"put": put, "get": get}
-                    say(f"   {mode:22s} {connections:2d} conn  GET {get['rps']:7,.0f}/s "
-                        f"p99 {get['p99_ms']:6.2f} ms | durable PUT {put['rps']:7,.0f}/s "
-                        f"p50 {put['p50_ms']:5.2f} p99 {put['p99_ms']:6.2f} ms  errors "
-                        f"{put['errors'] + get['errors']}")
+            rows.update(self.http_rows(mode, self.path(f"http-{mode}"), seconds, *flags,
+                                       naive=naive, width=22))
         RESULTS["http"] = {"client": tool, "rows": rows}
         kv, naive_row = rows["kvmem/16"], rows["naive/16"]
         targets = RESULTS["targets"]
@@ -1027,18 +1016,26 @@ class Bench:
         for backend in ("sqlite", "postgres"):
             db = (self.path("pg-http-sqlite") if backend == "sqlite"
                   else self.pg_database(server, "http"))
-            with self.http_server(db) as (_, port):
-                for i in range(100):  # what the GETs read
-                    self.request(port, "PUT", f"/v1/memories/get-{i}",
-                                 {"value": {"text": "a memory"}})
-                for connections in (1, 16):
-                    put = self.load(port, "PUT", connections, seconds)
-                    get = self.load(port, "GET", connections, seconds)
-                    rows[f"{backend}/{connections}"] = {"put": put, "get": get}
-                    say(f"   {backend:8s} {connections:2d} conn  GET {get['rps']:7,.0f}/s "
-                        f"p50 {get['p50_ms']:5.2f} p99 {get['p99_ms']:6.2f} ms | durable PUT "
-                        f"{put['rps']:7,.0f}/s p50 {put['p50_ms']:5.2f} p99 "
-                        f"{put['p99_ms']:6.2f} ms  errors {put['errors'] + get['errors']}")
+            rows.update(self.http_rows(backend, db, seconds, width=8))
+        return rows
+
+    def http_rows(self, label: str, db: str, seconds: float, *flags: str, naive: bool = False,
+                  width: int = 8) -> dict[str, Any]:
+        """kvmem-http (or the naive server) on ``db``: 100 memories for the GETs, then GET
+        and durable PUT at 1 and 16 connections; rows ``label/connections``, printed."""
+        rows: dict[str, Any] = {}
+        with self.http_server(db, *flags, naive=naive) as (_, port):
+            for i in range(100):  # what the GETs read
+                self.request(port, "PUT", f"/v1/memories/get-{i}",
+                             {"value": {"text": "a memory"}})
+            for connections in (1, 16):
+                put = self.load(port, "PUT", connections, seconds)
+                get = self.load(port, "GET", connections, seconds)
+                rows[f"{label}/{connections}"] = {"put": put, "get": get}
+                say(f"   {label:{width}s} {connections:2d} conn  GET {get['rps']:7,.0f}/s "
+                    f"p50 {get['p50_ms']:5.2f} p99 {get['p99_ms']:6.2f} ms | durable PUT "
+                    f"{put['rps']:7,.0f}/s p50 {put['p50_ms']:5.2f} p99 "
+                    f"{put['p99_ms']:6.2f} ms  errors {put['errors'] + get['errors']}")
         return rows
 
     def pg_two_servers(self, server: pgtest.PostgresServer,
