@@ -549,8 +549,14 @@ def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: C
             store.set("first", 1)
             standbys = store.stats()["replication"]["standbys"]
             assert [(s["state"], s["sync_state"]) for s in standbys] == [("streaming", "sync")]
+            # synchronous_commit=on waits for the standby to flush the WAL, not to replay
+            # it: wait for the replay before reading there (remote_apply would wait too).
+            (lsn,), = primary.execute("SELECT pg_current_wal_lsn()::text")
+            _wait(lambda: standby.execute(
+                f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") == [(True,)],
+                "replayed on the standby")
             with kvmem_pg.PgStore.open(standby.dsn, config=config, clock=clock) as replica:
-                got = replica.get("first")  # synchronous: there as soon as acknowledged
+                got = replica.get("first")
                 assert got is not None and got.value == 1
                 with pytest.raises(kvmem.ReadOnlyError):
                     replica.set("nope", 1)
