@@ -286,19 +286,22 @@ def is_postgres(db: str) -> bool:
 
 
 def redact_db(db: str) -> str:
-    """``db`` fit for logs and stats: a URL's password replaced by ``***``."""
+    """``db`` fit for logs and stats: a URL's password, in its user part or as a
+    ``password=`` parameter, replaced by ``***``."""
     if not is_postgres(db):
         return db
     try:
         split = urllib.parse.urlsplit(db)
-        split.port  # noqa: B018 (raises on a bad one)
     except ValueError:
         return db.partition("://")[0] + "://(not a valid URL)"
-    if split.password is None:
-        return db
-    user = split.username or ""
-    host = split.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(split._replace(netloc=f"{user}:***@{host}"))
+    userinfo, at, hosts = split.netloc.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.partition(":")[0] + ":***"
+    parts = [f"{part.partition('=')[0]}=***"
+             if urllib.parse.unquote(part.partition("=")[0]).strip().lower() == "password"
+             else part for part in split.query.split("&")]
+    shown = split._replace(netloc=userinfo + at + hosts, query="&".join(parts))
+    return db if shown == split else urllib.parse.urlunsplit(shown)
 
 
 def _parse_path(text: str) -> str:
@@ -306,11 +309,11 @@ def _parse_path(text: str) -> str:
         raise ValueError("must not be empty")
     url = _URL.match(text.strip())
     if url and url[1].lower() in POSTGRES_SCHEMES:
-        try:
-            urllib.parse.urlsplit(text.strip()).port  # noqa: B018 (raises on a bad one)
+        try:  # (a bracket left open; libpq's several host:port pairs are fine)
+            urllib.parse.urlsplit(text.strip())
         except ValueError as exc:
             raise ValueError(f"not a valid URL: {exc}") from None
-        return text.strip()
+        return url[1].lower() + text.strip()[len(url[1]):]  # libpq takes lowercase only
     if url:  # it would be a file under a directory named "sqlite:" in the working dir
         raise ValueError(f"{url[1]}:// is not a database kvmem can open: give the path of "
                          "an SQLite file or a postgresql:// URL")

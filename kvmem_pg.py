@@ -94,6 +94,10 @@ _ERROR_BY_STATE: dict[str, type[KvmemError]] = {
     "55P03": BusyError,  # lock_not_available: lock_timeout passed
     "53100": StorageFullError,  # disk_full
     "25006": ReadOnlyError,  # read_only_sql_transaction: a standby
+    # out_of_memory, which includes the shared lock table being full (every key of a batch
+    # holds an advisory lock until COMMIT; see max_locks_per_transaction in the README):
+    # it passes once other transactions end.
+    "53200": BusyError,
 }
 
 
@@ -254,8 +258,13 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$"""
 # kvmem.strength_at in SQL (parameter: now); 2^-x underflows to 0 past x = 1075, which
 # PostgreSQL would report as an error instead.
-STRENGTH_PG = ("CASE WHEN half_life_seconds IS NULL THEN strength"
-               " WHEN greatest(0.0, %s - last_reinforced_at) / half_life_seconds > 1075"
+# kvmem.strength_at in SQL.  PostgreSQL's float8 raises on overflow and underflow where
+# Python gives inf or 0: a strength below 1e-100, or more than 300 half-lives old, is 0
+# (elapsed / half_life is only computed below that, so a half-life of 1e-310 never
+# overflows, and a score times a strength never underflows).
+STRENGTH_PG = ("CASE WHEN half_life_seconds IS NULL AND strength >= 1e-100 THEN strength"
+               " WHEN strength < 1e-100"
+               " OR greatest(0.0, %s - last_reinforced_at) / 300.0 > half_life_seconds"
                " THEN 0.0 ELSE strength * power(2.0::float8,"
                " -greatest(0.0, %s - last_reinforced_at) / half_life_seconds) END")
 SEARCH_RANKED = ("SELECT id, kvmem_bm25(search, search_len, %s, %s, %s, %s, %s, %s)"
@@ -583,7 +592,8 @@ class PgStore(kvmem.BaseStore):
         try:  # one connection first: its error says why (the pool's only says it timed out)
             psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S).close()
         except psycopg.Error as exc:
-            reason = " ".join(str(exc).split())  # libpq's message spans lines
+            # libpq's message spans lines, and may quote the DSN (with its password)
+            reason = " ".join(str(exc).split()).replace(dsn, self.where)
             if isinstance(exc, psycopg.ProgrammingError):  # an invalid connection string
                 raise ConfigError(f"{self.where}: {reason}") from None
             raise StorageError(f"{self.where}: cannot connect: {reason}") from None

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 REQUIRE_VARIABLE = "KVMEM_TEST_REQUIRE_POSTGRES"
@@ -120,11 +120,13 @@ class PostgresServer:
     stops it if running and deletes the directory."""
 
     def __init__(self, bindir: str | None = None, *,
-                 standby_of: PostgresServer | None = None) -> None:
+                 standby_of: PostgresServer | None = None,
+                 settings: Mapping[str, str] | None = None) -> None:
         bindir = bindir or find_bindir()
         if bindir is None:
             raise PostgresError(postgres_problem() or "no PostgreSQL binaries")
         self.bindir = bindir
+        self.extra_settings = dict(settings or {})  # over SERVER_SETTINGS, on the command line
         self.as_root = os.geteuid() == 0
         self.base = tempfile.mkdtemp(prefix="kvmem-pg-")  # in /tmp: reachable by RUN_AS
         self.data = os.path.join(self.base, "data")
@@ -179,7 +181,7 @@ class PostgresServer:
         return "--- server log ---\n" + "".join(tail)
 
     def _options(self) -> str:
-        settings = {**SERVER_SETTINGS, "port": str(self.port),
+        settings = {**SERVER_SETTINGS, **self.extra_settings, "port": str(self.port),
                     "unix_socket_directories": self.base}
         return " ".join(f"-c {name}={value}" for name, value in settings.items())
 
@@ -272,10 +274,11 @@ class PostgresServer:
 
 @contextlib.contextmanager
 def postgres_server(bindir: str | None = None, *,
-                    standby_of: PostgresServer | None = None) -> Iterator[PostgresServer]:
-    """A started test server (a streaming standby of ``standby_of`` if given); stopped
-    (``pg_ctl stop -m fast``) and deleted at the end."""
-    server = PostgresServer(bindir, standby_of=standby_of)
+                    standby_of: PostgresServer | None = None,
+                    settings: Mapping[str, str] | None = None) -> Iterator[PostgresServer]:
+    """A started test server (a streaming standby of ``standby_of`` if given; ``settings``
+    over SERVER_SETTINGS); stopped (``pg_ctl stop -m fast``) and deleted at the end."""
+    server = PostgresServer(bindir, standby_of=standby_of, settings=settings)
     try:
         server.start()
         yield server

@@ -105,6 +105,25 @@ def test_config_env_then_flags() -> None:
     assert config.token == "s3cret" and config.public()["token"] == "set"
 
 
+@pytest.mark.parametrize(("given", "db", "shown"), [
+    ("postgresql://kv:s3cret@db1:5432,db2:5433/mem?target_session_attrs=read-write",
+     "postgresql://kv:s3cret@db1:5432,db2:5433/mem?target_session_attrs=read-write",
+     "postgresql://kv:***@db1:5432,db2:5433/mem?target_session_attrs=read-write"),
+    ("POSTGRES://kv@db/mem?password=s3cret&sslmode=require",  # libpq takes lowercase only
+     "postgres://kv@db/mem?password=s3cret&sslmode=require",
+     "postgres://kv@db/mem?password=***&sslmode=require"),
+    (" postgresql://[::1]:5432/mem ", "postgresql://[::1]:5432/mem",
+     "postgresql://[::1]:5432/mem"),
+])
+def test_a_postgres_url_is_kept_and_its_password_never_shown(given: str, db: str,
+                                                              shown: str) -> None:
+    for config in (kvmem.Config.build(environ={}, flags={"db": given}),
+                   kvmem.Config.build(environ={"KVMEM_DB": given})):
+        assert config.db == db and kvmem.is_postgres(config.db)
+        assert config.public()["db"] == shown
+        assert "s3cret" not in json.dumps(config.public())
+
+
 @pytest.mark.parametrize(
     ("environ", "flags", "named"),
     [

@@ -53,11 +53,20 @@ def _require_postgres() -> None:
     pgtest.require_postgres()
 
 
-@pytest.mark.parametrize("method", ["set", "get", "delete", "reinforce", "apply", "batch",
-                                    "list", "namespaces", "export", "import_", "search",
-                                    "prune", "forget", "interrupt", "stats", "health",
-                                    "open"])
-def test_same_signatures_as_store(method: str) -> None:
+SHARED = ("set", "delete", "reinforce", "batch", "list", "search", "import_", "forget",
+          "interrupt")  # kvmem.BaseStore's, written once
+
+
+@pytest.mark.parametrize("method", ["get", "apply", "namespaces", "export", "prune", "stats",
+                                    "health", "close", "open", *SHARED])
+def test_same_api_as_store(method: str) -> None:
+    """The shared methods are BaseStore's own on both (one body); the others have
+    kvmem.Store's signatures."""
+    if method in SHARED:
+        assert getattr(kvmem_pg.PgStore, method) is getattr(kvmem.BaseStore, method) \
+            is getattr(kvmem.Store, method)
+        return
+    assert method in vars(kvmem_pg.PgStore) and method in vars(kvmem.Store)
     ours = inspect.signature(getattr(kvmem_pg.PgStore, method))
     theirs = inspect.signature(getattr(kvmem.Store, method))
     if method == "open":  # the DSN for the path; no SQLite background threads
@@ -460,6 +469,7 @@ def test_migrations_run_once_and_refuse_a_newer_schema(pg_dsn: str) -> None:
     ("AdminShutdown", True, "storage_error"),  # during COMMIT: the outcome is unknown
     ("ConnectionFailure", True, "storage_error"),
     ("UniqueViolation", False, "storage_error"),
+    ("OutOfMemory", False, "busy"),  # the lock table full: it passes
 ])
 def test_errors_map_by_sqlstate(error: str, committing: bool, code: str) -> None:
     mapped = kvmem_pg._pg_error(getattr(psycopg.errors, error)("m"), "here",
@@ -506,15 +516,40 @@ def test_a_stopped_server_is_busy_and_the_store_recovers(clock: Clock) -> None:
         server.restart()
         deadline = time.monotonic() + 30
         got: Any = None
-        while got is None:
+        while True:
             try:
                 got = store.get("acknowledged")
+                break
             except kvmem.BusyError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)  # polling for the pool to reconnect
-        assert got.value == "before the crash"
+        assert got is not None and got.value == "before the crash"  # None: it was lost
         assert store.set("after", 1).version == 1
+
+
+@pytest.mark.parametrize("setting", ["fsync", "full_page_writes"])
+def test_a_server_that_can_lose_commits_is_refused(setting: str) -> None:
+    pgtest.require_postgres()
+    with pgtest.postgres_server(settings={setting: "off"}) as server:
+        assert server.settings(setting)[setting] == "off"
+        with pytest.raises(kvmem.ConfigError, match=f"{setting}=off"):
+            kvmem_pg.PgStore.open(server.dsn, config=CONFIG)
+
+
+def test_a_full_lock_table_is_busy_and_writes_nothing(clock: Clock) -> None:
+    """Each key of a batch holds an advisory lock until COMMIT, in PostgreSQL's shared lock
+    table (max_locks_per_transaction x max_connections slots): a batch past it is busy
+    (503, retry later), not a storage error, and writes nothing; smaller ones go on."""
+    pgtest.require_postgres()
+    with pgtest.postgres_server(settings={"max_locks_per_transaction": "10",
+                                                     "max_connections": "20"}) as server, \
+            kvmem_pg.PgStore.open(server.dsn, config=CONFIG, clock=clock) as store:
+        with pytest.raises(kvmem.BusyError, match="53200"):
+            store.batch([{"op": "set", "key": f"k{i}", "value": i} for i in range(1000)])
+        assert store.stats()["counts"]["live"] == 0
+        store.batch([{"op": "set", "key": f"k{i}", "value": i} for i in range(100)])
+        assert store.stats()["counts"]["live"] == 100
 
 
 def _wait(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
@@ -545,7 +580,9 @@ def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: C
               == [("sync",)], "a synchronous standby")
         url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
                "/postgres?target_session_attrs=read-write")
-        with kvmem_pg.PgStore.open(url, config=config, clock=clock) as store:
+        flags = {"db": url, "busy_timeout_ms": "500"}  # as --db takes it
+        with kvmem_cli.open_store(kvmem.Config.build(environ={}, flags=flags), role="http",
+                                  clock=clock) as store:
             store.set("first", 1)
             standbys = store.stats()["replication"]["standbys"]
             assert [(s["state"], s["sync_state"]) for s in standbys] == [("streaming", "sync")]

@@ -280,6 +280,24 @@ def test_get_never_writes(store: kvmem.Store, clock: Clock, tmp_path: Path) -> N
     assert rows == 2  # the expired memory is still there until prune
 
 
+def test_extreme_half_lives_and_strengths_never_fail(store: kvmem.Store, clock: Clock) -> None:
+    """Every half-life and strength the API and import accept is arithmetic both backends
+    take: a half-life of 1e-310 decays to nothing in a second (PostgreSQL's float8 raised
+    "value out of range" for elapsed / 1e-310, failing search and every prune)."""
+    store.set("tiny", "hello there", half_life_seconds=1e-310)
+    store.set("huge", "hello again", half_life_seconds=3e9)  # the most: about 95 years
+    faint = {"namespace": "default", "key": "faint", "value": "hello faint", "tags": [],
+             "version": 1, "created_at": clock.now, "updated_at": clock.now,
+             "expires_at": None, "strength": 1e-300, "half_life_seconds": 1e9,
+             "last_reinforced_at": clock.now, "archived": False}
+    store.import_(io.StringIO(json.dumps(faint) + "\n"))
+    clock.advance(1)
+    assert {h.memory.key for h in store.search("hello")} >= {"huge"}
+    assert store.prune().archived == 2  # tiny and faint
+    assert [m.key for m in store.list(archived=True).items] == ["faint", "tiny"]
+    assert [m.key for m in store.list().items] == ["huge"]
+
+
 def test_ttl_expiry(store: kvmem.Store, clock: Clock) -> None:
     store.set("short", "gone soon", ttl_seconds=10, tags=["t"])
     store.set("long", "stays", ttl_seconds=1000)
