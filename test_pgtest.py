@@ -30,10 +30,11 @@ def test_starts_on_loopback_with_commits_durable(server: pgtest.PostgresServer) 
         "synchronous_commit": "on", "fsync": "on", "full_page_writes": "on",
         "listen_addresses": "127.0.0.1", "lc_collate": "C"}
     if os.geteuid() == 0:  # initdb refuses root: the server runs as the postgres account
-        with psycopg.connect(server.dsn) as conn:
+        with psycopg.connect(server.dsn) as conn:  # open: its backend process lives
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        assert row is not None
-        assert os.stat(f"/proc/{row[0]}").st_uid == os.stat(server.data).st_uid != 0
+            assert row is not None
+            owner = os.stat(f"/proc/{row[0]}").st_uid
+        assert owner == os.stat(server.data).st_uid != 0
 
 
 def test_immediate_stop_keeps_committed_rows(server: pgtest.PostgresServer) -> None:
