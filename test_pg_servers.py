@@ -41,7 +41,15 @@ import pytest
 import pgtest
 from test_http import Client
 from testchildren import crash_value
-from testutil import DURABILITY_TOTALS, READ_ROWS, Child, Stored, http_json, lost_writes
+from testutil import (
+    DURABILITY_TOTALS,
+    READ_ROWS,
+    Child,
+    Stored,
+    http_json,
+    lost_writes,
+    wait_until,
+)
 
 with contextlib.suppress(ImportError):  # no psycopg: every test skips (fails in CI)
     import psycopg
@@ -89,15 +97,6 @@ def stored_rows(url: str) -> dict[str, Stored]:
         return {key: Stored(version, value, created_at, updated_at)
                 for key, version, value, created_at, updated_at
                 in conn.execute(READ_ROWS_PG, ("default",))}
-
-
-def wait_until(condition: Callable[[], bool], what: str,
-               timeout: float = WAIT_TIMEOUT_S) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        threading.Event().wait(0.002)  # polling a condition, not a fixed sleep
 
 
 # ---------------------------------------------------------------------------- hosts ----

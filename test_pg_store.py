@@ -28,7 +28,7 @@ import pytest
 import kvmem
 import kvmem_cli
 import pgtest
-from testutil import HERE, Clock, child_env, run_threads
+from testutil import HERE, Clock, child_env, run_threads, wait_until
 
 try:
     import psycopg
@@ -552,16 +552,6 @@ def test_a_full_lock_table_is_busy_and_writes_nothing(clock: Clock) -> None:
         assert store.stats()["counts"]["live"] == 100
 
 
-def _wait(condition: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    """Poll ``condition`` until it returns something true; its value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not {what} after {timeout} s")
-        time.sleep(0.05)  # polling a condition
-    return value
-
-
 def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: Clock) -> None:
     """The README's standby: a streaming replica made by pg_basebackup, synchronous
     (``synchronous_standby_names``), so a COMMIT returns once the standby has the WAL too.
@@ -576,7 +566,7 @@ def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: C
             pgtest.postgres_server(standby_of=primary) as standby:
         primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
         primary.execute("SELECT pg_reload_conf()")
-        _wait(lambda: primary.execute("SELECT sync_state FROM pg_stat_replication")
+        wait_until(lambda: primary.execute("SELECT sync_state FROM pg_stat_replication")
               == [("sync",)], "a synchronous standby")
         url = (f"postgresql://postgres@127.0.0.1:{primary.port},127.0.0.1:{standby.port}"
                "/postgres?target_session_attrs=read-write")
@@ -589,7 +579,7 @@ def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: C
             # synchronous_commit=on waits for the standby to flush the WAL, not to replay
             # it: wait for the replay before reading there (remote_apply would wait too).
             (lsn,), = primary.execute("SELECT pg_current_wal_lsn()::text")
-            _wait(lambda: standby.execute(
+            wait_until(lambda: standby.execute(
                 f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn") == [(True,)],
                 "replayed on the standby")
             with kvmem_pg.PgStore.open(standby.dsn, config=config, clock=clock) as replica:
@@ -616,12 +606,12 @@ def test_a_synchronous_standby_serves_reads_and_takes_over_without_loss(clock: C
             thread = threading.Thread(target=writer)
             thread.start()
             try:
-                _wait(lambda: len(acked) >= 50, "50 acknowledged writes")
+                wait_until(lambda: len(acked) >= 50, "50 acknowledged writes")
                 primary.kill_immediately()
-                _wait(lambda: failures, "a failed write while no primary runs")
+                wait_until(lambda: failures, "a failed write while no primary runs")
                 before = dict(acked)
                 standby.promote()
-                _wait(lambda: len(acked) > len(before) + 20, "writes on the new primary")
+                wait_until(lambda: len(acked) > len(before) + 20, "writes on the new primary")
             finally:
                 stop.set()
                 thread.join()

@@ -442,6 +442,16 @@ def mark_index_rebuilding(path: str) -> None:
         conn.close()
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``condition`` until it returns something true, and return that; fail naming
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.002)  # polling a condition, not a fixed sleep
+    return value
+
+
 def run_threads(target: Callable[[int], object], count: int) -> list[BaseException]:
     """Run ``target(n)`` in ``count`` threads at once, n = 0..count-1; what they raised."""
     errors: list[BaseException] = []
